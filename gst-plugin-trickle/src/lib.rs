@@ -6,6 +6,7 @@
 use gst::glib;
 
 pub mod protocol;
+mod runtime;
 mod tricklesink;
 mod tricklesrc;
 
