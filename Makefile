@@ -1,0 +1,23 @@
+# SPDX-License-Identifier: MPL-2.0
+# The two commands of README.md: `make demo` and `make test`.
+SHELL := /bin/bash
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+.PHONY: setup build test demo bench
+
+setup:
+	@$(SUDO) bash scripts/setup
+
+build: setup
+	cargo build --workspace
+
+test: setup
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo test --workspace
+
+demo: setup
+	bash scripts/demo
+
+bench: setup
+	cargo bench --workspace
