@@ -1,2 +1,70 @@
 // SPDX-License-Identifier: MPL-2.0
-//! The trickle protocol (../shared/trickle-protocol.md): server and client. (being written)
+//! The trickle protocol (`/work/shared/trickle-protocol.md`): an async server ([`server`],
+//! axum/hyper) and an async client ([`client`], reqwest).
+//!
+//! A *channel* is a named publish/subscribe topic; its data is cut into numbered *segments*
+//! (seq 0, 1, 2, …), one HTTP request per segment. The server keeps a ring of the last
+//! [`RING_SIZE`] segments per channel and relays every chunk to every waiting subscriber as it
+//! arrives. Clients preconnect the request for the next segment so that connection set-up is
+//! never on the critical path.
+
+pub mod client;
+pub mod server;
+
+/// Header: the seq actually served (GET) or written (POST response).
+pub const HEADER_SEQ: &str = "Lp-Trickle-Seq";
+/// Header: the server's `nextWrite` when the request was handled.
+pub const HEADER_LATEST: &str = "Lp-Trickle-Latest";
+/// Header: the channel was closed or deleted (any non-empty value means end of stream).
+pub const HEADER_CLOSED: &str = "Lp-Trickle-Closed";
+/// Header (publisher → server): "the publisher restarted"; close every older ring segment.
+pub const HEADER_RESET: &str = "Lp-Trickle-Reset";
+/// Header on an explicit create POST: the channel's MIME type.
+pub const HEADER_EXPECT_CONTENT: &str = "Expect-Content";
+
+/// Number of segment slots per channel (`maxSegmentsPerStream`).
+pub const RING_SIZE: usize = 5;
+
+/// Custom status: the channel exists, the segment does not.
+pub const STATUS_SEGMENT_NOT_FOUND: u16 = 470;
+
+/// The longest channel name the server accepts.
+pub const MAX_CHANNEL_NAME_LEN: usize = 256;
+
+/// Whether `name` is an acceptable channel name: 1 to [`MAX_CHANNEL_NAME_LEN`] characters of
+/// `[A-Za-z0-9_-]` (spec §2.5; other characters are refused).
+pub fn is_valid_channel_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_CHANNEL_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Whether `name` is reserved for internal channels (begins with `_`): never swept, never
+/// auto-created by client requests.
+pub fn is_reserved_channel_name(name: &str) -> bool {
+    name.starts_with('_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names() {
+        assert!(is_valid_channel_name("abc"));
+        assert!(is_valid_channel_name("0123abcd-out"));
+        assert!(is_valid_channel_name("_changes"));
+        assert!(is_valid_channel_name(&"a".repeat(128)));
+        assert!(is_valid_channel_name(&"a".repeat(MAX_CHANNEL_NAME_LEN)));
+        assert!(!is_valid_channel_name(&"a".repeat(MAX_CHANNEL_NAME_LEN + 1)));
+        assert!(!is_valid_channel_name(""));
+        assert!(!is_valid_channel_name("a b"));
+        assert!(!is_valid_channel_name("a.b"));
+        assert!(!is_valid_channel_name("a/b"));
+        assert!(!is_valid_channel_name("é"));
+        assert!(is_reserved_channel_name("_x"));
+        assert!(!is_reserved_channel_name("x_"));
+    }
+}
