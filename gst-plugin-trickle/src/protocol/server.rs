@@ -33,6 +33,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -129,6 +130,8 @@ struct Segment {
     seq: i64,
     state: Mutex<SegState>,
     changed: watch::Sender<()>,
+    readers: AtomicUsize,
+    writers: AtomicUsize,
 }
 
 impl Segment {
@@ -137,6 +140,8 @@ impl Segment {
             seq,
             state: Mutex::new(SegState::default()),
             changed: watch::Sender::new(()),
+            readers: AtomicUsize::new(0),
+            writers: AtomicUsize::new(0),
         })
     }
 
@@ -165,6 +170,7 @@ impl Segment {
     }
 
     fn reader(self: &Arc<Self>) -> SegmentReader {
+        self.readers.fetch_add(1, Ordering::Relaxed);
         SegmentReader {
             rx: self.changed.subscribe(),
             seg: self.clone(),
@@ -178,6 +184,28 @@ struct SegmentReader {
     seg: Arc<Segment>,
     idx: usize,
     rx: watch::Receiver<()>,
+}
+
+impl Drop for SegmentReader {
+    fn drop(&mut self) {
+        self.seg.readers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a POST writing into a segment while it lives.
+struct WriterGuard(Arc<Segment>);
+
+impl WriterGuard {
+    fn new(seg: &Arc<Segment>) -> Self {
+        seg.writers.fetch_add(1, Ordering::Relaxed);
+        Self(seg.clone())
+    }
+}
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        self.0.writers.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl SegmentReader {
@@ -202,6 +230,32 @@ impl SegmentReader {
             }
         }
     }
+}
+
+/// A snapshot of one segment in a channel's ring ([`TrickleServer::channel_info`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentInfo {
+    pub seq: i64,
+    /// Bytes received so far.
+    pub bytes: u64,
+    pub closed: bool,
+    /// Subscribers currently reading or waiting on it.
+    pub readers: usize,
+    /// Publisher requests currently writing or waiting to write into it.
+    pub writers: usize,
+}
+
+/// A snapshot of a channel ([`TrickleServer::channel_info`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelInfo {
+    pub mime: String,
+    /// The seq the next publish gets.
+    pub next_write: i64,
+    pub closed: bool,
+    /// Time since the last write (or creation).
+    pub idle: Duration,
+    /// The segments in the ring, by seq.
+    pub segments: Vec<SegmentInfo>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -461,6 +515,35 @@ impl TrickleServer {
             Lookup::Full => Err(ServerError::TooManyChannels(self.inner.config.max_channels)),
             Lookup::NotFound => Err(ServerError::InvalidName(name.to_owned())),
         }
+    }
+
+    /// A snapshot of a channel (for monitoring and tests); `None` if there is no such channel.
+    pub fn channel_info(&self, name: &str) -> Option<ChannelInfo> {
+        let ch = self.channel(name)?;
+        let st = ch.state.lock().unwrap();
+        let mut segments: Vec<SegmentInfo> = st
+            .ring
+            .iter()
+            .flatten()
+            .map(|seg| {
+                let ss = seg.state.lock().unwrap();
+                SegmentInfo {
+                    seq: seg.seq,
+                    bytes: ss.len,
+                    closed: ss.closed,
+                    readers: seg.readers.load(Ordering::Relaxed),
+                    writers: seg.writers.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        segments.sort_by_key(|s| s.seq);
+        Some(ChannelInfo {
+            mime: ch.mime.clone(),
+            next_write: st.next_write,
+            closed: st.closed,
+            idle: st.write_time.elapsed(),
+            segments,
+        })
     }
 
     /// Closes a channel in-process (waiting subscribers and publishers see EOS) and removes it.
@@ -842,6 +925,7 @@ async fn post_segment(
     let seq = if seq == -1 { ch.next_write() } else { seq };
     let reset = header_str(&headers, HEADER_RESET).is_some();
     let seg = ch.segment_for_post(seq, reset);
+    let _writer = WriterGuard::new(&seg);
     let mut changed = seg.changed.subscribe();
     // A re-POST to an already closed segment appends (§7.8); only a close that happens while
     // this POST waits releases it.

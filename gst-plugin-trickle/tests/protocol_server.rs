@@ -1,0 +1,621 @@
+// SPDX-License-Identifier: MPL-2.0
+//! Trickle server tests (spec §2-§9): a real server on 127.0.0.1:0, driven with reqwest or raw
+//! TCP where the exact bytes on the wire matter.
+
+mod protocol_common;
+
+use std::time::Duration;
+
+use gsttrickle::protocol::server::{ServerConfig, ServerError, TrickleServer};
+use protocol_common::*;
+use tokio::io::AsyncWriteExt;
+
+// ---- §3 endpoints ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn create_endpoint_dev_and_orchestrator_mode() {
+    let dev = start_dev().await;
+    let url = dev.url("created");
+    let r = http()
+        .post(&url)
+        .header("Expect-Content", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(dev.server().channel_names().contains(&"created".to_owned()));
+    // Again: exists -> 200.
+    let r = http().post(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // The MIME type from Expect-Content is served as Content-Type.
+    assert_eq!(post(&format!("{url}/0"), b"{}").await.status(), 200);
+    let r = get(&format!("{url}/0")).await;
+    assert_eq!(hdr(&r, "content-type").as_deref(), Some("application/json"));
+
+    let orch = start(ServerConfig::default()).await;
+    let url = orch.url("nope");
+    let r = http().post(&url).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.text().await.unwrap(), "Stream not found");
+    orch.server().create_channel("nope", "video/MP2T").unwrap();
+    assert_eq!(http().post(&url).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn publish_then_subscribe_headers_and_body() {
+    let h = start_dev().await;
+    let url = h.url("pub");
+    let r = post(&format!("{url}/0"), b"hello").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(hdr(&r, "lp-trickle-seq").as_deref(), Some("0"));
+    let r = get(&format!("{url}/0")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(hdr(&r, "lp-trickle-seq").as_deref(), Some("0"));
+    assert_eq!(hdr(&r, "lp-trickle-latest").as_deref(), Some("1"));
+    assert_eq!(hdr(&r, "content-type").as_deref(), Some("video/MP2T"));
+    assert_eq!(hdr(&r, "lp-trickle-closed"), None);
+    assert_eq!(&r.bytes().await.unwrap()[..], b"hello");
+}
+
+#[tokio::test]
+async fn post_minus_one_is_next_write_and_get_minus_two_is_current() {
+    let h = start_dev().await;
+    let url = h.url("neg");
+    let r = post(&format!("{url}/-1"), b"a").await;
+    assert_eq!(hdr(&r, "lp-trickle-seq").as_deref(), Some("0"));
+    let r = post(&format!("{url}/-1"), b"b").await;
+    assert_eq!(hdr(&r, "lp-trickle-seq").as_deref(), Some("1"));
+    let r = get(&format!("{url}/-2")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(hdr(&r, "lp-trickle-seq").as_deref(), Some("1"));
+    assert_eq!(&r.bytes().await.unwrap()[..], b"b");
+    // -1 waits for the next segment (2).
+    let waiting = spawn_get(format!("{url}/-1"));
+    wait_attached(h.server(), "neg", 2, 1, 0).await;
+    let r = post(&format!("{url}/2"), b"c").await;
+    assert_eq!(r.status(), 200);
+    let r = bounded("GET -1", waiting).await.unwrap();
+    assert_eq!(hdr(&r, "lp-trickle-seq").as_deref(), Some("2"));
+    assert_eq!(&r.bytes().await.unwrap()[..], b"c");
+}
+
+#[tokio::test]
+async fn get_minus_two_on_fresh_channel_waits_for_seq_zero() {
+    let h = start_dev().await;
+    h.server().create_channel("fresh", "video/MP2T").unwrap();
+    let url = h.url("fresh");
+    let waiting = spawn_get(format!("{url}/-2"));
+    assert_eq!(post(&format!("{url}/0"), b"x").await.status(), 200);
+    let r = bounded("GET -2", waiting).await.unwrap();
+    assert_eq!(hdr(&r, "lp-trickle-seq").as_deref(), Some("0"));
+    assert_eq!(&r.bytes().await.unwrap()[..], b"x");
+}
+
+#[tokio::test]
+async fn next_endpoint() {
+    let h = start_dev().await;
+    let url = h.url("nx");
+    assert_eq!(get(&format!("{url}/next")).await.status(), 404);
+    h.server().create_channel("nx", "video/MP2T").unwrap();
+    let r = get(&format!("{url}/next")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(hdr(&r, "lp-trickle-latest").as_deref(), Some("0"));
+    assert_eq!(r.text().await.unwrap(), "0");
+    post(&format!("{url}/0"), b"a").await;
+    post(&format!("{url}/1"), b"b").await;
+    let r = get(&format!("{url}/next")).await;
+    assert_eq!(hdr(&r, "lp-trickle-latest").as_deref(), Some("2"));
+    assert_eq!(hdr(&r, "lp-trickle-closed"), None);
+    assert_eq!(r.text().await.unwrap(), "2");
+    // POST to /next is not an integer seq.
+    assert_eq!(post(&format!("{url}/next"), b"z").await.status(), 400);
+}
+
+#[tokio::test]
+async fn delete_segment_and_channel() {
+    let h = start_dev().await;
+    let url = h.url("del");
+    let c = http();
+    // Unknown channel: DELETE seq -> 404, DELETE channel -> 400 Invalid stream.
+    assert_eq!(c.delete(format!("{url}/0")).send().await.unwrap().status(), 404);
+    let r = c.delete(&url).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.text().await.unwrap(), "Invalid stream");
+
+    post(&format!("{url}/0"), b"a").await;
+    assert_eq!(c.delete(format!("{url}/0")).send().await.unwrap().status(), 200);
+    let r = c.delete(format!("{url}/3")).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.text().await.unwrap(), "Nonexistent segment");
+    let r = c.delete(format!("{url}/x")).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+
+    assert_eq!(c.delete(&url).send().await.unwrap().status(), 200);
+    assert!(!h.server().channel_names().contains(&"del".to_owned()));
+    assert_eq!(get(&format!("{url}/0")).await.status(), 404);
+}
+
+#[tokio::test]
+async fn delete_segment_releases_waiting_subscriber_and_publisher() {
+    let h = start_dev().await;
+    h.server().create_channel("dsr", "video/MP2T").unwrap();
+    let url = h.url("dsr");
+    let sub = spawn_get(format!("{url}/0"));
+    // A preconnected POST waiting for its first byte (raw: headers only, no body yet).
+    let mut publisher = raw(h.local_addr(), &chunked_post("/dsr/0", "")).await;
+    wait_attached(h.server(), "dsr", 0, 1, 1).await;
+    let del = http().delete(format!("{url}/0")).send().await.unwrap();
+    assert_eq!(del.status(), 200);
+    let r = bounded("released GET", sub).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(hdr(&r, "lp-trickle-closed"), None);
+    assert!(r.bytes().await.unwrap().is_empty());
+    let head = bounded("released POST", read_head(&mut publisher)).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("lp-trickle-seq"), Some("0"));
+    assert_eq!(head.header("connection"), Some("close"));
+}
+
+// ---- §5 status codes ------------------------------------------------------------------------
+
+#[tokio::test]
+async fn status_codes_for_bad_requests() {
+    let h = start_dev().await;
+    let url = h.url("bad");
+    post(&format!("{url}/0"), b"a").await;
+    for (method, path, want) in [
+        ("GET", "abc", 400),
+        ("GET", "1.5", 400),
+        ("GET", "-3", 400),
+        ("GET", "-100", 400),
+        ("POST", "abc", 400),
+        ("POST", "-2", 400),
+        ("POST", "-3", 400),
+        ("DELETE", "-1", 400),
+    ] {
+        let r = http()
+            .request(method.parse().unwrap(), format!("{url}/{path}"))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), want, "{method} {path}");
+    }
+    let r = get(&format!("{url}/abc")).await;
+    assert_eq!(r.text().await.unwrap(), "Invalid idx");
+    // Unknown channel.
+    assert_eq!(get(&h.url("unknown/0")).await.status(), 404);
+    // GET never auto-creates, even in development mode.
+    assert!(!h.server().channel_names().contains(&"unknown".to_owned()));
+    // The server is still healthy.
+    assert_eq!(get(&format!("{url}/0")).await.status(), 200);
+}
+
+#[tokio::test]
+async fn bad_channel_names_are_refused() {
+    let h = start_dev().await;
+    let base = format!("http://{}/", h.local_addr());
+    let long = "a".repeat(300);
+    for name in ["a.b", "a%20b", "%C3%A9", long.as_str()] {
+        let r = post(&format!("{base}{name}/0"), b"x").await;
+        assert_eq!(r.status(), 400, "{name}");
+        let r = http().post(format!("{base}{name}")).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{name}");
+    }
+    // Names of the documented families are accepted.
+    let ok = "runner1-0123456789abcdef-o2r";
+    assert_eq!(post(&format!("{base}{ok}/0"), b"x").await.status(), 200);
+    assert_eq!(post(&format!("{base}{}/0", "b".repeat(128)), b"x").await.status(), 200);
+    assert_eq!(
+        TrickleServer::new(ServerConfig::default()).create_channel("a b", "x"),
+        Err(ServerError::InvalidName("a b".to_owned()))
+    );
+    // Clients cannot auto-create reserved names.
+    assert_eq!(post(&format!("{base}_mine/0"), b"x").await.status(), 404);
+}
+
+#[tokio::test]
+async fn missing_segment_is_470_with_latest_and_seq() {
+    let h = start_dev().await;
+    let url = h.url("miss");
+    // nextWrite == 0: seq 1 is precreated (waits), seq 2 is missing.
+    let r = get(&format!("{url}/2")).await;
+    assert_eq!(r.status(), 404, "channel does not exist yet");
+    h.server().create_channel("miss", "video/MP2T").unwrap();
+    let r = get(&format!("{url}/2")).await;
+    assert_eq!(r.status(), 470);
+    assert_eq!(hdr(&r, "lp-trickle-latest").as_deref(), Some("0"));
+    assert_eq!(hdr(&r, "lp-trickle-seq").as_deref(), Some("2"));
+    assert_eq!(r.text().await.unwrap(), "Entry not found");
+    let pre1 = spawn_get(format!("{url}/1"));
+    post(&format!("{url}/0"), b"zero").await;
+    post(&format!("{url}/1"), b"one").await;
+    let r = bounded("precreated seq 1", pre1).await.unwrap();
+    assert_eq!(&r.bytes().await.unwrap()[..], b"one");
+}
+
+#[tokio::test]
+async fn ring_of_five_evicts_old_segments() {
+    let h = start_dev().await;
+    let url = h.url("ring");
+    for i in 0..7 {
+        post(&format!("{url}/{i}"), b"data").await;
+    }
+    // Slots hold 2..=6; 0 and 1 were evicted.
+    for old in [0, 1] {
+        let r = get(&format!("{url}/{old}")).await;
+        assert_eq!(r.status(), 470, "seq {old}");
+        assert_eq!(hdr(&r, "lp-trickle-latest").as_deref(), Some("7"));
+        assert_eq!(hdr(&r, "lp-trickle-seq").as_deref(), Some(old.to_string().as_str()));
+    }
+    for kept in 2..7 {
+        let r = get(&format!("{url}/{kept}")).await;
+        assert_eq!(r.status(), 200, "seq {kept}");
+        assert_eq!(&r.bytes().await.unwrap()[..], b"data");
+    }
+    // Too far ahead.
+    assert_eq!(get(&format!("{url}/9")).await.status(), 470);
+}
+
+#[tokio::test]
+async fn channel_cap_gives_503() {
+    let h = start(ServerConfig {
+        max_channels: 2,
+        ..ServerConfig::development()
+    })
+    .await;
+    assert_eq!(post(&h.url("c1/0"), b"x").await.status(), 200);
+    assert_eq!(post(&h.url("c2/0"), b"x").await.status(), 200);
+    let r = post(&h.url("c3/0"), b"x").await;
+    assert_eq!(r.status(), 503);
+    assert!(r.text().await.unwrap().contains("Too many"));
+    assert_eq!(http().post(h.url("c3")).send().await.unwrap().status(), 503);
+    assert_eq!(
+        h.server().create_channel("c3", "video/MP2T"),
+        Err(ServerError::TooManyChannels(2))
+    );
+    // The changefeed channel does not count, and existing channels still work.
+    assert_eq!(post(&h.url("c1/1"), b"y").await.status(), 200);
+}
+
+// ---- §6 size cap ----------------------------------------------------------------------------
+
+fn small_cap() -> ServerConfig {
+    ServerConfig {
+        max_segment_bytes: 1000,
+        ..ServerConfig::development()
+    }
+}
+
+#[tokio::test]
+async fn oversize_content_length_is_413_at_once() {
+    let h = start(small_cap()).await;
+    h.server().create_channel("cap", "video/MP2T").unwrap();
+    // Headers only: the server must answer before any body byte is sent.
+    let mut s = raw(
+        h.local_addr(),
+        b"POST /cap/0 HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n",
+    )
+    .await;
+    let head = bounded("413", read_head(&mut s)).await;
+    assert_eq!(head.status, 413);
+    // An exact-cap body is fine.
+    let body = vec![7u8; 1000];
+    let r = http().post(h.url("cap/1")).body(body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(get(&h.url("cap/1")).await.bytes().await.unwrap().len(), 1000);
+}
+
+#[tokio::test]
+async fn oversize_chunked_body_is_cut_with_413_and_readers_see_the_end() {
+    let h = start(small_cap()).await;
+    h.server().create_channel("capc", "video/MP2T").unwrap();
+    let sub = spawn_get(h.url("capc/0"));
+    let mut s = raw(h.local_addr(), &chunked_post("/capc/0", "")).await;
+    s.write_all(&chunk(&[1u8; 600])).await.unwrap();
+    s.write_all(&chunk(&[2u8; 600])).await.unwrap();
+    let head = bounded("413", read_head(&mut s)).await;
+    assert_eq!(head.status, 413);
+    assert_eq!(head.header("connection"), Some("close"));
+    // The reader got the accepted part and then the end of the segment.
+    let r = bounded("subscriber", sub).await.unwrap();
+    let body = bounded("body", r.bytes()).await.unwrap();
+    assert_eq!(&body[..], &[1u8; 600][..]);
+    // Still healthy.
+    assert_eq!(post(&h.url("capc/1"), b"ok").await.status(), 200);
+}
+
+// ---- §7 publish semantics ------------------------------------------------------------------
+
+#[tokio::test]
+async fn headers_only_with_first_byte_and_live_relay() {
+    let h = start_dev().await;
+    h.server().create_channel("live", "video/MP2T").unwrap();
+    let mut sub = raw(h.local_addr(), b"GET /live/0 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let mut publisher = raw(h.local_addr(), &chunked_post("/live/0", "")).await;
+    // A waiting GET gets nothing at all, not even headers, until data exists.
+    let mut probe = [0u8; 1];
+    let early = tokio::time::timeout(
+        Duration::from_millis(200),
+        tokio::io::AsyncReadExt::read(&mut sub, &mut probe),
+    )
+    .await;
+    assert!(early.is_err(), "the subscriber got bytes before any data was published");
+    publisher.write_all(&chunk(b"first-chunk")).await.unwrap();
+    let head = bounded("subscriber head", read_head(&mut sub)).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("lp-trickle-seq"), Some("0"));
+    assert_eq!(head.header("content-type"), Some("video/MP2T"));
+    // The first chunk arrives while the publisher has not finished.
+    let got = bounded("first chunk", read_until(&mut sub, head.rest, b"first-chunk")).await;
+    publisher.write_all(&chunk(b"second")).await.unwrap();
+    let got = bounded("second chunk", read_until(&mut sub, got, b"second")).await;
+    publisher.write_all(b"0\r\n\r\n").await.unwrap();
+    let phead = bounded("publisher response", read_head(&mut publisher)).await;
+    assert_eq!(phead.status, 200);
+    assert_eq!(phead.header("lp-trickle-seq"), Some("0"));
+    // The chunked response ends.
+    bounded("terminal chunk", read_until(&mut sub, got, b"0\r\n\r\n")).await;
+}
+
+#[tokio::test]
+async fn many_subscribers_and_late_joiner_get_identical_bytes() {
+    let h = start_dev().await;
+    h.server().create_channel("fan", "video/MP2T").unwrap();
+    let url = h.url("fan/0");
+    let early: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url).await.bytes().await.unwrap() })
+        })
+        .collect();
+    let mut s = raw(h.local_addr(), &chunked_post("/fan/0", "")).await;
+    let mut expected = Vec::new();
+    for i in 0..50u8 {
+        let data = vec![i; 1000 + i as usize];
+        expected.extend_from_slice(&data);
+        s.write_all(&chunk(&data)).await.unwrap();
+        if i == 25 {
+            // A late joiner mid-segment still gets everything from byte 0. Wait until the
+            // server has the bytes so far (a reader sees them).
+            let mid = get(&url).await;
+            assert_eq!(mid.status(), 200);
+        }
+    }
+    let late = tokio::spawn({
+        let url = url.clone();
+        async move { get(&url).await.bytes().await.unwrap() }
+    });
+    s.write_all(b"0\r\n\r\n").await.unwrap();
+    assert_eq!(bounded("publish", read_head(&mut s)).await.status, 200);
+    for t in early {
+        assert_eq!(&bounded("early subscriber", t).await.unwrap()[..], &expected[..]);
+    }
+    assert_eq!(&bounded("late subscriber", late).await.unwrap()[..], &expected[..]);
+    assert_eq!(&get(&url).await.bytes().await.unwrap()[..], &expected[..]);
+}
+
+#[tokio::test]
+async fn empty_post_advances_next_write_and_serves_empty_200() {
+    let h = start_dev().await;
+    let url = h.url("empty");
+    post(&format!("{url}/0"), b"a").await;
+    let r = post(&format!("{url}/1"), b"").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(hdr(&r, "lp-trickle-seq").as_deref(), Some("1"));
+    assert_eq!(hdr(&r, "connection").as_deref(), Some("close"));
+    let r = get(&format!("{url}/next")).await;
+    assert_eq!(r.text().await.unwrap(), "2");
+    let r = get(&format!("{url}/1")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(hdr(&r, "lp-trickle-seq").as_deref(), Some("1"));
+    assert_eq!(hdr(&r, "lp-trickle-latest").as_deref(), Some("2"));
+    assert_eq!(hdr(&r, "lp-trickle-closed"), None);
+    assert!(r.bytes().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn re_post_appends_to_the_same_segment() {
+    let h = start_dev().await;
+    let url = h.url("again");
+    post(&format!("{url}/0"), b"abc").await;
+    assert_eq!(&get(&format!("{url}/0")).await.bytes().await.unwrap()[..], b"abc");
+    post(&format!("{url}/0"), b"def").await;
+    assert_eq!(&get(&format!("{url}/0")).await.bytes().await.unwrap()[..], b"abcdef");
+}
+
+#[tokio::test]
+async fn reset_header_closes_older_open_segments() {
+    let h = start_dev().await;
+    h.server().create_channel("rst", "video/MP2T").unwrap();
+    // Seq 0 is left open by a publisher that stopped sending.
+    let mut dead = raw(h.local_addr(), &chunked_post("/rst/0", "")).await;
+    dead.write_all(&chunk(b"partial")).await.unwrap();
+    let stuck = get(&h.url("rst/0")).await;
+    assert_eq!(stuck.status(), 200);
+    let stuck = tokio::spawn(stuck.bytes());
+    let r = http()
+        .post(h.url("rst/1"))
+        .header("Lp-Trickle-Reset", "1")
+        .body("fresh")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = bounded("released reader", stuck).await.unwrap().unwrap();
+    assert_eq!(&body[..], b"partial");
+}
+
+#[tokio::test]
+async fn publisher_disconnect_mid_body_leaves_segment_open_until_delete() {
+    let h = start_dev().await;
+    h.server().create_channel("cut", "video/MP2T").unwrap();
+    let mut s = raw(h.local_addr(), &chunked_post("/cut/0", "")).await;
+    s.write_all(&chunk(b"part-one")).await.unwrap();
+    let r = get(&h.url("cut/0")).await;
+    assert_eq!(r.status(), 200);
+    let reader = tokio::spawn(r.bytes());
+    drop(s); // abrupt disconnect
+    // The segment is not closed: the reader keeps waiting...
+    let mut reader = reader;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut reader)
+            .await
+            .is_err(),
+        "the reader ended although nothing closed the segment"
+    );
+    // ...until the publisher DELETEs it.
+    assert_eq!(
+        http().delete(h.url("cut/0")).send().await.unwrap().status(),
+        200
+    );
+    let body = bounded("reader", reader).await.unwrap().unwrap();
+    assert_eq!(&body[..], b"part-one");
+    // The server is healthy.
+    assert_eq!(post(&h.url("cut/1"), b"ok").await.status(), 200);
+    assert_eq!(&get(&h.url("cut/1")).await.bytes().await.unwrap()[..], b"ok");
+}
+
+#[tokio::test]
+async fn subscriber_disconnect_affects_nobody_else() {
+    let h = start_dev().await;
+    h.server().create_channel("sd", "video/MP2T").unwrap();
+    let mut p = raw(h.local_addr(), &chunked_post("/sd/0", "")).await;
+    p.write_all(&chunk(b"one")).await.unwrap();
+    let mut gone = raw(h.local_addr(), b"GET /sd/0 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let head = bounded("head", read_head(&mut gone)).await;
+    assert_eq!(head.status, 200);
+    drop(gone);
+    let stay = get(&h.url("sd/0")).await;
+    let stay = tokio::spawn(stay.bytes());
+    p.write_all(&chunk(b"two")).await.unwrap();
+    p.write_all(b"0\r\n\r\n").await.unwrap();
+    assert_eq!(bounded("publish", read_head(&mut p)).await.status, 200);
+    assert_eq!(&bounded("stay", stay).await.unwrap().unwrap()[..], b"onetwo");
+}
+
+// ---- §9 close, sweep, changefeed, switches --------------------------------------------------
+
+#[tokio::test]
+async fn closing_a_channel_releases_subscribers_and_preconnected_publishers() {
+    let h = start_dev().await;
+    h.server().create_channel("bye", "video/MP2T").unwrap();
+    let sub = spawn_get(h.url("bye/0"));
+    let mut publisher = raw(h.local_addr(), &chunked_post("/bye/0", "")).await;
+    wait_attached(h.server(), "bye", 0, 1, 1).await;
+    let c = http();
+    assert_eq!(c.delete(h.url("bye")).send().await.unwrap().status(), 200);
+    let r = bounded("released subscriber", sub).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(hdr(&r, "lp-trickle-closed").as_deref(), Some("terminated"));
+    let head = bounded("released publisher", read_head(&mut publisher)).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("lp-trickle-closed"), Some("terminated"));
+    // Later requests: 404.
+    assert_eq!(get(&h.url("bye/0")).await.status(), 404);
+    assert_eq!(post(&h.url("bye/5"), b"x").await.status(), 200, "dev mode re-creates on POST");
+    assert_eq!(h.server().channel_info("bye").map(|i| i.next_write), Some(6));
+}
+
+#[tokio::test]
+async fn in_process_close_ends_streaming_subscriber_body() {
+    let h = start(ServerConfig::default()).await;
+    h.server().create_channel("ip", "video/MP2T").unwrap();
+    assert_eq!(h.server().channel_names(), vec!["ip".to_owned()]);
+    let mut p = raw(h.local_addr(), &chunked_post("/ip/0", "")).await;
+    p.write_all(&chunk(b"some")).await.unwrap();
+    let r = get(&h.url("ip/0")).await;
+    assert_eq!(r.status(), 200);
+    let body = tokio::spawn(r.bytes());
+    assert!(h.server().close_channel("ip"));
+    assert!(!h.server().close_channel("ip"));
+    assert_eq!(&bounded("body end", body).await.unwrap().unwrap()[..], b"some");
+    assert!(h.server().channel_names().is_empty());
+}
+
+#[tokio::test]
+async fn orchestrator_mode_post_to_unknown_channel_is_404_with_connection_close() {
+    let h = start(ServerConfig::default()).await;
+    let mut s = raw(h.local_addr(), &chunked_post("/ghost/0", "")).await;
+    let head = bounded("404", read_head(&mut s)).await;
+    assert_eq!(head.status, 404);
+    assert_eq!(head.header("connection"), Some("close"));
+    assert!(h.server().channel_names().is_empty());
+}
+
+#[tokio::test]
+async fn base_path_is_honoured() {
+    let h = start(ServerConfig {
+        base_path: "/ai/trickle/".to_owned(),
+        ..ServerConfig::development()
+    })
+    .await;
+    assert_eq!(
+        h.url("bp"),
+        format!("http://{}/ai/trickle/bp", h.local_addr())
+    );
+    assert_eq!(post(&h.url("bp/0"), b"x").await.status(), 200);
+    assert_eq!(&get(&h.url("bp/0")).await.bytes().await.unwrap()[..], b"x");
+    let outside = format!("http://{}/bp/0", h.local_addr());
+    assert_eq!(get(&outside).await.status(), 404);
+    // Normalisation of a base without slashes.
+    let s = TrickleServer::new(ServerConfig {
+        base_path: "x/y".to_owned(),
+        ..ServerConfig::default()
+    });
+    assert_eq!(s.base_path(), "/x/y/");
+}
+
+async fn next_change(url: &str, seq: i64) -> serde_json::Value {
+    let r = bounded("change", get(&format!("{url}/{seq}"))).await;
+    assert_eq!(r.status(), 200);
+    let body = bounded("change body", r.bytes()).await.unwrap();
+    serde_json::from_slice(&body).expect("changefeed JSON")
+}
+
+#[tokio::test]
+async fn changefeed_reports_adds_and_removes() {
+    let h = start_dev().await;
+    let feed = h.url("_changes");
+    post(&h.url("cf1/0"), b"x").await;
+    assert_eq!(next_change(&feed, 0).await, serde_json::json!({"added": ["cf1"]}));
+    h.server().create_channel("cf2", "application/json").unwrap();
+    assert_eq!(next_change(&feed, 1).await, serde_json::json!({"added": ["cf2"]}));
+    http().delete(h.url("cf1")).send().await.unwrap();
+    assert_eq!(next_change(&feed, 2).await, serde_json::json!({"removed": ["cf1"]}));
+    // Off in orchestrator mode.
+    let o = start(ServerConfig::default()).await;
+    assert_eq!(get(&o.url("_changes/0")).await.status(), 404);
+}
+
+#[tokio::test]
+async fn idle_sweep_closes_idle_channels_but_not_internal_ones() {
+    let h = start(ServerConfig {
+        idle_timeout: Duration::from_millis(500),
+        sweep_interval: Duration::from_millis(50),
+        ..ServerConfig::development()
+    })
+    .await;
+    let feed = h.url("_changes");
+    h.server().create_channel("idle", "video/MP2T").unwrap();
+    assert_eq!(next_change(&feed, 0).await, serde_json::json!({"added": ["idle"]}));
+    // A subscriber waiting on the idle channel is released with EOS by the sweep.
+    let r = bounded("sweep", get(&h.url("idle/0"))).await;
+    assert_eq!(hdr(&r, "lp-trickle-closed").as_deref(), Some("terminated"));
+    assert_eq!(next_change(&feed, 1).await, serde_json::json!({"removed": ["idle"]}));
+    assert!(h.server().channel_names().contains(&"_changes".to_owned()));
+    assert_eq!(get(&h.url("idle/0")).await.status(), 404);
+}
+
+#[tokio::test]
+async fn shutdown_releases_waiters() {
+    let h = start_dev().await;
+    h.server().create_channel("sh", "video/MP2T").unwrap();
+    let sub = spawn_get(h.url("sh/0"));
+    wait_attached(h.server(), "sh", 0, 1, 0).await;
+    let server = h.server().clone();
+    bounded("shutdown", h.shutdown()).await;
+    assert!(server.channel_names().is_empty());
+    let r = bounded("subscriber after shutdown", sub).await.unwrap();
+    assert_eq!(hdr(&r, "lp-trickle-closed").as_deref(), Some("terminated"));
+}
