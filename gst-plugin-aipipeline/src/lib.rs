@@ -1,11 +1,23 @@
 // SPDX-License-Identifier: MPL-2.0
-//! Rivulet's aipipeline plugin. (being written)
+//! Rivulet's `aipipeline` plugin: realtime model inference on video frames through libtorch.
+//!
+//! Besides the element, the crate exposes the pieces other code may reuse: the pipeline
+//! registry and manifests ([`pipeline`]), device handling ([`device`]), the frame conversion
+//! ([`frame`]) and loaded models ([`model`]).
 #![allow(clippy::non_send_fields_in_send_ty, unused_doc_comments)] // glib macros
 
 use gst::glib;
 
-fn plugin_init(_plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
-    Err(glib::bool_error!("aipipeline is not implemented yet"))
+pub mod aipipeline;
+pub mod device;
+pub mod frame;
+pub mod model;
+pub mod pipeline;
+
+pub use aipipeline::{LOADING_EVENT, ONLINE_EVENT, Precision, STATS_MESSAGE, Status};
+
+fn plugin_init(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
+    aipipeline::register(plugin)
 }
 
 gst::plugin_define!(

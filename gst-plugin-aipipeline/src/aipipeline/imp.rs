@@ -1,0 +1,1272 @@
+// SPDX-License-Identifier: MPL-2.0
+//! The `aipipeline` element: sink pad → one-slot mailbox → inference thread → src pad.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use gst::glib;
+use gst::prelude::*;
+use gst::subclass::prelude::*;
+use gst_video::prelude::*;
+
+use super::{LOADING_EVENT, ONLINE_EVENT, Precision, STATS_MESSAGE, Status};
+use crate::device::{self, DeviceSpec};
+use crate::frame;
+use crate::model::{self, LoadError, Runner};
+use crate::pipeline::{self, Params, PipelineDef, Registry};
+
+static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
+    gst::DebugCategory::new(
+        "aipipeline",
+        gst::DebugColorFlags::empty(),
+        Some("Rivulet AI pipeline"),
+    )
+});
+
+const DEFAULT_PIPELINE: &str = "noop";
+const DEFAULT_MAX_LATENCY_MS: u32 = 1000;
+const DEFAULT_STATS_INTERVAL_MS: u32 = 1000;
+/// Serialized events waiting in the mailbox before the streaming thread waits (bounded queue).
+const MAX_QUEUED_EVENTS: usize = 64;
+/// Latency samples kept for p50/p95.
+const LATENCY_WINDOW: usize = 120;
+/// At most one frame warning per this interval (the error counter counts all).
+const WARN_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug)]
+struct Settings {
+    pipeline: String,
+    model: Option<String>,
+    pipelines_dir: Option<String>,
+    device: DeviceSpec,
+    precision: Precision,
+    params: String,
+    max_latency_ms: u32,
+    stats_interval_ms: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            pipeline: DEFAULT_PIPELINE.into(),
+            model: None,
+            pipelines_dir: None,
+            device: DeviceSpec::Auto,
+            precision: Precision::Fp32,
+            params: String::new(),
+            max_latency_ms: DEFAULT_MAX_LATENCY_MS,
+            stats_interval_ms: DEFAULT_STATS_INTERVAL_MS,
+        }
+    }
+}
+
+enum Item {
+    Buffer(gst::Buffer, Instant),
+    Caps(gst_video::VideoInfo),
+    Event(gst::Event),
+}
+
+/// The one-slot mailbox between the streaming thread and the inference thread. Serialized
+/// events travel through it too, so they stay in order with buffers; at most one buffer waits.
+struct Mailbox {
+    items: VecDeque<Item>,
+    events: usize,
+    flushing: bool,
+    shutdown: bool,
+    busy: bool,
+    flow: Result<gst::FlowSuccess, gst::FlowError>,
+}
+
+impl Default for Mailbox {
+    fn default() -> Self {
+        Self {
+            items: VecDeque::new(),
+            events: 0,
+            flushing: false,
+            shutdown: true,
+            busy: false,
+            flow: Ok(gst::FlowSuccess::Ok),
+        }
+    }
+}
+
+/// Params and models shared between `set_property`, the loader thread and the inference thread.
+#[derive(Default)]
+struct Ctrl {
+    running: bool,
+    session: u64,
+    def: Option<Arc<PipelineDef>>,
+    device: Option<tch::Device>,
+    half: bool,
+    /// Latest accepted params, and their JSON.
+    params: Option<Params>,
+    params_json: String,
+    params_gen: u64,
+    /// Params the newest requested model is built for.
+    model_params: Option<Params>,
+    /// Params (and JSON) of the model in service: restored when a reload fails.
+    good_params: Option<Params>,
+    good_json: String,
+    reload_gen: u64,
+    reload_req: Option<(u64, Params)>,
+    loader_running: bool,
+    loaded: Option<(u64, Result<Runner, LoadError>)>,
+    initial: Option<Runner>,
+}
+
+#[derive(Default)]
+struct Stats {
+    frames_in: u64,
+    frames_out: u64,
+    passthrough: u64,
+    drops: u64,
+    errors: u64,
+    latencies_ms: VecDeque<f64>,
+    window_start: Option<Instant>,
+    window_in: u64,
+    window_out: u64,
+    in_fps: f64,
+    out_fps: f64,
+    /// Processing time estimate for the LATENCY query.
+    estimate: Duration,
+    device: String,
+    pipeline: String,
+}
+
+impl Stats {
+    fn percentile(&self, p: f64) -> f64 {
+        if self.latencies_ms.is_empty() {
+            return 0.0;
+        }
+        let mut v: Vec<f64> = self.latencies_ms.iter().copied().collect();
+        v.sort_by(f64::total_cmp);
+        let idx = ((v.len() - 1) as f64 * p).round() as usize;
+        v[idx.min(v.len() - 1)]
+    }
+
+    fn structure(&self, status: Status) -> gst::Structure {
+        gst::Structure::builder(STATS_MESSAGE)
+            .field("input-fps", self.in_fps)
+            .field("output-fps", self.out_fps)
+            .field("inference-latency-p50-ms", self.percentile(0.5))
+            .field("inference-latency-p95-ms", self.percentile(0.95))
+            .field("queue-drops", self.drops)
+            .field("errors", self.errors)
+            .field("frames-in", self.frames_in)
+            .field("frames-out", self.frames_out)
+            .field("frames-passthrough", self.passthrough)
+            .field("device", self.device.as_str())
+            .field("pipeline", self.pipeline.as_str())
+            .field(
+                "status",
+                match status {
+                    Status::Loading => "loading",
+                    Status::Ready => "ready",
+                    Status::Error => "error",
+                },
+            )
+            .build()
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    mailbox: Mutex<Mailbox>,
+    cond: Condvar,
+    ctrl: Mutex<Ctrl>,
+    stats: Mutex<Stats>,
+    status: Mutex<Status>,
+}
+
+pub struct AiPipeline {
+    sinkpad: gst::Pad,
+    srcpad: gst::Pad,
+    settings: Mutex<Settings>,
+    shared: Arc<Shared>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap()
+}
+
+impl AiPipeline {
+    fn set_status(&self, s: Status) {
+        let changed = {
+            let mut st = lock(&self.shared.status);
+            let changed = *st != s;
+            *st = s;
+            changed
+        };
+        if changed {
+            self.obj().notify("status");
+        }
+    }
+
+    fn post_warning(&self, msg: &str) {
+        gst::warning!(CAT, imp = self, "{msg}");
+        gst::element_imp_warning!(self, gst::StreamError::Failed, ["{}", msg]);
+    }
+
+    // ---- streaming thread: sink pad ----
+
+    fn sink_chain(&self, buffer: gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let dropped = {
+            let mut mb = lock(&self.shared.mailbox);
+            if mb.shutdown || mb.flushing {
+                return Err(gst::FlowError::Flushing);
+            }
+            mb.flow?;
+            let pos = mb
+                .items
+                .iter()
+                .position(|i| matches!(i, Item::Buffer(..)));
+            let dropped = pos.and_then(|p| mb.items.remove(p)).is_some();
+            mb.items.push_back(Item::Buffer(buffer, Instant::now()));
+            self.shared.cond.notify_all();
+            dropped
+        };
+        let mut st = lock(&self.shared.stats);
+        st.frames_in += 1;
+        st.window_in += 1;
+        if dropped {
+            st.drops += 1;
+            gst::trace!(CAT, imp = self, "replaced a waiting frame");
+        }
+        Ok(gst::FlowSuccess::Ok)
+    }
+
+    /// Queues a serialized item behind the waiting ones; waits (bounded queue) while too many
+    /// events are queued. Returns false when flushing or stopped.
+    fn enqueue(&self, item: Item) -> bool {
+        let mut mb = lock(&self.shared.mailbox);
+        while mb.events >= MAX_QUEUED_EVENTS && !mb.flushing && !mb.shutdown {
+            mb = self.shared.cond.wait(mb).unwrap();
+        }
+        if mb.flushing || mb.shutdown {
+            return false;
+        }
+        mb.events += 1;
+        mb.items.push_back(item);
+        self.shared.cond.notify_all();
+        true
+    }
+
+    fn sink_event(&self, pad: &gst::Pad, event: gst::Event) -> bool {
+        use gst::EventView;
+        gst::log!(CAT, obj = pad, "sink event {event:?}");
+        match event.view() {
+            EventView::FlushStart(_) => {
+                {
+                    let mut mb = lock(&self.shared.mailbox);
+                    mb.flushing = true;
+                    mb.items.clear();
+                    mb.events = 0;
+                    self.shared.cond.notify_all();
+                }
+                self.srcpad.push_event(event)
+            }
+            EventView::FlushStop(_) => {
+                {
+                    let mut mb = lock(&self.shared.mailbox);
+                    while mb.busy && !mb.shutdown {
+                        mb = self.shared.cond.wait(mb).unwrap();
+                    }
+                    mb.items.clear();
+                    mb.events = 0;
+                    mb.flushing = false;
+                    mb.flow = Ok(gst::FlowSuccess::Ok);
+                }
+                self.srcpad.push_event(event)
+            }
+            EventView::Caps(c) => {
+                let info = match gst_video::VideoInfo::from_caps(c.caps()) {
+                    Ok(i) if frame::pixel_layout(i.format()).is_some() => i,
+                    _ => {
+                        gst::warning!(CAT, imp = self, "unsupported input caps {:?}", c.caps());
+                        return false;
+                    }
+                };
+                self.enqueue(Item::Caps(info))
+            }
+            _ if event.is_serialized() => self.enqueue(Item::Event(event)),
+            _ => self.srcpad.push_event(event),
+        }
+    }
+
+    fn sink_query(&self, pad: &gst::Pad, query: &mut gst::QueryRef) -> bool {
+        use gst::QueryViewMut;
+        match query.view_mut() {
+            QueryViewMut::Allocation(q) => {
+                // We map through VideoFrame, so any strides/offsets described by VideoMeta work.
+                q.add_allocation_meta::<gst_video::VideoMeta>(None);
+                true
+            }
+            QueryViewMut::Caps(q) => {
+                let templ = pad.pad_template_caps();
+                let caps = match q.filter() {
+                    Some(f) => f.intersect_with_mode(&templ, gst::CapsIntersectMode::First),
+                    None => templ,
+                };
+                q.set_result(&caps);
+                true
+            }
+            _ => gst::Pad::query_default(pad, Some(&*self.obj()), query),
+        }
+    }
+
+    // ---- src pad ----
+
+    fn src_query(&self, pad: &gst::Pad, query: &mut gst::QueryRef) -> bool {
+        use gst::QueryViewMut;
+        match query.view_mut() {
+            QueryViewMut::Latency(q) => {
+                let mut upstream = gst::query::Latency::new();
+                if !self.sinkpad.peer_query(&mut upstream) {
+                    return false;
+                }
+                let (live, min, max) = upstream.result();
+                let ours = gst::ClockTime::from_nseconds(
+                    lock(&self.shared.stats).estimate.as_nanos() as u64,
+                );
+                let bound = gst::ClockTime::from_mseconds(
+                    lock(&self.settings).max_latency_ms as u64,
+                )
+                .max(ours * 2);
+                gst::debug!(CAT, imp = self, "latency: upstream {min}/{max:?}, ours {ours}");
+                q.set(live, min + ours, max.map(|m| m + bound));
+                true
+            }
+            QueryViewMut::Caps(q) => {
+                let size = lock(&self.shared.ctrl)
+                    .params
+                    .as_ref()
+                    .map(|p| (p.width, p.height));
+                let mut b = gst_video::VideoCapsBuilder::new()
+                    .format_list(frame::OUTPUT_FORMATS.iter().copied());
+                b = match size {
+                    Some((w, h)) => b.width(w as i32).height(h as i32),
+                    None => b
+                        .width_range(pipeline::MIN_SIZE as i32..=pipeline::MAX_SIZE as i32)
+                        .height_range(pipeline::MIN_SIZE as i32..=pipeline::MAX_SIZE as i32),
+                };
+                let caps = b.build();
+                let caps = match q.filter() {
+                    Some(f) => f.intersect_with_mode(&caps, gst::CapsIntersectMode::First),
+                    None => caps,
+                };
+                q.set_result(&caps);
+                true
+            }
+            _ => gst::Pad::query_default(pad, Some(&*self.obj()), query),
+        }
+    }
+
+    // ---- params ----
+
+    fn set_params(&self, json: String) {
+        let mut ctrl = lock(&self.shared.ctrl);
+        let Some(def) = ctrl.def.clone().filter(|_| ctrl.running) else {
+            drop(ctrl);
+            // Not running: validated against the pipeline at start; reject bad JSON now.
+            if !json.trim().is_empty()
+                && let Err(e) = serde_json::from_str::<serde_json::Value>(&json)
+            {
+                self.post_warning(&format!(
+                    "Invalid params {json}: not valid JSON ({e}); the previous params stay in force"
+                ));
+                return;
+            }
+            lock(&self.settings).params = json;
+            return;
+        };
+        let p = match def.parse_params(&json) {
+            Ok(p) => p,
+            Err(e) => {
+                drop(ctrl);
+                self.post_warning(&format!(
+                    "Invalid params {json} for pipeline '{}': {e}; the previous params stay in force",
+                    def.name
+                ));
+                return;
+            }
+        };
+        let reload = ctrl
+            .model_params
+            .as_ref()
+            .is_none_or(|old| def.needs_reload(old, &p));
+        ctrl.params_gen += 1;
+        ctrl.params = Some(p.clone());
+        ctrl.params_json = json.clone();
+        if reload {
+            ctrl.model_params = Some(p.clone());
+            ctrl.reload_gen = ctrl.params_gen;
+            ctrl.reload_req = Some((ctrl.params_gen, p));
+            if !ctrl.loader_running {
+                ctrl.loader_running = true;
+                let shared = self.shared.clone();
+                let session = ctrl.session;
+                let device = ctrl.device.unwrap_or(tch::Device::Cpu);
+                let half = ctrl.half;
+                let spawned = std::thread::Builder::new()
+                    .name("aipipeline-loader".into())
+                    .spawn(move || loader(shared, session, def, device, half));
+                if let Err(e) = spawned {
+                    ctrl.loader_running = false;
+                    ctrl.reload_req = None;
+                    drop(ctrl);
+                    self.post_warning(&format!("Cannot start the model loader thread: {e}"));
+                    return;
+                }
+            }
+        } else {
+            ctrl.good_json = json.clone();
+            ctrl.good_params = ctrl.params.clone();
+        }
+        drop(ctrl);
+        lock(&self.settings).params = json;
+        gst::info!(CAT, imp = self, "params accepted (reload: {reload})");
+        if reload {
+            self.set_status(Status::Loading);
+        }
+    }
+
+    // ---- start / stop ----
+
+    fn start(&self) -> Result<(), gst::ErrorMessage> {
+        let settings = lock(&self.settings).clone();
+        self.set_status(Status::Loading);
+        let device = device::resolve(settings.device).map_err(|e| {
+            gst::error_msg!(gst::ResourceError::Settings, ["{}", e])
+        })?;
+        let half = settings.precision == Precision::Fp16 && device.is_cuda();
+        if settings.precision == Precision::Fp16 && !half {
+            gst::info!(CAT, imp = self, "precision=fp16 is CUDA-only; using fp32 on {device:?}");
+        }
+        let dir = settings
+            .pipelines_dir
+            .clone()
+            .or_else(|| std::env::var(pipeline::PIPELINES_ENV).ok())
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from);
+        let registry = Registry::scan(dir.as_deref());
+        for w in &registry.warnings {
+            self.post_warning(w);
+        }
+        let def = registry
+            .resolve(&settings.pipeline, settings.model.as_ref().map(PathBuf::from))
+            .ok_or_else(|| {
+                gst::error_msg!(
+                    gst::ResourceError::NotFound,
+                    [
+                        "Unknown pipeline '{}'. Known pipelines: {} (pipelines directory: {}; set pipelines-dir or {})",
+                        settings.pipeline,
+                        registry.names().join(", "),
+                        dir.as_ref().map(|d| d.display().to_string()).unwrap_or_else(|| "none".into()),
+                        pipeline::PIPELINES_ENV
+                    ]
+                )
+            })?;
+        let params = def.parse_params(&settings.params).map_err(|e| {
+            gst::error_msg!(
+                gst::ResourceError::Settings,
+                ["Invalid params {} for pipeline '{}': {}", settings.params, def.name, e]
+            )
+        })?;
+        gst::info!(
+            CAT,
+            imp = self,
+            "loading pipeline '{}' on {} ({}x{})",
+            def.name,
+            device::describe(device),
+            params.width,
+            params.height
+        );
+        let t0 = Instant::now();
+        let runner = Runner::load(&def, &params, device, half).map_err(|e| {
+            gst::error_msg!(gst::ResourceError::OpenRead, ["{}", e])
+        })?;
+        gst::info!(CAT, imp = self, "pipeline '{}' loaded in {:?}", def.name, t0.elapsed());
+        let estimate = runner.warmup_time();
+        let def = Arc::new(def);
+        {
+            let mut ctrl = lock(&self.shared.ctrl);
+            let session = ctrl.session + 1;
+            *ctrl = Ctrl {
+                running: true,
+                session,
+                def: Some(def.clone()),
+                device: Some(device),
+                half,
+                params: Some(params.clone()),
+                params_json: settings.params.clone(),
+                model_params: Some(params.clone()),
+                good_params: Some(params.clone()),
+                good_json: settings.params.clone(),
+                initial: Some(runner),
+                ..Ctrl::default()
+            };
+        }
+        *lock(&self.shared.stats) = Stats {
+            estimate,
+            device: device::describe(device),
+            pipeline: def.name.clone(),
+            ..Stats::default()
+        };
+        *lock(&self.shared.mailbox) = Mailbox {
+            shutdown: false,
+            ..Mailbox::default()
+        };
+        let worker = Worker {
+            element: self.obj().clone(),
+            shared: self.shared.clone(),
+            def,
+            runner: None,
+            seen_gen: 0,
+            seen_reload: 0,
+            active: params,
+            loading: false,
+            pending_online: false,
+            in_info: None,
+            out: None,
+            last_warn: None,
+            last_stats: Instant::now(),
+            stats_interval: Duration::from_millis(settings.stats_interval_ms as u64),
+            max_latency: Duration::from_millis(settings.max_latency_ms as u64),
+        };
+        let handle = std::thread::Builder::new()
+            .name("aipipeline-infer".into())
+            .spawn(move || worker.run())
+            .map_err(|e| {
+                gst::error_msg!(gst::CoreError::Thread, ["Cannot start the inference thread: {}", e])
+            })?;
+        *lock(&self.worker) = Some(handle);
+        self.set_status(Status::Ready);
+        Ok(())
+    }
+
+    fn shutdown_mailbox(&self) {
+        let mut mb = lock(&self.shared.mailbox);
+        mb.shutdown = true;
+        mb.items.clear();
+        mb.events = 0;
+        self.shared.cond.notify_all();
+    }
+
+    fn stop(&self) {
+        self.shutdown_mailbox();
+        if let Some(h) = lock(&self.worker).take()
+            && h.join().is_err()
+        {
+            gst::error!(CAT, imp = self, "inference thread panicked");
+        }
+        let mut ctrl = lock(&self.shared.ctrl);
+        ctrl.running = false;
+        ctrl.initial = None;
+        ctrl.loaded = None;
+        ctrl.reload_req = None;
+        ctrl.params = None;
+        ctrl.def = None;
+        gst::info!(CAT, imp = self, "stopped");
+    }
+}
+
+/// The background loader: loads the newest requested model with no lock held, hands it over.
+fn loader(shared: Arc<Shared>, session: u64, def: Arc<PipelineDef>, device: tch::Device, half: bool) {
+    loop {
+        let (generation, params) = {
+            let mut ctrl = lock(&shared.ctrl);
+            match ctrl.reload_req.take() {
+                Some(r) if ctrl.running && ctrl.session == session => r,
+                _ => {
+                    if ctrl.session == session {
+                        ctrl.loader_running = false;
+                    }
+                    return;
+                }
+            }
+        };
+        gst::info!(CAT, "loading '{}' in the background ({}x{})", def.name, params.width, params.height);
+        let res = Runner::load(&def, &params, device, half);
+        let mut ctrl = lock(&shared.ctrl);
+        if !ctrl.running || ctrl.session != session {
+            return;
+        }
+        ctrl.loaded = Some((generation, res));
+    }
+}
+
+struct OutState {
+    info: gst_video::VideoInfo,
+    pool: gst::BufferPool,
+    bpp: i64,
+}
+
+/// State owned by the inference thread.
+struct Worker {
+    element: super::AiPipeline,
+    shared: Arc<Shared>,
+    def: Arc<PipelineDef>,
+    runner: Option<Runner>,
+    seen_gen: u64,
+    seen_reload: u64,
+    /// Params the output follows (size), applied at frame boundaries.
+    active: Params,
+    /// A reload is in progress: frames pass through unprocessed at the new size.
+    loading: bool,
+    pending_online: bool,
+    in_info: Option<gst_video::VideoInfo>,
+    out: Option<OutState>,
+    last_warn: Option<Instant>,
+    last_stats: Instant,
+    stats_interval: Duration,
+    max_latency: Duration,
+}
+
+enum Notice {
+    Loading(bool),
+    Warning(String),
+    Status(Status),
+}
+
+impl Worker {
+    fn imp(&self) -> &AiPipeline {
+        self.element.imp()
+    }
+
+    fn run(mut self) {
+        let _no_grad = tch::no_grad_guard();
+        self.runner = lock(&self.shared.ctrl).initial.take();
+        loop {
+            let item = {
+                let mut mb = lock(&self.shared.mailbox);
+                loop {
+                    if mb.shutdown {
+                        return;
+                    }
+                    if !mb.flushing
+                        && let Some(item) = mb.items.pop_front()
+                    {
+                        if !matches!(item, Item::Buffer(..)) {
+                            mb.events -= 1;
+                        }
+                        mb.busy = true;
+                        self.shared.cond.notify_all();
+                        break item;
+                    }
+                    mb = self.shared.cond.wait(mb).unwrap();
+                }
+            };
+            self.sync();
+            let flow = match item {
+                Item::Buffer(b, arrived) => self.handle_buffer(b, arrived),
+                Item::Caps(info) => self.handle_caps(info),
+                Item::Event(e) => {
+                    let is_eos = matches!(e.view(), gst::EventView::Eos(_));
+                    if is_eos {
+                        self.post_stats(true);
+                    }
+                    if !self.imp().srcpad.push_event(e) && !is_eos {
+                        gst::debug!(CAT, obj = self.element, "downstream refused an event");
+                    }
+                    Ok(gst::FlowSuccess::Ok)
+                }
+            };
+            {
+                let mut mb = lock(&self.shared.mailbox);
+                mb.busy = false;
+                if let Err(e) = flow
+                    && !mb.flushing
+                {
+                    mb.flow = Err(e);
+                }
+                self.shared.cond.notify_all();
+            }
+            self.post_stats(false);
+        }
+    }
+
+    /// Picks up params changes and finished loads (at a frame boundary).
+    fn sync(&mut self) {
+        let mut notices = Vec::new();
+        {
+            let mut ctrl = lock(&self.shared.ctrl);
+            if ctrl.params_gen != self.seen_gen {
+                self.seen_gen = ctrl.params_gen;
+                if let Some(p) = ctrl.params.clone() {
+                    if ctrl.reload_gen != self.seen_reload {
+                        self.seen_reload = ctrl.reload_gen;
+                        if !self.loading {
+                            self.loading = true;
+                            self.pending_online = false;
+                        }
+                        notices.push(Notice::Loading(p.show_reloading_frame));
+                    } else if !self.loading
+                        && let Some(r) = self.runner.as_mut()
+                        && let Err(e) = r.set_params(&p)
+                    {
+                        notices.push(Notice::Warning(format!("Cannot apply params: {e}")));
+                    }
+                    self.active = p;
+                }
+            }
+            if let Some((generation, res)) = ctrl.loaded.take()
+                && generation == ctrl.reload_gen
+                && self.loading
+            {
+                self.loading = false;
+                self.pending_online = true;
+                match res {
+                    Ok(mut r) => {
+                        let latest = ctrl.params.clone();
+                        if let Some(p) = &latest
+                            && let Err(e) = r.set_params(p)
+                        {
+                            notices.push(Notice::Warning(format!("Cannot apply params: {e}")));
+                        }
+                        lock(&self.shared.stats).estimate = r.warmup_time();
+                        self.runner = Some(r);
+                        ctrl.good_params = latest;
+                        ctrl.good_json = ctrl.params_json.clone();
+                    }
+                    Err(e) => {
+                        let good = ctrl.good_params.clone();
+                        notices.push(Notice::Warning(format!(
+                            "Reload of pipeline '{}' failed: {e}; the previous params stay in force",
+                            self.def.name
+                        )));
+                        ctrl.params = good.clone();
+                        ctrl.model_params = good.clone();
+                        ctrl.params_json = ctrl.good_json.clone();
+                        ctrl.params_gen += 1;
+                        self.seen_gen = ctrl.params_gen;
+                        if let Some(g) = good {
+                            if let Some(r) = self.runner.as_mut() {
+                                let _ = r.set_params(&g);
+                            }
+                            self.active = g;
+                        }
+                        let json = ctrl.good_json.clone();
+                        drop(ctrl);
+                        lock(&self.imp().settings).params = json;
+                        notices.push(Notice::Status(Status::Ready));
+                        return self.notify(notices);
+                    }
+                }
+            }
+        }
+        self.notify(notices);
+    }
+
+    fn notify(&mut self, notices: Vec<Notice>) {
+        for n in notices {
+            match n {
+                Notice::Loading(show) => {
+                    self.imp().set_status(Status::Loading);
+                    let s = gst::Structure::builder(LOADING_EVENT)
+                        .field("pipeline", self.def.name.as_str())
+                        .field("reason", "reload")
+                        .field("show-picture", show)
+                        .build();
+                    gst::info!(CAT, obj = self.element, "reload started: sending {s:?}");
+                    let _ = self
+                        .imp()
+                        .srcpad
+                        .push_event(gst::event::CustomDownstream::new(s));
+                }
+                Notice::Warning(w) => self.imp().post_warning(&w),
+                Notice::Status(s) => self.imp().set_status(s),
+            }
+        }
+    }
+
+    fn frame_warning(&mut self, msg: String) {
+        lock(&self.shared.stats).errors += 1;
+        let now = Instant::now();
+        if self.last_warn.is_none_or(|t| now.duration_since(t) >= WARN_INTERVAL) {
+            self.last_warn = Some(now);
+            self.imp().post_warning(&msg);
+        } else {
+            gst::debug!(CAT, obj = self.element, "{msg}");
+        }
+    }
+
+    fn handle_caps(&mut self, info: gst_video::VideoInfo) -> Result<gst::FlowSuccess, gst::FlowError> {
+        gst::debug!(CAT, obj = self.element, "input {}x{} {:?}", info.width(), info.height(), info.format());
+        let fps_changed = self.in_info.as_ref().is_none_or(|o| o.fps() != info.fps());
+        self.in_info = Some(info);
+        if fps_changed {
+            self.out = None;
+        }
+        self.ensure_output()
+    }
+
+    /// (Re)negotiates the output caps and buffer pool for the active size when needed.
+    fn ensure_output(&mut self) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let (w, h) = (self.active.width, self.active.height);
+        let srcpad = self.imp().srcpad.clone();
+        let reconfigure = srcpad.check_reconfigure();
+        if let Some(o) = &self.out
+            && o.info.width() == w
+            && o.info.height() == h
+            && !reconfigure
+        {
+            return Ok(gst::FlowSuccess::Ok);
+        }
+        let Some(in_info) = self.in_info.clone() else {
+            return Err(gst::FlowError::NotNegotiated);
+        };
+        let templ = gst_video::VideoCapsBuilder::new()
+            .format_list(frame::OUTPUT_FORMATS.iter().copied())
+            .width(w as i32)
+            .height(h as i32)
+            .framerate(in_info.fps())
+            .pixel_aspect_ratio(gst::Fraction::new(1, 1))
+            .build();
+        let peer = srcpad.peer_query_caps(Some(&templ));
+        if peer.is_empty() {
+            gst::element_error!(
+                self.element,
+                gst::CoreError::Negotiation,
+                ["Downstream accepts none of {templ}: put videoconvert after aipipeline"]
+            );
+            return Err(gst::FlowError::NotNegotiated);
+        }
+        let mut caps = peer;
+        caps.fixate();
+        let info = gst_video::VideoInfo::from_caps(&caps).map_err(|_| gst::FlowError::NotNegotiated)?;
+        let bpp = frame::pixel_layout(info.format())
+            .map(|l| l.bpp)
+            .ok_or(gst::FlowError::NotNegotiated)?;
+        if let Some(old) = self.out.take() {
+            let _ = old.pool.set_active(false);
+        }
+        if !srcpad.push_event(gst::event::Caps::new(&caps)) {
+            gst::element_error!(
+                self.element,
+                gst::CoreError::Negotiation,
+                ["Downstream refused caps {caps}"]
+            );
+            return Err(gst::FlowError::NotNegotiated);
+        }
+        let pool = self.make_pool(&srcpad, &caps, &info)?;
+        gst::info!(CAT, obj = self.element, "output caps {caps}");
+        self.out = Some(OutState { info, pool, bpp });
+        Ok(gst::FlowSuccess::Ok)
+    }
+
+    fn make_pool(
+        &self,
+        srcpad: &gst::Pad,
+        caps: &gst::Caps,
+        info: &gst_video::VideoInfo,
+    ) -> Result<gst::BufferPool, gst::FlowError> {
+        let mut q = gst::query::Allocation::new(Some(caps), true);
+        let (mut min, mut max) = (2u32, 0u32);
+        let mut offered = None;
+        if srcpad.peer_query(&mut q)
+            && let Some((Some(p), _size, mn, mx)) = q.allocation_pools().into_iter().next()
+        {
+            offered = Some(p);
+            min = mn.max(2);
+            max = mx;
+        }
+        let size = info.size() as u32;
+        for candidate in [offered, None] {
+            let pool = candidate.unwrap_or_else(|| gst_video::VideoBufferPool::new().upcast());
+            let mut config = pool.config();
+            config.set_params(Some(caps), size, min, max);
+            if pool.set_config(config).is_ok() && pool.set_active(true).is_ok() {
+                return Ok(pool);
+            }
+        }
+        gst::element_error!(
+            self.element,
+            gst::ResourceError::NoSpaceLeft,
+            ["Cannot set up an output buffer pool for {caps}"]
+        );
+        Err(gst::FlowError::Error)
+    }
+
+    fn handle_buffer(
+        &mut self,
+        inbuf: gst::Buffer,
+        arrived: Instant,
+    ) -> Result<gst::FlowSuccess, gst::FlowError> {
+        if !self.max_latency.is_zero() && arrived.elapsed() > self.max_latency {
+            lock(&self.shared.stats).drops += 1;
+            gst::debug!(CAT, obj = self.element, "dropping a frame older than max-latency");
+            return Ok(gst::FlowSuccess::Ok);
+        }
+        self.ensure_output()?;
+        let Some(in_info) = self.in_info.clone() else {
+            return Err(gst::FlowError::NotNegotiated);
+        };
+        let Some(layout) = frame::pixel_layout(in_info.format()) else {
+            return Err(gst::FlowError::NotNegotiated);
+        };
+        let (w, h) = (self.active.width, self.active.height);
+        let real = !self.loading && self.runner.is_some();
+        let device = lock(&self.shared.ctrl).device.unwrap_or(tch::Device::Cpu);
+        let t0 = Instant::now();
+
+        let rgb = {
+            let vframe = match gst_video::VideoFrameRef::from_buffer_ref_readable(inbuf.as_ref(), &in_info) {
+                Ok(f) => f,
+                Err(_) => {
+                    self.frame_warning(format!(
+                        "Cannot map an input buffer as {}x{} {:?}; frame skipped",
+                        in_info.width(),
+                        in_info.height(),
+                        in_info.format()
+                    ));
+                    return Ok(gst::FlowSuccess::Ok);
+                }
+            };
+            let crop = frame::cover_crop(vframe.width(), vframe.height(), w, h);
+            let stride = vframe.plane_stride()[0].max(0) as usize;
+            let data = match vframe.plane_data(0) {
+                Ok(d) => d,
+                Err(_) => return Ok(gst::FlowSuccess::Ok),
+            };
+            frame::upload_rgb(data, stride, vframe.width(), vframe.height(), layout, crop, device)
+        };
+        let result = rgb.map_err(model::FrameError::from).and_then(|rgb| {
+            match (&self.runner, real) {
+                (Some(r), true) => model::process(r, rgb, w, h),
+                _ => Ok(frame::to_u8_frame(rgb, w, h)?),
+            }
+        });
+        let out_rgb = match result {
+            Ok(t) => t,
+            Err(e) => {
+                self.frame_warning(format!(
+                    "Pipeline '{}' failed on a frame: {e}; frame skipped",
+                    self.def.name
+                ));
+                return Ok(gst::FlowSuccess::Ok);
+            }
+        };
+        let Some(out) = &self.out else {
+            return Err(gst::FlowError::NotNegotiated);
+        };
+        let mut outbuf = out.pool.acquire_buffer(None)?;
+        {
+            let Some(bufref) = outbuf.get_mut() else {
+                return Err(gst::FlowError::Error);
+            };
+            bufref.set_pts(inbuf.pts());
+            bufref.set_dts(inbuf.dts());
+            bufref.set_duration(inbuf.duration());
+            bufref.set_offset(inbuf.offset());
+            bufref.set_offset_end(inbuf.offset_end());
+            if inbuf.flags().contains(gst::BufferFlags::DISCONT) {
+                bufref.set_flags(gst::BufferFlags::DISCONT);
+            }
+            let mut vframe = gst_video::VideoFrameRef::from_buffer_ref_writable(bufref, &out.info)
+                .map_err(|_| gst::FlowError::Error)?;
+            let stride = vframe.plane_stride()[0].max(0) as usize;
+            let (ow, oh) = (vframe.width(), vframe.height());
+            let data = vframe.plane_data_mut(0).map_err(|_| gst::FlowError::Error)?;
+            if let Err(e) = frame::download_rgb(&out_rgb, data, stride, ow, oh, out.bpp) {
+                drop(vframe);
+                self.frame_warning(format!("Cannot write an output frame: {e}; frame skipped"));
+                return Ok(gst::FlowSuccess::Ok);
+            }
+        }
+        drop(out_rgb);
+        let elapsed = t0.elapsed();
+        {
+            let mut st = lock(&self.shared.stats);
+            st.frames_out += 1;
+            if real {
+                st.window_out += 1;
+                st.latencies_ms.push_back(elapsed.as_secs_f64() * 1000.0);
+                if st.latencies_ms.len() > LATENCY_WINDOW {
+                    st.latencies_ms.pop_front();
+                }
+            } else {
+                st.passthrough += 1;
+            }
+        }
+        if real && self.pending_online {
+            self.pending_online = false;
+            let s = gst::Structure::builder(ONLINE_EVENT)
+                .field("pipeline", self.def.name.as_str())
+                .build();
+            gst::info!(CAT, obj = self.element, "pipeline online: sending {s:?}");
+            let _ = self
+                .imp()
+                .srcpad
+                .push_event(gst::event::CustomDownstream::new(s));
+            self.imp().set_status(Status::Ready);
+        }
+        gst::trace!(CAT, obj = self.element, "frame {:?} in {elapsed:?}", inbuf.pts());
+        self.imp().srcpad.push(outbuf)
+    }
+
+    fn post_stats(&mut self, force: bool) {
+        if self.stats_interval.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.last_stats);
+        if !force && elapsed < self.stats_interval {
+            return;
+        }
+        self.last_stats = now;
+        let status = *lock(&self.shared.status);
+        let s = {
+            let mut st = lock(&self.shared.stats);
+            let secs = elapsed.as_secs_f64().max(1e-3);
+            st.in_fps = st.window_in as f64 / secs;
+            st.out_fps = st.window_out as f64 / secs;
+            st.window_in = 0;
+            st.window_out = 0;
+            st.window_start = Some(now);
+            st.structure(status)
+        };
+        let _ = self
+            .element
+            .post_message(gst::message::Element::builder(s).src(&self.element).build());
+        self.element.notify("stats");
+    }
+}
+
+#[glib::object_subclass]
+impl ObjectSubclass for AiPipeline {
+    const NAME: &'static str = "GstAiPipeline";
+    type Type = super::AiPipeline;
+    type ParentType = gst::Element;
+
+    fn with_class(klass: &Self::Class) -> Self {
+        let templ = klass.pad_template("sink").unwrap();
+        let sinkpad = gst::Pad::builder_from_template(&templ)
+            .chain_function(|pad, parent, buffer| {
+                AiPipeline::catch_panic_pad_function(
+                    parent,
+                    || Err(gst::FlowError::Error),
+                    |imp| {
+                        let _ = pad;
+                        imp.sink_chain(buffer)
+                    },
+                )
+            })
+            .event_function(|pad, parent, event| {
+                AiPipeline::catch_panic_pad_function(parent, || false, |imp| imp.sink_event(pad, event))
+            })
+            .query_function(|pad, parent, query| {
+                AiPipeline::catch_panic_pad_function(parent, || false, |imp| imp.sink_query(pad, query))
+            })
+            .build();
+        let templ = klass.pad_template("src").unwrap();
+        let srcpad = gst::Pad::builder_from_template(&templ)
+            .query_function(|pad, parent, query| {
+                AiPipeline::catch_panic_pad_function(parent, || false, |imp| imp.src_query(pad, query))
+            })
+            .build();
+        Self {
+            sinkpad,
+            srcpad,
+            settings: Mutex::new(Settings::default()),
+            shared: Arc::new(Shared::default()),
+            worker: Mutex::new(None),
+        }
+    }
+}
+
+impl ObjectImpl for AiPipeline {
+    fn properties() -> &'static [glib::ParamSpec] {
+        static PROPS: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
+            vec![
+                glib::ParamSpecString::builder("pipeline")
+                    .nick("Pipeline")
+                    .blurb("Pipeline name: noop, torchscript, or a manifest's name from the pipelines directory")
+                    .default_value(Some(DEFAULT_PIPELINE))
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("model")
+                    .nick("Model")
+                    .blurb("TorchScript file for pipeline=torchscript (the model param overrides it)")
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("pipelines-dir")
+                    .nick("Pipelines directory")
+                    .blurb("Directory of model manifests (*.toml); default: $RIVULET_PIPELINES")
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("device")
+                    .nick("Device")
+                    .blurb("auto, cpu, cuda or cuda:N (auto: CUDA when usable, else the CPU)")
+                    .default_value(Some("auto"))
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecEnum::builder_with_default("precision", Precision::Fp32)
+                    .nick("Precision")
+                    .blurb("Float precision of the model (fp16 on CUDA only)")
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("params")
+                    .nick("Params")
+                    .blurb("Pipeline params as a JSON object; each set replaces all params (runner semantics)")
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("max-latency-ms")
+                    .nick("Maximum latency (ms)")
+                    .blurb("A frame that waited longer than this in the mailbox is dropped (0: no bound)")
+                    .maximum(60_000)
+                    .default_value(DEFAULT_MAX_LATENCY_MS)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecUInt::builder("stats-interval-ms")
+                    .nick("Statistics interval (ms)")
+                    .blurb("Interval of the aipipeline-stats element message (0: none)")
+                    .maximum(3_600_000)
+                    .default_value(DEFAULT_STATS_INTERVAL_MS)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecEnum::builder_with_default("status", Status::Loading)
+                    .nick("Status")
+                    .blurb("loading, ready or error")
+                    .read_only()
+                    .build(),
+                glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
+                    .nick("Statistics")
+                    .blurb("input/output fps, inference latency p50/p95 (ms), queue drops, errors, frames in/out")
+                    .read_only()
+                    .build(),
+            ]
+        });
+        PROPS.as_ref()
+    }
+
+    fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
+        match pspec.name() {
+            "params" => {
+                let json: Option<String> = value.get().unwrap_or(None);
+                self.set_params(json.unwrap_or_default());
+            }
+            "device" => {
+                let s: Option<String> = value.get().unwrap_or(None);
+                let s = s.unwrap_or_else(|| "auto".into());
+                match s.parse::<DeviceSpec>() {
+                    Ok(d) => lock(&self.settings).device = d,
+                    Err(e) => self.post_warning(&format!("{e}; device stays {}", lock(&self.settings).device)),
+                }
+            }
+            name => {
+                let mut s = lock(&self.settings);
+                match name {
+                    "pipeline" => {
+                        s.pipeline = value
+                            .get::<Option<String>>()
+                            .unwrap_or(None)
+                            .unwrap_or_else(|| DEFAULT_PIPELINE.into())
+                    }
+                    "model" => s.model = value.get().unwrap_or(None),
+                    "pipelines-dir" => s.pipelines_dir = value.get().unwrap_or(None),
+                    "precision" => s.precision = value.get().unwrap_or_default(),
+                    "max-latency-ms" => s.max_latency_ms = value.get().unwrap_or(DEFAULT_MAX_LATENCY_MS),
+                    "stats-interval-ms" => {
+                        s.stats_interval_ms = value.get().unwrap_or(DEFAULT_STATS_INTERVAL_MS)
+                    }
+                    other => gst::warning!(CAT, imp = self, "unknown property {other}"),
+                }
+            }
+        }
+    }
+
+    fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
+        let s = lock(&self.settings);
+        match pspec.name() {
+            "pipeline" => s.pipeline.to_value(),
+            "model" => s.model.to_value(),
+            "pipelines-dir" => s.pipelines_dir.to_value(),
+            "device" => s.device.to_string().to_value(),
+            "precision" => s.precision.to_value(),
+            "params" => s.params.to_value(),
+            "max-latency-ms" => s.max_latency_ms.to_value(),
+            "stats-interval-ms" => s.stats_interval_ms.to_value(),
+            "status" => lock(&self.shared.status).to_value(),
+            "stats" => {
+                drop(s);
+                let status = *lock(&self.shared.status);
+                lock(&self.shared.stats).structure(status).to_value()
+            }
+            _ => glib::Value::from_type(pspec.value_type()),
+        }
+    }
+
+    fn constructed(&self) {
+        self.parent_constructed();
+        let obj = self.obj();
+        obj.add_pad(&self.sinkpad).unwrap();
+        obj.add_pad(&self.srcpad).unwrap();
+    }
+}
+
+impl GstObjectImpl for AiPipeline {}
+
+impl ElementImpl for AiPipeline {
+    fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
+        static META: LazyLock<gst::subclass::ElementMetadata> = LazyLock::new(|| {
+            gst::subclass::ElementMetadata::new(
+                "AI pipeline",
+                "Filter/Effect/Video",
+                "Runs a model pipeline (TorchScript via libtorch) on every video frame, off the streaming thread",
+                "Rivulet developers",
+            )
+        });
+        Some(&*META)
+    }
+
+    fn pad_templates() -> &'static [gst::PadTemplate] {
+        static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
+            let sink_caps = gst_video::VideoCapsBuilder::new()
+                .format_list(frame::INPUT_FORMATS.iter().copied())
+                .build();
+            let src_caps = gst_video::VideoCapsBuilder::new()
+                .format_list(frame::OUTPUT_FORMATS.iter().copied())
+                .width_range(pipeline::MIN_SIZE as i32..=pipeline::MAX_SIZE as i32)
+                .height_range(pipeline::MIN_SIZE as i32..=pipeline::MAX_SIZE as i32)
+                .build();
+            vec![
+                gst::PadTemplate::new("sink", gst::PadDirection::Sink, gst::PadPresence::Always, &sink_caps)
+                    .unwrap(),
+                gst::PadTemplate::new("src", gst::PadDirection::Src, gst::PadPresence::Always, &src_caps)
+                    .unwrap(),
+            ]
+        });
+        TEMPLATES.as_ref()
+    }
+
+    fn change_state(
+        &self,
+        transition: gst::StateChange,
+    ) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
+        gst::debug!(CAT, imp = self, "{transition:?}");
+        if transition == gst::StateChange::ReadyToPaused
+            && let Err(msg) = self.start()
+        {
+            self.set_status(Status::Error);
+            self.post_error_message(msg);
+            return Err(gst::StateChangeError);
+        }
+        if transition == gst::StateChange::PausedToReady {
+            // Unblock the streaming thread (it may wait for mailbox space) before the pads
+            // are deactivated.
+            self.shutdown_mailbox();
+        }
+        let res = self.parent_change_state(transition);
+        if transition == gst::StateChange::PausedToReady {
+            self.stop();
+        }
+        if res.is_err() && transition == gst::StateChange::ReadyToPaused {
+            self.stop();
+        }
+        res
+    }
+}

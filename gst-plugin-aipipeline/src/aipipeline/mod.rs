@@ -1,0 +1,74 @@
+// SPDX-License-Identifier: MPL-2.0
+//! `aipipeline`: runs a pipeline (a TorchScript model, or `noop`) on every video frame.
+//!
+//! Raw video of any size in a packed RGB-family format comes in; the element scales it to cover
+//! and centre-crops it to the pipeline's width×height on the device, runs the pipeline on an
+//! inference thread fed by a one-slot mailbox (a new frame replaces a waiting one, so the
+//! streaming thread never blocks on inference), and pushes RGB (or RGBx/RGBA) at width×height
+//! with the input timestamps. See the crate README for the element contract, the params and the
+//! loading/online events.
+//!
+//! ```text
+//! gst-launch-1.0 videotestsrc ! videoconvert ! aipipeline pipeline=noop ! videoconvert ! autovideosink
+//! ```
+
+use gst::glib;
+use gst::prelude::*;
+
+mod imp;
+
+/// Structure name of the serialized custom downstream event sent when a (re)load starts.
+/// Fields: `pipeline` (string), `reason` (string: "load" | "reload" | "restart"),
+/// `show-picture` (bool).
+pub const LOADING_EVENT: &str = "rivulet-loading";
+/// Structure name of the serialized custom downstream event sent right before the first real
+/// output frame after a (re)load. Fields: `pipeline` (string).
+pub const ONLINE_EVENT: &str = "rivulet-online";
+/// Structure name of the periodic statistics element message (same fields as `stats`).
+pub const STATS_MESSAGE: &str = "aipipeline-stats";
+
+/// Read-only `status` property.
+#[derive(Debug, Eq, PartialEq, Ord, PartialOrd, Hash, Clone, Copy, glib::Enum, Default)]
+#[repr(u32)]
+#[enum_type(name = "GstAiPipelineStatus")]
+pub enum Status {
+    /// A model is being loaded (at start or in the background during a reload).
+    #[default]
+    #[enum_value(name = "Loading: a model is being loaded", nick = "loading")]
+    Loading = 0,
+    /// Frames are processed by the pipeline.
+    #[enum_value(name = "Ready: frames are processed", nick = "ready")]
+    Ready = 1,
+    /// Start failed (see the error message).
+    #[enum_value(name = "Error: the pipeline could not be started", nick = "error")]
+    Error = 2,
+}
+
+/// `precision` property.
+#[derive(Debug, Eq, PartialEq, Ord, PartialOrd, Hash, Clone, Copy, glib::Enum, Default)]
+#[repr(u32)]
+#[enum_type(name = "GstAiPipelinePrecision")]
+pub enum Precision {
+    /// 32-bit floats.
+    #[default]
+    #[enum_value(name = "FP32: 32-bit floats", nick = "fp32")]
+    Fp32 = 0,
+    /// 16-bit floats (CUDA only; the CPU uses fp32).
+    #[enum_value(name = "FP16: 16-bit floats (CUDA only)", nick = "fp16")]
+    Fp16 = 1,
+}
+
+glib::wrapper! {
+    pub struct AiPipeline(ObjectSubclass<imp::AiPipeline>) @extends gst::Element, gst::Object;
+}
+
+pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
+    Status::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
+    Precision::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
+    gst::Element::register(
+        Some(plugin),
+        "aipipeline",
+        gst::Rank::NONE,
+        AiPipeline::static_type(),
+    )
+}

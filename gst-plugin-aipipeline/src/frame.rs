@@ -1,0 +1,265 @@
+// SPDX-License-Identifier: MPL-2.0
+//! Frame conversion: packed 8-bit RGB-family video <-> device tensors, with cover-scaling and
+//! centre-cropping done on the device.
+
+use gst_video::VideoFormat;
+use tch::{Device, Kind, TchError, Tensor};
+
+/// Input formats accepted natively (packed 8-bit RGB family).
+pub const INPUT_FORMATS: &[VideoFormat] = &[
+    VideoFormat::Rgb,
+    VideoFormat::Bgr,
+    VideoFormat::Rgbx,
+    VideoFormat::Rgba,
+    VideoFormat::Bgrx,
+    VideoFormat::Bgra,
+    VideoFormat::Xrgb,
+    VideoFormat::Argb,
+    VideoFormat::Xbgr,
+    VideoFormat::Abgr,
+];
+
+/// Output formats (RGB first: the preferred one).
+pub const OUTPUT_FORMATS: &[VideoFormat] =
+    &[VideoFormat::Rgb, VideoFormat::Rgbx, VideoFormat::Rgba];
+
+/// Bytes per pixel and where the R byte sits, and whether the order is B,G,R.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PixelLayout {
+    pub bpp: i64,
+    /// Offset of the first colour byte.
+    pub first: i64,
+    /// Colour bytes are B, G, R rather than R, G, B.
+    pub bgr: bool,
+}
+
+pub fn pixel_layout(f: VideoFormat) -> Option<PixelLayout> {
+    use VideoFormat::*;
+    let (bpp, first, bgr) = match f {
+        Rgb => (3, 0, false),
+        Bgr => (3, 0, true),
+        Rgbx | Rgba => (4, 0, false),
+        Bgrx | Bgra => (4, 0, true),
+        Xrgb | Argb => (4, 1, false),
+        Xbgr | Abgr => (4, 1, true),
+        _ => return None,
+    };
+    Some(PixelLayout { bpp, first, bgr })
+}
+
+/// A source rectangle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Crop {
+    pub x: i64,
+    pub y: i64,
+    pub w: i64,
+    pub h: i64,
+}
+
+/// The centred region of an `in_w`×`in_h` frame that, scaled to cover, fills `out_w`×`out_h`.
+pub fn cover_crop(in_w: u32, in_h: u32, out_w: u32, out_h: u32) -> Crop {
+    let (iw, ih, ow, oh) = (in_w as u64, in_h as u64, out_w as u64, out_h as u64);
+    let (w, h) = if ow * ih >= oh * iw {
+        // Width-limited: keep the full width, crop rows.
+        (iw, ((iw * oh + ow / 2) / ow).clamp(1, ih))
+    } else {
+        (((ih * ow + oh / 2) / oh).clamp(1, iw), ih)
+    };
+    Crop {
+        x: ((iw - w) / 2) as i64,
+        y: ((ih - h) / 2) as i64,
+        w: w as i64,
+        h: h as i64,
+    }
+}
+
+fn check_len(len: usize, stride: usize, width: u32, height: u32, bpp: i64) -> Result<(), TchError> {
+    let need = if height == 0 {
+        0
+    } else {
+        (height as usize - 1) * stride + width as usize * bpp as usize
+    };
+    if len < need || stride < width as usize * bpp as usize {
+        return Err(TchError::Convert(format!(
+            "frame plane too small: {len} bytes, stride {stride}, need {need}"
+        )));
+    }
+    Ok(())
+}
+
+/// Uploads the `crop` region of a packed frame to `device` as an owned u8 tensor (h, w, 3) RGB.
+pub fn upload_rgb(
+    data: &[u8],
+    stride: usize,
+    width: u32,
+    height: u32,
+    layout: PixelLayout,
+    crop: Crop,
+    device: Device,
+) -> Result<Tensor, TchError> {
+    check_len(data.len(), stride, width, height, layout.bpp)?;
+    if crop.x < 0
+        || crop.y < 0
+        || crop.w <= 0
+        || crop.h <= 0
+        || crop.x + crop.w > width as i64
+        || crop.y + crop.h > height as i64
+    {
+        return Err(TchError::Convert(format!("crop {crop:?} outside {width}x{height}")));
+    }
+    // SAFETY: `data` holds at least (height-1)*stride + width*bpp bytes (checked above), so every
+    // element of the (height, width, bpp) view with strides (stride, bpp, 1) lies inside it. The
+    // view is only read by copy_ below and dropped before this function returns, while `data`
+    // is still borrowed.
+    let blob = unsafe {
+        Tensor::f_from_blob(
+            data.as_ptr(),
+            &[height as i64, width as i64, layout.bpp],
+            &[stride as i64, layout.bpp, 1],
+            Kind::Uint8,
+            Device::Cpu,
+        )?
+    };
+    let region = blob
+        .f_narrow(0, crop.y, crop.h)?
+        .f_narrow(1, crop.x, crop.w)?
+        .f_narrow(2, layout.first, 3)?;
+    let mut dst = Tensor::f_empty([crop.h, crop.w, 3], (Kind::Uint8, device))?;
+    dst.f_copy_(&region)?;
+    drop(region);
+    drop(blob);
+    if layout.bgr {
+        dst.f_flip([2])
+    } else {
+        Ok(dst)
+    }
+}
+
+/// Resizes a u8 (h, w, 3) tensor to (out_h, out_w, 3) as float in [0, 255] (channels-last
+/// memory), antialiased when shrinking. Returns (1, H, W, 3).
+pub fn resize_to_float255(rgb: &Tensor, out_w: u32, out_h: u32) -> Result<Tensor, TchError> {
+    let x = rgb
+        .f_permute([2, 0, 1])?
+        .f_unsqueeze(0)?
+        .f_to_kind(Kind::Float)?;
+    let y = x.f_internal_upsample_bilinear2d_aa([out_h as i64, out_w as i64], false, None, None)?;
+    y.f_permute([0, 2, 3, 1])
+}
+
+/// The pipeline frame: (1, H, W, 3) float RGB in [0, 1] at out_w×out_h, from an uploaded crop.
+pub fn to_frame(rgb: &Tensor, out_w: u32, out_h: u32) -> Result<Tensor, TchError> {
+    let size = rgb.size();
+    if size.get(0..2) == Some(&[out_h as i64, out_w as i64][..]) {
+        // u8 / float scalar promotes to float: one pass.
+        rgb.f_unsqueeze(0)?.f_div_scalar(255.0)
+    } else {
+        resize_to_float255(rgb, out_w, out_h)?.f_div_scalar_(255.0)
+    }
+}
+
+/// The cover+cropped input as u8 (H, W, 3), without a float round trip when no scaling is
+/// needed (noop and pass-through frames).
+pub fn to_u8_frame(rgb: Tensor, out_w: u32, out_h: u32) -> Result<Tensor, TchError> {
+    let size = rgb.size();
+    if size.get(0..2) == Some(&[out_h as i64, out_w as i64][..]) {
+        Ok(rgb)
+    } else {
+        resize_to_float255(&rgb, out_w, out_h)?
+            .f_squeeze_dim(0)?
+            .f_round_()?
+            .f_clamp_(0.0, 255.0)?
+            .f_to_kind(Kind::Uint8)
+    }
+}
+
+/// (1, H, W, 3) float in [0, 1] to u8 (H, W, 3), clamped to [0, 1] first and rounded.
+pub fn frame_to_u8(frame: &Tensor) -> Result<Tensor, TchError> {
+    frame
+        .f_squeeze_dim(0)?
+        .f_clamp(0.0, 1.0)?
+        .f_mul_scalar_(255.0)?
+        .f_round_()?
+        .f_to_kind(Kind::Uint8)
+}
+
+/// Writes u8 (H, W, 3) RGB (on any device) into a packed RGB/RGBx/RGBA plane on the CPU.
+/// The fourth byte, if any, is set to 255.
+pub fn download_rgb(
+    rgb: &Tensor,
+    data: &mut [u8],
+    stride: usize,
+    width: u32,
+    height: u32,
+    bpp: i64,
+) -> Result<(), TchError> {
+    check_len(data.len(), stride, width, height, bpp)?;
+    let size = rgb.size();
+    if size != [height as i64, width as i64, 3] || rgb.kind() != Kind::Uint8 {
+        return Err(TchError::Convert(format!(
+            "output tensor {size:?} {:?} does not fit a {width}x{height} frame",
+            rgb.kind()
+        )));
+    }
+    // SAFETY: as in upload_rgb, the view covers only bytes inside `data` (length checked), which
+    // is exclusively borrowed for the whole lifetime of the view; the view is dropped before
+    // returning.
+    let blob = unsafe {
+        Tensor::f_from_blob(
+            data.as_mut_ptr(),
+            &[height as i64, width as i64, bpp],
+            &[stride as i64, bpp, 1],
+            Kind::Uint8,
+            Device::Cpu,
+        )?
+    };
+    let mut colour = blob.f_narrow(2, 0, 3)?;
+    colour.f_copy_(rgb)?;
+    if bpp == 4 {
+        let _alpha = blob.f_narrow(2, 3, 1)?.f_fill_(255)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cover_crop_geometry() {
+        assert_eq!(cover_crop(640, 480, 384, 384), Crop { x: 80, y: 0, w: 480, h: 480 });
+        assert_eq!(cover_crop(480, 640, 512, 512), Crop { x: 0, y: 80, w: 480, h: 480 });
+        assert_eq!(cover_crop(512, 512, 512, 512), Crop { x: 0, y: 0, w: 512, h: 512 });
+        assert_eq!(cover_crop(1280, 720, 512, 384), Crop { x: 160, y: 0, w: 960, h: 720 });
+        assert_eq!(cover_crop(100, 1000, 512, 512), Crop { x: 0, y: 450, w: 100, h: 100 });
+    }
+
+    #[test]
+    fn upload_download_round_trip_bgrx_with_stride() {
+        let (w, h, stride) = (4u32, 2u32, 20usize);
+        let mut src = vec![0u8; stride * h as usize];
+        for y in 0..h as usize {
+            for x in 0..w as usize {
+                let o = y * stride + x * 4;
+                src[o..o + 4].copy_from_slice(&[x as u8, y as u8, 200, 7]); // B, G, R, x
+            }
+        }
+        let layout = pixel_layout(VideoFormat::Bgrx).unwrap();
+        let crop = Crop { x: 1, y: 0, w: 2, h: 2 };
+        let t = upload_rgb(&src, stride, w, h, layout, crop, Device::Cpu).unwrap();
+        let mut out = vec![0u8; 2 * 2 * 3];
+        download_rgb(&t, &mut out, 6, 2, 2, 3).unwrap();
+        assert_eq!(out, [200, 0, 1, 200, 0, 2, 200, 1, 1, 200, 1, 2]);
+        let f = to_frame(&t, 2, 2).unwrap();
+        let back = frame_to_u8(&f).unwrap();
+        let mut out2 = vec![0u8; 2 * 2 * 4];
+        download_rgb(&back, &mut out2, 8, 2, 2, 4).unwrap();
+        assert_eq!(&out2[0..4], &[200, 0, 1, 255]);
+    }
+
+    #[test]
+    fn short_plane_is_an_error_not_ub() {
+        let layout = pixel_layout(VideoFormat::Rgb).unwrap();
+        let crop = Crop { x: 0, y: 0, w: 4, h: 4 };
+        assert!(upload_rgb(&[0u8; 10], 12, 4, 4, layout, crop, Device::Cpu).is_err());
+    }
+}

@@ -1,0 +1,241 @@
+// SPDX-License-Identifier: MPL-2.0
+//! Loaded pipelines: `noop`, or a TorchScript module with its layout, range and extra inputs.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tch::{Device, Kind, Tensor};
+
+use crate::frame;
+use crate::pipeline::{InputKind, Kind as PipelineKind, Layout, Params, PipelineDef, Range, Value};
+
+/// Why a model could not be loaded (an element error at start, a warning on reload).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "pipeline '{0}' needs a TorchScript model: set the model property or the model param"
+    )]
+    NoModel(String),
+    #[error("model file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("cannot load TorchScript model {path}: {err} (is it a TorchScript file saved with torch.jit.save?)")]
+    Load { path: PathBuf, err: String },
+    #[error("model {path} failed its warm-up run: {err}")]
+    Warmup { path: PathBuf, err: FrameError },
+    #[error("pipeline '{pipeline}': {msg}")]
+    Params { pipeline: String, msg: String },
+}
+
+/// Why one frame could not be processed (a warning; the frame is skipped).
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("torch error: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("model returned shape {got:?}, expected {expected:?} (layout {layout:?})")]
+    Shape {
+        got: Vec<i64>,
+        expected: Vec<i64>,
+        layout: Layout,
+    },
+    #[error("model returned dtype {0:?}, expected a floating-point tensor")]
+    Dtype(Kind),
+}
+
+/// A TorchScript model ready to run.
+pub struct TorchModel {
+    module: tch::CModule,
+    path: PathBuf,
+    layout: Layout,
+    range: Range,
+    inputs: Vec<(String, InputKind)>,
+    extra: Vec<Tensor>,
+    device: Device,
+    half: bool,
+    warmup: Duration,
+}
+
+/// A loaded pipeline.
+pub enum Runner {
+    Noop,
+    Torch(Box<TorchModel>),
+}
+
+impl Runner {
+    /// Loads the pipeline for `params` on `device` and warms it up with one frame of the
+    /// params' size. Blocking: call from `start()` or the loader thread, never the streaming
+    /// thread, with no lock held.
+    pub fn load(
+        def: &PipelineDef,
+        params: &Params,
+        device: Device,
+        half: bool,
+    ) -> Result<Runner, LoadError> {
+        if def.kind == PipelineKind::Noop {
+            return Ok(Runner::Noop);
+        }
+        let _guard = tch::no_grad_guard();
+        let path = params
+            .model
+            .clone()
+            .ok_or_else(|| LoadError::NoModel(def.name.clone()))?;
+        if !path.is_file() {
+            return Err(LoadError::Missing(path));
+        }
+        let mut module =
+            tch::CModule::load_on_device(&path, device).map_err(|e| LoadError::Load {
+                path: path.clone(),
+                err: e.to_string(),
+            })?;
+        module.f_set_eval().map_err(|e| LoadError::Load {
+            path: path.clone(),
+            err: e.to_string(),
+        })?;
+        if half {
+            module.to(device, Kind::Half, false);
+        }
+        let mut m = TorchModel {
+            module,
+            path: path.clone(),
+            layout: def.layout,
+            range: def.range,
+            inputs: def.inputs.iter().map(|i| (i.param.clone(), i.kind)).collect(),
+            extra: Vec::new(),
+            device,
+            half,
+            warmup: Duration::ZERO,
+        };
+        m.set_params(params).map_err(|msg| LoadError::Params {
+            pipeline: def.name.clone(),
+            msg,
+        })?;
+        let zeros = Tensor::f_zeros(
+            [1, params.height as i64, params.width as i64, 3],
+            (Kind::Float, device),
+        )
+        .map_err(|e| LoadError::Warmup {
+            path: path.clone(),
+            err: e.into(),
+        })?;
+        let t0 = Instant::now();
+        let _ = m
+            .forward(&zeros)
+            .map_err(|err| LoadError::Warmup { path, err })?;
+        m.warmup = t0.elapsed();
+        Ok(Runner::Torch(Box::new(m)))
+    }
+
+    /// Duration of the warm-up forward (an upper estimate of the per-frame latency).
+    pub fn warmup_time(&self) -> Duration {
+        match self {
+            Runner::Noop => Duration::ZERO,
+            Runner::Torch(m) => m.warmup,
+        }
+    }
+
+    /// Applies params that need no reload (e.g. values feeding extra inputs).
+    pub fn set_params(&mut self, params: &Params) -> Result<(), String> {
+        match self {
+            Runner::Noop => Ok(()),
+            Runner::Torch(m) => m.set_params(params),
+        }
+    }
+}
+
+impl TorchModel {
+    fn set_params(&mut self, params: &Params) -> Result<(), String> {
+        let mut extra = Vec::with_capacity(self.inputs.len());
+        let kind = if self.half { Kind::Half } else { Kind::Float };
+        for (name, k) in &self.inputs {
+            let t = match (k, params.values.get(name)) {
+                (InputKind::Scalar, Some(Value::Number(v))) => Tensor::from(*v as f32),
+                (InputKind::Vector, Some(Value::Vector(v))) => {
+                    let v: Vec<f32> = v.iter().map(|x| *x as f32).collect();
+                    Tensor::f_from_slice(&v).map_err(|e| e.to_string())?
+                }
+                (_, other) => {
+                    return Err(format!("param '{name}' has no usable value ({other:?})"));
+                }
+            };
+            extra.push(
+                t.f_to_device(self.device)
+                    .and_then(|t| t.f_to_kind(kind))
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        self.extra = extra;
+        Ok(())
+    }
+
+    /// The model file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs the model on a (1, H, W, 3) float [0, 1] frame; returns the same contract.
+    pub fn forward(&self, frame: &Tensor) -> Result<Tensor, FrameError> {
+        let size = frame.size();
+        let (h, w) = (size[1], size[2]);
+        let mut x = match self.range {
+            Range::ZeroOne => frame.shallow_clone(),
+            Range::MinusOneOne => frame.f_mul_scalar(2.0)?.f_sub_scalar_(1.0)?,
+        };
+        if self.layout == Layout::Nchw {
+            x = x.f_permute([0, 3, 1, 2])?;
+        }
+        if self.half {
+            x = x.f_to_kind(Kind::Half)?;
+        }
+        let y = if self.extra.is_empty() {
+            self.module.forward_ts(&[x])?
+        } else {
+            let mut inputs = Vec::with_capacity(1 + self.extra.len());
+            inputs.push(x);
+            inputs.extend(self.extra.iter().map(Tensor::shallow_clone));
+            self.module.forward_ts(&inputs)?
+        };
+        if !y.is_floating_point() {
+            return Err(FrameError::Dtype(y.kind()));
+        }
+        let expected = match self.layout {
+            Layout::Bhwc => vec![1, h, w, 3],
+            Layout::Nchw => vec![1, 3, h, w],
+        };
+        let got = y.size();
+        if got != expected {
+            return Err(FrameError::Shape {
+                got,
+                expected,
+                layout: self.layout,
+            });
+        }
+        let mut y = if y.kind() == Kind::Float {
+            y
+        } else {
+            y.f_to_kind(Kind::Float)?
+        };
+        if self.layout == Layout::Nchw {
+            y = y.f_permute([0, 2, 3, 1])?;
+        }
+        if self.range == Range::MinusOneOne {
+            y = y.f_add_scalar(1.0)?.f_mul_scalar_(0.5)?;
+        }
+        Ok(y)
+    }
+}
+
+/// Runs one frame through a runner: u8 RGB crop in, u8 (H, W, 3) RGB out, on the device.
+pub fn process(
+    runner: &Runner,
+    crop_rgb: Tensor,
+    width: u32,
+    height: u32,
+) -> Result<Tensor, FrameError> {
+    match runner {
+        Runner::Noop => Ok(frame::to_u8_frame(crop_rgb, width, height)?),
+        Runner::Torch(m) => {
+            let f = frame::to_frame(&crop_rgb, width, height)?;
+            let y = m.forward(&f)?;
+            Ok(frame::frame_to_u8(&y)?)
+        }
+    }
+}

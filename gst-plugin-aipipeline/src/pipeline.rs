@@ -1,0 +1,549 @@
+// SPDX-License-Identifier: MPL-2.0
+//! The pipeline registry: built-in `noop` and `torchscript`, and model manifests (TOML) found in
+//! a pipelines directory, plus the params (JSON, full replacement) every pipeline accepts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+/// Smallest, largest and step of the base params `width`/`height` (runner-compat §8.3).
+pub const MIN_SIZE: u32 = 384;
+pub const MAX_SIZE: u32 = 1024;
+pub const SIZE_STEP: u32 = 64;
+pub const DEFAULT_SIZE: u32 = 512;
+
+/// Environment variable naming a pipelines directory (used when `pipelines-dir` is unset).
+pub const PIPELINES_ENV: &str = "RIVULET_PIPELINES";
+
+/// Tensor layout a model expects and returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// (1, H, W, 3): the runner's frame contract.
+    #[default]
+    Bhwc,
+    /// (1, 3, H, W).
+    Nchw,
+}
+
+/// Value range a model expects and returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+pub enum Range {
+    /// [0, 1]: the runner's frame contract.
+    #[default]
+    #[serde(rename = "0_1")]
+    ZeroOne,
+    /// [-1, 1].
+    #[serde(rename = "-1_1")]
+    MinusOneOne,
+}
+
+/// How a param feeds the model as an extra tensor input (after the frame, in manifest order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputKind {
+    /// A 0-dim float tensor.
+    Scalar,
+    /// A 1-dim float tensor of `len` values.
+    Vector,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    pub param: String,
+    pub kind: InputKind,
+    #[serde(default)]
+    pub len: Option<usize>,
+}
+
+/// A declared param's value (its default's type is the type every update must have).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Number(f64),
+    Vector(Vec<f64>),
+    Bool(bool),
+    Text(String),
+}
+
+impl Value {
+    fn from_json(v: &serde_json::Value) -> Option<Value> {
+        match v {
+            serde_json::Value::Number(n) => n.as_f64().map(Value::Number),
+            serde_json::Value::Bool(b) => Some(Value::Bool(*b)),
+            serde_json::Value::String(s) => Some(Value::Text(s.clone())),
+            serde_json::Value::Array(a) => a
+                .iter()
+                .map(serde_json::Value::as_f64)
+                .collect::<Option<Vec<_>>>()
+                .map(Value::Vector),
+            _ => None,
+        }
+    }
+
+    fn from_toml(v: &toml::Value) -> Option<Value> {
+        match v {
+            toml::Value::Integer(i) => Some(Value::Number(*i as f64)),
+            toml::Value::Float(f) => Some(Value::Number(*f)),
+            toml::Value::Boolean(b) => Some(Value::Bool(*b)),
+            toml::Value::String(s) => Some(Value::Text(s.clone())),
+            toml::Value::Array(a) => a
+                .iter()
+                .map(|x| match x {
+                    toml::Value::Integer(i) => Some(*i as f64),
+                    toml::Value::Float(f) => Some(*f),
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>()
+                .map(Value::Vector),
+            _ => None,
+        }
+    }
+
+    fn same_type(&self, other: &Value) -> bool {
+        match (self, other) {
+            (Value::Vector(a), Value::Vector(b)) => a.len() == b.len(),
+            _ => std::mem::discriminant(self) == std::mem::discriminant(other),
+        }
+    }
+
+    fn type_name(&self) -> String {
+        match self {
+            Value::Number(_) => "a number".into(),
+            Value::Vector(v) => format!("an array of {} numbers", v.len()),
+            Value::Bool(_) => "a boolean".into(),
+            Value::Text(_) => "a string".into(),
+        }
+    }
+}
+
+/// What kind of pipeline a definition is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Copy of the (cover+cropped) input; never reloads.
+    Noop,
+    /// A TorchScript module named by the `model` property or the `model` param.
+    TorchScript,
+    /// A model manifest.
+    Manifest,
+}
+
+/// A resolved pipeline: everything needed to validate params and load the model.
+#[derive(Clone, Debug)]
+pub struct PipelineDef {
+    pub name: String,
+    pub kind: Kind,
+    /// The TorchScript file (manifest: resolved relative to the manifest; torchscript: the
+    /// `model` property), if any.
+    pub model: Option<PathBuf>,
+    pub layout: Layout,
+    pub range: Range,
+    pub width: u32,
+    pub height: u32,
+    /// Declared params and their defaults.
+    pub params: BTreeMap<String, Value>,
+    pub inputs: Vec<InputSpec>,
+    /// Where the manifest came from (for messages).
+    pub source: Option<PathBuf>,
+}
+
+/// Params in force: the base params plus the declared ones (full replacement on each update).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Params {
+    pub width: u32,
+    pub height: u32,
+    pub show_reloading_frame: bool,
+    /// torchscript pipeline only: the model file.
+    pub model: Option<PathBuf>,
+    pub values: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ParamsError {
+    #[error("params are not valid JSON: {0}")]
+    Json(String),
+    #[error("params must be a JSON object, got {0}")]
+    NotObject(&'static str),
+    #[error("params.{key} must be {expected}, got {got}")]
+    Type {
+        key: String,
+        expected: String,
+        got: String,
+    },
+    #[error(
+        "params.{key} = {value} is out of range: it must be {MIN_SIZE}..={MAX_SIZE} and a multiple of {SIZE_STEP}"
+    )]
+    Size { key: &'static str, value: String },
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+fn parse_size(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    key: &'static str,
+    default: u32,
+) -> Result<u32, ParamsError> {
+    let Some(v) = obj.get(key) else {
+        return Ok(default);
+    };
+    let n = v
+        .as_u64()
+        .or_else(|| v.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64));
+    match n {
+        Some(n)
+            if (MIN_SIZE as u64..=MAX_SIZE as u64).contains(&n)
+                && n % SIZE_STEP as u64 == 0 =>
+        {
+            Ok(n as u32)
+        }
+        Some(_) => Err(ParamsError::Size {
+            key,
+            value: v.to_string(),
+        }),
+        None => Err(ParamsError::Type {
+            key: key.into(),
+            expected: "an integer".into(),
+            got: json_kind(v).into(),
+        }),
+    }
+}
+
+impl PipelineDef {
+    /// The built-in `noop` pipeline.
+    pub fn noop() -> Self {
+        Self {
+            name: "noop".into(),
+            kind: Kind::Noop,
+            model: None,
+            layout: Layout::Bhwc,
+            range: Range::ZeroOne,
+            width: DEFAULT_SIZE,
+            height: DEFAULT_SIZE,
+            params: BTreeMap::new(),
+            inputs: Vec::new(),
+            source: None,
+        }
+    }
+
+    /// The built-in `torchscript` pipeline with an optional model file.
+    pub fn torchscript(model: Option<PathBuf>) -> Self {
+        Self {
+            name: "torchscript".into(),
+            kind: Kind::TorchScript,
+            model,
+            ..Self::noop()
+        }
+    }
+
+    /// Params with every default (the pipeline's initial params).
+    pub fn initial_params(&self) -> Params {
+        Params {
+            width: self.width,
+            height: self.height,
+            show_reloading_frame: true,
+            model: self.model.clone(),
+            values: self.params.clone(),
+        }
+    }
+
+    /// Parses a params JSON object with full-replacement semantics: keys not given take their
+    /// defaults; unknown keys are ignored unless declared.
+    pub fn parse_params(&self, json: &str) -> Result<Params, ParamsError> {
+        let trimmed = json.trim();
+        if trimmed.is_empty() {
+            return Ok(self.initial_params());
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(trimmed).map_err(|e| ParamsError::Json(e.to_string()))?;
+        let serde_json::Value::Object(obj) = v else {
+            return Err(ParamsError::NotObject(json_kind(&v)));
+        };
+        let mut p = self.initial_params();
+        p.width = parse_size(&obj, "width", self.width)?;
+        p.height = parse_size(&obj, "height", self.height)?;
+        if let Some(v) = obj.get("show_reloading_frame") {
+            p.show_reloading_frame = v.as_bool().ok_or_else(|| ParamsError::Type {
+                key: "show_reloading_frame".into(),
+                expected: "a boolean".into(),
+                got: json_kind(v).into(),
+            })?;
+        }
+        if self.kind == Kind::TorchScript
+            && let Some(v) = obj.get("model")
+        {
+            let s = v.as_str().ok_or_else(|| ParamsError::Type {
+                key: "model".into(),
+                expected: "a string (path to a TorchScript file)".into(),
+                got: json_kind(v).into(),
+            })?;
+            p.model = Some(PathBuf::from(s));
+        }
+        for (key, default) in &self.params {
+            let Some(v) = obj.get(key) else { continue };
+            let value = Value::from_json(v)
+                .filter(|x| x.same_type(default))
+                .ok_or_else(|| ParamsError::Type {
+                    key: key.clone(),
+                    expected: default.type_name(),
+                    got: match Value::from_json(v) {
+                        Some(x) => x.type_name(),
+                        None => json_kind(v).into(),
+                    },
+                })?;
+            p.values.insert(key.clone(), value);
+        }
+        Ok(p)
+    }
+
+    /// Whether going from `old` to `new` needs the model reloaded (in the background).
+    /// `noop` never reloads: a new size is applied at once.
+    pub fn needs_reload(&self, old: &Params, new: &Params) -> bool {
+        self.kind != Kind::Noop
+            && (old.width != new.width || old.height != new.height || old.model != new.model)
+    }
+}
+
+// ---- manifests ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestFile {
+    name: String,
+    model: PathBuf,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    width: Option<u32>,
+    #[serde(default)]
+    height: Option<u32>,
+    #[serde(default)]
+    layout: Layout,
+    #[serde(default)]
+    range: Range,
+    #[serde(default)]
+    params: toml::Table,
+    #[serde(default)]
+    inputs: Vec<InputSpec>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("cannot read manifest {path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("invalid manifest {path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+}
+
+fn check_size(v: Option<u32>, what: &str) -> Result<u32, String> {
+    let n = v.unwrap_or(DEFAULT_SIZE);
+    if (MIN_SIZE..=MAX_SIZE).contains(&n) && n % SIZE_STEP == 0 {
+        Ok(n)
+    } else {
+        Err(format!(
+            "{what} = {n} must be {MIN_SIZE}..={MAX_SIZE} and a multiple of {SIZE_STEP}"
+        ))
+    }
+}
+
+/// Parses one manifest file; the model path is resolved relative to the manifest's folder.
+pub fn load_manifest(path: &Path) -> Result<PipelineDef, ManifestError> {
+    let text = std::fs::read_to_string(path).map_err(|err| ManifestError::Io {
+        path: path.into(),
+        err,
+    })?;
+    let invalid = |msg: String| ManifestError::Invalid {
+        path: path.into(),
+        msg,
+    };
+    let m: ManifestFile = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    let _ = m.description;
+    if m.name.is_empty() || m.name == "noop" || m.name == "torchscript" {
+        return Err(invalid(format!(
+            "name '{}' is empty or reserved for a built-in pipeline",
+            m.name
+        )));
+    }
+    let width = check_size(m.width, "width").map_err(invalid)?;
+    let height = check_size(m.height, "height").map_err(invalid)?;
+    let mut params = BTreeMap::new();
+    for (k, v) in &m.params {
+        if matches!(k.as_str(), "width" | "height" | "show_reloading_frame" | "model") {
+            return Err(invalid(format!("params.{k} is a base param and cannot be declared")));
+        }
+        let value = Value::from_toml(v).ok_or_else(|| {
+            invalid(format!(
+                "params.{k} must be a number, an array of numbers, a boolean or a string"
+            ))
+        })?;
+        params.insert(k.clone(), value);
+    }
+    for input in &m.inputs {
+        let Some(default) = params.get(&input.param) else {
+            return Err(invalid(format!(
+                "inputs: param '{}' is not declared in [params]",
+                input.param
+            )));
+        };
+        match (input.kind, default) {
+            (InputKind::Scalar, Value::Number(_)) => {}
+            (InputKind::Vector, Value::Vector(v)) if input.len.is_none_or(|l| l == v.len()) => {}
+            _ => {
+                return Err(invalid(format!(
+                    "inputs: param '{}' has default {}, which does not fit kind {:?}{}",
+                    input.param,
+                    default.type_name(),
+                    input.kind,
+                    input.len.map(|l| format!(" len {l}")).unwrap_or_default()
+                )));
+            }
+        }
+    }
+    let base = path.parent().unwrap_or(Path::new("."));
+    Ok(PipelineDef {
+        name: m.name,
+        kind: Kind::Manifest,
+        model: Some(base.join(&m.model)),
+        layout: m.layout,
+        range: m.range,
+        width,
+        height,
+        params,
+        inputs: m.inputs,
+        source: Some(path.into()),
+    })
+}
+
+/// The pipelines known to an element: built-ins plus the manifests of a directory.
+#[derive(Debug, Default)]
+pub struct Registry {
+    manifests: BTreeMap<String, Arc<PipelineDef>>,
+    /// Problems met while scanning (bad manifests are skipped and reported).
+    pub warnings: Vec<String>,
+}
+
+impl Registry {
+    /// Scans `dir` (`*.toml`, not recursive). A missing directory is a warning.
+    pub fn scan(dir: Option<&Path>) -> Registry {
+        let mut r = Registry::default();
+        let Some(dir) = dir else { return r };
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) => {
+                r.warnings
+                    .push(format!("cannot read pipelines directory {}: {e}", dir.display()));
+                return r;
+            }
+        };
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .collect();
+        paths.sort();
+        for p in paths {
+            match load_manifest(&p) {
+                Ok(def) => {
+                    if let Some(prev) = r.manifests.get(&def.name) {
+                        r.warnings.push(format!(
+                            "manifest {} names pipeline '{}' already defined by {}; ignored",
+                            p.display(),
+                            def.name,
+                            prev.source.as_deref().unwrap_or(Path::new("?")).display()
+                        ));
+                    } else {
+                        r.manifests.insert(def.name.clone(), Arc::new(def));
+                    }
+                }
+                Err(e) => r.warnings.push(e.to_string()),
+            }
+        }
+        r
+    }
+
+    /// All pipeline names, built-ins first.
+    pub fn names(&self) -> Vec<String> {
+        let mut v = vec!["noop".to_owned(), "torchscript".to_owned()];
+        v.extend(self.manifests.keys().cloned());
+        v
+    }
+
+    /// Looks a pipeline up by name.
+    pub fn resolve(&self, name: &str, model: Option<PathBuf>) -> Option<PipelineDef> {
+        match name {
+            "noop" => Some(PipelineDef::noop()),
+            "torchscript" => Some(PipelineDef::torchscript(model)),
+            _ => self.manifests.get(name).map(|d| (**d).clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gain_def() -> PipelineDef {
+        let mut d = PipelineDef::torchscript(None);
+        d.kind = Kind::Manifest;
+        d.params.insert("gain".into(), Value::Number(1.0));
+        d.params.insert("bias".into(), Value::Vector(vec![0.0; 3]));
+        d
+    }
+
+    #[test]
+    fn full_replacement_and_defaults() {
+        let d = gain_def();
+        let p = d.parse_params(r#"{"gain": 2, "unknown": 5}"#).unwrap();
+        assert_eq!(p.values["gain"], Value::Number(2.0));
+        assert_eq!(p.values["bias"], Value::Vector(vec![0.0; 3]));
+        assert_eq!((p.width, p.height), (512, 512));
+        let p2 = d.parse_params(r#"{"width": 384}"#).unwrap();
+        assert_eq!(p2.values["gain"], Value::Number(1.0));
+        assert_eq!(p2.width, 384);
+        assert!(d.needs_reload(&p, &p2));
+        assert!(!d.needs_reload(&p, &d.initial_params()));
+    }
+
+    #[test]
+    fn rejects_bad_params() {
+        let d = gain_def();
+        assert!(matches!(d.parse_params("{"), Err(ParamsError::Json(_))));
+        assert!(matches!(d.parse_params("[1]"), Err(ParamsError::NotObject(_))));
+        assert!(matches!(d.parse_params(r#"{"width": 400}"#), Err(ParamsError::Size { .. })));
+        assert!(matches!(d.parse_params(r#"{"height": 2048}"#), Err(ParamsError::Size { .. })));
+        assert!(matches!(d.parse_params(r#"{"gain": "x"}"#), Err(ParamsError::Type { .. })));
+        assert!(matches!(d.parse_params(r#"{"bias": [1, 2]}"#), Err(ParamsError::Type { .. })));
+        assert!(
+            matches!(d.parse_params(r#"{"show_reloading_frame": 1}"#), Err(ParamsError::Type { .. }))
+        );
+    }
+
+    #[test]
+    fn noop_never_reloads() {
+        let d = PipelineDef::noop();
+        let a = d.initial_params();
+        let b = d.parse_params(r#"{"width": 640}"#).unwrap();
+        assert!(!d.needs_reload(&a, &b));
+    }
+
+    #[test]
+    fn committed_manifests_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/pipelines");
+        let r = Registry::scan(Some(&dir));
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        for name in ["identity", "invert", "convnet", "gain"] {
+            let d = r.resolve(name, None).unwrap_or_else(|| panic!("{name} missing"));
+            assert!(d.model.as_ref().unwrap().exists(), "{name}: model file missing");
+        }
+        assert!(r.resolve("nope", None).is_none());
+    }
+}
