@@ -1,11 +1,13 @@
 // SPDX-License-Identifier: MPL-2.0
-//! Rivulet's overlay plugin. (being written)
+//! Rivulet's overlay plugin `rivuletoverlay`: the `loadingoverlay` element.
 #![allow(clippy::non_send_fields_in_send_ty, unused_doc_comments)] // glib macros
 
 use gst::glib;
 
-fn plugin_init(_plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
-    Err(glib::bool_error!("loadingoverlay is not implemented yet"))
+pub mod loadingoverlay;
+
+fn plugin_init(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
+    loadingoverlay::register(plugin)
 }
 
 gst::plugin_define!(
