@@ -1,0 +1,407 @@
+// SPDX-License-Identifier: MPL-2.0
+//! The HTTP API: the runner's container API, its internal API, `/metrics` and the dashboard,
+//! on one port (runner-compat.md §2, §3).
+
+use crate::daemon::{Daemon, LATENCY_BUCKETS_MS, StartError};
+use crate::status::now_secs;
+use crate::stream::StartRequest;
+use axum::Router;
+use axum::body::{Body, to_bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use std::fmt::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest request body accepted (params can be large ComfyUI workflows).
+pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+
+/// One error type for every endpoint, in the shape each endpoint family uses.
+#[derive(Debug)]
+pub enum ApiError {
+    /// Container API: `{"detail":{"msg":…}}`.
+    Detail(StatusCode, String),
+    /// FastAPI's validation-error shape, 422.
+    Validation(Vec<(String, String, &'static str)>),
+    /// Container API auth failure.
+    Unauthorized,
+    /// Internal API: plain text.
+    Text(StatusCode, String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            ApiError::Detail(code, msg) => {
+                (code, axum::Json(json!({"detail": {"msg": msg}}))).into_response()
+            }
+            ApiError::Validation(errors) => {
+                let detail: Vec<Value> = errors
+                    .into_iter()
+                    .map(|(loc, msg, kind)| json!({"loc": ["body", loc], "msg": msg, "type": kind}))
+                    .collect();
+                (
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    axum::Json(json!({"detail": detail})),
+                )
+                    .into_response()
+            }
+            ApiError::Unauthorized => {
+                let mut r = (
+                    StatusCode::UNAUTHORIZED,
+                    axum::Json(json!({"detail": {"msg": "Invalid bearer token."}})),
+                )
+                    .into_response();
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                r
+            }
+            ApiError::Text(code, text) => (code, text).into_response(),
+        }
+    }
+}
+
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/live-video-to-video", post(container_start))
+        .route("/live-video-to-video/", post(container_start))
+        .route("/health", get(health))
+        .route("/hardware/info", get(hardware_info))
+        .route("/hardware/stats", get(hardware_stats))
+        .route("/version", get(version))
+        .route("/metrics", get(metrics))
+        .route("/api/live-video-to-video", post(internal_start))
+        .route("/api/params", post(internal_params))
+        .route("/api/status", get(internal_status))
+        .route("/api/dashboard", get(dashboard_data))
+        .route("/api/preview/input.jpg", get(preview_input))
+        .route("/api/preview/output.jpg", get(preview_output))
+        .route("/", get(dashboard))
+        .with_state(daemon)
+}
+
+fn authorized(daemon: &Daemon, headers: &HeaderMap) -> bool {
+    let Some(token) = daemon.config.auth_token.as_deref() else {
+        return true;
+    };
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| t == token)
+}
+
+async fn read_body(body: Body) -> Result<bytes::Bytes, String> {
+    to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| format!("request body larger than {MAX_BODY_BYTES} bytes or unreadable"))
+}
+
+/// Parses a start body, reporting every problem in FastAPI's shape.
+fn parse_start(body: &[u8]) -> Result<StartRequest, Vec<(String, String, &'static str)>> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        vec![(
+            "body".to_string(),
+            format!("JSON decode error: {e}"),
+            "json_invalid",
+        )]
+    })?;
+    StartRequest::from_json(&value)
+}
+
+async fn container_start(
+    State(daemon): State<Arc<Daemon>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let received_at = now_secs();
+    if !authorized(&daemon, &headers) {
+        return Err(ApiError::Unauthorized);
+    }
+    let body = read_body(body)
+        .await
+        .map_err(|m| ApiError::Detail(StatusCode::PAYLOAD_TOO_LARGE, m))?;
+    let req = parse_start(&body).map_err(ApiError::Validation)?;
+    if !req.model_id.is_empty() && req.model_id != daemon.config.pipeline {
+        return Err(ApiError::Detail(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "pipeline configured with {} but called with {}.",
+                daemon.config.pipeline, req.model_id
+            ),
+        ));
+    }
+    // As patient as the runner: up to 10 attempts, 1 s apart.
+    let mut last = String::new();
+    for attempt in 0..10 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        match daemon.start_stream(req.clone(), received_at).await {
+            Ok(()) => {
+                return Ok(axum::Json(json!({
+                    "publish_url": "", "subscribe_url": "", "control_url": "",
+                    "events_url": "", "request_id": "", "manifest_id": ""
+                }))
+                .into_response());
+            }
+            Err(StartError::Invalid(msg)) => {
+                return Err(ApiError::Detail(StatusCode::BAD_REQUEST, msg));
+            }
+            Err(e) => {
+                tracing::warn!(attempt, "stream start failed: {e}");
+                last = e.to_string();
+            }
+        }
+    }
+    let msg = if last.to_lowercase().contains("out of memory") {
+        "Out of memory error. Try reducing input image resolution."
+    } else {
+        "live-video-to-video pipeline error."
+    };
+    Err(ApiError::Detail(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        msg.into(),
+    ))
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("application/json"))
+}
+
+async fn internal_start(
+    State(daemon): State<Arc<Daemon>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<&'static str, ApiError> {
+    let received_at = now_secs();
+    let fail = |m: String| {
+        ApiError::Text(
+            StatusCode::BAD_REQUEST,
+            format!("Error starting stream: {m}"),
+        )
+    };
+    if !authorized(&daemon, &headers) {
+        return Err(ApiError::Text(
+            StatusCode::UNAUTHORIZED,
+            "Invalid bearer token.".into(),
+        ));
+    }
+    if !is_json(&headers) {
+        return Err(fail("Content-Type must be application/json".into()));
+    }
+    let body = read_body(body).await.map_err(fail)?;
+    let req = parse_start(&body).map_err(|errs| {
+        fail(
+            errs.into_iter()
+                .map(|(l, m, _)| format!("{l}: {m}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    })?;
+    daemon
+        .start_stream(req, received_at)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    Ok("Stream started successfully")
+}
+
+async fn internal_params(
+    State(daemon): State<Arc<Daemon>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<&'static str, ApiError> {
+    let fail = |m: String| {
+        ApiError::Text(
+            StatusCode::BAD_REQUEST,
+            format!("Error updating params: {m}"),
+        )
+    };
+    if !authorized(&daemon, &headers) {
+        return Err(ApiError::Text(
+            StatusCode::UNAUTHORIZED,
+            "Invalid bearer token.".into(),
+        ));
+    }
+    let body = read_body(body).await.map_err(fail)?;
+    let params: Value =
+        serde_json::from_slice(&body).map_err(|e| fail(format!("invalid JSON: {e}")))?;
+    daemon
+        .update_params(params)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    Ok("Params updated successfully")
+}
+
+async fn internal_status(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
+    axum::Json(daemon.status())
+}
+
+async fn health(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
+    axum::Json(json!({"status": daemon.state().health()}))
+}
+
+async fn version(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
+    let c = &daemon.config;
+    axum::Json(json!({"pipeline": c.pipeline_kind, "model_id": c.pipeline, "version": c.version}))
+}
+
+async fn hardware_info(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
+    let c = &daemon.config;
+    // No NVML binding: GPU details are reported empty, as the runner does without NVML.
+    axum::Json(json!({"pipeline": c.pipeline_kind, "model_id": c.pipeline, "gpu_info": {}}))
+}
+
+async fn hardware_stats(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
+    let c = &daemon.config;
+    axum::Json(json!({"pipeline": c.pipeline_kind, "model_id": c.pipeline, "gpu_stats": {}}))
+}
+
+/// Prometheus text format (runner-compat.md §2.6).
+pub fn metrics_text(daemon: &Daemon) -> String {
+    let status = daemon.status();
+    let k = daemon.counters();
+    let mut s = String::new();
+    let _ = writeln!(s, "# HELP version Runner version.\n# TYPE version gauge");
+    let _ = writeln!(
+        s,
+        "version{{app=\"ai-runner\",version=\"{}\"}} 1",
+        daemon.config.version
+    );
+    let _ = writeln!(
+        s,
+        "# HELP rivulet_state Current state (1 for the current one).\n# TYPE rivulet_state gauge"
+    );
+    for st in [
+        "LOADING",
+        "ONLINE",
+        "DEGRADED_INPUT",
+        "DEGRADED_INFERENCE",
+        "ERROR",
+        "OFFLINE",
+    ] {
+        let _ = writeln!(
+            s,
+            "rivulet_state{{state=\"{st}\"}} {}",
+            u8::from(status.state == st)
+        );
+    }
+    let gauges = [
+        (
+            "rivulet_input_fps",
+            "Input frames per second (10 s window).",
+            status.input_status.fps,
+        ),
+        (
+            "rivulet_output_fps",
+            "Real output frames per second (10 s window).",
+            status.inference_status.fps,
+        ),
+        (
+            "rivulet_restarts",
+            "Inference restarts.",
+            f64::from(status.inference_status.restart_count),
+        ),
+    ];
+    for (name, help, v) in gauges {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    }
+    let counters = [
+        (
+            "rivulet_frames_in_total",
+            "Frames handed to the pipeline.",
+            k.frames_in,
+        ),
+        (
+            "rivulet_frames_out_total",
+            "Real frames out of the pipeline.",
+            k.frames_out,
+        ),
+        (
+            "rivulet_loading_frames_out_total",
+            "Loading frames out.",
+            k.loading_frames_out,
+        ),
+        (
+            "rivulet_frames_dropped_total",
+            "Input frames dropped by the frame-rate cap.",
+            k.dropped_by_cap,
+        ),
+        (
+            "rivulet_segments_in_total",
+            "Input trickle segments.",
+            k.segments_in,
+        ),
+        (
+            "rivulet_segments_out_total",
+            "Output trickle segments.",
+            k.segments_out,
+        ),
+        (
+            "rivulet_streams_started_total",
+            "Streams started.",
+            k.streams_started,
+        ),
+    ];
+    for (name, help, v) in counters {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    }
+    let name = "rivulet_inference_latency_ms";
+    let _ = writeln!(
+        s,
+        "# HELP {name} Inference latency per frame.\n# TYPE {name} histogram"
+    );
+    let mut cumulative = 0;
+    for (i, b) in LATENCY_BUCKETS_MS.iter().enumerate() {
+        cumulative += k.latency_buckets.get(i).copied().unwrap_or(0);
+        let _ = writeln!(s, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+    }
+    cumulative += k.latency_buckets.last().copied().unwrap_or(0);
+    let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(
+        s,
+        "{name}_sum {}\n{name}_count {}",
+        k.latency_sum_ms, k.latency_count
+    );
+    s
+}
+
+async fn metrics(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics_text(&daemon),
+    )
+}
+
+async fn dashboard_data(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
+    axum::Json(daemon.dashboard())
+}
+
+fn preview(daemon: &Daemon, input: bool) -> Response {
+    match daemon.preview(input) {
+        Some(jpeg) => ([(header::CONTENT_TYPE, "image/jpeg")], jpeg).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"detail": {"msg": "no preview yet: no stream is running"}})),
+        )
+            .into_response(),
+    }
+}
+
+async fn preview_input(State(daemon): State<Arc<Daemon>>) -> Response {
+    preview(&daemon, true)
+}
+
+async fn preview_output(State(daemon): State<Arc<Daemon>>) -> Response {
+    preview(&daemon, false)
+}
+
+async fn dashboard() -> impl IntoResponse {
+    Html(include_str!("dashboard.html"))
+}

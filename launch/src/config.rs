@@ -1,0 +1,134 @@
+// SPDX-License-Identifier: MPL-2.0
+//! Daemon configuration: the runner's environment variables (runner-compat.md §16) and
+//! Rivulet's own settings.
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    /// `MODEL_ID`: the live pipeline's name (`noop` by default).
+    pub pipeline: String,
+    /// `PIPELINE`: always `live-video-to-video`.
+    pub pipeline_kind: String,
+    pub version: String,
+    pub auth_token: Option<String>,
+    /// The pipeline's initial params (restored when a stream ends).
+    pub initial_params: Value,
+    /// Serve an embedded trickle server on the API port under `trickle_base`.
+    pub embedded_trickle: bool,
+    pub trickle_base: String,
+    /// Period of `status` events (10 s in the runner).
+    pub status_period: Duration,
+    /// Period of the health evaluation (1 s in the runner).
+    pub health_period: Duration,
+    /// Length of the FPS window (10 s in the runner).
+    pub fps_window: Duration,
+    /// The input frame-rate cap (24 fps); `None` disables it.
+    pub fps_cap: Option<f64>,
+    /// Where model manifests live (`RIVULET_PIPELINES`, else `MODEL_DIR`).
+    pub pipelines_dir: Option<PathBuf>,
+    /// `aipipeline` device (`auto` by default).
+    pub device: String,
+    /// Where the last start request is kept for crash cleanup.
+    pub state_file: PathBuf,
+    /// Verify TLS certificates on trickle URLs (off in runner mode, as the runner).
+    pub tls_verify: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("PIPELINE={0} is not supported: Rivulet only runs live-video-to-video")]
+    Pipeline(String),
+    #[error("STREAM_PROTOCOL={0} is not supported: Rivulet only speaks trickle")]
+    Protocol(String),
+    #[error("invalid {name}={value}: {reason}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn env_ms(name: &'static str, default: Duration) -> Result<Duration, ConfigError> {
+    match env(name) {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<u64>()
+            .map(Duration::from_millis)
+            .map_err(|e| ConfigError::Invalid {
+                name,
+                value: v,
+                reason: e.to_string(),
+            }),
+    }
+}
+
+impl Config {
+    /// Reads the environment. `HOST`/`PORT` default to 127.0.0.1:8000 for a plain
+    /// `rivulet serve` (the images set `HOST=0.0.0.0`).
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let pipeline_kind = env("PIPELINE").unwrap_or_else(|| "live-video-to-video".into());
+        if pipeline_kind != "live-video-to-video" {
+            return Err(ConfigError::Pipeline(pipeline_kind));
+        }
+        if let Some(p) = env("STREAM_PROTOCOL")
+            && p != "trickle"
+        {
+            return Err(ConfigError::Protocol(p));
+        }
+        let port = match env("PORT") {
+            None => 8000,
+            Some(v) => v
+                .parse()
+                .map_err(|e: std::num::ParseIntError| ConfigError::Invalid {
+                    name: "PORT",
+                    value: v,
+                    reason: e.to_string(),
+                })?,
+        };
+        let fps_cap = match env("RIVULET_FPS_CAP") {
+            None => Some(24.0),
+            Some(v) => {
+                let f: f64 =
+                    v.parse()
+                        .map_err(|e: std::num::ParseFloatError| ConfigError::Invalid {
+                            name: "RIVULET_FPS_CAP",
+                            value: v.clone(),
+                            reason: e.to_string(),
+                        })?;
+                (f > 0.0).then_some(f)
+            }
+        };
+        Ok(Config {
+            host: env("HOST").unwrap_or_else(|| "127.0.0.1".into()),
+            port,
+            pipeline: env("MODEL_ID").unwrap_or_else(|| "noop".into()),
+            pipeline_kind,
+            version: env("VERSION").unwrap_or_else(|| "undefined".into()),
+            auth_token: env("AUTH_TOKEN"),
+            initial_params: Value::Object(Default::default()),
+            embedded_trickle: env("RIVULET_EMBEDDED_TRICKLE").is_none_or(|v| v != "0"),
+            trickle_base: "/trickle/".into(),
+            status_period: env_ms("RIVULET_STATUS_PERIOD_MS", Duration::from_secs(10))?,
+            health_period: env_ms("RIVULET_HEALTH_PERIOD_MS", Duration::from_secs(1))?,
+            fps_window: env_ms("RIVULET_FPS_WINDOW_MS", Duration::from_secs(10))?,
+            fps_cap,
+            pipelines_dir: env("RIVULET_PIPELINES")
+                .or_else(|| env("MODEL_DIR"))
+                .map(PathBuf::from),
+            device: env("RIVULET_DEVICE").unwrap_or_else(|| "auto".into()),
+            state_file: env("RIVULET_STATE_FILE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| std::env::temp_dir().join("rivulet_last_start.json")),
+            tls_verify: env("RIVULET_TLS_VERIFY").is_some_and(|v| v == "1"),
+        })
+    }
+}

@@ -1,0 +1,557 @@
+// SPDX-License-Identifier: MPL-2.0
+//! The daemon's core: status, health, params and the one running stream.
+
+use crate::config::Config;
+use crate::health::{Action, FpsWindow, Inputs, Machine, State};
+use crate::pyjson::params_hash;
+use crate::status::{InferenceStatus, InputStatus, Status, envelope, ms, ms_opt, now_secs};
+use crate::stream::{StartRequest, StreamHandle};
+use serde_json::{Value, json};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// How long a start waits for the previous stream to stop (runner-compat.md §6.1).
+pub const STOP_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("previous stream did not stop within 10 s")]
+    PreviousStillRunning,
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Pipeline(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ParamsError {
+    #[error("params must be a JSON object")]
+    NotAnObject,
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub loading_frames_out: u64,
+    pub dropped_by_cap: u64,
+    pub segments_in: u64,
+    pub segments_out: u64,
+    pub streams_started: u64,
+    /// Inference latency histogram: counts per bucket of `LATENCY_BUCKETS_MS` plus +Inf.
+    pub latency_buckets: Vec<u64>,
+    pub latency_sum_ms: f64,
+    pub latency_count: u64,
+}
+
+pub const LATENCY_BUCKETS_MS: [f64; 10] =
+    [1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 1000.0];
+
+pub(crate) struct Core {
+    pub machine: Machine,
+    pub process_start_time: f64,
+    pub pipeline_ready: bool,
+    pub pipeline_ready_time: Option<f64>,
+    pub inference_alive: bool,
+    pub stream_running: bool,
+    pub stream_start_time: f64,
+    pub last_input_time: Option<f64>,
+    pub last_output_time: Option<f64>,
+    pub input_fps: FpsWindow,
+    pub output_fps: FpsWindow,
+    pub inference: InferenceStatus,
+    pub last_params_update_time: Option<f64>,
+    pub last_error_time: Option<f64>,
+    pub last_restart_time: Option<f64>,
+    pub current_params: Value,
+    pub request_id: String,
+    pub manifest_id: String,
+    pub stream_id: String,
+    pub events: Option<mpsc::Sender<Value>>,
+    pub counters: Counters,
+    /// 1 s windows for the dashboard (the status object keeps the runner's 10 s windows).
+    pub live_input_fps: FpsWindow,
+    pub live_output_fps: FpsWindow,
+    pub latency_p50_ms: Option<f64>,
+    pub preview_input: Option<bytes::Bytes>,
+    pub preview_output: Option<bytes::Bytes>,
+}
+
+pub struct Daemon {
+    pub config: Arc<Config>,
+    pub(crate) core: Mutex<Core>,
+    stream: tokio::sync::Mutex<Option<StreamHandle>>,
+}
+
+impl Daemon {
+    pub fn new(config: Config) -> Arc<Daemon> {
+        let window = config.fps_window.as_secs_f64();
+        let now = now_secs();
+        Arc::new(Daemon {
+            core: Mutex::new(Core {
+                machine: Machine::new(),
+                process_start_time: now,
+                pipeline_ready: false,
+                pipeline_ready_time: None,
+                inference_alive: true,
+                stream_running: false,
+                stream_start_time: 0.0,
+                last_input_time: None,
+                last_output_time: None,
+                input_fps: FpsWindow::new(window),
+                output_fps: FpsWindow::new(window),
+                inference: InferenceStatus::default(),
+                last_params_update_time: None,
+                last_error_time: None,
+                last_restart_time: None,
+                current_params: config.initial_params.clone(),
+                request_id: String::new(),
+                manifest_id: String::new(),
+                stream_id: String::new(),
+                events: None,
+                counters: Counters {
+                    latency_buckets: vec![0; LATENCY_BUCKETS_MS.len() + 1],
+                    ..Default::default()
+                },
+                live_input_fps: FpsWindow::new(1.0),
+                live_output_fps: FpsWindow::new(1.0),
+                latency_p50_ms: None,
+                preview_input: None,
+                preview_output: None,
+            }),
+            config: Arc::new(config),
+            stream: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    pub fn state(&self) -> State {
+        self.core.lock().unwrap().machine.state
+    }
+
+    /// The status object of `GET /api/status`.
+    pub fn status(&self) -> Status {
+        let c = self.core.lock().unwrap();
+        Status {
+            kind: "status",
+            pipeline: self.config.pipeline.clone(),
+            start_time: if c.stream_start_time > 0.0 {
+                ms(c.stream_start_time)
+            } else {
+                0
+            },
+            state: c.machine.state.as_str(),
+            last_state_update_time: ms_opt(c.machine.last_state_update_time),
+            input_status: InputStatus {
+                last_input_time: ms_opt(c.last_input_time),
+                fps: c.input_fps.fps(),
+            },
+            inference_status: InferenceStatus {
+                last_output_time: ms_opt(c.last_output_time),
+                fps: c.output_fps.fps(),
+                ..c.inference.clone()
+            },
+        }
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.core.lock().unwrap().counters.clone()
+    }
+
+    pub fn current_params(&self) -> Value {
+        self.core.lock().unwrap().current_params.clone()
+    }
+
+    /// Sends an event on the running stream's events channel (dropped when none, or when the
+    /// channel is saturated: events are never allowed to block the caller).
+    pub fn emit(&self, event: Value, queue_event_type: &str) {
+        let tx = self.core.lock().unwrap().events.clone();
+        if let Some(tx) = tx
+            && tx.try_send(envelope(event, queue_event_type)).is_err()
+        {
+            tracing::warn!("events channel saturated or closed: event dropped");
+        }
+    }
+
+    // ---- called from the stream's streaming threads (short locks, no I/O) ----
+
+    pub fn on_input_frame(&self) {
+        let now = now_secs();
+        let mut c = self.core.lock().unwrap();
+        c.last_input_time = Some(now);
+        c.input_fps.frame(now);
+        c.live_input_fps.frame(now);
+        c.counters.frames_in += 1;
+    }
+
+    pub fn on_frame_dropped_by_cap(&self) {
+        self.core.lock().unwrap().counters.dropped_by_cap += 1;
+    }
+
+    pub fn on_output_frame(&self, real: bool) {
+        let now = now_secs();
+        let mut c = self.core.lock().unwrap();
+        if real {
+            c.last_output_time = Some(now);
+            c.output_fps.frame(now);
+            c.live_output_fps.frame(now);
+            c.counters.frames_out += 1;
+        } else {
+            c.counters.loading_frames_out += 1;
+        }
+    }
+
+    pub fn on_inference_latency(&self, latency_ms: f64) {
+        let mut c = self.core.lock().unwrap();
+        let idx = LATENCY_BUCKETS_MS
+            .iter()
+            .position(|b| latency_ms <= *b)
+            .unwrap_or(LATENCY_BUCKETS_MS.len());
+        c.counters.latency_buckets[idx] += 1;
+        c.counters.latency_sum_ms += latency_ms;
+        c.counters.latency_count += 1;
+    }
+
+    pub fn set_latency_p50(&self, latency_ms: f64) {
+        self.core.lock().unwrap().latency_p50_ms = Some(latency_ms);
+    }
+
+    pub fn set_preview(&self, input: bool, jpeg: bytes::Bytes) {
+        let mut c = self.core.lock().unwrap();
+        if input {
+            c.preview_input = Some(jpeg);
+        } else {
+            c.preview_output = Some(jpeg);
+        }
+    }
+
+    pub fn preview(&self, input: bool) -> Option<bytes::Bytes> {
+        let c = self.core.lock().unwrap();
+        if input {
+            c.preview_input.clone()
+        } else {
+            c.preview_output.clone()
+        }
+    }
+
+    /// Rivulet's own dashboard data: the status plus live figures.
+    pub fn dashboard(&self) -> Value {
+        let status = self.status();
+        let now = now_secs();
+        let mut c = self.core.lock().unwrap();
+        c.live_input_fps.tick(now);
+        c.live_output_fps.tick(now);
+        // A window that saw no frame for 2 s reads 0.
+        let stale = |t: Option<f64>| t.is_none_or(|t| now - t > 2.0);
+        json!({
+            "status": status,
+            "params": c.current_params,
+            "live_input_fps": if stale(c.last_input_time) { 0.0 } else { c.live_input_fps.fps() },
+            "live_output_fps": if stale(c.last_output_time) { 0.0 } else { c.live_output_fps.fps() },
+            "latency_p50_ms": c.latency_p50_ms,
+            "frames_in": c.counters.frames_in,
+            "frames_out": c.counters.frames_out,
+        })
+    }
+
+    pub fn on_segment(&self, input: bool) {
+        let mut c = self.core.lock().unwrap();
+        if input {
+            c.counters.segments_in += 1;
+        } else {
+            c.counters.segments_out += 1;
+        }
+    }
+
+    pub fn set_pipeline_ready(&self, ready: bool) {
+        let mut c = self.core.lock().unwrap();
+        if ready && !c.pipeline_ready {
+            c.pipeline_ready_time = Some(now_secs());
+        }
+        c.pipeline_ready = ready;
+    }
+
+    /// An inference error: `last_error` and an `error` event (runner-compat.md §15).
+    pub fn report_error(&self, message: &str) {
+        let now = now_secs();
+        {
+            let mut c = self.core.lock().unwrap();
+            c.last_error_time = Some(now);
+            c.inference.last_error_time = Some(ms(now));
+            c.inference.last_error = Some(message.to_string());
+        }
+        tracing::warn!(%message, "inference error");
+        self.emit(
+            json!({"type": "error", "pipeline": self.config.pipeline, "message": message,
+                   "time": now, "timestamp": ms(now)}),
+            "ai_stream_events",
+        );
+    }
+
+    /// Validates a params object against the base params (runner-compat.md §8.3).
+    pub fn validate_params(params: &Value) -> Result<(), ParamsError> {
+        let map = params.as_object().ok_or(ParamsError::NotAnObject)?;
+        for key in ["width", "height"] {
+            if let Some(v) = map.get(key) {
+                let n = v.as_i64().ok_or_else(|| {
+                    ParamsError::Invalid(format!("{key} must be an integer, got {v}"))
+                })?;
+                if !(384..=1024).contains(&n) || n % 64 != 0 {
+                    return Err(ParamsError::Invalid(format!(
+                        "{key} must be a multiple of 64 between 384 and 1024, got {n}"
+                    )));
+                }
+            }
+        }
+        if let Some(v) = map.get("show_reloading_frame")
+            && !v.is_boolean()
+        {
+            return Err(ParamsError::Invalid(format!(
+                "show_reloading_frame must be a boolean, got {v}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The output size a params object asks for.
+    pub fn size_of(params: &Value) -> (i64, i64) {
+        let get = |k: &str| params.get(k).and_then(Value::as_i64).unwrap_or(512);
+        (get("width"), get("height"))
+    }
+
+    /// A params update (control channel, `POST /api/params` or a start request).
+    /// Records it, then applies it to the running stream, if any.
+    pub async fn update_params(self: &Arc<Self>, params: Value) -> Result<(), ParamsError> {
+        Self::validate_params(&params)?;
+        let now = now_secs();
+        {
+            let mut c = self.core.lock().unwrap();
+            c.last_params_update_time = Some(now);
+            c.inference.last_params_update_time = Some(ms(now));
+            c.inference.last_params_hash = Some(params_hash(&params));
+            c.inference.last_params = Some(params.clone());
+        }
+        let stream = self.stream.lock().await;
+        if let Some(s) = stream.as_ref() {
+            let current = self.current_params();
+            if Self::size_of(&current) != Self::size_of(&params) {
+                let msg = "Cannot change output resolution mid-stream; restart the stream with \
+                           the new width and height";
+                self.report_error(msg);
+                return Err(ParamsError::Invalid(msg.into()));
+            }
+            s.apply_params(&params);
+        }
+        self.core.lock().unwrap().current_params = params;
+        Ok(())
+    }
+
+    /// Starts a stream, stopping the running one first (bounded wait).
+    pub async fn start_stream(
+        self: &Arc<Self>,
+        req: StartRequest,
+        received_at: f64,
+    ) -> Result<(), StartError> {
+        Self::validate_params(&req.params).map_err(|e| StartError::Invalid(e.to_string()))?;
+        let mut slot = self.stream.lock().await;
+        if let Some(old) = slot.take() {
+            if tokio::time::timeout(STOP_WAIT, old.stop()).await.is_err() {
+                return Err(StartError::PreviousStillRunning);
+            }
+            self.on_stream_stopped();
+        }
+        if let Ok(text) = serde_json::to_vec(&req.to_json()) {
+            if let Err(e) = std::fs::write(&self.config.state_file, text) {
+                tracing::warn!(
+                    "cannot persist the start request to {:?}: {e}",
+                    self.config.state_file
+                );
+            }
+        }
+        let now = now_secs();
+        {
+            let mut c = self.core.lock().unwrap();
+            c.request_id = req.request_id.clone();
+            c.manifest_id = req.manifest_id.clone();
+            c.stream_id = req.stream_id.clone();
+            c.stream_start_time = now;
+            c.last_input_time = None;
+            c.input_fps.reset();
+            c.output_fps.reset();
+            c.last_params_update_time = Some(now);
+            c.inference.last_params_update_time = Some(ms(now));
+            c.inference.last_params_hash = Some(params_hash(&req.params));
+            c.inference.last_params = Some(req.params.clone());
+            c.current_params = req.params.clone();
+            c.machine.on_stream_start(now);
+            c.counters.streams_started += 1;
+        }
+        match StreamHandle::start(self.clone(), req).await {
+            Ok(handle) => {
+                self.core.lock().unwrap().stream_running = true;
+                *slot = Some(handle);
+                drop(slot);
+                self.emit(
+                    json!({"type": "runner_receive_stream_request", "timestamp": ms(received_at)}),
+                    "stream_trace",
+                );
+                Ok(())
+            }
+            Err(e) => {
+                self.on_stream_stopped();
+                Err(StartError::Pipeline(e))
+            }
+        }
+    }
+
+    /// Stops the running stream, if any.
+    pub async fn stop_stream(self: &Arc<Self>, reason: &str) {
+        let mut slot = self.stream.lock().await;
+        if let Some(old) = slot.take() {
+            tracing::info!(%reason, "stopping stream");
+            if tokio::time::timeout(STOP_WAIT, old.stop()).await.is_err() {
+                tracing::error!("stream did not stop within 10 s");
+            }
+            self.on_stream_stopped();
+        }
+    }
+
+    /// Stops the stream only if it is still the one with `request_id` (a stream task ending).
+    pub async fn stream_ended(self: &Arc<Self>, request_id: &str, reason: &str) {
+        let is_current = self
+            .stream
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|s| s.request_id() == request_id);
+        if is_current {
+            self.stop_stream(reason).await;
+        }
+    }
+
+    fn on_stream_stopped(&self) {
+        let mut c = self.core.lock().unwrap();
+        c.stream_running = false;
+        c.events = None;
+    }
+
+    /// One health evaluation and its side effects.
+    pub async fn health_tick(self: &Arc<Self>) {
+        let now = now_secs();
+        let (actions, restart_count) = {
+            let mut c = self.core.lock().unwrap();
+            c.input_fps.tick(now);
+            c.output_fps.tick(now);
+            let inputs = Inputs {
+                inference_alive: c.inference_alive,
+                pipeline_ready: c.pipeline_ready,
+                stream_running: c.stream_running,
+                process_start_time: c.process_start_time,
+                stream_start_time: c.stream_start_time,
+                last_input_time: c.last_input_time,
+                last_output_time: c.last_output_time,
+                last_params_update_time: c.last_params_update_time,
+                pipeline_ready_time: c.pipeline_ready_time,
+                input_fps: c.input_fps.fps(),
+                output_fps: c.output_fps.fps(),
+                last_error_time: c.last_error_time,
+                last_restart_time: c.last_restart_time,
+                pipeline: self.config.pipeline.clone(),
+            };
+            let restart_count = c.inference.restart_count;
+            (
+                c.machine.evaluate(&inputs, now, restart_count),
+                restart_count,
+            )
+        };
+        for action in actions {
+            match action {
+                Action::StopStreamIdle => self.stop_stream("no input for 60 s").await,
+                Action::BecameOffline => {
+                    let mut c = self.core.lock().unwrap();
+                    c.request_id.clear();
+                    c.manifest_id.clear();
+                    c.stream_id.clear();
+                    c.current_params = self.config.initial_params.clone();
+                }
+                Action::ComputedError { fatal } => {
+                    self.stop_stream("computed ERROR").await;
+                    if !fatal {
+                        self.restart_inference(restart_count, "computed ERROR")
+                            .await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Restarts the inference side: the runner's pipeline-process restart (§7), in process.
+    async fn restart_inference(self: &Arc<Self>, restart_count: u32, why: &str) {
+        let now = now_secs();
+        let logs = vec![format!("inference restarted after: {why}")];
+        {
+            let mut c = self.core.lock().unwrap();
+            c.inference = InferenceStatus {
+                restart_count: restart_count + 1,
+                last_restart_time: Some(ms(now)),
+                last_restart_logs: Some(logs.clone()),
+                ..Default::default()
+            };
+            c.last_restart_time = Some(now);
+            c.last_error_time = None;
+            c.process_start_time = now;
+            c.pipeline_ready = false;
+            c.inference_alive = true;
+            c.last_output_time = None;
+            c.machine.on_restart(now);
+        }
+        self.emit(
+            json!({"type": "restart", "pipeline": self.config.pipeline,
+                   "restart_count": restart_count + 1, "restart_time": now,
+                   "restart_logs": logs, "timestamp": ms(now)}),
+            "ai_stream_events",
+        );
+        self.clone().load_pipeline();
+    }
+
+    /// Loads (verifies) the pipeline in the background: initial params first, then `{}`.
+    /// The state is LOADING until it finishes; a failure marks inference dead (→ ERROR rules).
+    pub fn load_pipeline(self: Arc<Self>) {
+        self.set_pipeline_ready(false);
+        tokio::task::spawn_blocking(move || {
+            let first = crate::stream::warm_up(&self.config, &self.config.initial_params);
+            let result = match first {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    tracing::warn!(
+                        "pipeline load with the initial params failed: {e}; retrying with {{}}"
+                    );
+                    crate::stream::warm_up(&self.config, &json!({}))
+                }
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(pipeline = %self.config.pipeline, "pipeline ready");
+                    self.set_pipeline_ready(true);
+                }
+                Err(e) => {
+                    tracing::error!("pipeline {} failed to load: {e}", self.config.pipeline);
+                    self.report_error(&format!("pipeline failed to load: {e}"));
+                    self.core.lock().unwrap().inference_alive = false;
+                }
+            }
+        });
+    }
+
+    pub(crate) fn set_events(&self, tx: Option<mpsc::Sender<Value>>) {
+        self.core.lock().unwrap().events = tx;
+    }
+
+    /// Used by the status loop.
+    pub(crate) fn stream_is_current(&self, request_id: &str) -> bool {
+        self.core.lock().unwrap().request_id == request_id
+    }
+}

@@ -1,0 +1,238 @@
+// SPDX-License-Identifier: MPL-2.0
+//! `rivulet demo`: the main job on one machine with no other service. It starts the daemon
+//! with its embedded trickle server, publishes a generated stream (moving pattern and a tone),
+//! starts a stream through the HTTP API exactly as an orchestrator does, changes the params
+//! once midway through the control channel, shows live progress, and writes the processed
+//! stream to a playable MPEG-TS file.
+
+use crate::config::Config;
+use crate::status::now_secs;
+use anyhow::{Context, anyhow};
+use gst::prelude::*;
+use gsttrickle::protocol::client::{Publisher, PublisherConfig, Subscriber, SubscriberConfig};
+use serde_json::{Value, json};
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+/// Params sent midway: the same size (the output resolution is fixed per stream).
+fn changed_params(initial: &Value) -> Value {
+    let mut p = initial.clone();
+    if let Some(map) = p.as_object_mut() {
+        map.insert("show_reloading_frame".into(), json!(true));
+        map.insert("demo_change".into(), json!(1));
+    }
+    p
+}
+
+pub async fn run(mut config: Config, seconds: u32, output: &Path) -> anyhow::Result<()> {
+    config.embedded_trickle = true;
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let running = match crate::serve::start(config.clone()).await {
+        Ok(r) => r,
+        Err(e) if config.port != 0 => {
+            println!("port {} is busy ({e}); using a free port", config.port);
+            config.port = 0;
+            crate::serve::start(config).await?
+        }
+        Err(e) => return Err(e),
+    };
+    let base = running.base_url();
+    let trickle = running
+        .trickle
+        .clone()
+        .ok_or_else(|| anyhow!("no embedded trickle server"))?;
+    println!(
+        "Rivulet demo: pipeline '{}'",
+        running.daemon.config.pipeline
+    );
+    println!("  API and dashboard: {base}/  (live while the demo runs)");
+
+    let http = reqwest::Client::new();
+    // Wait for the pipeline to load, as the worker does (GET /health every 500 ms).
+    let t0 = now_secs();
+    loop {
+        let health: Value = http
+            .get(format!("{base}/health"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        match health["status"].as_str() {
+            Some("IDLE") | Some("OK") => break,
+            Some("ERROR") => return Err(anyhow!("the pipeline failed to load: see the log above")),
+            _ if now_secs() - t0 > 180.0 => {
+                return Err(anyhow!("the pipeline did not load in 180 s"));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+
+    // Channels are created first, as the orchestrator does.
+    let mid = "demo0001";
+    let names = [
+        (mid.to_string(), "video/MP2T"),
+        (format!("{mid}-out"), "video/MP2T"),
+        (format!("{mid}-control"), "application/json"),
+        (format!("{mid}-events"), "application/json"),
+    ];
+    for (name, mime) in &names {
+        trickle
+            .create_channel(name, mime)
+            .map_err(|e| anyhow!("cannot create channel {name}: {e}"))?;
+    }
+    let url = |suffix: &str| running.trickle_url(&format!("{mid}{suffix}"));
+
+    // The gateway's side: control publisher with the initial params, then the input.
+    let initial = json!({"width": 512, "height": 512});
+    let mut control = Publisher::new(
+        &url("-control"),
+        PublisherConfig {
+            mime: "application/json".into(),
+            ..Default::default()
+        },
+    )?;
+    control.send_message(initial.to_string().into()).await?;
+
+    let frames = seconds * 30;
+    let input = gst::parse::launch(&format!(
+        "videotestsrc is-live=true pattern=ball num-buffers={frames} ! \
+         video/x-raw,width=960,height=540,framerate=30/1 ! tricklesink name=pub url={} \
+         audiotestsrc is-live=true wave=sine freq=440 samplesperbuffer=1600 num-buffers={} ! \
+         audio/x-raw,rate=48000,channels=2 ! pub.",
+        url(""),
+        seconds * 30,
+    ))
+    .context("cannot build the input publisher")?
+    .downcast::<gst::Pipeline>()
+    .map_err(|_| anyhow!("not a pipeline"))?;
+
+    // The output reader: the processed stream, byte for byte, into a file.
+    let reader = gst::parse::launch(&format!(
+        "tricklesrc url={} mode=bytes start-seq=0 ! filesink location={}",
+        url("-out"),
+        output.display()
+    ))
+    .context("cannot build the output reader")?
+    .downcast::<gst::Pipeline>()
+    .map_err(|_| anyhow!("not a pipeline"))?;
+
+    // Events subscriber: print what the runner reports.
+    let mut events = Subscriber::new(
+        &url("-events"),
+        SubscriberConfig {
+            start_seq: -1,
+            ..Default::default()
+        },
+    )?;
+    let events_task = tokio::spawn(async move {
+        while let Ok(Some(seg)) = events.next_segment().await {
+            if let Ok(body) = seg.read_all(1 << 20).await
+                && let Ok(v) = serde_json::from_slice::<Value>(&body)
+            {
+                let kind = v["event"]["type"].as_str().unwrap_or("?").to_string();
+                let state = v["event"]["state"]
+                    .as_str()
+                    .map(|s| format!(" state={s}"))
+                    .unwrap_or_default();
+                println!("\n  event: {kind}{state}");
+            }
+        }
+    });
+
+    let start = json!({
+        "subscribe_url": url(""), "publish_url": url("-out"),
+        "control_url": url("-control"), "events_url": url("-events"),
+        "model_id": running.daemon.config.pipeline, "params": initial,
+        "gateway_request_id": "demo-request", "manifest_id": mid, "stream_id": "demo-stream",
+    });
+    let resp = http
+        .post(format!("{base}/live-video-to-video"))
+        .json(&start)
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        return Err(anyhow!(
+            "stream start failed: {} {}",
+            resp.status(),
+            resp.text().await?
+        ));
+    }
+    println!("  stream started through POST /live-video-to-video");
+    for p in [&input, &reader] {
+        p.set_state(gst::State::Playing)
+            .map_err(|e| anyhow!("cannot start a demo pipeline: {e}"))?;
+    }
+
+    let bus = input.bus().ok_or_else(|| anyhow!("no bus"))?;
+    let mut changed = false;
+    let started = now_secs();
+    loop {
+        if let Some(msg) = bus.pop_filtered(&[gst::MessageType::Eos, gst::MessageType::Error]) {
+            if let gst::MessageView::Error(e) = msg.view() {
+                return Err(anyhow!("input publisher failed: {}", e.error()));
+            }
+            break;
+        }
+        let elapsed = now_secs() - started;
+        if !changed && elapsed > f64::from(seconds) / 2.0 {
+            changed = true;
+            control
+                .send_message(changed_params(&initial).to_string().into())
+                .await?;
+            println!("\n  params changed through the control channel");
+        }
+        let d: Value = http
+            .get(format!("{base}/api/dashboard"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        print!(
+            "\r  t={elapsed:5.1}s state={:<18} in {:5.1} fps  out {:5.1} fps  inference p50 {}  frames {}/{}   ",
+            d["status"]["state"].as_str().unwrap_or("?"),
+            d["live_input_fps"].as_f64().unwrap_or(0.0),
+            d["live_output_fps"].as_f64().unwrap_or(0.0),
+            d["latency_p50_ms"]
+                .as_f64()
+                .map(|v| format!("{v:.2} ms"))
+                .unwrap_or("-".into()),
+            d["frames_in"],
+            d["frames_out"],
+        );
+        let _ = std::io::stdout().flush();
+        if elapsed > f64::from(seconds) + 30.0 {
+            return Err(anyhow!("the input did not finish in time"));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!("\n  input finished; closing the stream");
+    let _ = input.set_state(gst::State::Null);
+    // The input channel ends: the daemon stops the stream and closes -out; the reader sees EOS.
+    trickle.close_channel(mid);
+    let rbus = reader.bus().ok_or_else(|| anyhow!("no bus"))?;
+    let _ = rbus.timed_pop_filtered(
+        gst::ClockTime::from_seconds(15),
+        &[gst::MessageType::Eos, gst::MessageType::Error],
+    );
+    let _ = reader.set_state(gst::State::Null);
+    let _ = control.close().await;
+    events_task.abort();
+    let status = running.daemon.status();
+    let counters = running.daemon.counters();
+    let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "Done: {} frames in, {} real frames out, {} output segments; state {}.",
+        counters.frames_in, counters.frames_out, counters.segments_out, status.state
+    );
+    println!(
+        "Output: {} ({size} bytes, MPEG-TS H.264 + Opus; play it with ffplay or vlc)",
+        output.display()
+    );
+    if size == 0 || counters.frames_out == 0 {
+        return Err(anyhow!("no output was produced"));
+    }
+    Ok(())
+}

@@ -1,0 +1,26 @@
+// SPDX-License-Identifier: MPL-2.0
+//! The rivulet daemon as a library: the runner-compatible HTTP API (`api`), the stream
+//! supervisor (`daemon`, `stream`), the health state machine (`health`), the status object
+//! (`status`) and the params hash (`pyjson`). The `rivulet` binary wires them together.
+
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod health;
+pub mod pyjson;
+pub mod serve;
+pub mod status;
+pub mod stream;
+
+/// Initialises GStreamer and registers Rivulet's plugins statically (never via GST_PLUGIN_PATH).
+pub fn init_gstreamer() -> Result<(), gst::glib::Error> {
+    gst::init()?;
+    gsttrickle::plugin_register_static()
+        .map_err(|e| gst::glib::Error::new(gst::CoreError::Failed, &e.to_string()))?;
+    gstaipipeline::plugin_register_static()
+        .map_err(|e| gst::glib::Error::new(gst::CoreError::Failed, &e.to_string()))?;
+    gstrivuletoverlay::plugin_register_static()
+        .map_err(|e| gst::glib::Error::new(gst::CoreError::Failed, &e.to_string()))?;
+    Ok(())
+}
