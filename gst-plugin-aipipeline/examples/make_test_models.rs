@@ -20,7 +20,12 @@ fn trace(
     f: &mut dyn FnMut(&[Tensor]) -> Tensor,
 ) -> anyhow::Result<()> {
     let mut closure = |xs: &[Tensor]| vec![f(xs)];
-    let m = CModule::create_by_tracing(file.trim_end_matches(".pt"), "forward", inputs, &mut closure)?;
+    let m = CModule::create_by_tracing(
+        file.trim_end_matches(".pt"),
+        "forward",
+        inputs,
+        &mut closure,
+    )?;
     let path = dir.join(file);
     m.save(&path)?;
     println!("wrote {}", path.display());
@@ -38,18 +43,25 @@ fn main() -> anyhow::Result<()> {
     let frame = Tensor::rand([1, 8, 8, 3], (Kind::Float, Device::Cpu));
 
     // identity: out = x (a real op so the graph has a node).
-    trace(&dir, "identity.pt", &[frame.shallow_clone()], &mut |xs| &xs[0] * 1.0)?;
+    trace(&dir, "identity.pt", &[frame.shallow_clone()], &mut |xs| {
+        &xs[0] * 1.0
+    })?;
     // invert: out = 1 - x.
-    trace(&dir, "invert.pt", &[frame.shallow_clone()], &mut |xs| xs[0].neg() + 1.0)?;
+    trace(&dir, "invert.pt", &[frame.shallow_clone()], &mut |xs| {
+        xs[0].neg() + 1.0
+    })?;
     // negate, used with layout = "nchw" and range = "-1_1": in [0, 1] terms it inverts too.
     let nchw = frame.permute([0, 3, 1, 2]).contiguous();
     trace(&dir, "negate.pt", &[nchw], &mut |xs| xs[0].neg())?;
     // gain: out = x * gain + bias, gain a scalar param, bias a 3-vector param.
     let gain = Tensor::from(1.5f32);
     let bias = Tensor::from_slice(&[0.1f32, 0.0, -0.1]);
-    trace(&dir, "gain.pt", &[frame.shallow_clone(), gain, bias], &mut |xs| {
-        &xs[0] * &xs[1] + &xs[2]
-    })?;
+    trace(
+        &dir,
+        "gain.pt",
+        &[frame.shallow_clone(), gain, bias],
+        &mut |xs| &xs[0] * &xs[1] + &xs[2],
+    )?;
     // convnet: a small fixed-weight conv net (3 -> 8 -> 3, 3x3, ReLU, sigmoid).
     let mut vs = nn::VarStore::new(Device::Cpu);
     let p = vs.root();

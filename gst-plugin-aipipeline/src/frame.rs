@@ -105,7 +105,9 @@ pub fn upload_rgb(
         || crop.x + crop.w > width as i64
         || crop.y + crop.h > height as i64
     {
-        return Err(TchError::Convert(format!("crop {crop:?} outside {width}x{height}")));
+        return Err(TchError::Convert(format!(
+            "crop {crop:?} outside {width}x{height}"
+        )));
     }
     // SAFETY: `data` holds at least (height-1)*stride + width*bpp bytes (checked above), so every
     // element of the (height, width, bpp) view with strides (stride, bpp, 1) lies inside it. The
@@ -128,11 +130,7 @@ pub fn upload_rgb(
     dst.f_copy_(&region)?;
     drop(region);
     drop(blob);
-    if layout.bgr {
-        dst.f_flip([2])
-    } else {
-        Ok(dst)
-    }
+    if layout.bgr { dst.f_flip([2]) } else { Ok(dst) }
 }
 
 /// Resizes a u8 (h, w, 3) tensor to (out_h, out_w, 3) as float in [0, 255] (channels-last
@@ -226,11 +224,51 @@ mod tests {
 
     #[test]
     fn cover_crop_geometry() {
-        assert_eq!(cover_crop(640, 480, 384, 384), Crop { x: 80, y: 0, w: 480, h: 480 });
-        assert_eq!(cover_crop(480, 640, 512, 512), Crop { x: 0, y: 80, w: 480, h: 480 });
-        assert_eq!(cover_crop(512, 512, 512, 512), Crop { x: 0, y: 0, w: 512, h: 512 });
-        assert_eq!(cover_crop(1280, 720, 512, 384), Crop { x: 160, y: 0, w: 960, h: 720 });
-        assert_eq!(cover_crop(100, 1000, 512, 512), Crop { x: 0, y: 450, w: 100, h: 100 });
+        assert_eq!(
+            cover_crop(640, 480, 384, 384),
+            Crop {
+                x: 80,
+                y: 0,
+                w: 480,
+                h: 480
+            }
+        );
+        assert_eq!(
+            cover_crop(480, 640, 512, 512),
+            Crop {
+                x: 0,
+                y: 80,
+                w: 480,
+                h: 480
+            }
+        );
+        assert_eq!(
+            cover_crop(512, 512, 512, 512),
+            Crop {
+                x: 0,
+                y: 0,
+                w: 512,
+                h: 512
+            }
+        );
+        assert_eq!(
+            cover_crop(1280, 720, 512, 384),
+            Crop {
+                x: 160,
+                y: 0,
+                w: 960,
+                h: 720
+            }
+        );
+        assert_eq!(
+            cover_crop(100, 1000, 512, 512),
+            Crop {
+                x: 0,
+                y: 450,
+                w: 100,
+                h: 100
+            }
+        );
     }
 
     #[test]
@@ -244,7 +282,12 @@ mod tests {
             }
         }
         let layout = pixel_layout(VideoFormat::Bgrx).unwrap();
-        let crop = Crop { x: 1, y: 0, w: 2, h: 2 };
+        let crop = Crop {
+            x: 1,
+            y: 0,
+            w: 2,
+            h: 2,
+        };
         let t = upload_rgb(&src, stride, w, h, layout, crop, Device::Cpu).unwrap();
         let mut out = vec![0u8; 2 * 2 * 3];
         download_rgb(&t, &mut out, 6, 2, 2, 3).unwrap();
@@ -259,7 +302,12 @@ mod tests {
     #[test]
     fn short_plane_is_an_error_not_ub() {
         let layout = pixel_layout(VideoFormat::Rgb).unwrap();
-        let crop = Crop { x: 0, y: 0, w: 4, h: 4 };
+        let crop = Crop {
+            x: 0,
+            y: 0,
+            w: 4,
+            h: 4,
+        };
         assert!(upload_rgb(&[0u8; 10], 12, 4, 4, layout, crop, Device::Cpu).is_err());
     }
 }

@@ -12,13 +12,13 @@ use crate::pipeline::{InputKind, Kind as PipelineKind, Layout, Params, PipelineD
 /// Why a model could not be loaded (an element error at start, a warning on reload).
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error(
-        "pipeline '{0}' needs a TorchScript model: set the model property or the model param"
-    )]
+    #[error("pipeline '{0}' needs a TorchScript model: set the model property or the model param")]
     NoModel(String),
     #[error("model file {0} does not exist")]
     Missing(PathBuf),
-    #[error("cannot load TorchScript model {path}: {err} (is it a TorchScript file saved with torch.jit.save?)")]
+    #[error(
+        "cannot load TorchScript model {path}: {err} (is it a TorchScript file saved with torch.jit.save?)"
+    )]
     Load { path: PathBuf, err: String },
     #[error("model {path} failed its warm-up run: {err}")]
     Warmup { path: PathBuf, err: FrameError },
@@ -98,7 +98,11 @@ impl Runner {
             path: path.clone(),
             layout: def.layout,
             range: def.range,
-            inputs: def.inputs.iter().map(|i| (i.param.clone(), i.kind)).collect(),
+            inputs: def
+                .inputs
+                .iter()
+                .map(|i| (i.param.clone(), i.kind))
+                .collect(),
             extra: Vec::new(),
             device,
             half,

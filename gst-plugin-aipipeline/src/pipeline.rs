@@ -197,13 +197,15 @@ fn parse_size(
     let Some(v) = obj.get(key) else {
         return Ok(default);
     };
-    let n = v
-        .as_u64()
-        .or_else(|| v.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64));
+    let n = v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0)
+            .map(|f| f as u64)
+    });
     match n {
         Some(n)
             if (MIN_SIZE as u64..=MAX_SIZE as u64).contains(&n)
-                && n % SIZE_STEP as u64 == 0 =>
+                && n.is_multiple_of(SIZE_STEP as u64) =>
         {
             Ok(n as u32)
         }
@@ -347,7 +349,7 @@ pub enum ManifestError {
 
 fn check_size(v: Option<u32>, what: &str) -> Result<u32, String> {
     let n = v.unwrap_or(DEFAULT_SIZE);
-    if (MIN_SIZE..=MAX_SIZE).contains(&n) && n % SIZE_STEP == 0 {
+    if (MIN_SIZE..=MAX_SIZE).contains(&n) && n.is_multiple_of(SIZE_STEP) {
         Ok(n)
     } else {
         Err(format!(
@@ -378,8 +380,13 @@ pub fn load_manifest(path: &Path) -> Result<PipelineDef, ManifestError> {
     let height = check_size(m.height, "height").map_err(invalid)?;
     let mut params = BTreeMap::new();
     for (k, v) in &m.params {
-        if matches!(k.as_str(), "width" | "height" | "show_reloading_frame" | "model") {
-            return Err(invalid(format!("params.{k} is a base param and cannot be declared")));
+        if matches!(
+            k.as_str(),
+            "width" | "height" | "show_reloading_frame" | "model"
+        ) {
+            return Err(invalid(format!(
+                "params.{k} is a base param and cannot be declared"
+            )));
         }
         let value = Value::from_toml(v).ok_or_else(|| {
             invalid(format!(
@@ -440,8 +447,10 @@ impl Registry {
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
             Err(e) => {
-                r.warnings
-                    .push(format!("cannot read pipelines directory {}: {e}", dir.display()));
+                r.warnings.push(format!(
+                    "cannot read pipelines directory {}: {e}",
+                    dir.display()
+                ));
                 return r;
             }
         };
@@ -517,14 +526,30 @@ mod tests {
     fn rejects_bad_params() {
         let d = gain_def();
         assert!(matches!(d.parse_params("{"), Err(ParamsError::Json(_))));
-        assert!(matches!(d.parse_params("[1]"), Err(ParamsError::NotObject(_))));
-        assert!(matches!(d.parse_params(r#"{"width": 400}"#), Err(ParamsError::Size { .. })));
-        assert!(matches!(d.parse_params(r#"{"height": 2048}"#), Err(ParamsError::Size { .. })));
-        assert!(matches!(d.parse_params(r#"{"gain": "x"}"#), Err(ParamsError::Type { .. })));
-        assert!(matches!(d.parse_params(r#"{"bias": [1, 2]}"#), Err(ParamsError::Type { .. })));
-        assert!(
-            matches!(d.parse_params(r#"{"show_reloading_frame": 1}"#), Err(ParamsError::Type { .. }))
-        );
+        assert!(matches!(
+            d.parse_params("[1]"),
+            Err(ParamsError::NotObject(_))
+        ));
+        assert!(matches!(
+            d.parse_params(r#"{"width": 400}"#),
+            Err(ParamsError::Size { .. })
+        ));
+        assert!(matches!(
+            d.parse_params(r#"{"height": 2048}"#),
+            Err(ParamsError::Size { .. })
+        ));
+        assert!(matches!(
+            d.parse_params(r#"{"gain": "x"}"#),
+            Err(ParamsError::Type { .. })
+        ));
+        assert!(matches!(
+            d.parse_params(r#"{"bias": [1, 2]}"#),
+            Err(ParamsError::Type { .. })
+        ));
+        assert!(matches!(
+            d.parse_params(r#"{"show_reloading_frame": 1}"#),
+            Err(ParamsError::Type { .. })
+        ));
     }
 
     #[test]
@@ -541,8 +566,13 @@ mod tests {
         let r = Registry::scan(Some(&dir));
         assert!(r.warnings.is_empty(), "{:?}", r.warnings);
         for name in ["identity", "invert", "convnet", "gain"] {
-            let d = r.resolve(name, None).unwrap_or_else(|| panic!("{name} missing"));
-            assert!(d.model.as_ref().unwrap().exists(), "{name}: model file missing");
+            let d = r
+                .resolve(name, None)
+                .unwrap_or_else(|| panic!("{name} missing"));
+            assert!(
+                d.model.as_ref().unwrap().exists(),
+                "{name}: model file missing"
+            );
         }
         assert!(r.resolve("nope", None).is_none());
     }

@@ -208,7 +208,7 @@ impl AiPipeline {
 
     fn post_warning(&self, msg: &str) {
         gst::warning!(CAT, imp = self, "{msg}");
-        gst::element_imp_warning!(self, gst::StreamError::Failed, ["{}", msg]);
+        gst::element_imp_warning!(self, gst::StreamError::Failed, ("{}", msg));
     }
 
     // ---- streaming thread: sink pad ----
@@ -220,10 +220,7 @@ impl AiPipeline {
                 return Err(gst::FlowError::Flushing);
             }
             mb.flow?;
-            let pos = mb
-                .items
-                .iter()
-                .position(|i| matches!(i, Item::Buffer(..)));
+            let pos = mb.items.iter().position(|i| matches!(i, Item::Buffer(..)));
             let dropped = pos.and_then(|p| mb.items.remove(p)).is_some();
             mb.items.push_back(Item::Buffer(buffer, Instant::now()));
             self.shared.cond.notify_all();
@@ -332,11 +329,14 @@ impl AiPipeline {
                 let ours = gst::ClockTime::from_nseconds(
                     lock(&self.shared.stats).estimate.as_nanos() as u64,
                 );
-                let bound = gst::ClockTime::from_mseconds(
-                    lock(&self.settings).max_latency_ms as u64,
-                )
-                .max(ours * 2);
-                gst::debug!(CAT, imp = self, "latency: upstream {min}/{max:?}, ours {ours}");
+                let bound =
+                    gst::ClockTime::from_mseconds(lock(&self.settings).max_latency_ms as u64)
+                        .max(ours * 2);
+                gst::debug!(
+                    CAT,
+                    imp = self,
+                    "latency: upstream {min}/{max:?}, ours {ours}"
+                );
                 q.set(live, min + ours, max.map(|m| m + bound));
                 true
             }
@@ -439,12 +439,15 @@ impl AiPipeline {
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         let settings = lock(&self.settings).clone();
         self.set_status(Status::Loading);
-        let device = device::resolve(settings.device).map_err(|e| {
-            gst::error_msg!(gst::ResourceError::Settings, ["{}", e])
-        })?;
+        let device = device::resolve(settings.device)
+            .map_err(|e| gst::error_msg!(gst::ResourceError::Settings, ("{}", e)))?;
         let half = settings.precision == Precision::Fp16 && device.is_cuda();
         if settings.precision == Precision::Fp16 && !half {
-            gst::info!(CAT, imp = self, "precision=fp16 is CUDA-only; using fp32 on {device:?}");
+            gst::info!(
+                CAT,
+                imp = self,
+                "precision=fp16 is CUDA-only; using fp32 on {device:?}"
+            );
         }
         let dir = settings
             .pipelines_dir
@@ -461,19 +464,24 @@ impl AiPipeline {
             .ok_or_else(|| {
                 gst::error_msg!(
                     gst::ResourceError::NotFound,
-                    [
+                    (
                         "Unknown pipeline '{}'. Known pipelines: {} (pipelines directory: {}; set pipelines-dir or {})",
                         settings.pipeline,
                         registry.names().join(", "),
                         dir.as_ref().map(|d| d.display().to_string()).unwrap_or_else(|| "none".into()),
                         pipeline::PIPELINES_ENV
-                    ]
+                    )
                 )
             })?;
         let params = def.parse_params(&settings.params).map_err(|e| {
             gst::error_msg!(
                 gst::ResourceError::Settings,
-                ["Invalid params {} for pipeline '{}': {}", settings.params, def.name, e]
+                (
+                    "Invalid params {} for pipeline '{}': {}",
+                    settings.params,
+                    def.name,
+                    e
+                )
             )
         })?;
         gst::info!(
@@ -486,10 +494,15 @@ impl AiPipeline {
             params.height
         );
         let t0 = Instant::now();
-        let runner = Runner::load(&def, &params, device, half).map_err(|e| {
-            gst::error_msg!(gst::ResourceError::OpenRead, ["{}", e])
-        })?;
-        gst::info!(CAT, imp = self, "pipeline '{}' loaded in {:?}", def.name, t0.elapsed());
+        let runner = Runner::load(&def, &params, device, half)
+            .map_err(|e| gst::error_msg!(gst::ResourceError::OpenRead, ("{}", e)))?;
+        gst::info!(
+            CAT,
+            imp = self,
+            "pipeline '{}' loaded in {:?}",
+            def.name,
+            t0.elapsed()
+        );
         let estimate = runner.warmup_time();
         let def = Arc::new(def);
         {
@@ -541,7 +554,10 @@ impl AiPipeline {
             .name("aipipeline-infer".into())
             .spawn(move || worker.run())
             .map_err(|e| {
-                gst::error_msg!(gst::CoreError::Thread, ["Cannot start the inference thread: {}", e])
+                gst::error_msg!(
+                    gst::CoreError::Thread,
+                    ("Cannot start the inference thread: {}", e)
+                )
             })?;
         *lock(&self.worker) = Some(handle);
         self.set_status(Status::Ready);
@@ -575,7 +591,13 @@ impl AiPipeline {
 }
 
 /// The background loader: loads the newest requested model with no lock held, hands it over.
-fn loader(shared: Arc<Shared>, session: u64, def: Arc<PipelineDef>, device: tch::Device, half: bool) {
+fn loader(
+    shared: Arc<Shared>,
+    session: u64,
+    def: Arc<PipelineDef>,
+    device: tch::Device,
+    half: bool,
+) {
     loop {
         let (generation, params) = {
             let mut ctrl = lock(&shared.ctrl);
@@ -589,7 +611,13 @@ fn loader(shared: Arc<Shared>, session: u64, def: Arc<PipelineDef>, device: tch:
                 }
             }
         };
-        gst::info!(CAT, "loading '{}' in the background ({}x{})", def.name, params.width, params.height);
+        gst::info!(
+            CAT,
+            "loading '{}' in the background ({}x{})",
+            def.name,
+            params.width,
+            params.height
+        );
         let res = Runner::load(&def, &params, device, half);
         let mut ctrl = lock(&shared.ctrl);
         if !ctrl.running || ctrl.session != session {
@@ -786,7 +814,10 @@ impl Worker {
     fn frame_warning(&mut self, msg: String) {
         lock(&self.shared.stats).errors += 1;
         let now = Instant::now();
-        if self.last_warn.is_none_or(|t| now.duration_since(t) >= WARN_INTERVAL) {
+        if self
+            .last_warn
+            .is_none_or(|t| now.duration_since(t) >= WARN_INTERVAL)
+        {
             self.last_warn = Some(now);
             self.imp().post_warning(&msg);
         } else {
@@ -794,8 +825,18 @@ impl Worker {
         }
     }
 
-    fn handle_caps(&mut self, info: gst_video::VideoInfo) -> Result<gst::FlowSuccess, gst::FlowError> {
-        gst::debug!(CAT, obj = self.element, "input {}x{} {:?}", info.width(), info.height(), info.format());
+    fn handle_caps(
+        &mut self,
+        info: gst_video::VideoInfo,
+    ) -> Result<gst::FlowSuccess, gst::FlowError> {
+        gst::debug!(
+            CAT,
+            obj = self.element,
+            "input {}x{} {:?}",
+            info.width(),
+            info.height(),
+            info.format()
+        );
         let fps_changed = self.in_info.as_ref().is_none_or(|o| o.fps() != info.fps());
         self.in_info = Some(info);
         if fps_changed {
@@ -831,13 +872,14 @@ impl Worker {
             gst::element_error!(
                 self.element,
                 gst::CoreError::Negotiation,
-                ["Downstream accepts none of {templ}: put videoconvert after aipipeline"]
+                ("Downstream accepts none of {templ}: put videoconvert after aipipeline")
             );
             return Err(gst::FlowError::NotNegotiated);
         }
         let mut caps = peer;
         caps.fixate();
-        let info = gst_video::VideoInfo::from_caps(&caps).map_err(|_| gst::FlowError::NotNegotiated)?;
+        let info =
+            gst_video::VideoInfo::from_caps(&caps).map_err(|_| gst::FlowError::NotNegotiated)?;
         let bpp = frame::pixel_layout(info.format())
             .map(|l| l.bpp)
             .ok_or(gst::FlowError::NotNegotiated)?;
@@ -848,7 +890,7 @@ impl Worker {
             gst::element_error!(
                 self.element,
                 gst::CoreError::Negotiation,
-                ["Downstream refused caps {caps}"]
+                ("Downstream refused caps {caps}")
             );
             return Err(gst::FlowError::NotNegotiated);
         }
@@ -868,7 +910,7 @@ impl Worker {
         let (mut min, mut max) = (2u32, 0u32);
         let mut offered = None;
         if srcpad.peer_query(&mut q)
-            && let Some((Some(p), _size, mn, mx)) = q.allocation_pools().into_iter().next()
+            && let Some((Some(p), _size, mn, mx)) = q.allocation_pools().next()
         {
             offered = Some(p);
             min = mn.max(2);
@@ -886,7 +928,7 @@ impl Worker {
         gst::element_error!(
             self.element,
             gst::ResourceError::NoSpaceLeft,
-            ["Cannot set up an output buffer pool for {caps}"]
+            ("Cannot set up an output buffer pool for {caps}")
         );
         Err(gst::FlowError::Error)
     }
@@ -898,7 +940,11 @@ impl Worker {
     ) -> Result<gst::FlowSuccess, gst::FlowError> {
         if !self.max_latency.is_zero() && arrived.elapsed() > self.max_latency {
             lock(&self.shared.stats).drops += 1;
-            gst::debug!(CAT, obj = self.element, "dropping a frame older than max-latency");
+            gst::debug!(
+                CAT,
+                obj = self.element,
+                "dropping a frame older than max-latency"
+            );
             return Ok(gst::FlowSuccess::Ok);
         }
         self.ensure_output()?;
@@ -914,7 +960,10 @@ impl Worker {
         let t0 = Instant::now();
 
         let rgb = {
-            let vframe = match gst_video::VideoFrameRef::from_buffer_ref_readable(inbuf.as_ref(), &in_info) {
+            let vframe = match gst_video::VideoFrameRef::from_buffer_ref_readable(
+                inbuf.as_ref(),
+                &in_info,
+            ) {
                 Ok(f) => f,
                 Err(_) => {
                     self.frame_warning(format!(
@@ -932,14 +981,22 @@ impl Worker {
                 Ok(d) => d,
                 Err(_) => return Ok(gst::FlowSuccess::Ok),
             };
-            frame::upload_rgb(data, stride, vframe.width(), vframe.height(), layout, crop, device)
+            frame::upload_rgb(
+                data,
+                stride,
+                vframe.width(),
+                vframe.height(),
+                layout,
+                crop,
+                device,
+            )
         };
-        let result = rgb.map_err(model::FrameError::from).and_then(|rgb| {
-            match (&self.runner, real) {
-                (Some(r), true) => model::process(r, rgb, w, h),
-                _ => Ok(frame::to_u8_frame(rgb, w, h)?),
-            }
-        });
+        let result =
+            rgb.map_err(model::FrameError::from)
+                .and_then(|rgb| match (&self.runner, real) {
+                    (Some(r), true) => model::process(r, rgb, w, h),
+                    _ => Ok(frame::to_u8_frame(rgb, w, h)?),
+                });
         let out_rgb = match result {
             Ok(t) => t,
             Err(e) => {
@@ -970,7 +1027,9 @@ impl Worker {
                 .map_err(|_| gst::FlowError::Error)?;
             let stride = vframe.plane_stride()[0].max(0) as usize;
             let (ow, oh) = (vframe.width(), vframe.height());
-            let data = vframe.plane_data_mut(0).map_err(|_| gst::FlowError::Error)?;
+            let data = vframe
+                .plane_data_mut(0)
+                .map_err(|_| gst::FlowError::Error)?;
             if let Err(e) = frame::download_rgb(&out_rgb, data, stride, ow, oh, out.bpp) {
                 drop(vframe);
                 self.frame_warning(format!("Cannot write an output frame: {e}; frame skipped"));
@@ -1004,7 +1063,12 @@ impl Worker {
                 .push_event(gst::event::CustomDownstream::new(s));
             self.imp().set_status(Status::Ready);
         }
-        gst::trace!(CAT, obj = self.element, "frame {:?} in {elapsed:?}", inbuf.pts());
+        gst::trace!(
+            CAT,
+            obj = self.element,
+            "frame {:?} in {elapsed:?}",
+            inbuf.pts()
+        );
         self.imp().srcpad.push(outbuf)
     }
 
@@ -1056,16 +1120,28 @@ impl ObjectSubclass for AiPipeline {
                 )
             })
             .event_function(|pad, parent, event| {
-                AiPipeline::catch_panic_pad_function(parent, || false, |imp| imp.sink_event(pad, event))
+                AiPipeline::catch_panic_pad_function(
+                    parent,
+                    || false,
+                    |imp| imp.sink_event(pad, event),
+                )
             })
             .query_function(|pad, parent, query| {
-                AiPipeline::catch_panic_pad_function(parent, || false, |imp| imp.sink_query(pad, query))
+                AiPipeline::catch_panic_pad_function(
+                    parent,
+                    || false,
+                    |imp| imp.sink_query(pad, query),
+                )
             })
             .build();
         let templ = klass.pad_template("src").unwrap();
         let srcpad = gst::Pad::builder_from_template(&templ)
             .query_function(|pad, parent, query| {
-                AiPipeline::catch_panic_pad_function(parent, || false, |imp| imp.src_query(pad, query))
+                AiPipeline::catch_panic_pad_function(
+                    parent,
+                    || false,
+                    |imp| imp.src_query(pad, query),
+                )
             })
             .build();
         Self {
@@ -1154,7 +1230,10 @@ impl ObjectImpl for AiPipeline {
                 let s = s.unwrap_or_else(|| "auto".into());
                 match s.parse::<DeviceSpec>() {
                     Ok(d) => lock(&self.settings).device = d,
-                    Err(e) => self.post_warning(&format!("{e}; device stays {}", lock(&self.settings).device)),
+                    Err(e) => self.post_warning(&format!(
+                        "{e}; device stays {}",
+                        lock(&self.settings).device
+                    )),
                 }
             }
             name => {
@@ -1169,7 +1248,9 @@ impl ObjectImpl for AiPipeline {
                     "model" => s.model = value.get().unwrap_or(None),
                     "pipelines-dir" => s.pipelines_dir = value.get().unwrap_or(None),
                     "precision" => s.precision = value.get().unwrap_or_default(),
-                    "max-latency-ms" => s.max_latency_ms = value.get().unwrap_or(DEFAULT_MAX_LATENCY_MS),
+                    "max-latency-ms" => {
+                        s.max_latency_ms = value.get().unwrap_or(DEFAULT_MAX_LATENCY_MS)
+                    }
                     "stats-interval-ms" => {
                         s.stats_interval_ms = value.get().unwrap_or(DEFAULT_STATS_INTERVAL_MS)
                     }
@@ -1234,10 +1315,20 @@ impl ElementImpl for AiPipeline {
                 .height_range(pipeline::MIN_SIZE as i32..=pipeline::MAX_SIZE as i32)
                 .build();
             vec![
-                gst::PadTemplate::new("sink", gst::PadDirection::Sink, gst::PadPresence::Always, &sink_caps)
-                    .unwrap(),
-                gst::PadTemplate::new("src", gst::PadDirection::Src, gst::PadPresence::Always, &src_caps)
-                    .unwrap(),
+                gst::PadTemplate::new(
+                    "sink",
+                    gst::PadDirection::Sink,
+                    gst::PadPresence::Always,
+                    &sink_caps,
+                )
+                .unwrap(),
+                gst::PadTemplate::new(
+                    "src",
+                    gst::PadDirection::Src,
+                    gst::PadPresence::Always,
+                    &src_caps,
+                )
+                .unwrap(),
             ]
         });
         TEMPLATES.as_ref()
