@@ -117,13 +117,19 @@ async fn delete_segment_and_channel() {
     let url = h.url("del");
     let c = http();
     // Unknown channel: DELETE seq -> 404, DELETE channel -> 400 Invalid stream.
-    assert_eq!(c.delete(format!("{url}/0")).send().await.unwrap().status(), 404);
+    assert_eq!(
+        c.delete(format!("{url}/0")).send().await.unwrap().status(),
+        404
+    );
     let r = c.delete(&url).send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(r.text().await.unwrap(), "Invalid stream");
 
     post(&format!("{url}/0"), b"a").await;
-    assert_eq!(c.delete(format!("{url}/0")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.delete(format!("{url}/0")).send().await.unwrap().status(),
+        200
+    );
     let r = c.delete(format!("{url}/3")).send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(r.text().await.unwrap(), "Nonexistent segment");
@@ -205,7 +211,12 @@ async fn bad_channel_names_are_refused() {
     // Names of the documented families are accepted.
     let ok = "runner1-0123456789abcdef-o2r";
     assert_eq!(post(&format!("{base}{ok}/0"), b"x").await.status(), 200);
-    assert_eq!(post(&format!("{base}{}/0", "b".repeat(128)), b"x").await.status(), 200);
+    assert_eq!(
+        post(&format!("{base}{}/0", "b".repeat(128)), b"x")
+            .await
+            .status(),
+        200
+    );
     assert_eq!(
         TrickleServer::new(ServerConfig::default()).create_channel("a b", "x"),
         Err(ServerError::InvalidName("a b".to_owned()))
@@ -246,7 +257,10 @@ async fn ring_of_five_evicts_old_segments() {
         let r = get(&format!("{url}/{old}")).await;
         assert_eq!(r.status(), 470, "seq {old}");
         assert_eq!(hdr(&r, "lp-trickle-latest").as_deref(), Some("7"));
-        assert_eq!(hdr(&r, "lp-trickle-seq").as_deref(), Some(old.to_string().as_str()));
+        assert_eq!(
+            hdr(&r, "lp-trickle-seq").as_deref(),
+            Some(old.to_string().as_str())
+        );
     }
     for kept in 2..7 {
         let r = get(&format!("{url}/{kept}")).await;
@@ -303,7 +317,10 @@ async fn oversize_content_length_is_413_at_once() {
     let body = vec![7u8; 1000];
     let r = http().post(h.url("cap/1")).body(body).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(get(&h.url("cap/1")).await.bytes().await.unwrap().len(), 1000);
+    assert_eq!(
+        get(&h.url("cap/1")).await.bytes().await.unwrap().len(),
+        1000
+    );
 }
 
 #[tokio::test]
@@ -340,14 +357,21 @@ async fn headers_only_with_first_byte_and_live_relay() {
         tokio::io::AsyncReadExt::read(&mut sub, &mut probe),
     )
     .await;
-    assert!(early.is_err(), "the subscriber got bytes before any data was published");
+    assert!(
+        early.is_err(),
+        "the subscriber got bytes before any data was published"
+    );
     publisher.write_all(&chunk(b"first-chunk")).await.unwrap();
     let head = bounded("subscriber head", read_head(&mut sub)).await;
     assert_eq!(head.status, 200);
     assert_eq!(head.header("lp-trickle-seq"), Some("0"));
     assert_eq!(head.header("content-type"), Some("video/MP2T"));
     // The first chunk arrives while the publisher has not finished.
-    let got = bounded("first chunk", read_until(&mut sub, head.rest, b"first-chunk")).await;
+    let got = bounded(
+        "first chunk",
+        read_until(&mut sub, head.rest, b"first-chunk"),
+    )
+    .await;
     publisher.write_all(&chunk(b"second")).await.unwrap();
     let got = bounded("second chunk", read_until(&mut sub, got, b"second")).await;
     publisher.write_all(b"0\r\n\r\n").await.unwrap();
@@ -389,9 +413,15 @@ async fn many_subscribers_and_late_joiner_get_identical_bytes() {
     s.write_all(b"0\r\n\r\n").await.unwrap();
     assert_eq!(bounded("publish", read_head(&mut s)).await.status, 200);
     for t in early {
-        assert_eq!(&bounded("early subscriber", t).await.unwrap()[..], &expected[..]);
+        assert_eq!(
+            &bounded("early subscriber", t).await.unwrap()[..],
+            &expected[..]
+        );
     }
-    assert_eq!(&bounded("late subscriber", late).await.unwrap()[..], &expected[..]);
+    assert_eq!(
+        &bounded("late subscriber", late).await.unwrap()[..],
+        &expected[..]
+    );
     assert_eq!(&get(&url).await.bytes().await.unwrap()[..], &expected[..]);
 }
 
@@ -419,9 +449,15 @@ async fn re_post_appends_to_the_same_segment() {
     let h = start_dev().await;
     let url = h.url("again");
     post(&format!("{url}/0"), b"abc").await;
-    assert_eq!(&get(&format!("{url}/0")).await.bytes().await.unwrap()[..], b"abc");
+    assert_eq!(
+        &get(&format!("{url}/0")).await.bytes().await.unwrap()[..],
+        b"abc"
+    );
     post(&format!("{url}/0"), b"def").await;
-    assert_eq!(&get(&format!("{url}/0")).await.bytes().await.unwrap()[..], b"abcdef");
+    assert_eq!(
+        &get(&format!("{url}/0")).await.bytes().await.unwrap()[..],
+        b"abcdef"
+    );
 }
 
 #[tokio::test]
@@ -473,7 +509,10 @@ async fn publisher_disconnect_mid_body_leaves_segment_open_until_delete() {
     assert_eq!(&body[..], b"part-one");
     // The server is healthy.
     assert_eq!(post(&h.url("cut/1"), b"ok").await.status(), 200);
-    assert_eq!(&get(&h.url("cut/1")).await.bytes().await.unwrap()[..], b"ok");
+    assert_eq!(
+        &get(&h.url("cut/1")).await.bytes().await.unwrap()[..],
+        b"ok"
+    );
 }
 
 #[tokio::test]
@@ -491,7 +530,10 @@ async fn subscriber_disconnect_affects_nobody_else() {
     p.write_all(&chunk(b"two")).await.unwrap();
     p.write_all(b"0\r\n\r\n").await.unwrap();
     assert_eq!(bounded("publish", read_head(&mut p)).await.status, 200);
-    assert_eq!(&bounded("stay", stay).await.unwrap().unwrap()[..], b"onetwo");
+    assert_eq!(
+        &bounded("stay", stay).await.unwrap().unwrap()[..],
+        b"onetwo"
+    );
 }
 
 // ---- §9 close, sweep, changefeed, switches --------------------------------------------------
@@ -513,8 +555,15 @@ async fn closing_a_channel_releases_subscribers_and_preconnected_publishers() {
     assert_eq!(head.header("lp-trickle-closed"), Some("terminated"));
     // Later requests: 404.
     assert_eq!(get(&h.url("bye/0")).await.status(), 404);
-    assert_eq!(post(&h.url("bye/5"), b"x").await.status(), 200, "dev mode re-creates on POST");
-    assert_eq!(h.server().channel_info("bye").map(|i| i.next_write), Some(6));
+    assert_eq!(
+        post(&h.url("bye/5"), b"x").await.status(),
+        200,
+        "dev mode re-creates on POST"
+    );
+    assert_eq!(
+        h.server().channel_info("bye").map(|i| i.next_write),
+        Some(6)
+    );
 }
 
 #[tokio::test]
@@ -529,7 +578,10 @@ async fn in_process_close_ends_streaming_subscriber_body() {
     let body = tokio::spawn(r.bytes());
     assert!(h.server().close_channel("ip"));
     assert!(!h.server().close_channel("ip"));
-    assert_eq!(&bounded("body end", body).await.unwrap().unwrap()[..], b"some");
+    assert_eq!(
+        &bounded("body end", body).await.unwrap().unwrap()[..],
+        b"some"
+    );
     assert!(h.server().channel_names().is_empty());
 }
 
@@ -578,11 +630,22 @@ async fn changefeed_reports_adds_and_removes() {
     let h = start_dev().await;
     let feed = h.url("_changes");
     post(&h.url("cf1/0"), b"x").await;
-    assert_eq!(next_change(&feed, 0).await, serde_json::json!({"added": ["cf1"]}));
-    h.server().create_channel("cf2", "application/json").unwrap();
-    assert_eq!(next_change(&feed, 1).await, serde_json::json!({"added": ["cf2"]}));
+    assert_eq!(
+        next_change(&feed, 0).await,
+        serde_json::json!({"added": ["cf1"]})
+    );
+    h.server()
+        .create_channel("cf2", "application/json")
+        .unwrap();
+    assert_eq!(
+        next_change(&feed, 1).await,
+        serde_json::json!({"added": ["cf2"]})
+    );
     http().delete(h.url("cf1")).send().await.unwrap();
-    assert_eq!(next_change(&feed, 2).await, serde_json::json!({"removed": ["cf1"]}));
+    assert_eq!(
+        next_change(&feed, 2).await,
+        serde_json::json!({"removed": ["cf1"]})
+    );
     // Off in orchestrator mode.
     let o = start(ServerConfig::default()).await;
     assert_eq!(get(&o.url("_changes/0")).await.status(), 404);
@@ -598,11 +661,17 @@ async fn idle_sweep_closes_idle_channels_but_not_internal_ones() {
     .await;
     let feed = h.url("_changes");
     h.server().create_channel("idle", "video/MP2T").unwrap();
-    assert_eq!(next_change(&feed, 0).await, serde_json::json!({"added": ["idle"]}));
+    assert_eq!(
+        next_change(&feed, 0).await,
+        serde_json::json!({"added": ["idle"]})
+    );
     // A subscriber waiting on the idle channel is released with EOS by the sweep.
     let r = bounded("sweep", get(&h.url("idle/0"))).await;
     assert_eq!(hdr(&r, "lp-trickle-closed").as_deref(), Some("terminated"));
-    assert_eq!(next_change(&feed, 1).await, serde_json::json!({"removed": ["idle"]}));
+    assert_eq!(
+        next_change(&feed, 1).await,
+        serde_json::json!({"removed": ["idle"]})
+    );
     assert!(h.server().channel_names().contains(&"_changes".to_owned()));
     assert_eq!(get(&h.url("idle/0")).await.status(), 404);
 }

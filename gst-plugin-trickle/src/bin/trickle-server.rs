@@ -14,7 +14,11 @@ use clap::Parser;
 use gsttrickle::protocol::server::{ServerConfig, TrickleServer, serve};
 
 #[derive(Parser, Debug)]
-#[command(name = "trickle-server", version, about = "Standalone trickle server (development mode)")]
+#[command(
+    name = "trickle-server",
+    version,
+    about = "Standalone trickle server (development mode)"
+)]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:2939")]

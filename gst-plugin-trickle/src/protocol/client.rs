@@ -38,16 +38,24 @@ pub enum ClientError {
     #[error("invalid trickle URL {url:?}: {reason}")]
     InvalidUrl { url: String, reason: String },
     /// 404: the channel does not exist (never created, deleted or swept). Fatal.
-    #[error("trickle channel not found (404) at {url}: the channel was never created, or was deleted or swept")]
+    #[error(
+        "trickle channel not found (404) at {url}: the channel was never created, or was deleted or swept"
+    )]
     NotFound { url: String },
     /// An unexpected HTTP status.
     #[error("trickle request to {url} failed with HTTP {status}: {body}")]
-    Http { url: String, status: u16, body: String },
+    Http {
+        url: String,
+        status: u16,
+        body: String,
+    },
     /// A connection or protocol error.
     #[error("trickle request to {url} failed: {message}")]
     Transport { url: String, message: String },
     /// Too many consecutive failed attempts.
-    #[error("trickle request to {url} failed {attempts} times in a row, giving up; last error: {last}")]
+    #[error(
+        "trickle request to {url} failed {attempts} times in a row, giving up; last error: {last}"
+    )]
     RetriesExhausted {
         url: String,
         attempts: u32,
@@ -102,13 +110,7 @@ fn build_client(
 }
 
 fn header_i64(resp: &reqwest::Response, name: &str) -> Option<i64> {
-    resp.headers()
-        .get(name)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    resp.headers().get(name)?.to_str().ok()?.trim().parse().ok()
 }
 
 fn has_closed(resp: &reqwest::Response) -> bool {
@@ -144,7 +146,10 @@ fn describe(err: &reqwest::Error) -> String {
 
 type RespTask = JoinHandle<Result<reqwest::Response, reqwest::Error>>;
 
-fn joined(url: &str, r: Result<Result<reqwest::Response, reqwest::Error>, tokio::task::JoinError>) -> Result<reqwest::Response, String> {
+fn joined(
+    url: &str,
+    r: Result<Result<reqwest::Response, reqwest::Error>, tokio::task::JoinError>,
+) -> Result<reqwest::Response, String> {
     match r {
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(e)) => Err(describe(&e)),
@@ -205,7 +210,9 @@ pub struct Subscriber {
 
 impl std::fmt::Debug for PendingGet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PendingGet").field("seq", &self.seq).finish()
+        f.debug_struct("PendingGet")
+            .field("seq", &self.seq)
+            .finish()
     }
 }
 
@@ -308,7 +315,9 @@ impl Subscriber {
                         return Ok(None);
                     }
                     if status == 404 {
-                        return Err(ClientError::NotFound { url: self.url.clone() });
+                        return Err(ClientError::NotFound {
+                            url: self.url.clone(),
+                        });
                     }
                     if status == STATUS_SEGMENT_NOT_FOUND {
                         self.failures += 1;
@@ -527,8 +536,16 @@ impl PubShared {
     /// Opens a POST for `seq` whose body is fed through a small bounded channel.
     fn open_post(&self, seq: i64, reset: bool) -> PendingPost {
         let (tx, rx) = mpsc::channel::<Bytes>(BODY_CHANNEL_CHUNKS);
-        let body = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|b| (Ok::<Bytes, std::io::Error>(b), rx))
+        let started = Arc::new(AtomicBool::new(false));
+        let flag = started.clone();
+        let body = futures::stream::unfold(rx, move |mut rx| {
+            let flag = flag.clone();
+            async move {
+                let b = rx.recv().await?;
+                // From here on bytes of this seq may reach the server: never re-POST it.
+                flag.store(true, Ordering::SeqCst);
+                Some((Ok::<Bytes, std::io::Error>(b), rx))
+            }
         });
         let mut req = self
             .client
@@ -542,6 +559,7 @@ impl PubShared {
             seq,
             reset,
             tx,
+            started,
             task: tokio::spawn(req.send()),
         }
     }
@@ -602,6 +620,8 @@ struct PendingPost {
     seq: i64,
     reset: bool,
     tx: mpsc::Sender<Bytes>,
+    /// Set once the HTTP body has taken its first chunk.
+    started: Arc<AtomicBool>,
     task: RespTask,
 }
 
@@ -765,7 +785,8 @@ impl Publisher {
             reset: post.reset,
             tx: Some(post.tx),
             task: Some(post.task),
-            sent: false,
+            started: post.started,
+            unsent: Vec::new(),
             retries: 0,
         })
     }
@@ -794,23 +815,25 @@ impl Publisher {
                         tracing::debug!(url = %self.shared.url, seq, error = %e, "final empty segment failed")
                     }
                 },
-                Err(_) => tracing::warn!(url = %self.shared.url, seq, "final empty segment: no answer in 10 s"),
+                Err(_) => {
+                    tracing::warn!(url = %self.shared.url, seq, "final empty segment: no answer in 10 s")
+                }
             }
         }
         if !self.shared.config.delete_on_close {
             return Ok(());
         }
         let url = self.shared.url.clone();
-        let resp = self
-            .shared
-            .client
-            .delete(&url)
-            .send()
-            .await
-            .map_err(|e| ClientError::Transport {
-                url: url.clone(),
-                message: describe(&e),
-            })?;
+        let resp =
+            self.shared
+                .client
+                .delete(&url)
+                .send()
+                .await
+                .map_err(|e| ClientError::Transport {
+                    url: url.clone(),
+                    message: describe(&e),
+                })?;
         match resp.status().as_u16() {
             200..=299 | 400 | 404 => {
                 tracing::debug!(%url, status = resp.status().as_u16(), "channel deleted");
@@ -840,7 +863,11 @@ pub struct SegmentWriter {
     reset: bool,
     tx: Option<mpsc::Sender<Bytes>>,
     task: Option<RespTask>,
-    sent: bool,
+    /// Whether the HTTP body has taken any byte (then the seq is never re-POSTed).
+    started: Arc<AtomicBool>,
+    /// Chunks written while the body had not started yet, kept (cheap `Bytes` clones, at most
+    /// the body channel's capacity plus one) to re-send them on a P5 retry.
+    unsent: Vec<Bytes>,
     retries: u32,
 }
 
@@ -849,7 +876,7 @@ impl std::fmt::Debug for SegmentWriter {
         f.debug_struct("SegmentWriter")
             .field("url", &self.shared.url)
             .field("seq", &self.seq)
-            .field("sent", &self.sent)
+            .field("started", &self.sent())
             .finish_non_exhaustive()
     }
 }
@@ -860,6 +887,10 @@ impl SegmentWriter {
         self.seq
     }
 
+    fn sent(&self) -> bool {
+        self.started.load(Ordering::SeqCst)
+    }
+
     async fn take_result(&mut self) -> Result<reqwest::Response, String> {
         match self.task.take() {
             Some(task) => joined(&self.shared.url, task.await),
@@ -867,9 +898,11 @@ impl SegmentWriter {
         }
     }
 
-    /// After a failure: retry an untouched segment (P5) or give up.
-    async fn retry_or_fail(&mut self, err: ClientError) -> Result<(), ClientError> {
-        if self.sent {
+    /// After a failure: retry an untouched segment (P5), re-sending what was written so far,
+    /// or give up. `Ok(true)`: reopened and every unsent chunk handed over; `Ok(false)`: the new
+    /// request failed at once (look at its result again).
+    async fn retry_or_fail(&mut self, err: ClientError) -> Result<bool, ClientError> {
+        if self.sent() {
             // Bytes may have reached the server: never re-POST, DELETE the seq instead.
             self.shared.delete_seq(self.seq).await;
             return Err(err);
@@ -885,9 +918,35 @@ impl SegmentWriter {
         tracing::debug!(url = %self.shared.seg_url(self.seq), error = %err, attempt = self.retries, "retrying untouched segment");
         tokio::time::sleep(self.shared.config.retry_pause).await;
         let post = self.shared.open_post(self.seq, self.reset);
-        self.tx = Some(post.tx);
+        self.started = post.started;
         self.task = Some(post.task);
-        Ok(())
+        for chunk in &self.unsent {
+            if post.tx.send(chunk.clone()).await.is_err() {
+                return Ok(false);
+            }
+        }
+        self.tx = Some(post.tx);
+        Ok(true)
+    }
+
+    /// The request ended before taking data: apply P4 and P5 until the data is handed over.
+    async fn recover(&mut self) -> Result<(), ClientError> {
+        loop {
+            self.tx = None;
+            let res = self.take_result().await;
+            let err = match self.shared.outcome(self.seq, res).await {
+                Ok(SegmentOutcome::ChannelClosed) => return Err(ClientError::Closed),
+                Err(Failure::Fatal(e)) => return Err(e),
+                Ok(SegmentOutcome::Done) => ClientError::Transport {
+                    url: self.shared.seg_url(self.seq),
+                    message: "the server ended the request before the body".to_owned(),
+                },
+                Err(Failure::Retryable(e)) => e,
+            };
+            if self.retry_or_fail(err).await? {
+                return Ok(());
+            }
+        }
     }
 
     /// Streams `data` at once (P6). Waits when the server is slower than the writer (the body
@@ -896,30 +955,18 @@ impl SegmentWriter {
         if data.is_empty() {
             return Ok(());
         }
-        loop {
-            let Some(tx) = self.tx.as_ref() else {
-                return Err(ClientError::Closed);
-            };
-            if tx.send(data.clone()).await.is_ok() {
-                self.sent = true;
-                return Ok(());
-            }
-            // The request ended before taking the data: find out why.
-            self.tx = None;
-            let res = self.take_result().await;
-            match self.shared.outcome(self.seq, res).await {
-                Ok(SegmentOutcome::ChannelClosed) => return Err(ClientError::Closed),
-                Err(Failure::Fatal(e)) => return Err(e),
-                Ok(SegmentOutcome::Done) => {
-                    self.retry_or_fail(ClientError::Transport {
-                        url: self.shared.seg_url(self.seq),
-                        message: "the server ended the request before the body".to_owned(),
-                    })
-                    .await?
-                }
-                Err(Failure::Retryable(e)) => self.retry_or_fail(e).await?,
-            }
+        if self.sent() {
+            self.unsent.clear();
+        } else {
+            self.unsent.push(data.clone());
         }
+        let Some(tx) = self.tx.as_ref() else {
+            return Err(ClientError::Closed);
+        };
+        if tx.send(data).await.is_ok() {
+            return Ok(());
+        }
+        self.recover().await
     }
 
     /// Ends the body and waits for the final response (P4: `Lp-Trickle-Closed`, 404, 200,
@@ -934,7 +981,10 @@ impl SegmentWriter {
                     return Ok(o);
                 }
                 Err(Failure::Fatal(e)) => return Err(e),
-                Err(Failure::Retryable(e)) => self.retry_or_fail(e).await?,
+                Err(Failure::Retryable(e)) => {
+                    // Reopened (or failed at once): either way, end that body and look again.
+                    self.retry_or_fail(e).await?;
+                }
             }
         }
     }

@@ -58,7 +58,9 @@ mod tests {
         assert!(is_valid_channel_name("_changes"));
         assert!(is_valid_channel_name(&"a".repeat(128)));
         assert!(is_valid_channel_name(&"a".repeat(MAX_CHANNEL_NAME_LEN)));
-        assert!(!is_valid_channel_name(&"a".repeat(MAX_CHANNEL_NAME_LEN + 1)));
+        assert!(!is_valid_channel_name(
+            &"a".repeat(MAX_CHANNEL_NAME_LEN + 1)
+        ));
         assert!(!is_valid_channel_name(""));
         assert!(!is_valid_channel_name("a b"));
         assert!(!is_valid_channel_name("a.b"));

@@ -48,8 +48,8 @@ use futures::StreamExt;
 use tokio::sync::{oneshot, watch};
 
 use super::{
-    HEADER_EXPECT_CONTENT, HEADER_RESET, RING_SIZE,
-    STATUS_SEGMENT_NOT_FOUND, is_reserved_channel_name, is_valid_channel_name,
+    HEADER_EXPECT_CONTENT, HEADER_RESET, RING_SIZE, STATUS_SEGMENT_NOT_FOUND,
+    is_reserved_channel_name, is_valid_channel_name,
 };
 
 /// Name of the changefeed channel (§9.3).
@@ -464,16 +464,18 @@ impl TrickleServer {
             }),
         };
         if server.inner.config.changefeed {
-            server
-                .inner
-                .channels
-                .lock()
-                .unwrap()
-                .insert(CHANGEFEED_CHANNEL.to_owned(), Channel::new("application/json"));
+            server.inner.channels.lock().unwrap().insert(
+                CHANGEFEED_CHANNEL.to_owned(),
+                Channel::new("application/json"),
+            );
         }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let weak = Arc::downgrade(&server.inner);
-            let every = server.inner.config.sweep_interval.max(Duration::from_millis(1));
+            let every = server
+                .inner
+                .config
+                .sweep_interval
+                .max(Duration::from_millis(1));
             rt.spawn(sweeper(weak, every));
         }
         server
@@ -563,7 +565,14 @@ impl TrickleServer {
 
     /// Names of all channels (including internal ones such as `_changes`).
     pub fn channel_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.inner.channels.lock().unwrap().keys().cloned().collect();
+        let mut v: Vec<String> = self
+            .inner
+            .channels
+            .lock()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
         v.sort();
         v
     }
@@ -817,11 +826,7 @@ async fn get_segment(
             let st = ch.state.lock().unwrap();
             (st.next_write, st.closed)
         };
-        let mut resp = with_header(
-            next.to_string().into_response(),
-            H_LATEST,
-            hv_i64(next),
-        );
+        let mut resp = with_header(next.to_string().into_response(), H_LATEST, hv_i64(next));
         if closed {
             resp = with_header(resp, H_CLOSED, closed_value());
         }
@@ -841,11 +846,7 @@ async fn get_segment(
                 StatusCode::from_u16(STATUS_SEGMENT_NOT_FOUND).unwrap_or(StatusCode::NOT_FOUND)
             };
             let mut resp = with_header(
-                with_header(
-                    text(status, "Entry not found"),
-                    H_LATEST,
-                    hv_i64(latest),
-                ),
+                with_header(text(status, "Entry not found"), H_LATEST, hv_i64(latest)),
                 H_SEQ,
                 hv_i64(seq),
             );
@@ -913,7 +914,12 @@ async fn post_segment(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     if declared.is_some_and(|len| len > cap) {
-        tracing::warn!(channel, seq, cap, "segment refused: Content-Length over the cap");
+        tracing::warn!(
+            channel,
+            seq,
+            cap,
+            "segment refused: Content-Length over the cap"
+        );
         return too_large();
     }
     let mime = header_str(&headers, header::CONTENT_TYPE.as_str()).unwrap_or(DEFAULT_MIME);

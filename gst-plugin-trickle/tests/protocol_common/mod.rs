@@ -49,7 +49,9 @@ pub struct Head {
 
 impl Head {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
     }
 }
 
@@ -71,7 +73,11 @@ pub async fn read_head(s: &mut TcpStream) -> Head {
             }
             let mut tmp = [0u8; 4096];
             let n = s.read(&mut tmp).await.expect("read response");
-            assert!(n > 0, "connection closed before a response head: {:?}", String::from_utf8_lossy(&buf));
+            assert!(
+                n > 0,
+                "connection closed before a response head: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
             buf.extend_from_slice(&tmp[..n]);
         };
         let head = String::from_utf8_lossy(&buf[..end]).to_string();
@@ -90,7 +96,11 @@ pub async fn read_head(s: &mut TcpStream) -> Head {
             .filter_map(|l| l.split_once(':'))
             .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
             .collect();
-        return Head { status, headers, rest };
+        return Head {
+            status,
+            headers,
+            rest,
+        };
     }
 }
 
@@ -110,7 +120,11 @@ pub async fn read_until(s: &mut TcpStream, mut got: Vec<u8>, needle: &[u8]) -> V
     let mut tmp = [0u8; 4096];
     while !got.windows(needle.len()).any(|w| w == needle) {
         let n = s.read(&mut tmp).await.expect("read");
-        assert!(n > 0, "connection closed before {:?}", String::from_utf8_lossy(needle));
+        assert!(
+            n > 0,
+            "connection closed before {:?}",
+            String::from_utf8_lossy(needle)
+        );
         got.extend_from_slice(&tmp[..n]);
     }
     got
@@ -173,13 +187,16 @@ pub async fn wait_attached(
     readers: usize,
     writers: usize,
 ) {
-    wait_until(&format!("{readers} readers / {writers} writers on {channel}/{seq}"), || {
-        server.channel_info(channel).is_some_and(|info| {
-            info.segments
-                .iter()
-                .any(|s| s.seq == seq && s.readers >= readers && s.writers >= writers)
-        })
-    })
+    wait_until(
+        &format!("{readers} readers / {writers} writers on {channel}/{seq}"),
+        || {
+            server.channel_info(channel).is_some_and(|info| {
+                info.segments
+                    .iter()
+                    .any(|s| s.seq == seq && s.readers >= readers && s.writers >= writers)
+            })
+        },
+    )
     .await
 }
 
