@@ -7,8 +7,7 @@ use gst::prelude::*;
 use gst_check::Harness;
 use gst_video::prelude::*;
 use gstrivuletoverlay::loadingoverlay::{
-    DRAWING_MESSAGE, LOADING_EVENT, ONLINE_EVENT, loading_event, online_event,
-    render::Geometry,
+    DRAWING_MESSAGE, LOADING_EVENT, ONLINE_EVENT, loading_event, online_event, render::Geometry,
 };
 use std::sync::{Once, mpsc};
 use std::time::Duration;
@@ -53,7 +52,11 @@ fn ms(v: u64) -> gst::ClockTime {
 }
 
 /// A deterministic frame: each byte of plane p at (x, y) is `f(p, x, y)`.
-fn frame(info: &gst_video::VideoInfo, pts: gst::ClockTime, f: impl Fn(u32, u32, u32) -> u8) -> gst::Buffer {
+fn frame(
+    info: &gst_video::VideoInfo,
+    pts: gst::ClockTime,
+    f: impl Fn(u32, u32, u32) -> u8,
+) -> gst::Buffer {
     let mut buf = gst::Buffer::with_size(info.size()).expect("alloc");
     {
         let b = buf.get_mut().expect("new buffer is writable");
@@ -156,7 +159,10 @@ fn gap_angle(luma: &[u8], stride: usize, g: &Geometry, bright: u8) -> f64 {
             n += 1;
         }
     }
-    assert!((8..=24).contains(&n), "gap covers {n}/64 samples, expected about 16");
+    assert!(
+        (8..=24).contains(&n),
+        "gap covers {n}/64 samples, expected about 16"
+    );
     sy.atan2(sx).to_degrees().rem_euclid(360.0)
 }
 
@@ -170,13 +176,18 @@ fn passthrough_is_bit_exact_and_zero_copy() {
     for format in ["RGB", "I420"] {
         let mut f = fixture(format, 64, 48);
         for i in 0..3u64 {
-            let buf = frame(&f.info, ms(i * 40), |p, x, y| (p * 50 + x * 3 + y * 7) as u8);
+            let buf = frame(&f.info, ms(i * 40), |p, x, y| {
+                (p * 50 + x * 3 + y * 7) as u8
+            });
             let expected = buf.map_readable().expect("map").to_vec();
             let ptr = buf.as_ptr();
             f.h.push(buf).expect("push");
             let out = f.h.pull().expect("pull");
             assert_eq!(out.as_ptr(), ptr, "{format}: passthrough must not copy");
-            assert_eq!(out.map_readable().expect("map").as_slice(), expected.as_slice());
+            assert_eq!(
+                out.map_readable().expect("map").as_slice(),
+                expected.as_slice()
+            );
         }
         let el = f.h.element().expect("element");
         assert!(!el.property::<bool>("drawing"));
@@ -200,10 +211,14 @@ fn loading_draws_the_last_frame_in_greyscale_and_dimmed() {
     assert!(s.get::<bool>("show-picture").expect("show-picture"));
 
     // The loading frame replaces a white frame 1 s later.
-    f.h.push(frame(&f.info, ms(1000), |_, _, _| 255)).expect("push");
+    f.h.push(frame(&f.info, ms(1000), |_, _, _| 255))
+        .expect("push");
     let out = f.h.pull().expect("pull");
     assert_eq!(out.pts(), Some(ms(1000)), "timestamps are kept");
-    assert_eq!(drawing_message(&f.bus), (true, "loading".into(), Some(ms(1000))));
+    assert_eq!(
+        drawing_message(&f.bus),
+        (true, "loading".into(), Some(ms(1000)))
+    );
 
     let (dst, dstride) = plane(&out, &f.info, 0);
     let mut checked = 0;
@@ -236,18 +251,25 @@ fn mid_grey_when_the_last_frame_is_too_old() {
 
     // 4.9 s later the last frame is still used, at 5 s it is too old: mid-grey 128*165/255.
     for (t, grey) in [(4900, false), (5000, true), (7000, true)] {
-        f.h.push(frame(&f.info, ms(t), |_, _, _| 255)).expect("push");
+        f.h.push(frame(&f.info, ms(t), |_, _, _| 255))
+            .expect("push");
         let (dst, stride) = plane(&f.h.pull().expect("pull"), &f.info, 0);
-        let corner: Vec<u8> = (0..160)
-            .map(|x| dst[5 * stride + 3 * x])
-            .collect();
+        let corner: Vec<u8> = (0..160).map(|x| dst[5 * stride + 3 * x]).collect();
         if grey {
-            assert!(corner.iter().all(|&v| (i32::from(v) - 83).abs() <= 1), "t={t}: {corner:?}");
+            assert!(
+                corner.iter().all(|&v| (i32::from(v) - 83).abs() <= 1),
+                "t={t}: {corner:?}"
+            );
             for y in (0..120).filter(|&y| away(&g, y)) {
-                assert!((0..160 * 3).all(|i| (i32::from(dst[y as usize * stride + i]) - 83).abs() <= 1));
+                assert!(
+                    (0..160 * 3).all(|i| (i32::from(dst[y as usize * stride + i]) - 83).abs() <= 1)
+                );
             }
         } else {
-            assert!(corner.iter().any(|&v| (i32::from(v) - 83).abs() > 3), "t={t}: last frame expected");
+            assert!(
+                corner.iter().any(|&v| (i32::from(v) - 83).abs() > 3),
+                "t={t}: last frame expected"
+            );
         }
     }
 }
@@ -271,7 +293,8 @@ fn last_frame_max_age_is_configurable_and_no_frame_means_grey() {
     f.h.push(frame(&f.info, ms(0), rgb_pattern)).expect("push");
     f.h.pull().expect("pull");
     el.set_property("force", true);
-    f.h.push(frame(&f.info, ms(1500), |_, _, _| 255)).expect("push");
+    f.h.push(frame(&f.info, ms(1500), |_, _, _| 255))
+        .expect("push");
     let (dst, stride) = plane(&f.h.pull().expect("pull"), &f.info, 0);
     assert!((0..96 * 3).all(|i| (i32::from(dst[2 * stride + i]) - 83).abs() <= 1));
 }
@@ -327,8 +350,15 @@ fn text_is_white_with_a_stroke_and_horizontally_centred() {
     let centre = (min_x + max_x) as f64 / 2.0;
     assert!((centre - 256.0).abs() <= 2.0, "text centred at {centre}");
     // The text sits just above the spinner: bottom of the ink above text_bottom().
-    assert!(max_y < g.text_bottom() as usize && max_y + 12 > g.text_bottom() as usize, "max_y {max_y}");
-    assert!(max_x - min_x > 120 && max_x - min_x < 250, "width {}", max_x - min_x);
+    assert!(
+        max_y < g.text_bottom() as usize && max_y + 12 > g.text_bottom() as usize,
+        "max_y {max_y}"
+    );
+    assert!(
+        max_x - min_x > 120 && max_x - min_x < 250,
+        "width {}",
+        max_x - min_x
+    );
 }
 
 #[test]
@@ -351,7 +381,10 @@ fn loading_and_online_events_toggle_drawing_and_messages() {
     assert!(f.h.push_event(loading_event("b", "reload", true)));
     f.h.push(frame(&f.info, ms(40), rgb_pattern)).expect("push");
     assert_ne!(f.h.pull().expect("pull").as_ptr(), ptr);
-    assert_eq!(drawing_message(&f.bus), (true, "loading".into(), Some(ms(40))));
+    assert_eq!(
+        drawing_message(&f.bus),
+        (true, "loading".into(), Some(ms(40)))
+    );
     assert!(rx.recv_timeout(Duration::from_secs(10)).expect("notify"));
     assert!(el.property::<bool>("drawing"));
     // Another loading event while drawing: no new message.
@@ -366,14 +399,22 @@ fn loading_and_online_events_toggle_drawing_and_messages() {
     let buf = frame(&f.info, ms(120), rgb_pattern);
     let ptr = buf.as_ptr();
     f.h.push(buf).expect("push");
-    assert_eq!(f.h.pull().expect("pull").as_ptr(), ptr, "passthrough after online");
-    assert_eq!(drawing_message(&f.bus), (false, "loading".into(), Some(ms(120))));
+    assert_eq!(
+        f.h.pull().expect("pull").as_ptr(),
+        ptr,
+        "passthrough after online"
+    );
+    assert_eq!(
+        drawing_message(&f.bus),
+        (false, "loading".into(), Some(ms(120)))
+    );
     assert!(!rx.recv_timeout(Duration::from_secs(10)).expect("notify"));
     assert!(!el.property::<bool>("drawing"));
 
     // A flush ends a loading period at once.
     assert!(f.h.push_event(loading_event("c", "reload", true)));
-    f.h.push(frame(&f.info, ms(160), rgb_pattern)).expect("push");
+    f.h.push(frame(&f.info, ms(160), rgb_pattern))
+        .expect("push");
     f.h.pull().expect("pull");
     assert!(drawing_message(&f.bus).0);
     assert!(f.h.push_event(gst::event::FlushStart::new()));
@@ -385,7 +426,11 @@ fn loading_and_online_events_toggle_drawing_and_messages() {
     let buf = frame(&f.info, ms(0), rgb_pattern);
     let ptr = buf.as_ptr();
     f.h.push(buf).expect("push");
-    assert_eq!(f.h.pull().expect("pull").as_ptr(), ptr, "passthrough after flush");
+    assert_eq!(
+        f.h.pull().expect("pull").as_ptr(),
+        ptr,
+        "passthrough after flush"
+    );
     no_message(&f.bus);
 }
 
@@ -400,8 +445,14 @@ fn force_turns_drawing_on_and_off_while_playing() {
     el.set_property("force", true);
     f.h.push(frame(&f.info, ms(40), rgb_pattern)).expect("push");
     let (dst, _) = plane(&f.h.pull().expect("pull"), &f.info, 0);
-    assert_eq!(drawing_message(&f.bus), (true, "force".into(), Some(ms(40))));
-    assert!(dst.chunks_exact(4).all(|p| p[0] == p[1] && p[1] == p[2] && p[3] == 255));
+    assert_eq!(
+        drawing_message(&f.bus),
+        (true, "force".into(), Some(ms(40)))
+    );
+    assert!(
+        dst.chunks_exact(4)
+            .all(|p| p[0] == p[1] && p[1] == p[2] && p[3] == 255)
+    );
 
     // A loading event while forced changes nothing visible; force off keeps drawing for loading.
     assert!(f.h.push_event(loading_event("x", "reload", true)));
@@ -414,16 +465,24 @@ fn force_turns_drawing_on_and_off_while_playing() {
     let ptr = buf.as_ptr();
     f.h.push(buf).expect("push");
     assert_eq!(f.h.pull().expect("pull").as_ptr(), ptr);
-    assert_eq!(drawing_message(&f.bus), (false, "loading".into(), Some(ms(120))));
+    assert_eq!(
+        drawing_message(&f.bus),
+        (false, "loading".into(), Some(ms(120)))
+    );
 
     el.set_property("force", true);
-    f.h.push(frame(&f.info, ms(160), rgb_pattern)).expect("push");
+    f.h.push(frame(&f.info, ms(160), rgb_pattern))
+        .expect("push");
     f.h.pull().expect("pull");
-    assert_eq!(drawing_message(&f.bus).0, true);
+    assert!(drawing_message(&f.bus).0);
     el.set_property("force", false);
-    f.h.push(frame(&f.info, ms(200), rgb_pattern)).expect("push");
+    f.h.push(frame(&f.info, ms(200), rgb_pattern))
+        .expect("push");
     f.h.pull().expect("pull");
-    assert_eq!(drawing_message(&f.bus), (false, "force".into(), Some(ms(200))));
+    assert_eq!(
+        drawing_message(&f.bus),
+        (false, "force".into(), Some(ms(200)))
+    );
 }
 
 #[test]
@@ -438,7 +497,8 @@ fn i420_draws_dimmed_luma_and_neutral_chroma() {
     f.h.push(real).expect("push");
     f.h.pull().expect("pull");
     assert!(f.h.push_event(loading_event("sd", "reload", true)));
-    f.h.push(frame(&f.info, ms(500), |_, _, _| 200)).expect("push");
+    f.h.push(frame(&f.info, ms(500), |_, _, _| 200))
+        .expect("push");
     let out = f.h.pull().expect("pull");
     let (y_plane, stride) = plane(&out, &f.info, 0);
     let mut white = 0;
@@ -466,7 +526,8 @@ fn nv12_draws_mid_grey_with_neutral_chroma() {
     let mut f = fixture("NV12", 256, 144);
     let g = Geometry::new(256, 144);
     f.h.element().expect("element").set_property("force", true);
-    f.h.push(frame(&f.info, ms(0), |p, x, _| (p * 30 + x) as u8)).expect("push");
+    f.h.push(frame(&f.info, ms(0), |p, x, _| (p * 30 + x) as u8))
+        .expect("push");
     let out = f.h.pull().expect("pull");
     let (y_plane, stride) = plane(&out, &f.info, 0);
     // Limited range: grey 128 -> Y 126, dimmed -> 16 + (110 * 165 / 255) = 87.
@@ -490,10 +551,12 @@ fn all_native_formats_draw_grey_opaque_pictures() {
     ] {
         let mut f = fixture(format, 48, 40);
         f.h.element().expect("element").set_property("force", true);
-        f.h.push(frame(&f.info, ms(0), |p, x, y| (p * 40 + x * 7 + y) as u8)).expect("push");
+        f.h.push(frame(&f.info, ms(0), |p, x, y| (p * 40 + x * 7 + y) as u8))
+            .expect("push");
         let out = f.h.pull().expect("pull");
         let finfo = f.info.format_info();
-        let vf = gst_video::VideoFrameRef::from_buffer_ref_readable(out.as_ref(), &f.info).expect("map");
+        let vf =
+            gst_video::VideoFrameRef::from_buffer_ref_readable(out.as_ref(), &f.info).expect("map");
         let (w, h) = (f.info.width(), f.info.height());
         if finfo.is_rgb() {
             let stride = vf.plane_stride()[0] as usize;
@@ -503,7 +566,11 @@ fn all_native_formats_draw_grey_opaque_pictures() {
             for y in 0..h as usize {
                 for x in 0..w as usize {
                     let px = &data[y * stride + x * bpp..];
-                    let (r, g, b) = (px[off[0] as usize], px[off[1] as usize], px[off[2] as usize]);
+                    let (r, g, b) = (
+                        px[off[0] as usize],
+                        px[off[1] as usize],
+                        px[off[2] as usize],
+                    );
                     assert!(r == g && g == b, "{format} ({x},{y})");
                     if finfo.has_alpha() {
                         assert_eq!(px[off[3] as usize], 255, "{format} alpha");
@@ -511,12 +578,18 @@ fn all_native_formats_draw_grey_opaque_pictures() {
                 }
             }
             // Corner is dimmed mid-grey.
-            assert!((i32::from(data[0..bpp].iter().copied().max().unwrap_or(0)) - 83).abs() <= 1 || finfo.has_alpha());
+            assert!(
+                (i32::from(data[0..bpp].iter().copied().max().unwrap_or(0)) - 83).abs() <= 1
+                    || finfo.has_alpha()
+            );
         } else {
             let y0 = vf.plane_data(0).expect("Y")[0];
             assert!((i32::from(y0) - 87).abs() <= 1, "{format} Y {y0}");
             for p in 1..vf.n_planes() {
-                assert!(vf.plane_data(p).expect("chroma").iter().all(|&v| v == 128), "{format}");
+                assert!(
+                    vf.plane_data(p).expect("chroma").iter().all(|&v| v == 128),
+                    "{format}"
+                );
             }
         }
     }
@@ -546,7 +619,10 @@ fn real_picture_from_videotestsrc_becomes_a_grey_background() {
         dimmed(lum(s[0], s[1], s[2]))
     };
     for x in (5..320).step_by(45) {
-        assert!((i32::from(at(x, 20)) - want(x, 20)).abs() <= 1, "bar at x={x}");
+        assert!(
+            (i32::from(at(x, 20)) - want(x, 20)).abs() <= 1,
+            "bar at x={x}"
+        );
     }
     assert_ne!(at(5, 20), at(300, 20), "bars stay distinguishable");
 }

@@ -129,6 +129,8 @@ struct Negotiated {
     layout: PixelLayout,
     overlay: Overlay,
     canvas: Vec<u8>,
+    /// The canvas as packed pixels (packed RGB layouts only).
+    expanded: Vec<u8>,
     background: Option<Background>,
 }
 
@@ -219,14 +221,13 @@ impl LoadingOverlay {
             return Err(gst::FlowError::NotNegotiated);
         };
         // The last real frame if it is recent enough (running times known and age < max).
-        let fresh = state.last_frame.as_ref().filter(|lf| {
-            match (now, lf.running_time) {
-                (Some(now), Some(then)) => {
-                    now >= then && (now - then).nseconds() < max_age
-                }
+        let fresh = state
+            .last_frame
+            .as_ref()
+            .filter(|lf| match (now, lf.running_time) {
+                (Some(now), Some(then)) => now >= then && (now - then).nseconds() < max_age,
                 _ => false,
-            }
-        });
+            });
         let wanted = fresh.map_or(Background::Grey, |lf| Background::Frame(lf.generation));
         if neg.background != Some(wanted) {
             let mut built = false;
@@ -253,6 +254,10 @@ impl LoadingOverlay {
             if !built {
                 neg.overlay.grey_canvas(&mut neg.canvas);
             }
+            if let PixelLayout::Packed { bpp, alpha, .. } = neg.layout {
+                neg.overlay
+                    .expand_packed(&neg.canvas, bpp, alpha, &mut neg.expanded);
+            }
             neg.background = Some(if built { wanted } else { Background::Grey });
             gst::debug!(CAT, imp = self, "Background now {:?}", neg.background);
         }
@@ -272,7 +277,7 @@ impl LoadingOverlay {
                 let stride = frame.plane_stride()[0].max(0) as usize;
                 let dst = frame.plane_data_mut(0).unwrap_or(&mut []);
                 neg.overlay
-                    .write_packed(&neg.canvas, index, dst, stride, bpp, alpha)
+                    .write_packed(&neg.canvas, &neg.expanded, index, dst, stride, bpp, alpha)
             }
             PixelLayout::Yuv => {
                 let stride = frame.plane_stride()[0].max(0) as usize;
@@ -453,7 +458,9 @@ impl BaseTransformImpl for LoadingOverlay {
         let layout = layout_of(info.format()).ok_or_else(|| {
             gst::loggable_error!(CAT, "Unsupported video format {:?}", info.format())
         })?;
-        let domain = if layout.is_rgb() || info.colorimetry().range() == gst_video::VideoColorRange::Range0_255 {
+        let domain = if layout.is_rgb()
+            || info.colorimetry().range() == gst_video::VideoColorRange::Range0_255
+        {
             Domain::FULL
         } else {
             Domain::LIMITED
@@ -472,10 +479,21 @@ impl BaseTransformImpl for LoadingOverlay {
             }
             return Ok(());
         }
-        gst::debug!(CAT, imp = self, "Pre-rendering sprites for {}x{} {:?}", info.width(), info.height(), info.format());
+        gst::debug!(
+            CAT,
+            imp = self,
+            "Pre-rendering sprites for {}x{} {:?}",
+            info.width(),
+            info.height(),
+            info.format()
+        );
         let overlay = Overlay::new(info.width(), info.height(), domain, &text);
         if overlay.text.is_none() && !text.is_empty() {
-            gst::warning!(CAT, imp = self, "The text {text:?} has no drawable glyphs; drawing the spinner only");
+            gst::warning!(
+                CAT,
+                imp = self,
+                "The text {text:?} has no drawable glyphs; drawing the spinner only"
+            );
         }
         // A last frame of another size or format cannot be the background.
         state.last_frame = None;
@@ -484,6 +502,7 @@ impl BaseTransformImpl for LoadingOverlay {
             layout,
             overlay,
             canvas: Vec::new(),
+            expanded: Vec::new(),
             background: None,
         });
         Ok(())
@@ -500,7 +519,11 @@ impl BaseTransformImpl for LoadingOverlay {
                         show_picture: s.get::<bool>("show-picture").unwrap_or(true),
                     };
                     if s.get::<bool>("show-picture").is_err() && s.has_field("show-picture") {
-                        gst::warning!(CAT, imp = self, "{LOADING_EVENT}: show-picture is not a bool, using true: {s}");
+                        gst::warning!(
+                            CAT,
+                            imp = self,
+                            "{LOADING_EVENT}: show-picture is not a bool, using true: {s}"
+                        );
                     }
                     gst::info!(CAT, imp = self, "Loading: {loading:?}");
                     self.state.lock().unwrap().loading = Some(loading);

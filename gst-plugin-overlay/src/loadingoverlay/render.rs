@@ -426,6 +426,28 @@ impl PixelLayout {
     }
 }
 
+/// Writes grey values as packed pixels: every byte the grey value, the alpha byte (if any) 255.
+fn put_packed(dst: &mut [u8], src: &[u8], bpp: usize, alpha: Option<usize>) {
+    match bpp {
+        3 => {
+            for (d, &g) in dst.chunks_exact_mut(3).zip(src) {
+                d.copy_from_slice(&[g, g, g]);
+            }
+        }
+        4 => {
+            let a = alpha.unwrap_or(4);
+            for (d, &g) in dst.chunks_exact_mut(4).zip(src) {
+                let mut px = [g; 4];
+                if a < 4 {
+                    px[a] = 255;
+                }
+                d.copy_from_slice(&px);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Everything pre-rendered for one negotiated size and value domain.
 #[derive(Debug)]
 pub struct Overlay {
@@ -450,10 +472,7 @@ impl Overlay {
     }
 
     fn dims(&self) -> (usize, usize) {
-        (
-            self.geometry.width as usize,
-            self.geometry.height as usize,
-        )
+        (self.geometry.width as usize, self.geometry.height as usize)
     }
 
     /// The canvas over mid-grey: dim(128) everywhere, then the text.
@@ -525,9 +544,26 @@ impl Overlay {
     }
 
     /// Writes the canvas plus spinner frame `index` into packed RGB memory.
+    /// Expands the grey canvas into packed pixels (all colour bytes = grey, alpha 255), once
+    /// per background, so that each frame is a row copy.
+    pub fn expand_packed(
+        &self,
+        canvas: &[u8],
+        bpp: usize,
+        alpha: Option<usize>,
+        out: &mut Vec<u8>,
+    ) {
+        out.clear();
+        out.resize(canvas.len() * bpp, 0);
+        put_packed(out, canvas, bpp, alpha);
+    }
+
+    /// Writes the expanded canvas plus spinner frame `index` into packed RGB memory.
+    #[allow(clippy::too_many_arguments)] // plain pixel-layout parameters, kept explicit
     pub fn write_packed(
         &self,
         canvas: &[u8],
+        expanded: &[u8],
         index: usize,
         dst: &mut [u8],
         stride: usize,
@@ -535,33 +571,20 @@ impl Overlay {
         alpha: Option<usize>,
     ) -> bool {
         let (w, h) = self.dims();
-        if canvas.len() != w * h || stride < w * bpp || dst.len() < stride * (h - 1) + w * bpp {
+        let row = w * bpp;
+        if canvas.len() != w * h
+            || expanded.len() != row * h
+            || stride < row
+            || dst.len() < stride * (h - 1) + row
+        {
             return false;
         }
-        let put = |dst_row: &mut [u8], src: &[u8]| match bpp {
-            3 => {
-                for (d, &g) in dst_row.chunks_exact_mut(3).zip(src) {
-                    d.copy_from_slice(&[g, g, g]);
-                }
-            }
-            4 => {
-                let a = alpha.unwrap_or(4);
-                for (d, &g) in dst_row.chunks_exact_mut(4).zip(src) {
-                    let mut px = [g; 4];
-                    if a < 4 {
-                        px[a] = 255;
-                    }
-                    d.copy_from_slice(&px);
-                }
-            }
-            _ => {}
-        };
-        for (y, src) in canvas.chunks_exact(w).enumerate() {
-            put(&mut dst[y * stride..y * stride + w * bpp], src);
+        for (y, src) in expanded.chunks_exact(row).enumerate() {
+            dst[y * stride..y * stride + row].copy_from_slice(src);
         }
         self.with_spinner_rows(canvas, index, |y, x, vals| {
             let off = y * stride + x * bpp;
-            put(&mut dst[off..off + vals.len() * bpp], vals);
+            put_packed(&mut dst[off..off + vals.len() * bpp], vals, bpp, alpha);
         });
         true
     }
@@ -583,7 +606,12 @@ impl Overlay {
     }
 
     /// Calls `f(y, x0, values)` for each visible row of the spinner composited over the canvas.
-    fn with_spinner_rows(&self, canvas: &[u8], index: usize, mut f: impl FnMut(usize, usize, &[u8])) {
+    fn with_spinner_rows(
+        &self,
+        canvas: &[u8],
+        index: usize,
+        mut f: impl FnMut(usize, usize, &[u8]),
+    ) {
         let (w, h) = self.dims();
         let Some(s) = self.spinner.get(index % SPINNER_FRAMES.max(1)) else {
             return;
@@ -626,7 +654,10 @@ mod tests {
         assert_eq!(Domain::FULL.dim(128), 83);
         assert_eq!(Domain::FULL.dim(0), 0);
         assert_eq!(Domain::LIMITED.dim(16), 16);
-        assert_eq!(Domain::LIMITED.dim(235), (16 + (219 * 165 + 127) / 255) as u8);
+        assert_eq!(
+            Domain::LIMITED.dim(235),
+            (16 + (219 * 165 + 127) / 255) as u8
+        );
         assert_eq!(Domain::LIMITED.from_full(255), 235);
         assert_eq!(Domain::LIMITED.from_full(0), 16);
         // Opaque white over anything is white; transparent leaves the background.
@@ -634,7 +665,10 @@ mod tests {
         assert_eq!(Domain::LIMITED.blend(40, 255, 255), 235);
         assert_eq!(Domain::FULL.blend(40, 0, 0), 40);
         // Black at alpha 160 over 200.
-        assert_eq!(Domain::FULL.blend(200, 0, 160), ((200u32 * 95 + 127) / 255) as u8);
+        assert_eq!(
+            Domain::FULL.blend(200, 0, 160),
+            ((200u32 * 95 + 127) / 255) as u8
+        );
     }
 
     #[test]
@@ -645,7 +679,10 @@ mod tests {
         assert_eq!(spinner_index(500_000_000), 8);
         assert_eq!(spinner_index(1_000_000_000), 16);
         assert_eq!(spinner_index(2_000_000_000), 0);
-        assert_eq!(spinner_index(u64::MAX), ((u128::from(u64::MAX) * 16 / 1_000_000_000) % 32) as usize);
+        assert_eq!(
+            spinner_index(u64::MAX),
+            ((u128::from(u64::MAX) * 16 / 1_000_000_000) % 32) as usize
+        );
     }
 
     #[test]
@@ -685,8 +722,18 @@ mod tests {
         assert_eq!(t.y + t.h as i32, g.text_bottom());
         assert!((t.x + t.w as i32 / 2 - g.cx).abs() <= 1);
         // Fully white pixels exist, and stroke-only pixels (alpha ~160, colour 0).
-        assert!(t.color.iter().zip(&t.alpha).any(|(&c, &a)| c == 255 && a == 255));
-        assert!(t.color.iter().zip(&t.alpha).any(|(&c, &a)| c == 0 && a == 160));
+        assert!(
+            t.color
+                .iter()
+                .zip(&t.alpha)
+                .any(|(&c, &a)| c == 255 && a == 255)
+        );
+        assert!(
+            t.color
+                .iter()
+                .zip(&t.alpha)
+                .any(|(&c, &a)| c == 0 && a == 160)
+        );
         // About 20 px per em: the text is a plausible size.
         assert!(t.h > 14 && t.h < 40, "height {}", t.h);
         assert!(t.w > 120 && t.w < 260, "width {}", t.w);
