@@ -17,7 +17,7 @@ test: setup
 	cargo test --workspace
 
 demo: setup
-	bash scripts/demo
+	cargo run -p rivulet-launch --bin rivulet -- demo
 
 bench: setup
 	cargo bench --workspace

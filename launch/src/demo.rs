@@ -15,6 +15,15 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
+/// Runs a state change off the tokio workers (the trickle elements block on their own runtime).
+async fn set_state(p: &gst::Pipeline, state: gst::State) -> anyhow::Result<()> {
+    let p = p.clone();
+    tokio::task::spawn_blocking(move || p.set_state(state))
+        .await?
+        .map_err(|e| anyhow!("cannot set a demo pipeline to {state:?}: {e}"))?;
+    Ok(())
+}
+
 /// Params sent midway: the same size (the output resolution is fixed per stream).
 fn changed_params(initial: &Value) -> Value {
     let mut p = initial.clone();
@@ -161,10 +170,8 @@ pub async fn run(mut config: Config, seconds: u32, output: &Path) -> anyhow::Res
         ));
     }
     println!("  stream started through POST /live-video-to-video");
-    for p in [&input, &reader] {
-        p.set_state(gst::State::Playing)
-            .map_err(|e| anyhow!("cannot start a demo pipeline: {e}"))?;
-    }
+    set_state(&reader, gst::State::Playing).await?;
+    set_state(&input, gst::State::Playing).await?;
 
     let bus = input.bus().ok_or_else(|| anyhow!("no bus"))?;
     let mut changed = false;
@@ -209,15 +216,18 @@ pub async fn run(mut config: Config, seconds: u32, output: &Path) -> anyhow::Res
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     println!("\n  input finished; closing the stream");
-    let _ = input.set_state(gst::State::Null);
+    set_state(&input, gst::State::Null).await?;
     // The input channel ends: the daemon stops the stream and closes -out; the reader sees EOS.
     trickle.close_channel(mid);
     let rbus = reader.bus().ok_or_else(|| anyhow!("no bus"))?;
-    let _ = rbus.timed_pop_filtered(
-        gst::ClockTime::from_seconds(15),
-        &[gst::MessageType::Eos, gst::MessageType::Error],
-    );
-    let _ = reader.set_state(gst::State::Null);
+    let _ = tokio::task::spawn_blocking(move || {
+        rbus.timed_pop_filtered(
+            gst::ClockTime::from_seconds(15),
+            &[gst::MessageType::Eos, gst::MessageType::Error],
+        )
+    })
+    .await;
+    set_state(&reader, gst::State::Null).await?;
     let _ = control.close().await;
     events_task.abort();
     let status = running.daemon.status();

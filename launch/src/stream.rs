@@ -555,11 +555,16 @@ fn build_graph(
     let out_tee = tee_with_preview(&pipeline, daemon, false)?;
     in_tee.link(&convert).map_err(|e| e.to_string())?;
     gst::Element::link_many([&convert, &ai, &overlay, &out_tee]).map_err(|e| e.to_string())?;
+    // A short queue before the encoder: the inference thread hands a frame over and goes
+    // back to the mailbox instead of waiting for x264, and the muxer gets the latency headroom
+    // it needs (it holds frames only while the encoder is behind, at most 4).
+    let out_queue = encoder_queue()?;
+    pipeline.add(&out_queue).map_err(|e| e.to_string())?;
+    out_tee.link(&out_queue).map_err(|e| e.to_string())?;
     let video_sink_pad = sink_pad(&sink, "video").ok_or("tricklesink has no video sink pad")?;
-    let out_src = out_tee
-        .request_pad_simple("src_%u")
-        .ok_or("tee has no src pad")?;
-    out_src
+    out_queue
+        .static_pad("src")
+        .ok_or("queue has no src pad")?
         .link(&video_sink_pad)
         .map_err(|e| format!("cannot link the output to tricklesink: {e:?}"))?;
 
@@ -592,25 +597,34 @@ fn build_graph(
     Ok((pipeline, ai))
 }
 
+/// A queue of at most a few frames (no byte or time bound) in front of an encoder.
+fn encoder_queue() -> Result<gst::Element, String> {
+    let q = make("queue", None)?;
+    q.set_property("max-size-buffers", 4u32);
+    q.set_property("max-size-bytes", 0u32);
+    q.set_property("max-size-time", 0u64);
+    Ok(q)
+}
+
 fn link_audio(pipeline: &gst::Pipeline, pad: &gst::Pad, sink: &gst::Element) -> Result<(), String> {
     let convert = make("audioconvert", None)?;
     let resample = make("audioresample", None)?;
-    pipeline
-        .add_many([&convert, &resample])
-        .map_err(|e| e.to_string())?;
-    convert.link(&resample).map_err(|e| e.to_string())?;
+    let queue = make("queue", None)?;
+    queue.set_property("max-size-buffers", 0u32);
+    queue.set_property("max-size-bytes", 0u32);
+    queue.set_property("max-size-time", 1_000_000_000u64);
+    let chain = [&convert, &resample, &queue];
+    pipeline.add_many(chain).map_err(|e| e.to_string())?;
+    gst::Element::link_many(chain).map_err(|e| e.to_string())?;
     let sink_pad = sink_pad(sink, "audio").ok_or("tricklesink has no audio pad")?;
-    resample
+    queue
         .static_pad("src")
         .ok_or("no src pad")?
         .link(&sink_pad)
         .map_err(|e| format!("{e:?}"))?;
-    convert
-        .sync_state_with_parent()
-        .map_err(|e| e.to_string())?;
-    resample
-        .sync_state_with_parent()
-        .map_err(|e| e.to_string())?;
+    for e in chain {
+        e.sync_state_with_parent().map_err(|e| e.to_string())?;
+    }
     pad.link(&convert.static_pad("sink").ok_or("no sink pad")?)
         .map_err(|e| format!("{e:?}"))?;
     Ok(())
@@ -639,7 +653,10 @@ fn install_probes(daemon: &Arc<Daemon>, ai: &gst::Element, fps_cap: Option<f64>)
                 && !cap.pass(pts.nseconds() as f64 / 1e9)
             {
                 d.on_frame_dropped_by_cap();
-                return gst::PadProbeReturn::Drop;
+                // Take the buffer and report it handled: returning Drop here makes
+                // gstreamer-rs and the core both release it (a CRITICAL per dropped frame).
+                drop(info.data.take());
+                return gst::PadProbeReturn::Handled;
             }
             d.on_input_frame();
             gst::PadProbeReturn::Ok
@@ -718,7 +735,7 @@ fn spawn_bus_watch(
                 }
                 gst::MessageView::Warning(w) => {
                     let text = w.error().to_string();
-                    tracing::warn!("{from}: {text}");
+                    tracing::warn!("{from}: {text} ({:?})", w.debug());
                     if from.contains("/ai") {
                         daemon.report_error(&text);
                     }
@@ -743,7 +760,7 @@ fn spawn_bus_watch(
                             );
                         }
                     } else if s.name() == "aipipeline-stats" {
-                        if let Ok(p50) = s.get::<f64>("latency-p50-ms") {
+                        if let Ok(p50) = s.get::<f64>("inference-latency-p50-ms") {
                             daemon.set_latency_p50(p50);
                             daemon.on_inference_latency(p50);
                         }
