@@ -24,12 +24,35 @@ async fn set_state(p: &gst::Pipeline, state: gst::State) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Params sent midway: the same size (the output resolution is fixed per stream).
-fn changed_params(initial: &Value) -> Value {
+/// The test models shipped with the aipipeline crate (present in a source checkout).
+const DEMO_PIPELINES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../gst-plugin-aipipeline/testdata/pipelines"
+);
+
+/// The demo's default: the `gain` model (out = x·gain + bias, fed from params), so the params
+/// change midway is visible; `noop` when the checkout's test models are not there.
+pub fn default_pipeline(config: &mut Config) {
+    let dir = Path::new(DEMO_PIPELINES);
+    if dir.join("gain.toml").is_file() {
+        config.pipeline = "gain".into();
+        config.pipelines_dir = Some(dir.to_path_buf());
+    } else {
+        println!("(test models not found at {DEMO_PIPELINES}: the demo runs the noop pipeline)");
+    }
+}
+
+/// Params sent midway: the same size (the output resolution is fixed per stream). For `gain`
+/// the picture gets darker and redder; for other pipelines only the recorded params change.
+fn changed_params(initial: &Value, pipeline: &str) -> Value {
     let mut p = initial.clone();
     if let Some(map) = p.as_object_mut() {
-        map.insert("show_reloading_frame".into(), json!(true));
-        map.insert("demo_change".into(), json!(1));
+        if pipeline == "gain" {
+            map.insert("gain".into(), json!(0.6));
+            map.insert("bias".into(), json!([0.25, 0.0, 0.0]));
+        } else {
+            map.insert("demo_change".into(), json!(1));
+        }
     }
     p
 }
@@ -187,7 +210,11 @@ pub async fn run(mut config: Config, seconds: u32, output: &Path) -> anyhow::Res
         if !changed && elapsed > f64::from(seconds) / 2.0 {
             changed = true;
             control
-                .send_message(changed_params(&initial).to_string().into())
+                .send_message(
+                    changed_params(&initial, &running.daemon.config.pipeline)
+                        .to_string()
+                        .into(),
+                )
                 .await?;
             println!("\n  params changed through the control channel");
         }

@@ -128,8 +128,12 @@ fn main() -> anyhow::Result<()> {
                 pipeline,
                 port,
             } => {
-                if let Some(p) = pipeline {
-                    config.pipeline = p;
+                match pipeline {
+                    Some(p) => config.pipeline = p,
+                    None if std::env::var_os("MODEL_ID").is_none() => {
+                        rivulet::demo::default_pipeline(&mut config)
+                    }
+                    None => {}
                 }
                 config.port = port;
                 rivulet::demo::run(config, seconds, &output).await

@@ -214,7 +214,9 @@ fn output_reader(url: &str) -> OutputReader {
     let (f, a) = (frames.clone(), audio.clone());
     let weak = pipeline.downgrade();
     src.connect_pad_added(move |_, pad| {
-        let Some(pipeline) = weak.upgrade() else { return };
+        let Some(pipeline) = weak.upgrade() else {
+            return;
+        };
         let convert = gst::ElementFactory::make(if pad.name().starts_with("video") {
             "videoconvert"
         } else {
@@ -224,14 +226,21 @@ fn output_reader(url: &str) -> OutputReader {
         .unwrap();
         let sink = gst_app::AppSink::builder().sync(false).build();
         if pad.name().starts_with("video") {
-            sink.set_caps(Some(&gst::Caps::builder("video/x-raw").field("format", "RGB").build()));
+            sink.set_caps(Some(
+                &gst::Caps::builder("video/x-raw")
+                    .field("format", "RGB")
+                    .build(),
+            ));
             let f = f.clone();
             sink.set_callbacks(
                 gst_app::AppSinkCallbacks::builder()
                     .new_sample(move |s| {
                         let sample = s.pull_sample().map_err(|_| gst::FlowError::Eos)?;
                         let caps = sample.caps().unwrap().structure(0).unwrap().to_owned();
-                        let (w, h) = (caps.get::<i32>("width").unwrap(), caps.get::<i32>("height").unwrap());
+                        let (w, h) = (
+                            caps.get::<i32>("width").unwrap(),
+                            caps.get::<i32>("height").unwrap(),
+                        );
                         let buf = sample.buffer().unwrap();
                         let map = buf.map_readable().unwrap();
                         let stride = ((w as usize * 3) + 3) & !3;
@@ -387,7 +396,10 @@ async fn stream_end_to_end_like_an_orchestrator() {
 
     // A params change through the control channel is recorded as last_params.
     let changed = json!({"width": 512, "height": 512, "changed": true});
-    control.send_message(changed.to_string().into()).await.unwrap();
+    control
+        .send_message(changed.to_string().into())
+        .await
+        .unwrap();
     let t = Instant::now();
     loop {
         let s = get_json(&http, &format!("{base}/api/status")).await;
@@ -398,7 +410,10 @@ async fn stream_end_to_end_like_an_orchestrator() {
             );
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "params not applied: {s}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "params not applied: {s}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let h = get_json(&http, &format!("{base}/health")).await;
@@ -441,7 +456,10 @@ async fn stream_end_to_end_like_an_orchestrator() {
         assert!(close_to(px[1], [20, 220, 20], 45), "centre {px:?}");
         assert!(close_to(px[2], [20, 20, 220], 45), "right {px:?}");
     }
-    assert!(reader.audio.load(std::sync::atomic::Ordering::SeqCst) > 0, "audio passed through");
+    assert!(
+        reader.audio.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "audio passed through"
+    );
 
     // The stream stops with its input; the state goes back to IDLE after the 3 s grace.
     wait_health(&http, &base, "IDLE", Duration::from_secs(15)).await;
@@ -459,15 +477,28 @@ async fn stream_end_to_end_like_an_orchestrator() {
         "runner_send_first_processed_segment",
         "status",
     ] {
-        assert!(kinds.iter().any(|k| k == want), "no {want} event in {kinds:?}");
+        assert!(
+            kinds.iter().any(|k| k == want),
+            "no {want} event in {kinds:?}"
+        );
     }
     for e in &events {
         let q = e["queue_event_type"].as_str().unwrap();
         let kind = e["event"]["type"].as_str().unwrap();
-        assert_eq!(q, if kind.starts_with("runner_") { "stream_trace" } else { "ai_stream_events" });
+        assert_eq!(
+            q,
+            if kind.starts_with("runner_") {
+                "stream_trace"
+            } else {
+                "ai_stream_events"
+            }
+        );
         assert!(e["event"]["timestamp"].is_i64(), "{e}");
     }
-    let status = events.iter().find(|e| e["event"]["type"] == "status").unwrap();
+    let status = events
+        .iter()
+        .find(|e| e["event"]["type"] == "status")
+        .unwrap();
     assert!(status["event"]["last_status_timestamp"].is_i64());
     assert_eq!(status["event"]["pipeline"], "noop");
 
@@ -487,10 +518,17 @@ async fn bad_requests_get_the_runner_error_shapes() {
     let post = |path: &str| http.post(format!("{base}{path}"));
 
     // Auth on the container API.
-    let r = post("/live-video-to-video").json(&json!({})).send().await.unwrap();
+    let r = post("/live-video-to-video")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
-    assert_eq!(r.json::<Value>().await.unwrap(), json!({"detail": {"msg": "Invalid bearer token."}}));
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"detail": {"msg": "Invalid bearer token."}})
+    );
     let r = post("/live-video-to-video")
         .header("Authorization", "Bearer wrong")
         .json(&json!({}))
@@ -541,7 +579,12 @@ async fn bad_requests_get_the_runner_error_shapes() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    assert!(r.json::<Value>().await.unwrap()["detail"]["msg"].as_str().unwrap().contains("width"));
+    assert!(
+        r.json::<Value>().await.unwrap()["detail"]["msg"]
+            .as_str()
+            .unwrap()
+            .contains("width")
+    );
     let r = post("/live-video-to-video")
         .header("Authorization", auth)
         .body(vec![b' '; 9 * 1024 * 1024])
@@ -559,13 +602,28 @@ async fn bad_requests_get_the_runner_error_shapes() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    assert!(r.text().await.unwrap().starts_with("Error starting stream: "));
+    assert!(
+        r.text()
+            .await
+            .unwrap()
+            .starts_with("Error starting stream: ")
+    );
     let r = post("/api/params").body("{}").send().await.unwrap();
     assert_eq!(r.status(), 401);
     for body in ["[1,2]", "nope", r#"{"height": 2000}"#] {
-        let r = post("/api/params").header("Authorization", auth).body(body).send().await.unwrap();
+        let r = post("/api/params")
+            .header("Authorization", auth)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 400, "{body}");
-        assert!(r.text().await.unwrap().starts_with("Error updating params: "));
+        assert!(
+            r.text()
+                .await
+                .unwrap()
+                .starts_with("Error updating params: ")
+        );
     }
     let r = post("/api/params")
         .header("Authorization", auth)
@@ -581,7 +639,10 @@ async fn bad_requests_get_the_runner_error_shapes() {
     let r = post("/api/live-video-to-video")
         .header("Authorization", auth)
         .header("Content-Type", "application/json")
-        .body(json!({"subscribe_url": "not a url", "publish_url": "http://127.0.0.1:1/b"}).to_string())
+        .body(
+            json!({"subscribe_url": "not a url", "publish_url": "http://127.0.0.1:1/b"})
+                .to_string(),
+        )
         .send()
         .await
         .unwrap();
@@ -589,7 +650,10 @@ async fn bad_requests_get_the_runner_error_shapes() {
 
     // GET endpoints stay open and keep their shapes; the daemon is still healthy.
     let v = get_json(&http, &format!("{base}/version")).await;
-    assert_eq!(v, json!({"pipeline": "live-video-to-video", "model_id": "noop", "version": "1.2.3"}));
+    assert_eq!(
+        v,
+        json!({"pipeline": "live-video-to-video", "model_id": "noop", "version": "1.2.3"})
+    );
     let v = get_json(&http, &format!("{base}/hardware/info")).await;
     assert_eq!(v["gpu_info"], json!({}));
     let v = get_json(&http, &format!("{base}/hardware/stats")).await;
