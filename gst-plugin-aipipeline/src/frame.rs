@@ -133,41 +133,50 @@ pub fn upload_rgb(
     if layout.bgr { dst.f_flip([2]) } else { Ok(dst) }
 }
 
-/// Resizes a u8 (h, w, 3) tensor to (out_h, out_w, 3) as float in [0, 255] (channels-last
-/// memory), antialiased when shrinking. Returns (1, H, W, 3).
-pub fn resize_to_float255(rgb: &Tensor, out_w: u32, out_h: u32) -> Result<Tensor, TchError> {
-    let x = rgb
-        .f_permute([2, 0, 1])?
-        .f_unsqueeze(0)?
-        .f_to_kind(Kind::Float)?;
-    let y = x.f_internal_upsample_bilinear2d_aa([out_h as i64, out_w as i64], false, None, None)?;
-    y.f_permute([0, 2, 3, 1])
+/// Scales a u8 (h, w, 3) RGB tensor to (out_h, out_w, 3) u8: bilinear, antialiased when
+/// shrinking. On the CPU this runs torch's uint8 channels-last kernels (no float round trip);
+/// on CUDA (no uint8 kernels there) it goes through float and rounds.
+pub fn resize_u8(rgb: &Tensor, out_w: u32, out_h: u32) -> Result<Tensor, TchError> {
+    let size = rgb.size();
+    let (h, w) = (size[0], size[1]);
+    let (oh, ow) = (out_h as i64, out_w as i64);
+    if (h, w) == (oh, ow) {
+        return Ok(rgb.shallow_clone());
+    }
+    let shrink = oh < h || ow < w;
+    // (1, 3, h, w) view with channels-last strides.
+    let x = rgb.f_permute([2, 0, 1])?.f_unsqueeze(0)?;
+    let scale = |x: &Tensor| {
+        if shrink {
+            x.f_internal_upsample_bilinear2d_aa([oh, ow], false, None, None)
+        } else {
+            x.f_upsample_bilinear2d([oh, ow], false, None, None)
+        }
+    };
+    let y = if rgb.device() == Device::Cpu {
+        scale(&x)?
+    } else {
+        scale(&x.f_to_kind(Kind::Float)?)?
+            .f_round_()?
+            .f_clamp_(0.0, 255.0)?
+            .f_to_kind(Kind::Uint8)?
+    };
+    // Back to (H, W, 3); contiguous in memory when the kernel kept channels-last.
+    y.f_squeeze_dim(0)?.f_permute([1, 2, 0])
 }
 
 /// The pipeline frame: (1, H, W, 3) float RGB in [0, 1] at out_w×out_h, from an uploaded crop.
 pub fn to_frame(rgb: &Tensor, out_w: u32, out_h: u32) -> Result<Tensor, TchError> {
-    let size = rgb.size();
-    if size.get(0..2) == Some(&[out_h as i64, out_w as i64][..]) {
-        // u8 / float scalar promotes to float: one pass.
-        rgb.f_unsqueeze(0)?.f_div_scalar(255.0)
-    } else {
-        resize_to_float255(rgb, out_w, out_h)?.f_div_scalar_(255.0)
-    }
+    // u8 / float scalar promotes to float: one pass.
+    resize_u8(rgb, out_w, out_h)?
+        .f_unsqueeze(0)?
+        .f_div_scalar(255.0)
 }
 
 /// The cover+cropped input as u8 (H, W, 3), without a float round trip when no scaling is
 /// needed (noop and pass-through frames).
 pub fn to_u8_frame(rgb: Tensor, out_w: u32, out_h: u32) -> Result<Tensor, TchError> {
-    let size = rgb.size();
-    if size.get(0..2) == Some(&[out_h as i64, out_w as i64][..]) {
-        Ok(rgb)
-    } else {
-        resize_to_float255(&rgb, out_w, out_h)?
-            .f_squeeze_dim(0)?
-            .f_round_()?
-            .f_clamp_(0.0, 255.0)?
-            .f_to_kind(Kind::Uint8)
-    }
+    resize_u8(&rgb, out_w, out_h)
 }
 
 /// (1, H, W, 3) float in [0, 1] to u8 (H, W, 3), clamped to [0, 1] first and rounded.

@@ -811,3 +811,86 @@ fn real_pipeline_posts_stats_and_reaches_eos() {
     assert_eq!(s.get::<u64>("errors").unwrap(), 0);
     rx.recv_timeout(TIMEOUT).expect("no stats notify");
 }
+
+#[test]
+fn flush_clears_the_mailbox_and_the_stream_resumes() {
+    init();
+    let el = gst::ElementFactory::make("aipipeline")
+        .property("params", S384)
+        .build()
+        .unwrap();
+    let mut h = gst_check::Harness::with_element(&el, Some("sink"), Some("src"));
+    h.set_src_caps(caps("RGB", 384, 384));
+    h.push(rgb_buffer(384, 384, 0, pattern)).unwrap();
+    assert_eq!(h.pull().unwrap().pts(), Some(gst::ClockTime::ZERO));
+    assert!(h.push_event(gst::event::FlushStart::new()));
+    assert_eq!(
+        h.push(rgb_buffer(384, 384, 41, pattern)),
+        Err(gst::FlowError::Flushing)
+    );
+    assert!(h.push_event(gst::event::FlushStop::new(true)));
+    let segment = gst::FormattedSegment::<gst::ClockTime>::new();
+    assert!(h.push_event(gst::event::Segment::new(&segment)));
+    h.push(rgb_buffer(384, 384, 82, pattern)).unwrap();
+    let out = h.pull().unwrap();
+    assert_eq!(out.pts(), Some(gst::ClockTime::from_mseconds(82)));
+    assert_all(&out.map_readable().unwrap(), 384, 384, 0, pattern);
+}
+
+#[test]
+fn restarts_after_ready_with_new_settings() {
+    let dir = testdata().to_string_lossy().into_owned();
+    let r = rig(
+        &[("pipelines-dir", &dir), ("params", S384)],
+        &caps("RGB", 384, 384),
+    );
+    r.play();
+    r.push(rgb_buffer(384, 384, 0, pattern));
+    assert_all(&r.next_buffer(), 384, 384, 0, pattern);
+    r.pipeline.set_state(gst::State::Null).unwrap();
+    while r.rx.try_recv().is_ok() {}
+    r.el.set_property("pipeline", "invert");
+    r.play();
+    r.push(rgb_buffer(384, 384, 0, pattern));
+    assert_all(&r.next_buffer(), 384, 384, 1, |x, y| {
+        pattern(x, y).map(|v| 255 - v)
+    });
+}
+
+#[test]
+fn manifest_extra_inputs_and_status_notify() {
+    // A manifest written by the test in its own directory: adding a model needs no code.
+    let dir = std::env::temp_dir().join(format!("aipipeline-test-manifest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("brighten.toml"),
+        format!(
+            "name = \"brighten\"\nmodel = \"{}\"\nwidth = 384\nheight = 384\n\
+             [params]\ngain = 1.0\nbias = [0.25, 0.25, 0.25]\n\
+             [[inputs]]\nparam = \"gain\"\nkind = \"scalar\"\n\
+             [[inputs]]\nparam = \"bias\"\nkind = \"vector\"\nlen = 3\n",
+            model("gain.pt")
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("broken.toml"), "name = 3").unwrap();
+    let r = rig(
+        &[
+            ("pipelines-dir", &dir.to_string_lossy()),
+            ("pipeline", "brighten"),
+        ],
+        &caps("RGB", 384, 384),
+    );
+    let (tx, rx) = mpsc::channel();
+    r.el.connect_notify(Some("status"), move |el, _| {
+        let _ = tx.send(el.property::<gstaipipeline::Status>("status"));
+    });
+    r.play();
+    // The broken manifest is reported, the good one works.
+    assert!(r.warning_text().contains("broken.toml"));
+    let seen: Vec<_> = rx.try_iter().collect();
+    assert!(seen.contains(&gstaipipeline::Status::Ready), "{seen:?}");
+    r.push(rgb_buffer(384, 384, 0, |_, _| [100, 100, 100]));
+    assert_all(&r.next_buffer(), 384, 384, 1, |_, _| [164, 164, 164]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -728,10 +728,12 @@ impl Worker {
                     if ctrl.reload_gen != self.seen_reload {
                         self.seen_reload = ctrl.reload_gen;
                         if !self.loading {
+                            // One loading event per loading phase (a newer request while
+                            // loading just replaces the model being loaded).
                             self.loading = true;
                             self.pending_online = false;
+                            notices.push(Notice::Loading(p.show_reloading_frame));
                         }
-                        notices.push(Notice::Loading(p.show_reloading_frame));
                     } else if !self.loading
                         && let Some(r) = self.runner.as_mut()
                         && let Err(e) = r.set_params(&p)

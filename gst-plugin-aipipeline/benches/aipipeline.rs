@@ -1,0 +1,328 @@
+// SPDX-License-Identifier: MPL-2.0
+//! Benchmark: per-frame cost of `aipipeline` against the bare tch forward of the same model on
+//! the same frames, in the same run, at 512×512; plus the conversion cost alone.
+//!
+//! ```text
+//! cargo bench -p gst-plugin-aipipeline --bench aipipeline [-- --device cpu|cuda|cuda:N] [--frames N]
+//! RIVULET_BENCH_DEVICE=cuda cargo bench -p gst-plugin-aipipeline --bench aipipeline
+//! ```
+//!
+//! Frames come from videotestsrc (rendered once, then replayed through appsrc so the source's
+//! own cost is not counted); each frame is pushed and its output awaited before the next one
+//! (no mailbox drops, so the time is the element's full per-frame cost). Figures are medians
+//! over the frames after 10 untimed warm-up frames. A last row runs the
+//! plain `videotestsrc ! aipipeline ! fakesink` pipeline for throughput.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use gst::prelude::*;
+use gstaipipeline::{device, frame};
+use tch::{Device, Kind, Tensor};
+
+const SIZE: u32 = 512;
+/// Untimed runs first (the TorchScript profiling executor optimises on early runs).
+const WARMUP: usize = 10;
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+fn testdata() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/pipelines")
+}
+
+fn caps(w: u32, h: u32) -> gst::Caps {
+    gst::Caps::builder("video/x-raw")
+        .field("format", "RGB")
+        .field("width", w as i32)
+        .field("height", h as i32)
+        .field("framerate", gst::Fraction::new(24, 1))
+        .build()
+}
+
+/// Renders `n` frames of videotestsrc's "smpte" pattern (moving ball overlay for variety).
+fn render_frames(n: usize, w: u32, h: u32) -> anyhow::Result<Vec<gst::Buffer>> {
+    let pipeline = gst::parse::launch(&format!(
+        "videotestsrc num-buffers={n} pattern=smpte horizontal-speed=5 ! \
+         video/x-raw,format=RGB,width={w},height={h},framerate=24/1 ! appsink name=sink sync=false"
+    ))?
+    .downcast::<gst::Pipeline>()
+    .map_err(|_| anyhow::anyhow!("not a pipeline"))?;
+    let sink = pipeline
+        .by_name("sink")
+        .ok_or_else(|| anyhow::anyhow!("no sink"))?
+        .downcast::<gst_app::AppSink>()
+        .map_err(|_| anyhow::anyhow!("not an appsink"))?;
+    pipeline.set_state(gst::State::Playing)?;
+    let mut frames = Vec::with_capacity(n);
+    while let Ok(sample) = sink.pull_sample() {
+        if let Some(b) = sample.buffer_owned() {
+            frames.push(b);
+        }
+    }
+    pipeline.set_state(gst::State::Null)?;
+    Ok(frames)
+}
+
+struct ElementRun {
+    per_frame: Duration,
+    p50_ms: f64,
+}
+
+/// appsrc ! aipipeline ! appsink, one frame in flight at a time.
+fn run_element(
+    pipeline_name: &str,
+    device: &str,
+    frames: &[gst::Buffer],
+    w: u32,
+    h: u32,
+) -> anyhow::Result<ElementRun> {
+    let pipeline = gst::Pipeline::new();
+    let src = gst_app::AppSrc::builder()
+        .caps(&caps(w, h))
+        .format(gst::Format::Time)
+        .build();
+    let ai = gst::ElementFactory::make("aipipeline")
+        .property("pipeline", pipeline_name)
+        .property("pipelines-dir", testdata().to_string_lossy().as_ref())
+        .property("device", device)
+        .property("params", format!(r#"{{"width":{SIZE},"height":{SIZE}}}"#))
+        .property("max-latency-ms", 0u32)
+        .build()?;
+    let sink = gst_app::AppSink::builder().sync(false).build();
+    pipeline.add_many([src.upcast_ref(), &ai, sink.upcast_ref()])?;
+    gst::Element::link_many([src.upcast_ref(), &ai, sink.upcast_ref()])?;
+    pipeline.set_state(gst::State::Playing)?;
+    let timeout = gst::ClockTime::from_seconds(60);
+    let push_pull = |i: usize, b: &gst::Buffer| -> anyhow::Result<()> {
+        let mut b = b.copy();
+        b.get_mut()
+            .ok_or_else(|| anyhow::anyhow!("buffer not writable"))?
+            .set_pts(gst::ClockTime::from_mseconds(i as u64 * 41));
+        src.push_buffer(b)?;
+        sink.try_pull_sample(timeout)
+            .ok_or_else(|| anyhow::anyhow!("no output frame"))?;
+        Ok(())
+    };
+    // Warm-up.
+    for (i, b) in frames.iter().take(WARMUP).enumerate() {
+        push_pull(i, b)?;
+    }
+    let mut times = Vec::with_capacity(frames.len());
+    for (i, b) in frames.iter().enumerate() {
+        let t0 = Instant::now();
+        push_pull(i + WARMUP, b)?;
+        times.push(t0.elapsed());
+    }
+    let stats = ai.property::<gst::Structure>("stats");
+    let p50_ms = stats
+        .get::<f64>("inference-latency-p50-ms")
+        .unwrap_or(f64::NAN);
+    pipeline.set_state(gst::State::Null)?;
+    Ok(ElementRun {
+        per_frame: median(times),
+        p50_ms,
+    })
+}
+
+/// The bare forward of the model on the same frames, already on the device as BHWC [0, 1].
+fn bare_forward(model: &str, frames: &[Tensor], dev: Device) -> anyhow::Result<Duration> {
+    let m = tch::CModule::load_on_device(testdata().join(model), dev)?;
+    let _g = tch::no_grad_guard();
+    let sync = || {
+        if let Device::Cuda(n) = dev {
+            tch::Cuda::synchronize(n as i64);
+        }
+    };
+    for f in frames.iter().take(WARMUP) {
+        let _ = m.forward_ts(&[f])?;
+    }
+    sync();
+    let mut times = Vec::with_capacity(frames.len());
+    for f in frames {
+        let t0 = Instant::now();
+        let _ = m.forward_ts(&[f])?;
+        sync();
+        times.push(t0.elapsed());
+    }
+    Ok(median(times))
+}
+
+/// Upload + cover/crop (+ float conversion) + download, as the element does it.
+fn conversion(
+    frames: &[gst::Buffer],
+    w: u32,
+    h: u32,
+    dev: Device,
+    float: bool,
+) -> anyhow::Result<Duration> {
+    let layout = frame::pixel_layout(gst_video::VideoFormat::Rgb)
+        .ok_or_else(|| anyhow::anyhow!("layout"))?;
+    let crop = frame::cover_crop(w, h, SIZE, SIZE);
+    let mut out = vec![0u8; (SIZE * SIZE * 3) as usize];
+    let _g = tch::no_grad_guard();
+    let mut once = |b: &gst::Buffer| -> anyhow::Result<()> {
+        let map = b.map_readable()?;
+        let rgb = frame::upload_rgb(map.as_slice(), (w * 3) as usize, w, h, layout, crop, dev)?;
+        let u8_out = if float {
+            let f = frame::to_frame(&rgb, SIZE, SIZE)?;
+            frame::frame_to_u8(&f)?
+        } else {
+            frame::to_u8_frame(rgb, SIZE, SIZE)?
+        };
+        frame::download_rgb(&u8_out, &mut out, (SIZE * 3) as usize, SIZE, SIZE, 3)?;
+        Ok(())
+    };
+    for b in frames.iter().take(WARMUP) {
+        once(b)?;
+    }
+    let mut times = Vec::with_capacity(frames.len());
+    for b in frames {
+        let t0 = Instant::now();
+        once(b)?;
+        times.push(t0.elapsed());
+    }
+    Ok(median(times))
+}
+
+/// Plain `videotestsrc ! aipipeline ! fakesink`: frames out per second (drops allowed).
+fn throughput(pipeline_name: &str, device: &str, n: usize) -> anyhow::Result<(f64, u64, u64)> {
+    let pipeline = gst::parse::launch(&format!(
+        "videotestsrc num-buffers={n} ! video/x-raw,format=RGB,width={SIZE},height={SIZE},framerate=24/1 ! \
+         aipipeline name=ai pipeline={pipeline_name} device={device} pipelines-dir=\"{}\" max-latency-ms=0 ! fakesink sync=false",
+        testdata().display()
+    ))?
+    .downcast::<gst::Pipeline>()
+    .map_err(|_| anyhow::anyhow!("not a pipeline"))?;
+    let ai = pipeline
+        .by_name("ai")
+        .ok_or_else(|| anyhow::anyhow!("no ai"))?;
+    ai.set_property("params", format!(r#"{{"width":{SIZE},"height":{SIZE}}}"#));
+    let t0 = Instant::now();
+    pipeline.set_state(gst::State::Playing)?;
+    let bus = pipeline.bus().ok_or_else(|| anyhow::anyhow!("no bus"))?;
+    let msg = bus.timed_pop_filtered(
+        gst::ClockTime::from_seconds(300),
+        &[gst::MessageType::Eos, gst::MessageType::Error],
+    );
+    let elapsed = t0.elapsed();
+    if let Some(m) = &msg
+        && let gst::MessageView::Error(e) = m.view()
+    {
+        anyhow::bail!("{} {:?}", e.error(), e.debug());
+    }
+    let stats = ai.property::<gst::Structure>("stats");
+    let out = stats.get::<u64>("frames-out").unwrap_or(0);
+    let drops = stats.get::<u64>("queue-drops").unwrap_or(0);
+    pipeline.set_state(gst::State::Null)?;
+    Ok((out as f64 / elapsed.as_secs_f64(), out, drops))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn main() -> anyhow::Result<()> {
+    gst::init()?;
+    gstaipipeline::plugin_register_static()?;
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let device_arg = arg("--device")
+        .or_else(|| std::env::var("RIVULET_BENCH_DEVICE").ok())
+        .unwrap_or_else(|| "auto".into());
+    let n: usize = arg("--frames").and_then(|v| v.parse().ok()).unwrap_or(60);
+    let spec = device_arg
+        .parse::<device::DeviceSpec>()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let dev = device::resolve(spec).map_err(|e| anyhow::anyhow!(e))?;
+    let device_name = device::describe(dev);
+    let dev_prop = match dev {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".into(),
+    };
+
+    let frames = render_frames(n, SIZE, SIZE)?;
+    let wide = render_frames(n.min(30), 640, 480)?;
+    let tensors: Vec<Tensor> = frames
+        .iter()
+        .map(|b| -> anyhow::Result<Tensor> {
+            let map = b.map_readable()?;
+            Ok(Tensor::f_from_slice(map.as_slice())?
+                .f_view([1, SIZE as i64, SIZE as i64, 3])?
+                .f_to_device(dev)?
+                .f_to_kind(Kind::Float)?
+                .f_div_scalar(255.0)?)
+        })
+        .collect::<anyhow::Result<_>>()?;
+
+    println!(
+        "aipipeline benchmark: {n} frames of {SIZE}x{SIZE} RGB, device {device_name}, medians in ms"
+    );
+    println!();
+    println!("conversion alone (upload + cover/crop + download, per frame):");
+    println!("{:<44} {:>10}", "case", "ms/frame");
+    let c_u8 = conversion(&frames, SIZE, SIZE, dev, false)?;
+    let c_f = conversion(&frames, SIZE, SIZE, dev, true)?;
+    let c_wide = conversion(&wide, 640, 480, dev, true)?;
+    println!(
+        "{:<44} {:>10.3}",
+        "512x512 -> 512x512, u8 path (noop)",
+        ms(c_u8)
+    );
+    println!(
+        "{:<44} {:>10.3}",
+        "512x512 -> 512x512, float [0,1] path",
+        ms(c_f)
+    );
+    println!(
+        "{:<44} {:>10.3}",
+        "640x480 -> 512x512 (scale+crop), float",
+        ms(c_wide)
+    );
+    println!();
+    println!("element vs bare forward (same frames, same run):");
+    println!(
+        "{:<10} {:>14} {:>14} {:>14} {:>14} {:>8}",
+        "pipeline", "element ms", "worker p50 ms", "forward ms", "overhead ms", "ratio"
+    );
+    for (name, model) in [
+        ("noop", None),
+        ("invert", Some("invert.pt")),
+        ("convnet", Some("convnet.pt")),
+    ] {
+        let run = run_element(name, &dev_prop, &frames, SIZE, SIZE)?;
+        let fwd = match model {
+            Some(m) => Some(bare_forward(m, &tensors, dev)?),
+            None => None,
+        };
+        let el = ms(run.per_frame);
+        match fwd {
+            Some(f) => println!(
+                "{:<10} {:>14.3} {:>14.3} {:>14.3} {:>14.3} {:>8.2}",
+                name,
+                el,
+                run.p50_ms,
+                ms(f),
+                el - ms(f),
+                el / ms(f).max(1e-9)
+            ),
+            None => println!(
+                "{:<10} {:>14.3} {:>14.3} {:>14} {:>14.3} {:>8}",
+                name, el, run.p50_ms, "-", el, "-"
+            ),
+        }
+    }
+    println!();
+    println!("videotestsrc ! aipipeline ! fakesink (throughput, mailbox may drop):");
+    for name in ["noop", "invert", "convnet"] {
+        let (fps, out, drops) = throughput(name, &dev_prop, n)?;
+        println!("{name:<10} {fps:>8.1} frames/s out ({out} out, {drops} dropped)");
+    }
+    Ok(())
+}
