@@ -564,3 +564,37 @@ async fn publisher_write_applies_back_pressure() {
     assert!(blocked);
     hold.abort();
 }
+
+#[tokio::test]
+async fn publisher_tolerates_interim_1xx_responses() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/ka", listener.local_addr().unwrap());
+    let fake = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (mut c, _) = listener.accept().await.unwrap();
+            let got = read_until(&mut c, Vec::new(), b"\r\n\r\n").await;
+            if !String::from_utf8_lossy(&got).starts_with("POST /ka/0 ") {
+                held.push(c);
+                continue;
+            }
+            // Two unsolicited keepalives while the body has not started, as the reference
+            // server sends every 10 s.
+            c.write_all(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .unwrap();
+            let got = read_until(&mut c, got, b"0\r\n\r\n").await;
+            c.write_all(OK_CLOSE.as_bytes()).await.unwrap();
+            return (got, held);
+        }
+    });
+    let mut publisher = Publisher::new(&url, pub_config()).unwrap();
+    let mut w = bounded("begin", publisher.begin_segment()).await.unwrap();
+    w.write(Bytes::from_static(b"payload")).await.unwrap();
+    assert_eq!(
+        bounded("finish", w.finish()).await.unwrap(),
+        SegmentOutcome::Done
+    );
+    let (got, _held) = bounded("fake", fake).await.unwrap();
+    assert!(got.windows(7).any(|w| w == b"payload"));
+}

@@ -208,6 +208,13 @@ pub struct Subscriber {
     ended: bool,
 }
 
+impl Drop for PendingGet {
+    fn drop(&mut self) {
+        // Keeps `next_segment` cancel-safe: a dropped wait cancels its request.
+        self.task.abort();
+    }
+}
+
 impl std::fmt::Debug for PendingGet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PendingGet")
@@ -277,6 +284,9 @@ impl Subscriber {
     /// resync, empty 200 (skipped), preconnect of S+1 as soon as S's headers arrive, the S4
     /// refresh and the S3 retry rules; `Err(NotFound)` on 404; `Err(RetriesExhausted)` after
     /// `max_retries` consecutive failures.
+    ///
+    /// Cancel-safe: dropping the future cancels the request in flight; the next call asks for
+    /// the same seq again.
     pub async fn next_segment(&mut self) -> Result<Option<SubscribedSegment>, ClientError> {
         loop {
             if self.ended {

@@ -7,6 +7,15 @@
 //! [`RING_SIZE`] segments per channel and relays every chunk to every waiting subscriber as it
 //! arrives. Clients preconnect the request for the next segment so that connection set-up is
 //! never on the critical path.
+//!
+//! Deviations from the reference implementations (all documented where they apply):
+//! - the server does not send the `100 Continue` keepalive every 10 s on a POST waiting for its
+//!   first byte (hyper 1 has no API for unsolicited informational responses; see [`server`]);
+//! - the server refuses channel names outside `[A-Za-z0-9_-]{1,256}` with 400, caps segments
+//!   (413) and channels (503), and answers 400 to negative seqs other than -1/-2 (spec §2.5,
+//!   §3, §6: these are Rivulet's own rules);
+//! - the publisher re-POSTs an untouched segment at most [`client::MAX_UNTOUCHED_RETRIES`]
+//!   times (the gateway retries "while the next segment has not started").
 
 pub mod client;
 pub mod server;

@@ -928,6 +928,14 @@ async fn post_segment(
         Lookup::NotFound => return connection_close(stream_not_found()),
         Lookup::Full => return too_many_channels(),
     };
+    if ch.is_closed() {
+        // Raced with a close: the channel has ended.
+        return with_header(
+            connection_close(StatusCode::OK.into_response()),
+            H_CLOSED,
+            closed_value(),
+        );
+    }
     let seq = if seq == -1 { ch.next_write() } else { seq };
     let reset = header_str(&headers, HEADER_RESET).is_some();
     let seg = ch.segment_for_post(seq, reset);
@@ -938,6 +946,8 @@ async fn post_segment(
     let releasable = !seg.is_closed();
     let mut stream = body.into_data_stream();
     let mut written: u64 = 0;
+    // The cap is per segment: a re-POST appends to what is already there.
+    let already = seg.state.lock().unwrap().len;
 
     // §7.3: wait for the first byte, or for the segment to be closed under us.
     let first = loop {
@@ -962,7 +972,7 @@ async fn post_segment(
                     next = stream.next().await;
                     continue;
                 }
-                if written + chunk.len() as u64 > cap {
+                if already + written + chunk.len() as u64 > cap {
                     tracing::warn!(channel, seq, cap, "segment cut: body over the size cap");
                     seg.close();
                     return too_large();
