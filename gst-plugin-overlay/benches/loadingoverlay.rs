@@ -10,10 +10,14 @@
 //! - *pipeline*: `videotestsrc num-buffers=N pattern=black ! <element> ! fakesink`, wall time of
 //!   the whole pipeline (source included, so the ratio is diluted by the source's cost).
 //!
+//! - *pre-render*: building the text and spinner sprites for one size, paid once per negotiated
+//!   size at the first loading frame.
+//!
 //! Single-threaded streaming: each figure is one CPU core.
 
 use gst::prelude::*;
 use gst_check::Harness;
+use gstrivuletoverlay::loadingoverlay::{DEFAULT_TEXT, render};
 use std::time::{Duration, Instant};
 
 const CASES: &[(&str, u32, u32, u32)] = &[
@@ -127,6 +131,22 @@ fn main() {
         "method", "format", "size", "mode", "overlay us/fr", "identity us/fr", "ratio"
     );
     for &(format, w, h, n) in CASES {
+        if format == "RGB" {
+            // Sprite pre-rendering, paid once per negotiated size at the first loading frame.
+            let start = Instant::now();
+            let o = render::Overlay::new(w, h, render::Domain::FULL, DEFAULT_TEXT);
+            println!(
+                "{:<10} {:<6} {:<12} {:<9} {:>14.1} {:>14} {:>8}",
+                "pre-render",
+                "any",
+                format!("{w}x{h}"),
+                "once",
+                us(start.elapsed()),
+                "-",
+                "-"
+            );
+            assert_eq!(o.spinner.len(), render::SPINNER_FRAMES);
+        }
         let size = format!("{w}x{h}");
         for (mode, force, overlay) in [
             ("passthru", false, "loadingoverlay"),

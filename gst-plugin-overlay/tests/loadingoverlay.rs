@@ -626,3 +626,33 @@ fn real_picture_from_videotestsrc_becomes_a_grey_background() {
     }
     assert_ne!(at(5, 20), at(300, 20), "bars stay distinguishable");
 }
+
+#[test]
+fn spinner_and_age_follow_running_time_not_pts() {
+    let mut f = fixture("RGB", 512, 512);
+    let g = Geometry::new(512, 512);
+    // A segment starting at 10 s: PTS 10.5 s is running time 0.5 s.
+    let mut segment = gst::FormattedSegment::<gst::ClockTime>::new();
+    segment.set_start(gst::ClockTime::from_seconds(10));
+    segment.set_time(gst::ClockTime::from_seconds(10));
+    assert!(f.h.push_event(gst::event::Segment::new(&segment)));
+    f.h.push(frame(&f.info, ms(10_000), rgb_pattern))
+        .expect("push");
+    f.h.pull().expect("pull");
+    f.h.element().expect("element").set_property("force", true);
+    f.h.push(frame(&f.info, ms(10_500), |_, _, _| 0))
+        .expect("push");
+    let out = f.h.pull().expect("pull");
+    assert_eq!(
+        drawing_message(&f.bus),
+        (true, "force".into(), Some(ms(500)))
+    );
+    let (dst, stride) = plane(&out, &f.info, 0);
+    // Last frame (running time 0) is 0.5 s old: used as background (not mid-grey).
+    assert!((0..512).any(|x| (i32::from(dst[3 * x]) - 83).abs() > 3));
+    // Spinner frame 8: gap at 225°.
+    // The arc (white at alpha 230) is brighter than any dimmed background (at most 165).
+    let r: Vec<u8> = dst.iter().step_by(3).copied().collect();
+    let a = gap_angle(&r, stride / 3, &g, 190);
+    assert!(angle_diff(a, 225.0) < 12.0, "gap at {a:.1}°");
+}

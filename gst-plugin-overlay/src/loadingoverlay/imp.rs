@@ -127,7 +127,11 @@ struct LastFrame {
 struct Negotiated {
     info: VideoInfo,
     layout: PixelLayout,
-    overlay: Overlay,
+    domain: Domain,
+    text: String,
+    /// Sprites for this size, pre-rendered at the first loading frame (so that streams that
+    /// never load never pay for them).
+    overlay: Option<Overlay>,
     canvas: Vec<u8>,
     /// The canvas as packed pixels (packed RGB layouts only).
     expanded: Vec<u8>,
@@ -220,6 +224,30 @@ impl LoadingOverlay {
             );
             return Err(gst::FlowError::NotNegotiated);
         };
+        if neg.overlay.is_none() {
+            let start = std::time::Instant::now();
+            let overlay = Overlay::new(neg.info.width(), neg.info.height(), neg.domain, &neg.text);
+            if overlay.text.is_none() && !neg.text.is_empty() {
+                gst::warning!(
+                    CAT,
+                    imp = self,
+                    "The text {:?} has no drawable glyphs; drawing the spinner only",
+                    neg.text
+                );
+            }
+            gst::debug!(
+                CAT,
+                imp = self,
+                "Pre-rendered sprites for {}x{} in {:?}",
+                neg.info.width(),
+                neg.info.height(),
+                start.elapsed()
+            );
+            neg.overlay = Some(overlay);
+        }
+        let Some(overlay) = neg.overlay.as_ref() else {
+            return Err(gst::FlowError::Error); // just set above
+        };
         // The last real frame if it is recent enough (running times known and age < max).
         let fresh = state
             .last_frame
@@ -240,10 +268,9 @@ impl LoadingOverlay {
                         let stride = frame.plane_stride()[0].max(0) as usize;
                         let data = frame.plane_data(0).unwrap_or(&[]);
                         built = if neg.layout.is_rgb() {
-                            neg.overlay
-                                .rgb_canvas(data, stride, neg.layout, &mut neg.canvas)
+                            overlay.rgb_canvas(data, stride, neg.layout, &mut neg.canvas)
                         } else {
-                            neg.overlay.luma_canvas(data, stride, &mut neg.canvas)
+                            overlay.luma_canvas(data, stride, &mut neg.canvas)
                         };
                     }
                     Err(err) => {
@@ -252,11 +279,10 @@ impl LoadingOverlay {
                 }
             }
             if !built {
-                neg.overlay.grey_canvas(&mut neg.canvas);
+                overlay.grey_canvas(&mut neg.canvas);
             }
             if let PixelLayout::Packed { bpp, alpha, .. } = neg.layout {
-                neg.overlay
-                    .expand_packed(&neg.canvas, bpp, alpha, &mut neg.expanded);
+                overlay.expand_packed(&neg.canvas, bpp, alpha, &mut neg.expanded);
             }
             neg.background = Some(if built { wanted } else { Background::Grey });
             gst::debug!(CAT, imp = self, "Background now {:?}", neg.background);
@@ -276,14 +302,13 @@ impl LoadingOverlay {
             PixelLayout::Packed { bpp, alpha, .. } => {
                 let stride = frame.plane_stride()[0].max(0) as usize;
                 let dst = frame.plane_data_mut(0).unwrap_or(&mut []);
-                neg.overlay
-                    .write_packed(&neg.canvas, &neg.expanded, index, dst, stride, bpp, alpha)
+                overlay.write_packed(&neg.canvas, &neg.expanded, index, dst, stride, bpp, alpha)
             }
             PixelLayout::Yuv => {
                 let stride = frame.plane_stride()[0].max(0) as usize;
                 let ok = {
                     let dst = frame.plane_data_mut(0).unwrap_or(&mut []);
-                    neg.overlay.write_luma(&neg.canvas, index, dst, stride)
+                    overlay.write_luma(&neg.canvas, index, dst, stride)
                 };
                 for p in 1..frame.n_planes() {
                     if let Ok(chroma) = frame.plane_data_mut(p) {
@@ -471,7 +496,8 @@ impl BaseTransformImpl for LoadingOverlay {
             n.info.format() == info.format()
                 && n.info.width() == info.width()
                 && n.info.height() == info.height()
-                && n.overlay.domain == domain
+                && n.domain == domain
+                && n.text == text
         });
         if same {
             if let Some(n) = state.negotiated.as_mut() {
@@ -482,25 +508,19 @@ impl BaseTransformImpl for LoadingOverlay {
         gst::debug!(
             CAT,
             imp = self,
-            "Pre-rendering sprites for {}x{} {:?}",
+            "Negotiated {}x{} {:?}",
             info.width(),
             info.height(),
             info.format()
         );
-        let overlay = Overlay::new(info.width(), info.height(), domain, &text);
-        if overlay.text.is_none() && !text.is_empty() {
-            gst::warning!(
-                CAT,
-                imp = self,
-                "The text {text:?} has no drawable glyphs; drawing the spinner only"
-            );
-        }
         // A last frame of another size or format cannot be the background.
         state.last_frame = None;
         state.negotiated = Some(Negotiated {
             info,
             layout,
-            overlay,
+            domain,
+            text,
+            overlay: None,
             canvas: Vec::new(),
             expanded: Vec::new(),
             background: None,
