@@ -67,5 +67,6 @@ async fn main() -> anyhow::Result<()> {
         .context("cannot wait for Ctrl-C")?;
     tracing::info!("shutting down");
     handle.shutdown().await;
+    tracing::info!("stopped");
     Ok(())
 }
