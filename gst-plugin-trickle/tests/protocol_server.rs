@@ -688,3 +688,18 @@ async fn shutdown_releases_waiters() {
     let r = bounded("subscriber after shutdown", sub).await.unwrap();
     assert_eq!(hdr(&r, "lp-trickle-closed").as_deref(), Some("terminated"));
 }
+
+#[tokio::test]
+async fn waiting_subscriber_that_disconnects_is_dropped() {
+    let h = start_dev().await;
+    h.server().create_channel("gone", "video/MP2T").unwrap();
+    let s = raw(h.local_addr(), b"GET /gone/0 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    wait_attached(h.server(), "gone", 0, 1, 0).await;
+    drop(s);
+    wait_until("the server to drop the waiting GET", || {
+        h.server()
+            .channel_info("gone")
+            .is_some_and(|i| i.segments.iter().all(|s| s.readers == 0))
+    })
+    .await;
+}
