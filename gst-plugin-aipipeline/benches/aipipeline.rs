@@ -127,8 +127,10 @@ fn run_element(
     })
 }
 
-/// The bare forward of the model on the same frames, already on the device as BHWC [0, 1].
-fn bare_forward(model: &str, frames: &[Tensor], dev: Device) -> anyhow::Result<Duration> {
+/// The bare forward of the model on the same frames, put on the device as BHWC [0, 1] first.
+fn bare_forward(model: &str, frames: &[gst::Buffer], dev: Device) -> anyhow::Result<Duration> {
+    let frames = to_tensors(frames, dev)?;
+    let frames = frames.as_slice();
     let m = tch::CModule::load_on_device(testdata().join(model), dev)?;
     let _g = tch::no_grad_guard();
     let sync = || {
@@ -187,11 +189,13 @@ fn conversion(
     Ok(median(times))
 }
 
-/// Plain `videotestsrc ! aipipeline ! fakesink`: frames out per second (drops allowed).
+/// Plain `videotestsrc ! aipipeline ! fakesink`: frames out per second between the first and
+/// the last output frame (start-up excluded; the mailbox may drop frames).
 fn throughput(pipeline_name: &str, device: &str, n: usize) -> anyhow::Result<(f64, u64, u64)> {
     let pipeline = gst::parse::launch(&format!(
         "videotestsrc num-buffers={n} ! video/x-raw,format=RGB,width={SIZE},height={SIZE},framerate=24/1 ! \
-         aipipeline name=ai pipeline={pipeline_name} device={device} pipelines-dir=\"{}\" max-latency-ms=0 ! fakesink sync=false",
+         aipipeline name=ai pipeline={pipeline_name} device={device} pipelines-dir=\"{}\" max-latency-ms=0 ! \
+         fakesink name=sink sync=false",
         testdata().display()
     ))?
     .downcast::<gst::Pipeline>()
@@ -200,14 +204,23 @@ fn throughput(pipeline_name: &str, device: &str, n: usize) -> anyhow::Result<(f6
         .by_name("ai")
         .ok_or_else(|| anyhow::anyhow!("no ai"))?;
     ai.set_property("params", format!(r#"{{"width":{SIZE},"height":{SIZE}}}"#));
-    let t0 = Instant::now();
+    let sink = pipeline
+        .by_name("sink")
+        .ok_or_else(|| anyhow::anyhow!("no sink"))?;
+    let times = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let t = times.clone();
+    sink.static_pad("sink")
+        .ok_or_else(|| anyhow::anyhow!("no sink pad"))?
+        .add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+            t.lock().unwrap().push(Instant::now());
+            gst::PadProbeReturn::Ok
+        });
     pipeline.set_state(gst::State::Playing)?;
     let bus = pipeline.bus().ok_or_else(|| anyhow::anyhow!("no bus"))?;
     let msg = bus.timed_pop_filtered(
         gst::ClockTime::from_seconds(300),
         &[gst::MessageType::Eos, gst::MessageType::Error],
     );
-    let elapsed = t0.elapsed();
     if let Some(m) = &msg
         && let gst::MessageView::Error(e) = m.view()
     {
@@ -217,7 +230,26 @@ fn throughput(pipeline_name: &str, device: &str, n: usize) -> anyhow::Result<(f6
     let out = stats.get::<u64>("frames-out").unwrap_or(0);
     let drops = stats.get::<u64>("queue-drops").unwrap_or(0);
     pipeline.set_state(gst::State::Null)?;
-    Ok((out as f64 / elapsed.as_secs_f64(), out, drops))
+    let times = times.lock().unwrap();
+    let fps = match (times.first(), times.last()) {
+        (Some(a), Some(b)) if times.len() > 1 => (times.len() - 1) as f64 / (*b - *a).as_secs_f64(),
+        _ => 0.0,
+    };
+    Ok((fps, out, drops))
+}
+
+fn to_tensors(frames: &[gst::Buffer], dev: Device) -> anyhow::Result<Vec<Tensor>> {
+    frames
+        .iter()
+        .map(|b| -> anyhow::Result<Tensor> {
+            let map = b.map_readable()?;
+            Ok(Tensor::f_from_slice(map.as_slice())?
+                .f_view([1, SIZE as i64, SIZE as i64, 3])?
+                .f_to_device(dev)?
+                .f_to_kind(Kind::Float)?
+                .f_div_scalar(255.0)?)
+        })
+        .collect()
 }
 
 fn ms(d: Duration) -> f64 {
@@ -249,18 +281,6 @@ fn main() -> anyhow::Result<()> {
 
     let frames = render_frames(n, SIZE, SIZE)?;
     let wide = render_frames(n.min(30), 640, 480)?;
-    let tensors: Vec<Tensor> = frames
-        .iter()
-        .map(|b| -> anyhow::Result<Tensor> {
-            let map = b.map_readable()?;
-            Ok(Tensor::f_from_slice(map.as_slice())?
-                .f_view([1, SIZE as i64, SIZE as i64, 3])?
-                .f_to_device(dev)?
-                .f_to_kind(Kind::Float)?
-                .f_div_scalar(255.0)?)
-        })
-        .collect::<anyhow::Result<_>>()?;
-
     println!(
         "aipipeline benchmark: {n} frames of {SIZE}x{SIZE} RGB, device {device_name}, medians in ms"
     );
@@ -298,7 +318,11 @@ fn main() -> anyhow::Result<()> {
     ] {
         let run = run_element(name, &dev_prop, &frames, SIZE, SIZE)?;
         let fwd = match model {
-            Some(m) => Some(bare_forward(m, &tensors, dev)?),
+            // On its own thread, as the element's inference thread is.
+            Some(m) => Some(
+                std::thread::scope(|sc| sc.spawn(|| bare_forward(m, &frames, dev)).join())
+                    .map_err(|_| anyhow::anyhow!("bare forward thread panicked"))??,
+            ),
             None => None,
         };
         let el = ms(run.per_frame);
