@@ -598,3 +598,49 @@ async fn publisher_tolerates_interim_1xx_responses() {
     let (got, _held) = bounded("fake", fake).await.unwrap();
     assert!(got.windows(7).any(|w| w == b"payload"));
 }
+
+#[tokio::test]
+async fn many_segments_stream_in_order_without_loss() {
+    let h = start(ServerConfig::default()).await;
+    h.server().create_channel("many", "video/MP2T").unwrap();
+    let url = h.url("many");
+    let segments = 60u8;
+    let mut sub = Subscriber::new(&url, sub_config(0)).unwrap();
+    // The reader reports each segment it has read, so the publisher never runs more than a
+    // ring's worth ahead (which would legitimately make the reader resync).
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while got.len() < segments as usize {
+            let seg = next(&mut sub).await;
+            assert!(!seg.discont(), "segment {} flagged discont", seg.seq());
+            got.push((seg.seq(), body(seg).await));
+            let _ = ack_tx.send(got.len());
+        }
+        got
+    });
+    let mut publisher = Publisher::new(&url, pub_config()).unwrap();
+    let mut read = 0usize;
+    for i in 0..segments {
+        while read + 3 < i as usize {
+            read = bounded("reader progress", ack_rx.recv()).await.unwrap();
+        }
+        let mut w = bounded("begin", publisher.begin_segment()).await.unwrap();
+        for part in 0..3u8 {
+            w.write(Bytes::from(vec![i, part, 0xAA, 0x55]))
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            bounded("finish", w.finish()).await.unwrap(),
+            SegmentOutcome::Done
+        );
+    }
+    let got = bounded("reader", reader).await.unwrap();
+    for (i, (seq, data)) in got.into_iter().enumerate() {
+        assert_eq!(seq, i as i64);
+        let want: Vec<u8> = (0..3u8).flat_map(|p| [i as u8, p, 0xAA, 0x55]).collect();
+        assert_eq!(data, want, "segment {i}");
+    }
+    bounded("close", publisher.close()).await.unwrap();
+}
