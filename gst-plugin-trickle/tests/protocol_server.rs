@@ -653,9 +653,10 @@ async fn changefeed_reports_adds_and_removes() {
 
 #[tokio::test]
 async fn idle_sweep_closes_idle_channels_but_not_internal_ones() {
+    // The periodic sweeper, with short settings.
     let h = start(ServerConfig {
-        idle_timeout: Duration::from_millis(500),
-        sweep_interval: Duration::from_millis(50),
+        idle_timeout: Duration::from_millis(100),
+        sweep_interval: Duration::from_millis(20),
         ..ServerConfig::development()
     })
     .await;
@@ -665,15 +666,37 @@ async fn idle_sweep_closes_idle_channels_but_not_internal_ones() {
         next_change(&feed, 0).await,
         serde_json::json!({"added": ["idle"]})
     );
-    // A subscriber waiting on the idle channel is released with EOS by the sweep.
-    let r = bounded("sweep", get(&h.url("idle/0"))).await;
-    assert_eq!(hdr(&r, "lp-trickle-closed").as_deref(), Some("terminated"));
     assert_eq!(
         next_change(&feed, 1).await,
         serde_json::json!({"removed": ["idle"]})
     );
-    assert!(h.server().channel_names().contains(&"_changes".to_owned()));
+    assert_eq!(h.server().channel_names(), vec!["_changes".to_owned()]);
     assert_eq!(get(&h.url("idle/0")).await.status(), 404);
+}
+
+#[tokio::test]
+async fn sweep_releases_waiting_subscribers_and_spares_active_channels() {
+    // Sweeps run by hand here (the periodic sweeper is set to an hour).
+    let config = |idle| ServerConfig {
+        idle_timeout: idle,
+        sweep_interval: Duration::from_secs(3600),
+        ..ServerConfig::development()
+    };
+    let busy = start(config(Duration::from_secs(3600))).await;
+    busy.server().create_channel("busy", "video/MP2T").unwrap();
+    assert!(busy.server().sweep_idle().is_empty());
+    assert!(busy.server().channel_info("busy").is_some());
+
+    let h = start(config(Duration::ZERO)).await;
+    h.server().create_channel("idle", "video/MP2T").unwrap();
+    let sub = spawn_get(h.url("idle/0"));
+    wait_attached(h.server(), "idle", 0, 1, 0).await;
+    assert_eq!(h.server().sweep_idle(), vec!["idle".to_owned()]);
+    let r = bounded("released subscriber", sub).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(hdr(&r, "lp-trickle-closed").as_deref(), Some("terminated"));
+    // Internal channels are never swept.
+    assert_eq!(h.server().channel_names(), vec!["_changes".to_owned()]);
 }
 
 #[tokio::test]
