@@ -5,8 +5,8 @@
 use gst_video::VideoFormat;
 use tch::{Device, Kind, TchError, Tensor};
 
-/// Input formats accepted natively (packed 8-bit RGB family).
-pub const INPUT_FORMATS: &[VideoFormat] = &[
+/// Packed 8-bit RGB-family input formats.
+pub const PACKED_FORMATS: &[VideoFormat] = &[
     VideoFormat::Rgb,
     VideoFormat::Bgr,
     VideoFormat::Rgbx,
@@ -18,6 +18,14 @@ pub const INPUT_FORMATS: &[VideoFormat] = &[
     VideoFormat::Xbgr,
     VideoFormat::Abgr,
 ];
+
+/// 4:2:0 YUV input formats, converted to RGB on the device.
+pub const YUV_FORMATS: &[VideoFormat] = &[VideoFormat::I420, VideoFormat::Nv12];
+
+/// Every input format (sink caps).
+pub fn input_formats() -> impl Iterator<Item = VideoFormat> {
+    PACKED_FORMATS.iter().chain(YUV_FORMATS).copied()
+}
 
 /// Output formats (RGB first: the preferred one).
 pub const OUTPUT_FORMATS: &[VideoFormat] =
@@ -85,6 +93,159 @@ fn check_len(len: usize, stride: usize, width: u32, height: u32, bpp: i64) -> Re
         )));
     }
     Ok(())
+}
+
+/// YUV → RGB conversion constants (from the caps' colorimetry).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct YuvMatrix {
+    pub kr: f64,
+    pub kb: f64,
+    /// 0–255 rather than 16–235 (luma) / 16–240 (chroma).
+    pub full_range: bool,
+}
+
+impl YuvMatrix {
+    pub fn from_info(info: &gst_video::VideoInfo) -> Self {
+        use gst_video::VideoColorMatrix as M;
+        let c = info.colorimetry();
+        let (kr, kb) = match c.matrix() {
+            M::Bt709 => (0.2126, 0.0722),
+            M::Bt2020 => (0.2627, 0.0593),
+            M::Fcc => (0.30, 0.11),
+            M::Smpte240m => (0.212, 0.087),
+            _ => (0.299, 0.114),
+        };
+        Self {
+            kr,
+            kb,
+            full_range: c.range() == gst_video::VideoColorRange::Range0_255,
+        }
+    }
+}
+
+fn plane_region(
+    data: &[u8],
+    stride: usize,
+    (width, height, bpp): (u32, u32, i64),
+    (x, y, w, h): (i64, i64, i64, i64),
+    device: Device,
+) -> Result<Tensor, TchError> {
+    check_len(data.len(), stride, width, height, bpp)?;
+    if x < 0 || y < 0 || w <= 0 || h <= 0 || x + w > width as i64 || y + h > height as i64 {
+        return Err(TchError::Convert(format!(
+            "region {x},{y} {w}x{h} outside a {width}x{height} plane"
+        )));
+    }
+    // SAFETY: `data` holds at least (height-1)*stride + width*bpp bytes (checked above), so
+    // every element of the (height, width, bpp) view with strides (stride, bpp, 1) lies inside
+    // it. The view is only read by copy_ below and dropped before returning, while `data` is
+    // still borrowed.
+    let blob = unsafe {
+        Tensor::f_from_blob(
+            data.as_ptr(),
+            &[height as i64, width as i64, bpp],
+            &[stride as i64, bpp, 1],
+            Kind::Uint8,
+            Device::Cpu,
+        )?
+    };
+    let region = blob.f_narrow(0, y, h)?.f_narrow(1, x, w)?;
+    let mut dst = Tensor::f_empty([h, w, bpp], (Kind::Uint8, device))?;
+    dst.f_copy_(&region)?;
+    Ok(dst)
+}
+
+/// Uploads the `crop` region of a 4:2:0 frame (I420: planes Y, U, V; NV12: planes Y, UV) and
+/// converts it to u8 (h, w, 3) RGB on `device` (chroma upsampled by pixel repetition).
+#[allow(clippy::too_many_arguments)] // the planes, their geometry and the target, all needed
+pub fn upload_yuv420(
+    planes: &[&[u8]],
+    strides: &[usize],
+    width: u32,
+    height: u32,
+    nv12: bool,
+    m: YuvMatrix,
+    crop: Crop,
+    device: Device,
+) -> Result<Tensor, TchError> {
+    let need = if nv12 { 2 } else { 3 };
+    if planes.len() < need || strides.len() < need {
+        return Err(TchError::Convert(format!("{need} planes expected")));
+    }
+    // Luma region aligned to even coordinates so it starts on a chroma sample.
+    let (x0, y0) = (crop.x & !1, crop.y & !1);
+    let (x1, y1) = (crop.x + crop.w, crop.y + crop.h);
+    let (lw, lh) = (x1 - x0, y1 - y0);
+    let (cx0, cy0) = (x0 / 2, y0 / 2);
+    let (cw, ch) = ((x1 + 1) / 2 - cx0, (y1 + 1) / 2 - cy0);
+    let (pw, ph) = (width.div_ceil(2), height.div_ceil(2));
+    let y = plane_region(
+        planes[0],
+        strides[0],
+        (width, height, 1),
+        (x0, y0, lw, lh),
+        device,
+    )?
+    .f_squeeze_dim(2)?
+    .f_to_kind(Kind::Float)?;
+    let (u, v) = if nv12 {
+        let uv = plane_region(
+            planes[1],
+            strides[1],
+            (pw, ph, 2),
+            (cx0, cy0, cw, ch),
+            device,
+        )?
+        .f_to_kind(Kind::Float)?;
+        (uv.f_select(2, 0)?, uv.f_select(2, 1)?)
+    } else {
+        let u = plane_region(
+            planes[1],
+            strides[1],
+            (pw, ph, 1),
+            (cx0, cy0, cw, ch),
+            device,
+        )?;
+        let v = plane_region(
+            planes[2],
+            strides[2],
+            (pw, ph, 1),
+            (cx0, cy0, cw, ch),
+            device,
+        )?;
+        (
+            u.f_squeeze_dim(2)?.f_to_kind(Kind::Float)?,
+            v.f_squeeze_dim(2)?.f_to_kind(Kind::Float)?,
+        )
+    };
+    let up = |c: Tensor| -> Result<Tensor, TchError> {
+        c.f_repeat_interleave_self_int(2, 0, None)?
+            .f_repeat_interleave_self_int(2, 1, None)?
+            .f_narrow(0, 0, lh)?
+            .f_narrow(1, 0, lw)
+    };
+    let (u, v) = (up(u)?, up(v)?);
+    let (y, u, v) = if m.full_range {
+        (y, u.f_sub_scalar(128.0)?, v.f_sub_scalar(128.0)?)
+    } else {
+        (
+            y.f_sub_scalar(16.0)?.f_mul_scalar(255.0 / 219.0)?,
+            u.f_sub_scalar(128.0)?.f_mul_scalar(255.0 / 224.0)?,
+            v.f_sub_scalar(128.0)?.f_mul_scalar(255.0 / 224.0)?,
+        )
+    };
+    let kg = 1.0 - m.kr - m.kb;
+    let r = y.f_add(&v.f_mul_scalar(2.0 * (1.0 - m.kr))?)?;
+    let g = y
+        .f_sub(&u.f_mul_scalar(2.0 * m.kb * (1.0 - m.kb) / kg)?)?
+        .f_sub(&v.f_mul_scalar(2.0 * m.kr * (1.0 - m.kr) / kg)?)?;
+    let b = y.f_add(&u.f_mul_scalar(2.0 * (1.0 - m.kb))?)?;
+    Tensor::f_stack(&[r, g, b], 2)?
+        .f_narrow(0, crop.y - y0, crop.h)?
+        .f_narrow(1, crop.x - x0, crop.w)?
+        .f_round_()?
+        .f_clamp_(0.0, 255.0)?
+        .f_to_kind(Kind::Uint8)
 }
 
 /// Uploads the `crop` region of a packed frame to `device` as an owned u8 tensor (h, w, 3) RGB.

@@ -73,6 +73,11 @@ fn caps(format: &str, w: u32, h: u32) -> gst::Caps {
 
 /// appsrc ! aipipeline (props) ! fakesink, recording caps, buffers and our events in order.
 fn rig(props: &[(&str, &str)], in_caps: &gst::Caps) -> Rig {
+    rig_with(props, in_caps, None)
+}
+
+/// Like `rig`, with `videoconvert ! video/x-raw,format=<convert>` before aipipeline.
+fn rig_with(props: &[(&str, &str)], in_caps: &gst::Caps, convert: Option<&str>) -> Rig {
     init();
     let pipeline = gst::Pipeline::new();
     let src = gst_app::AppSrc::builder()
@@ -893,4 +898,47 @@ fn manifest_extra_inputs_and_status_notify() {
     r.push(rgb_buffer(384, 384, 0, |_, _| [100, 100, 100]));
     assert_all(&r.next_buffer(), 384, 384, 1, |_, _| [164, 164, 164]);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn i420_and_nv12_are_converted_on_the_device() {
+    const COLOURS: [[u8; 3]; 8] = [
+        [200, 30, 30],
+        [30, 200, 30],
+        [30, 30, 200],
+        [220, 220, 40],
+        [128, 128, 128],
+        [20, 20, 20],
+        [235, 235, 235],
+        [90, 160, 210],
+    ];
+    let block = |bx: u32, by: u32| COLOURS[((bx + by * 4) % 8) as usize];
+    for format in ["I420", "NV12"] {
+        // RGB 640x480 -> videoconvert -> YUV 4:2:0 -> aipipeline (cover+crop to the centre
+        // 480x480, scaled to 384x384) -> RGB. The centre holds 4x4 blocks of 120 px.
+        let r = rig_with(&[("params", S384)], &caps("RGB", 640, 480), Some(format));
+        r.play();
+        r.push(rgb_buffer(640, 480, 0, |x, y| {
+            if (80..560).contains(&x) {
+                block((x - 80) / 120, y / 120)
+            } else {
+                [0, 0, 0]
+            }
+        }));
+        let out = r.next_buffer();
+        for y in 0..384 {
+            for x in 0..384 {
+                // Skip pixels near block edges (chroma subsampling and scaling blur them).
+                if x % 96 < 4 || x % 96 > 91 || y % 96 < 4 || y % 96 > 91 {
+                    continue;
+                }
+                let want = block(x / 96, y / 96);
+                let got = px(&out, 384, x, y);
+                assert!(
+                    close(got, want, 4),
+                    "{format} ({x},{y}): got {got:?}, want {want:?}"
+                );
+            }
+        }
+    }
 }

@@ -281,7 +281,12 @@ impl AiPipeline {
             }
             EventView::Caps(c) => {
                 let info = match gst_video::VideoInfo::from_caps(c.caps()) {
-                    Ok(i) if frame::pixel_layout(i.format()).is_some() => i,
+                    Ok(i)
+                        if frame::pixel_layout(i.format()).is_some()
+                            || frame::YUV_FORMATS.contains(&i.format()) =>
+                    {
+                        i
+                    }
                     _ => {
                         gst::warning!(CAT, imp = self, "unsupported input caps {:?}", c.caps());
                         return false;
@@ -953,9 +958,7 @@ impl Worker {
         let Some(in_info) = self.in_info.clone() else {
             return Err(gst::FlowError::NotNegotiated);
         };
-        let Some(layout) = frame::pixel_layout(in_info.format()) else {
-            return Err(gst::FlowError::NotNegotiated);
-        };
+        let layout = frame::pixel_layout(in_info.format());
         let (w, h) = (self.active.width, self.active.height);
         let real = !self.loading && self.runner.is_some();
         let device = lock(&self.shared.ctrl).device.unwrap_or(tch::Device::Cpu);
@@ -978,20 +981,41 @@ impl Worker {
                 }
             };
             let crop = frame::cover_crop(vframe.width(), vframe.height(), w, h);
-            let stride = vframe.plane_stride()[0].max(0) as usize;
-            let data = match vframe.plane_data(0) {
-                Ok(d) => d,
-                Err(_) => return Ok(gst::FlowSuccess::Ok),
-            };
-            frame::upload_rgb(
-                data,
-                stride,
-                vframe.width(),
-                vframe.height(),
-                layout,
-                crop,
-                device,
-            )
+            let (vw, vh) = (vframe.width(), vframe.height());
+            let mut planes = Vec::with_capacity(3);
+            for i in 0..vframe.n_planes() {
+                match vframe.plane_data(i) {
+                    Ok(d) => planes.push(d),
+                    Err(_) => return Ok(gst::FlowSuccess::Ok),
+                }
+            }
+            let strides: Vec<usize> = vframe
+                .plane_stride()
+                .iter()
+                .map(|s| (*s).max(0) as usize)
+                .collect();
+            match (layout, planes.first()) {
+                (Some(layout), Some(data)) => frame::upload_rgb(
+                    data,
+                    strides.first().copied().unwrap_or(0),
+                    vw,
+                    vh,
+                    layout,
+                    crop,
+                    device,
+                ),
+                (Some(_), None) => return Ok(gst::FlowSuccess::Ok),
+                (None, _) => frame::upload_yuv420(
+                    &planes,
+                    &strides,
+                    vw,
+                    vh,
+                    in_info.format() == gst_video::VideoFormat::Nv12,
+                    frame::YuvMatrix::from_info(&in_info),
+                    crop,
+                    device,
+                ),
+            }
         };
         let result =
             rgb.map_err(model::FrameError::from)
@@ -1309,7 +1333,7 @@ impl ElementImpl for AiPipeline {
     fn pad_templates() -> &'static [gst::PadTemplate] {
         static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
             let sink_caps = gst_video::VideoCapsBuilder::new()
-                .format_list(frame::INPUT_FORMATS.iter().copied())
+                .format_list(frame::input_formats())
                 .build();
             let src_caps = gst_video::VideoCapsBuilder::new()
                 .format_list(frame::OUTPUT_FORMATS.iter().copied())
