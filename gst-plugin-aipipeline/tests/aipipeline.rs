@@ -92,8 +92,25 @@ fn rig_with(props: &[(&str, &str)], in_caps: &gst::Caps, convert: Option<&str>) 
         .property("sync", false)
         .build()
         .unwrap();
-    pipeline.add_many([src.upcast_ref(), &el, &sink]).unwrap();
-    gst::Element::link_many([src.upcast_ref(), &el, &sink]).unwrap();
+    let mut chain: Vec<gst::Element> = vec![src.clone().upcast()];
+    if let Some(format) = convert {
+        chain.push(gst::ElementFactory::make("videoconvert").build().unwrap());
+        chain.push(
+            gst::ElementFactory::make("capsfilter")
+                .property(
+                    "caps",
+                    gst::Caps::builder("video/x-raw")
+                        .field("format", format)
+                        .build(),
+                )
+                .build()
+                .unwrap(),
+        );
+    }
+    chain.push(el.clone());
+    chain.push(sink.clone());
+    pipeline.add_many(&chain).unwrap();
+    gst::Element::link_many(&chain).unwrap();
     let (tx, rx) = mpsc::channel();
     sink.static_pad("sink").unwrap().add_probe(
         gst::PadProbeType::BUFFER | gst::PadProbeType::EVENT_DOWNSTREAM,
@@ -926,6 +943,11 @@ fn i420_and_nv12_are_converted_on_the_device() {
             }
         }));
         let out = r.next_buffer();
+        let in_caps = r.el.static_pad("sink").unwrap().current_caps().unwrap();
+        assert_eq!(
+            in_caps.structure(0).unwrap().get::<&str>("format").unwrap(),
+            format
+        );
         for y in 0..384 {
             for x in 0..384 {
                 // Skip pixels near block edges (chroma subsampling and scaling blur them).
