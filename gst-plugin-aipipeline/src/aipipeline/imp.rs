@@ -111,6 +111,8 @@ struct Ctrl {
     good_params: Option<Params>,
     good_json: String,
     reload_gen: u64,
+    /// A reload was requested and the inference thread has not taken its result yet.
+    reload_pending: bool,
     reload_req: Option<(u64, Params)>,
     loader_running: bool,
     loaded: Option<(u64, Result<Runner, LoadError>)>,
@@ -409,6 +411,7 @@ impl AiPipeline {
         if reload {
             ctrl.model_params = Some(p.clone());
             ctrl.reload_gen = ctrl.params_gen;
+            ctrl.reload_pending = true;
             ctrl.reload_req = Some((ctrl.params_gen, p));
             if !ctrl.loader_running {
                 ctrl.loader_running = true;
@@ -427,7 +430,9 @@ impl AiPipeline {
                     return;
                 }
             }
-        } else {
+        } else if !ctrl.reload_pending {
+            // The model in service takes these params: they are the ones to restore if a
+            // later reload fails.
             ctrl.good_json = json.clone();
             ctrl.good_params = ctrl.params.clone();
         }
@@ -663,6 +668,7 @@ enum Notice {
     Loading(bool),
     Warning(String),
     Status(Status),
+    Latency,
 }
 
 impl Worker {
@@ -754,6 +760,7 @@ impl Worker {
             {
                 self.loading = false;
                 self.pending_online = true;
+                ctrl.reload_pending = false;
                 match res {
                     Ok(mut r) => {
                         let latest = ctrl.params.clone();
@@ -762,7 +769,12 @@ impl Worker {
                         {
                             notices.push(Notice::Warning(format!("Cannot apply params: {e}")));
                         }
-                        lock(&self.shared.stats).estimate = r.warmup_time();
+                        let new = r.warmup_time();
+                        let old = std::mem::replace(&mut lock(&self.shared.stats).estimate, new);
+                        if new.abs_diff(old) > Duration::from_millis(1).max(old / 5) {
+                            // Our processing latency changed: let the pipeline recompute it.
+                            notices.push(Notice::Latency);
+                        }
                         self.runner = Some(r);
                         ctrl.good_params = latest;
                         ctrl.good_json = ctrl.params_json.clone();
@@ -814,6 +826,11 @@ impl Worker {
                 }
                 Notice::Warning(w) => self.imp().post_warning(&w),
                 Notice::Status(s) => self.imp().set_status(s),
+                Notice::Latency => {
+                    let _ = self
+                        .element
+                        .post_message(gst::message::Latency::builder().src(&self.element).build());
+                }
             }
         }
     }
