@@ -656,3 +656,30 @@ fn spinner_and_age_follow_running_time_not_pts() {
     let a = gap_angle(&r, stride / 3, &g, 190);
     assert!(angle_diff(a, 225.0) < 12.0, "gap at {a:.1}°");
 }
+
+#[test]
+fn new_size_while_loading_uses_grey_and_untimed_buffers_are_drawn() {
+    let mut f = fixture("RGB", 64, 64);
+    f.h.push(frame(&f.info, ms(0), rgb_pattern)).expect("push");
+    f.h.pull().expect("pull");
+    assert!(f.h.push_event(loading_event("sd", "resize", true)));
+    // Renegotiate to 96x80: the last real frame (64x64) is not of the same size.
+    let caps = "video/x-raw,format=RGB,width=96,height=80,framerate=24/1";
+    f.h.set_src_caps_str(caps);
+    let info =
+        gst_video::VideoInfo::from_caps(&caps.parse::<gst::Caps>().expect("caps")).expect("info");
+    f.h.push(frame(&info, ms(40), |_, _, _| 255)).expect("push");
+    let out = f.h.pull().expect("pull");
+    assert_eq!(out.size(), info.size());
+    let (dst, stride) = plane(&out, &info, 0);
+    assert!((0..96 * 3).all(|i| (i32::from(dst[stride + i]) - 83).abs() <= 1));
+    assert!(drawing_message(&f.bus).0);
+
+    // A buffer without timestamps is still replaced (spinner from the last known time).
+    let mut untimed = frame(&info, ms(0), |_, _, _| 255);
+    untimed.make_mut().set_pts(gst::ClockTime::NONE);
+    f.h.push(untimed).expect("push");
+    let (dst, stride) = plane(&f.h.pull().expect("pull"), &info, 0);
+    assert!((0..96 * 3).all(|i| (i32::from(dst[stride + i]) - 83).abs() <= 1));
+    no_message(&f.bus);
+}
