@@ -91,7 +91,15 @@ impl Runner {
             err: e.to_string(),
         })?;
         if half {
-            module.to(device, Kind::Half, false);
+            // CModule::to has no fallible variant: turn its panic on a C++ exception into an
+            // error.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                module.to(device, Kind::Half, false)
+            }))
+            .map_err(|_| LoadError::Load {
+                path: path.clone(),
+                err: "cannot convert the model to fp16 on this device; use precision=fp32".into(),
+            })?;
         }
         let mut m = TorchModel {
             module,

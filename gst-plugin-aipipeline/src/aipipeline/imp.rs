@@ -999,18 +999,21 @@ impl Worker {
             };
             let crop = frame::cover_crop(vframe.width(), vframe.height(), w, h);
             let (vw, vh) = (vframe.width(), vframe.height());
-            let mut planes = Vec::with_capacity(3);
-            for i in 0..vframe.n_planes() {
-                match vframe.plane_data(i) {
-                    Ok(d) => planes.push(d),
+            // At most 3 planes (I420); fixed arrays keep the hot path free of allocations.
+            let mut planes: [&[u8]; 3] = [&[]; 3];
+            let mut strides = [0usize; 3];
+            let n = (vframe.n_planes() as usize).min(3);
+            for (i, (plane, stride)) in planes.iter_mut().zip(&mut strides).take(n).enumerate() {
+                match vframe.plane_data(i as u32) {
+                    Ok(d) => *plane = d,
                     Err(_) => return Ok(gst::FlowSuccess::Ok),
                 }
+                *stride = vframe
+                    .plane_stride()
+                    .get(i)
+                    .map_or(0, |s| (*s).max(0) as usize);
             }
-            let strides: Vec<usize> = vframe
-                .plane_stride()
-                .iter()
-                .map(|s| (*s).max(0) as usize)
-                .collect();
+            let (planes, strides) = (&planes[..n], &strides[..n]);
             match (layout, planes.first()) {
                 (Some(layout), Some(data)) => frame::upload_rgb(
                     data,
@@ -1023,8 +1026,8 @@ impl Worker {
                 ),
                 (Some(_), None) => return Ok(gst::FlowSuccess::Ok),
                 (None, _) => frame::upload_yuv420(
-                    &planes,
-                    &strides,
+                    planes,
+                    strides,
                     vw,
                     vh,
                     in_info.format() == gst_video::VideoFormat::Nv12,
