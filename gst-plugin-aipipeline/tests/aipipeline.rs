@@ -964,3 +964,28 @@ fn i420_and_nv12_are_converted_on_the_device() {
         }
     }
 }
+
+#[test]
+fn drain_query_waits_for_the_mailbox() {
+    init();
+    let dir = testdata().to_string_lossy().into_owned();
+    let el = gst::ElementFactory::make("aipipeline")
+        .property("pipelines-dir", dir.as_str())
+        .property("pipeline", "convnet")
+        .property("params", S384)
+        .build()
+        .unwrap();
+    let mut h = gst_check::Harness::with_element(&el, Some("sink"), Some("src"));
+    h.set_src_caps(caps("RGB", 384, 384));
+    for i in 0..3u64 {
+        h.push(rgb_buffer(384, 384, i * 41, pattern)).unwrap();
+    }
+    // Once the drain query returns, every frame is out (or was replaced): nothing is held.
+    let mut q = gst::query::Drain::new();
+    assert!(el.static_pad("sink").unwrap().query(&mut q));
+    let stats = el.property::<gst::Structure>("stats");
+    let out = stats.get::<u64>("frames-out").unwrap();
+    let drops = stats.get::<u64>("queue-drops").unwrap();
+    assert_eq!(out + drops, 3);
+    assert_eq!(h.buffers_in_queue(), out as u32);
+}

@@ -309,6 +309,16 @@ impl AiPipeline {
                 q.add_allocation_meta::<gst_video::VideoMeta>(None);
                 true
             }
+            QueryViewMut::Drain(_) => {
+                // Upstream wants its buffers back: let the mailbox empty first.
+                {
+                    let mut mb = lock(&self.shared.mailbox);
+                    while (mb.busy || !mb.items.is_empty()) && !mb.flushing && !mb.shutdown {
+                        mb = self.shared.cond.wait(mb).unwrap();
+                    }
+                }
+                gst::Pad::query_default(pad, Some(&*self.obj()), query)
+            }
             QueryViewMut::Caps(q) => {
                 let templ = pad.pad_template_caps();
                 let caps = match q.filter() {
