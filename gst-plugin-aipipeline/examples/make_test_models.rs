@@ -84,5 +84,14 @@ fn main() -> anyhow::Result<()> {
     trace(&dir, "badshape.pt", &[frame.shallow_clone()], &mut |xs| {
         xs[0].mean_dim(3, true, Kind::Float)
     })?;
+    // failsbright: out = x, but it indexes a 5-entry table with floor(10 * max(x)), so a frame
+    // brighter than 0.5 fails at run time (index out of range) while darker ones (and the
+    // all-zero warm-up frame) pass: a model for per-frame error handling.
+    let table = Tensor::zeros([5], (Kind::Float, Device::Cpu));
+    let dark = &frame * 0.1;
+    trace(&dir, "failsbright.pt", &[dark], &mut |xs| {
+        let idx = (xs[0].max() * 10.0).to_kind(Kind::Int64).reshape([1]);
+        &xs[0] + table.index_select(0, &idx)
+    })?;
     Ok(())
 }

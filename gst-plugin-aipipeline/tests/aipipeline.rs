@@ -989,3 +989,41 @@ fn drain_query_waits_for_the_mailbox() {
     assert_eq!(out + drops, 3);
     assert_eq!(h.buffers_in_queue(), out as u32);
 }
+
+#[test]
+fn a_failing_frame_is_reported_and_skipped_and_the_stream_goes_on() {
+    let dir = testdata().to_string_lossy().into_owned();
+    let r = rig(
+        &[("pipelines-dir", &dir), ("pipeline", "failsbright")],
+        &caps("RGB", 384, 384),
+    );
+    r.play();
+    let dark = |_, _| [40u8, 60, 80];
+    r.push(rgb_buffer(384, 384, 0, dark));
+    assert_all(&r.next_buffer(), 384, 384, 1, dark);
+    // Bright frame: the model fails at run time (index out of range).
+    r.push(rgb_buffer(384, 384, 41, |_, _| [250, 250, 250]));
+    let text = r.warning_text();
+    assert!(
+        text.contains("Pipeline 'failsbright' failed on a frame") && text.contains("frame skipped"),
+        "{text}"
+    );
+    r.push(rgb_buffer(384, 384, 82, dark));
+    let mut got = None;
+    while got.is_none() {
+        match r.next() {
+            Rec::Buffer { pts, data, .. } => got = Some((pts, data)),
+            Rec::Caps(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let (pts, data) = got.unwrap();
+    assert_eq!(
+        pts,
+        Some(gst::ClockTime::from_mseconds(82)),
+        "the failed frame must be skipped"
+    );
+    assert_all(&data, 384, 384, 1, dark);
+    let stats = r.el.property::<gst::Structure>("stats");
+    assert_eq!(stats.get::<u64>("errors").unwrap(), 1);
+}
