@@ -218,34 +218,41 @@ pub fn upload_yuv420(
             v.f_squeeze_dim(2)?.f_to_kind(Kind::Float)?,
         )
     };
-    let up = |c: Tensor| -> Result<Tensor, TchError> {
-        c.f_repeat_interleave_self_int(2, 0, None)?
-            .f_repeat_interleave_self_int(2, 1, None)?
-            .f_narrow(0, 0, lh)?
-            .f_narrow(1, 0, lw)
-    };
-    let (u, v) = (up(u)?, up(v)?);
     let (y, u, v) = if m.full_range {
         (y, u.f_sub_scalar(128.0)?, v.f_sub_scalar(128.0)?)
     } else {
         (
-            y.f_sub_scalar(16.0)?.f_mul_scalar(255.0 / 219.0)?,
-            u.f_sub_scalar(128.0)?.f_mul_scalar(255.0 / 224.0)?,
-            v.f_sub_scalar(128.0)?.f_mul_scalar(255.0 / 224.0)?,
+            y.f_sub_scalar(16.0)?.f_mul_scalar_(255.0 / 219.0)?,
+            u.f_sub_scalar(128.0)?.f_mul_scalar_(255.0 / 224.0)?,
+            v.f_sub_scalar(128.0)?.f_mul_scalar_(255.0 / 224.0)?,
         )
     };
+    // The chroma part of R, G, B at chroma resolution (a quarter of the pixels), then
+    // upsampled by repetition and added to luma: most of the arithmetic stays small.
     let kg = 1.0 - m.kr - m.kb;
-    let r = y.f_add(&v.f_mul_scalar(2.0 * (1.0 - m.kr))?)?;
-    let g = y
-        .f_sub(&u.f_mul_scalar(2.0 * m.kb * (1.0 - m.kb) / kg)?)?
-        .f_sub(&v.f_mul_scalar(2.0 * m.kr * (1.0 - m.kr) / kg)?)?;
-    let b = y.f_add(&u.f_mul_scalar(2.0 * (1.0 - m.kb))?)?;
-    Tensor::f_stack(&[r, g, b], 2)?
+    let cr = v.f_mul_scalar(2.0 * (1.0 - m.kr))?;
+    let cg = u
+        .f_mul_scalar(-2.0 * m.kb * (1.0 - m.kb) / kg)?
+        .f_sub_(&v.f_mul_scalar(2.0 * m.kr * (1.0 - m.kr) / kg)?)?;
+    let cb = u.f_mul_scalar(2.0 * (1.0 - m.kb))?;
+    // 2x upsampling by repetition: nearest-neighbour on a channels-last (1, 3, ch, cw) view,
+    // back to (2ch, 2cw, 3).
+    let mut rgb = Tensor::f_stack(&[cr, cg, cb], 2)?
+        .f_permute([2, 0, 1])?
+        .f_unsqueeze(0)?
+        .f_upsample_nearest2d([ch * 2, cw * 2], None, None)?
+        .f_squeeze_dim(0)?
+        .f_permute([1, 2, 0])?
+        .f_narrow(0, 0, lh)?
+        .f_narrow(1, 0, lw)?;
+    rgb.f_add_(&y.f_unsqueeze(2)?)?
         .f_narrow(0, crop.y - y0, crop.h)?
         .f_narrow(1, crop.x - x0, crop.w)?
-        .f_round_()?
+        .f_round()?
         .f_clamp_(0.0, 255.0)?
-        .f_to_kind(Kind::Uint8)
+        .f_to_kind(Kind::Uint8)?
+        // Interleaved (h, w, 3) memory, as for packed input (the upsampling may return planes).
+        .f_contiguous()
 }
 
 /// Uploads the `crop` region of a packed frame to `device` as an owned u8 tensor (h, w, 3) RGB.
