@@ -1027,3 +1027,33 @@ fn a_failing_frame_is_reported_and_skipped_and_the_stream_goes_on() {
     let stats = r.el.property::<gst::Structure>("stats");
     assert_eq!(stats.get::<u64>("errors").unwrap(), 1);
 }
+
+#[test]
+fn noop_applies_a_new_size_at_once_without_loading_events() {
+    let r = rig(&[("params", S384)], &caps("RGB", 640, 640));
+    r.play();
+    r.push(rgb_buffer(640, 640, 0, |_, _| [1, 2, 3]));
+    assert_eq!(r.next_buffer().len(), 384 * 384 * 3);
+    r.el.set_property("params", r#"{"width": 448, "height": 512}"#);
+    r.push(rgb_buffer(640, 640, 41, |_, _| [1, 2, 3]));
+    let mut recs = Vec::new();
+    loop {
+        let rec = r.next();
+        let done = matches!(rec, Rec::Buffer { .. });
+        recs.push(rec);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        matches!(&recs[0], Rec::Caps(c) if c.structure(0).unwrap().get::<i32>("width") == Ok(448)
+            && c.structure(0).unwrap().get::<i32>("height") == Ok(512)),
+        "{recs:?}"
+    );
+    assert_eq!(recs.len(), 2, "no loading/online events for noop: {recs:?}");
+    let Some(Rec::Buffer { data, .. }) = recs.last() else {
+        unreachable!()
+    };
+    assert_eq!(data.len(), 448 * 512 * 3);
+    assert_all(data, 448, 512, 0, |_, _| [1, 2, 3]);
+}
