@@ -1128,18 +1128,23 @@ impl Worker {
         self.imp().srcpad.push(outbuf)
     }
 
+    /// Every stats interval (1 s when the message is off): computes the rates, posts the
+    /// `aipipeline-stats` message (unless off) and, when frames take clearly longer than the
+    /// latency we announced, raises the estimate and asks the pipeline to recompute latency.
     fn post_stats(&mut self, force: bool) {
-        if self.stats_interval.is_zero() {
-            return;
-        }
+        let interval = if self.stats_interval.is_zero() {
+            Duration::from_secs(1)
+        } else {
+            self.stats_interval
+        };
         let now = Instant::now();
         let elapsed = now.duration_since(self.last_stats);
-        if !force && elapsed < self.stats_interval {
+        if !force && elapsed < interval {
             return;
         }
         self.last_stats = now;
         let status = *lock(&self.shared.status);
-        let s = {
+        let (s, latency_changed) = {
             let mut st = lock(&self.shared.stats);
             let secs = elapsed.as_secs_f64().max(1e-3);
             st.in_fps = st.window_in as f64 / secs;
@@ -1147,12 +1152,29 @@ impl Worker {
             st.window_in = 0;
             st.window_out = 0;
             st.window_start = Some(now);
-            st.structure(status)
+            let p95 = Duration::from_secs_f64(st.percentile(0.95) / 1000.0);
+            let changed = p95 > st.estimate + Duration::from_millis(1).max(st.estimate / 2);
+            if changed {
+                st.estimate = p95;
+            }
+            (st.structure(status), changed)
         };
-        let _ = self
-            .element
-            .post_message(gst::message::Element::builder(s).src(&self.element).build());
-        self.element.notify("stats");
+        if !self.stats_interval.is_zero() {
+            let _ = self
+                .element
+                .post_message(gst::message::Element::builder(s).src(&self.element).build());
+            self.element.notify("stats");
+        }
+        if latency_changed {
+            gst::info!(
+                CAT,
+                obj = self.element,
+                "processing takes longer than announced: new latency"
+            );
+            let _ = self
+                .element
+                .post_message(gst::message::Latency::builder().src(&self.element).build());
+        }
     }
 }
 
