@@ -40,7 +40,6 @@ fn temp_file(tag: &str, contents: &[u8]) -> PathBuf {
 }
 
 /// What reached the sink, in order.
-#[derive(Debug)]
 enum Rec {
     Caps(gst::Caps),
     Buffer {
@@ -51,6 +50,18 @@ enum Rec {
     Loading(gst::Structure),
     Online(gst::Structure),
     Eos,
+}
+
+impl std::fmt::Debug for Rec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rec::Caps(c) => write!(f, "Caps({c})"),
+            Rec::Buffer { pts, data, .. } => write!(f, "Buffer({pts:?}, {} bytes)", data.len()),
+            Rec::Loading(s) => write!(f, "Loading({s})"),
+            Rec::Online(s) => write!(f, "Online({s})"),
+            Rec::Eos => write!(f, "Eos"),
+        }
+    }
 }
 
 struct Rig {
@@ -1056,4 +1067,72 @@ fn noop_applies_a_new_size_at_once_without_loading_events() {
     };
     assert_eq!(data.len(), 448 * 512 * 3);
     assert_all(data, 448, 512, 0, |_, _| [1, 2, 3]);
+}
+
+/// Writes a TorchScript model computing 1 - x slowly (many element-wise ops), so that its
+/// warm-up at 1024x1024 takes far longer than passing a frame through.
+fn slow_invert_model() -> PathBuf {
+    let path = temp_file("slow-invert.pt", b"");
+    let mut f = |xs: &[tch::Tensor]| {
+        let mut y = xs[0].shallow_clone();
+        for _ in 0..40 {
+            y = (y + 1.0) - 1.0;
+        }
+        vec![y.neg() + 1.0]
+    };
+    let x = tch::Tensor::zeros([1, 8, 8, 3], (tch::Kind::Float, tch::Device::Cpu));
+    let m = tch::CModule::create_by_tracing("SlowInvert", "forward", &[x], &mut f).unwrap();
+    m.save(&path).unwrap();
+    path
+}
+
+#[test]
+fn frames_pass_through_unprocessed_at_the_new_size_while_loading() {
+    let slow = slow_invert_model();
+    let r = rig(
+        &[
+            ("pipeline", "torchscript"),
+            ("model", &model("identity.pt")),
+            ("params", S384),
+        ],
+        &caps("RGB", 1024, 1024),
+    );
+    r.play();
+    let input = |x: u32, y: u32| [(x / 4) as u8, (y / 4) as u8, 77];
+    r.push(rgb_buffer(1024, 1024, 0, input));
+    assert_eq!(r.next_buffer().len(), 384 * 384 * 3);
+    let json = format!(
+        r#"{{"width": 1024, "height": 1024, "model": "{}"}}"#,
+        slow.display()
+    );
+    r.el.set_property("params", json.as_str());
+    // The next frame comes out at once while the slow model warms up (3 runs at 1024x1024):
+    // the loading event, caps at the new size, then the frame, unprocessed.
+    r.push(rgb_buffer(1024, 1024, 41, input));
+    let mut recs = Vec::new();
+    while !matches!(recs.last(), Some(Rec::Buffer { .. })) {
+        recs.push(r.next());
+    }
+    assert_eq!(recs.len(), 3, "{recs:?}");
+    assert!(matches!(&recs[0], Rec::Loading(_)), "{recs:?}");
+    assert!(
+        matches!(&recs[1], Rec::Caps(c) if c.structure(0).unwrap().get::<i32>("width") == Ok(1024)),
+        "{recs:?}"
+    );
+    let Some(Rec::Buffer { data, .. }) = recs.last() else {
+        unreachable!()
+    };
+    assert_all(data, 1024, 1024, 0, input);
+    let passthrough =
+        r.el.property::<gst::Structure>("stats")
+            .get::<u64>("frames-passthrough")
+            .unwrap();
+    assert!(passthrough >= 1);
+    // Then the new model comes online and its output follows.
+    let recs = run_until_online(&r, 1024, 1);
+    let Some(Rec::Buffer { data, .. }) = recs.last() else {
+        unreachable!()
+    };
+    assert_all(data, 1024, 1024, 1, |x, y| pattern(x, y).map(|v| 255 - v));
+    let _ = std::fs::remove_file(slow);
 }
