@@ -84,6 +84,10 @@ fn main() -> anyhow::Result<()> {
     trace(&dir, "badshape.pt", &[frame.shallow_clone()], &mut |xs| {
         xs[0].mean_dim(3, true, Kind::Float)
     })?;
+    // baddtype: returns 8-bit integers (wrong dtype for the frame contract).
+    trace(&dir, "baddtype.pt", &[frame.shallow_clone()], &mut |xs| {
+        (&xs[0] * 255.0).to_kind(Kind::Uint8)
+    })?;
     // failsbright: out = x, but it indexes a 5-entry table with floor(10 * max(x)), so a frame
     // brighter than 0.5 fails at run time (index out of range) while darker ones (and the
     // all-zero warm-up frame) pass: a model for per-frame error handling.

@@ -665,6 +665,15 @@ fn bad_configuration_fails_start_with_a_clear_error() {
         "{text}"
     );
 
+    let text = start_error(&[
+        ("pipeline", "torchscript"),
+        ("model", &model("baddtype.pt")),
+    ]);
+    assert!(
+        text.contains("dtype") && text.contains("baddtype.pt"),
+        "{text}"
+    );
+
     let text = start_error(&[("pipelines-dir", &dir), ("pipeline", "nosuchpipeline")]);
     assert!(
         text.contains("Unknown pipeline 'nosuchpipeline'") && text.contains("invert"),
