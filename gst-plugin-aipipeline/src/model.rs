@@ -24,6 +24,8 @@ pub enum LoadError {
     Warmup { path: PathBuf, err: FrameError },
     #[error("pipeline '{pipeline}': {msg}")]
     Params { pipeline: String, msg: String },
+    #[error("cannot start the model loader thread: {0}")]
+    Thread(String),
 }
 
 /// Why one frame could not be processed (a warning; the frame is skipped).

@@ -127,7 +127,6 @@ struct Stats {
     drops: u64,
     errors: u64,
     latencies_ms: VecDeque<f64>,
-    window_start: Option<Instant>,
     window_in: u64,
     window_out: u64,
     in_fps: f64,
@@ -433,11 +432,12 @@ impl AiPipeline {
                     .name("aipipeline-loader".into())
                     .spawn(move || loader(shared, session, def, device, half));
                 if let Err(e) = spawned {
+                    // Report it as a failed load: the inference thread restores the previous
+                    // params and warns, as for any failed reload.
                     ctrl.loader_running = false;
                     ctrl.reload_req = None;
-                    drop(ctrl);
-                    self.post_warning(&format!("Cannot start the model loader thread: {e}"));
-                    return;
+                    let failed = (ctrl.reload_gen, Err(LoadError::Thread(e.to_string())));
+                    ctrl.loaded = Some(failed);
                 }
             }
         } else if !ctrl.reload_pending {
@@ -1151,7 +1151,6 @@ impl Worker {
             st.out_fps = st.window_out as f64 / secs;
             st.window_in = 0;
             st.window_out = 0;
-            st.window_start = Some(now);
             let p95 = Duration::from_secs_f64(st.percentile(0.95) / 1000.0);
             let changed = p95 > st.estimate + Duration::from_millis(1).max(st.estimate / 2);
             if changed {
@@ -1187,14 +1186,11 @@ impl ObjectSubclass for AiPipeline {
     fn with_class(klass: &Self::Class) -> Self {
         let templ = klass.pad_template("sink").unwrap();
         let sinkpad = gst::Pad::builder_from_template(&templ)
-            .chain_function(|pad, parent, buffer| {
+            .chain_function(|_pad, parent, buffer| {
                 AiPipeline::catch_panic_pad_function(
                     parent,
                     || Err(gst::FlowError::Error),
-                    |imp| {
-                        let _ = pad;
-                        imp.sink_chain(buffer)
-                    },
+                    |imp| imp.sink_chain(buffer),
                 )
             })
             .event_function(|pad, parent, event| {
