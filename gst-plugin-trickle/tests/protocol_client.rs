@@ -644,3 +644,38 @@ async fn many_segments_stream_in_order_without_loss() {
     }
     bounded("close", publisher.close()).await.unwrap();
 }
+
+#[tokio::test]
+async fn next_segment_is_cancel_safe() {
+    let h = start(ServerConfig::default()).await;
+    h.server().create_channel("cancel", "video/MP2T").unwrap();
+    let url = h.url("cancel");
+    let mut sub = Subscriber::new(&url, sub_config(0)).unwrap();
+    // The reader keeps abandoning next_segment() after 1 ms (as an element polling for a
+    // flush would); no segment may be lost or reordered. (5 segments: the ring keeps them
+    // all, so a slow reader can never be resynced past one.)
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            match tokio::time::timeout(Duration::from_millis(1), sub.next_segment()).await {
+                Err(_) => continue,
+                Ok(r) => {
+                    let seg = r.unwrap().unwrap();
+                    got.push((seg.seq(), body(seg).await));
+                }
+            }
+        }
+        got
+    });
+    let mut publisher = Publisher::new(&url, pub_config()).unwrap();
+    for i in 0..5u8 {
+        let mut w = publisher.begin_segment().await.unwrap();
+        w.write(Bytes::from(vec![i; 3])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        w.write(Bytes::from(vec![i; 3])).await.unwrap();
+        w.finish().await.unwrap();
+    }
+    let got = bounded("reader", reader).await.unwrap();
+    let want: Vec<(i64, Vec<u8>)> = (0..5u8).map(|i| (i as i64, vec![i; 6])).collect();
+    assert_eq!(got, want);
+}

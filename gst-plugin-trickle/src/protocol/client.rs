@@ -195,6 +195,15 @@ struct PendingGet {
     task: RespTask,
 }
 
+/// A 200 response whose first chunk is being awaited.
+#[derive(Debug)]
+struct Peek {
+    served: i64,
+    latest: Option<i64>,
+    seg_url: String,
+    resp: reqwest::Response,
+}
+
 /// Reads a channel segment by segment, in order, preconnecting the next one.
 #[derive(Debug)]
 pub struct Subscriber {
@@ -203,6 +212,7 @@ pub struct Subscriber {
     config: SubscriberConfig,
     seq: i64,
     pending: Option<PendingGet>,
+    peek: Option<Peek>,
     failures: u32,
     discont: bool,
     ended: bool,
@@ -250,6 +260,7 @@ impl Subscriber {
             seq: config.start_seq,
             config,
             pending: None,
+            peek: None,
             failures: 0,
             discont: false,
             ended: false,
@@ -291,6 +302,54 @@ impl Subscriber {
         loop {
             if self.ended {
                 return Ok(None);
+            }
+            if let Some(peek) = self.peek.as_mut() {
+                let first = peek.resp.chunk().await;
+                let Some(peek) = self.peek.take() else {
+                    continue;
+                };
+                let served = peek.served;
+                let failure = match first {
+                    Ok(Some(first)) => {
+                        self.failures = 0;
+                        let discont = std::mem::take(&mut self.discont);
+                        tracing::debug!(url = %peek.seg_url, seq = served, latest = ?peek.latest, discont, "segment");
+                        return Ok(Some(SubscribedSegment {
+                            url: format!("{}/{served}", self.url),
+                            seq: served,
+                            latest: peek.latest,
+                            discont,
+                            content_type: peek
+                                .resp
+                                .headers()
+                                .get(reqwest::header::CONTENT_TYPE)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_owned),
+                            first: Some(first),
+                            resp: Some(peek.resp),
+                        }));
+                    }
+                    Ok(None) => {
+                        self.failures = 0;
+                        tracing::debug!(url = %peek.seg_url, seq = served, "empty segment skipped");
+                        self.discont = true;
+                        continue;
+                    }
+                    Err(e) => {
+                        // Failed before the first byte: ask for the same seq again.
+                        self.cancel_pending();
+                        if served >= 0 {
+                            self.seq = served;
+                        }
+                        describe(&e)
+                    }
+                };
+                self.failures += 1;
+                if self.failures >= self.config.max_retries.max(1) {
+                    return Err(self.exhausted(&peek.seg_url, failure));
+                }
+                tokio::time::sleep(self.config.retry_pause).await;
+                continue;
             }
             let seq = self.seq;
             let seg_url = format!("{}/{seq}", self.url);
@@ -353,40 +412,15 @@ impl Subscriber {
                             }
                             None => self.seq = -1,
                         }
-                        let served = served.unwrap_or(seq);
-                        let mut resp = resp;
-                        match resp.chunk().await {
-                            Ok(Some(first)) => {
-                                self.failures = 0;
-                                let discont = std::mem::take(&mut self.discont);
-                                tracing::debug!(url = %seg_url, seq = served, ?latest, discont, "segment");
-                                return Ok(Some(SubscribedSegment {
-                                    url: format!("{}/{served}", self.url),
-                                    seq: served,
-                                    latest,
-                                    discont,
-                                    content_type: resp
-                                        .headers()
-                                        .get(reqwest::header::CONTENT_TYPE)
-                                        .and_then(|v| v.to_str().ok())
-                                        .map(str::to_owned),
-                                    first: Some(first),
-                                    resp: Some(resp),
-                                }));
-                            }
-                            Ok(None) => {
-                                self.failures = 0;
-                                tracing::debug!(url = %seg_url, seq = served, "empty segment skipped");
-                                self.discont = true;
-                                continue;
-                            }
-                            Err(e) => {
-                                // Failed before the first byte: ask for the same seq again.
-                                self.cancel_pending();
-                                self.seq = if served >= 0 { served } else { seq };
-                                describe(&e)
-                            }
-                        }
+                        // Peek at the first chunk (kept in `self`, so a cancelled call loses
+                        // nothing): an empty body is a skipped segment.
+                        self.peek = Some(Peek {
+                            served: served.unwrap_or(seq),
+                            latest,
+                            seg_url: seg_url.clone(),
+                            resp,
+                        });
+                        continue;
                     } else {
                         format!("HTTP {status}: {}", error_body(resp).await)
                     }
