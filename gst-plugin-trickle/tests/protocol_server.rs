@@ -726,3 +726,22 @@ async fn waiting_subscriber_that_disconnects_is_dropped() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn extreme_seqs_do_not_break_the_server() {
+    let h = start_dev().await;
+    let max = i64::MAX;
+    let r = post(&h.url(&format!("ext/{max}")), b"x").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(hdr(&r, "lp-trickle-seq"), Some(max.to_string()));
+    let r = get(&h.url(&format!("ext/{max}"))).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(&r.bytes().await.unwrap()[..], b"x");
+    // Beyond i64 is not an integer seq.
+    assert_eq!(get(&h.url("ext/99999999999999999999")).await.status(), 400);
+    assert_eq!(
+        get(&h.url(&format!("ext/{}", i64::MIN))).await.status(),
+        400
+    );
+    assert_eq!(post(&h.url("ext/0"), b"ok").await.status(), 200);
+}

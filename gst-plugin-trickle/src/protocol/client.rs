@@ -407,8 +407,8 @@ impl Subscriber {
                         let latest = header_i64(&resp, HEADER_LATEST);
                         match served {
                             Some(s) => {
-                                self.seq = s + 1;
-                                self.pending = Some(self.spawn_get(s + 1));
+                                self.seq = s.saturating_add(1);
+                                self.pending = Some(self.spawn_get(s.saturating_add(1)));
                             }
                             None => self.seq = -1,
                         }
@@ -820,7 +820,7 @@ impl Publisher {
             }
         }
         let seq = post.seq;
-        self.next_seq = seq + 1;
+        self.next_seq = seq.saturating_add(1);
         self.pending = Some(self.open_next());
         tracing::debug!(url = %self.shared.url, seq, "segment begins");
         Ok(SegmentWriter {

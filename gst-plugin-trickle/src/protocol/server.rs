@@ -365,7 +365,7 @@ impl Channel {
     /// Data arrived for `seq` (first byte, or an empty EOF): `nextWrite = seq + 1`.
     fn mark_written(&self, seq: i64) {
         let mut st = self.state.lock().unwrap();
-        st.next_write = seq + 1;
+        st.next_write = seq.saturating_add(1);
         st.write_time = Instant::now();
     }
 
