@@ -745,3 +745,38 @@ async fn extreme_seqs_do_not_break_the_server() {
     );
     assert_eq!(post(&h.url("ext/0"), b"ok").await.status(), 200);
 }
+
+#[tokio::test]
+async fn body_read_error_is_500_and_leaves_the_segment_open() {
+    let h = start_dev().await;
+    h.server().create_channel("broken", "video/MP2T").unwrap();
+    let mut s = raw(h.local_addr(), &chunked_post("/broken/0", "")).await;
+    s.write_all(&chunk(b"good")).await.unwrap();
+    let r = get(&h.url("broken/0")).await;
+    assert_eq!(r.status(), 200);
+    let mut reader = tokio::spawn(r.bytes());
+    // Invalid chunked encoding: a body read error.
+    s.write_all(b"zz\r\nnot hex\r\n").await.unwrap();
+    let head = bounded("500", read_head(&mut s)).await;
+    assert_eq!(head.status, 500);
+    let rest = bounded("connection close", read_to_close(&mut s, head.rest)).await;
+    assert!(String::from_utf8_lossy(&rest).contains("Server error"));
+    // §7.7: the segment is not closed on this path.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut reader)
+            .await
+            .is_err(),
+        "the reader ended although nothing closed the segment"
+    );
+    let info = h.server().channel_info("broken").unwrap();
+    assert!(
+        info.segments
+            .iter()
+            .any(|s| s.seq == 0 && !s.closed && s.bytes == 4)
+    );
+    assert!(h.server().close_channel("broken"));
+    assert_eq!(
+        &bounded("reader", reader).await.unwrap().unwrap()[..],
+        b"good"
+    );
+}
