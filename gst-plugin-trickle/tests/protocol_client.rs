@@ -679,3 +679,67 @@ async fn next_segment_is_cancel_safe() {
     let want: Vec<(i64, Vec<u8>)> = (0..5u8).map(|i| (i as i64, vec![i; 6])).collect();
     assert_eq!(got, want);
 }
+
+#[tokio::test]
+async fn publisher_failure_after_bytes_deletes_the_seq_and_never_re_posts() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/half", listener.local_addr().unwrap());
+    // seq 0: read until the data arrives, then fail with 500. Report every request line.
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let fake = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (mut c, _) = listener.accept().await.unwrap();
+            let got = read_until(&mut c, Vec::new(), b"\r\n\r\n").await;
+            let line = String::from_utf8_lossy(&got)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned();
+            let _ = seen_tx.send(line.clone());
+            if line.starts_with("POST /half/0 ") {
+                let _ = read_until(&mut c, got, b"some-bytes").await;
+                c.write_all(
+                    b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 12\r\nConnection: close\r\n\r\nServer error",
+                )
+                .await
+                .unwrap();
+            } else if line.starts_with("DELETE ") {
+                c.write_all(OK_CLOSE.as_bytes()).await.unwrap();
+            } else {
+                held.push(c);
+            }
+        }
+    });
+    let mut publisher = Publisher::new(&url, pub_config()).unwrap();
+    let mut w = bounded("begin", publisher.begin_segment()).await.unwrap();
+    w.write(Bytes::from_static(b"some-bytes")).await.unwrap();
+    match bounded("finish", w.finish()).await {
+        Err(ClientError::Http {
+            status: 500,
+            url: u,
+            body,
+        }) => {
+            assert_eq!(u, format!("{url}/0"));
+            assert_eq!(body, "Server error");
+        }
+        other => panic!("expected HTTP 500, got {other:?}"),
+    }
+    let mut lines = Vec::new();
+    while !lines
+        .iter()
+        .any(|l: &String| l.starts_with("DELETE /half/0 "))
+    {
+        lines.push(bounded("requests", seen_rx.recv()).await.unwrap());
+    }
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.starts_with("POST /half/0 "))
+            .count(),
+        1,
+        "seq 0 was POSTed again after bytes were sent: {lines:?}"
+    );
+    drop(publisher);
+    fake.abort();
+}
