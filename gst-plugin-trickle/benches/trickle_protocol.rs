@@ -3,7 +3,8 @@
 //!
 //! Every figure is printed beside a baseline measured in the same run: the same bytes through
 //! plain loopback TCP connections (tokio `TcpStream`), with the same chunk sizes and the same
-//! task structure. `TRICKLE_BENCH_SCALE` (default 1.0) scales the data volumes.
+//! task structure. `TRICKLE_BENCH_SCALE` (default 1.0) scales the data volumes;
+//! `TRICKLE_BENCH_ROUNDS` (default 5) sets how many rounds each figure is the median of.
 //!
 //! - time to first byte: a publisher writes a 1 KiB chunk into a segment that a subscriber is
 //!   already waiting on (both preconnected); time until the subscriber holds it (p50/p99);
@@ -31,6 +32,19 @@ fn scale() -> f64 {
         .and_then(|s| s.parse::<f64>().ok())
         .filter(|s| *s > 0.0)
         .unwrap_or(1.0)
+}
+
+fn rounds() -> usize {
+    std::env::var("TRICKLE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .filter(|r| *r > 0)
+        .unwrap_or(5)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn scaled(n: usize) -> usize {
@@ -344,8 +358,9 @@ fn main() {
     rt.block_on(async {
         let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
         println!(
-            "trickle protocol benchmark: loopback, tokio multi-thread runtime, {cores} CPU cores, scale {}",
-            scale()
+            "trickle protocol benchmark: loopback, tokio multi-thread runtime, {cores} CPU cores, scale {}, median of {} rounds",
+            scale(),
+            rounds()
         );
         println!(
             "| {:<44} | {:>18} | {:>18} | {:>7} |",
@@ -368,46 +383,62 @@ fn main() {
             _ => println!("| memory: /proc/self/statm not readable, skipped"),
         }
 
+        // Each figure: the median of `rounds` rounds, trickle and baseline interleaved so that
+        // background load affects both alike.
+        let rounds = rounds();
         let n = scaled(1000);
-        let mut t = ttfb_trickle(n).await;
-        let mut b = ttfb_tcp(n).await;
-        t.sort();
-        b.sort();
+        let (mut t50, mut t99, mut b50, mut b99) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..rounds {
+            let mut t = ttfb_trickle(n).await;
+            let mut b = ttfb_tcp(n).await;
+            t.sort();
+            b.sort();
+            t50.push(us(percentile(&t, 0.5)));
+            t99.push(us(percentile(&t, 0.99)));
+            b50.push(us(percentile(&b, 0.5)));
+            b99.push(us(percentile(&b, 0.99)));
+        }
         row(
             &format!("time to first byte p50 ({n} segments)"),
-            us(percentile(&t, 0.5)),
-            us(percentile(&b, 0.5)),
+            median(t50),
+            median(b50),
             "us",
             false,
         );
         row(
             &format!("time to first byte p99 ({n} segments)"),
-            us(percentile(&t, 0.99)),
-            us(percentile(&b, 0.99)),
+            median(t99),
+            median(b99),
             "us",
             false,
         );
 
         let segs = scaled(32);
         let seg_bytes = 8 * 1024 * 1024;
-        let t = throughput_trickle(1, 1, segs, seg_bytes).await;
-        let b = throughput_tcp(1, 1, segs * seg_bytes).await;
+        let (mut t, mut b) = (vec![], vec![]);
+        for _ in 0..rounds {
+            t.push(throughput_trickle(1, 1, segs, seg_bytes).await);
+            b.push(throughput_tcp(1, 1, segs * seg_bytes).await);
+        }
         row(
             &format!("1 channel, 1 subscriber ({} MiB)", segs * 8),
-            t,
-            b,
+            median(t),
+            median(b),
             "MB/s",
             true,
         );
 
         let segs = scaled(4);
         let seg_bytes = 1024 * 1024;
-        let t = throughput_trickle(100, 2, segs, seg_bytes).await;
-        let b = throughput_tcp(100, 2, segs * seg_bytes).await;
+        let (mut t, mut b) = (vec![], vec![]);
+        for _ in 0..rounds {
+            t.push(throughput_trickle(100, 2, segs, seg_bytes).await);
+            b.push(throughput_tcp(100, 2, segs * seg_bytes).await);
+        }
         row(
             &format!("100 channels x 2 subscribers ({} MiB each)", segs),
-            t,
-            b,
+            median(t),
+            median(b),
             "MB/s",
             true,
         );

@@ -100,6 +100,8 @@ fn build_client(
     tls_verify: bool,
 ) -> Result<reqwest::Client, ClientError> {
     reqwest::Client::builder()
+        // P9: every in-flight request gets its own connection (no HTTP/2 multiplexing).
+        .http1_only()
         .connect_timeout(connect_timeout)
         .tls_danger_accept_invalid_certs(!tls_verify)
         .build()
