@@ -814,7 +814,14 @@ impl Publisher {
             match self.shared.outcome(post.seq, res).await {
                 Ok(SegmentOutcome::ChannelClosed) => return Err(ClientError::Closed),
                 Err(Failure::Fatal(e)) => return Err(e),
-                Ok(SegmentOutcome::Done) | Err(Failure::Retryable(_)) => {
+                Ok(SegmentOutcome::Done) => {
+                    // The server ended it as an empty segment (e.g. a DELETE of that seq):
+                    // the seq is used up, so move on to the next one.
+                    post = self
+                        .shared
+                        .open_post(post.seq.saturating_add(1), post.reset);
+                }
+                Err(Failure::Retryable(_)) => {
                     // P5: untouched segment, retry the same seq after the pause.
                     tokio::time::sleep(self.shared.config.retry_pause).await;
                     post = self.shared.open_post(post.seq, post.reset);
