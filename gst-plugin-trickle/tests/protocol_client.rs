@@ -743,3 +743,35 @@ async fn publisher_failure_after_bytes_deletes_the_seq_and_never_re_posts() {
     drop(publisher);
     fake.abort();
 }
+
+#[test]
+fn publisher_created_outside_a_runtime_connects_lazily() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let h = rt.block_on(start_dev());
+    // Outside the runtime new() cannot spawn the preconnect...
+    let mut publisher = Publisher::new(&h.url("lazy"), pub_config()).unwrap();
+    assert_eq!(publisher.next_seq(), 0);
+    rt.block_on(async {
+        assert!(
+            h.server().channel_info("lazy").is_none(),
+            "nothing may be sent yet"
+        );
+        // ...so the first begin_segment opens it.
+        assert_eq!(
+            bounded("send", publisher.send_message(Bytes::from_static(b"late")))
+                .await
+                .unwrap(),
+            SegmentOutcome::Done
+        );
+        assert_eq!(
+            &get(&h.url("lazy/0")).await.bytes().await.unwrap()[..],
+            b"late"
+        );
+        drop(publisher);
+        h.shutdown().await;
+    });
+}
