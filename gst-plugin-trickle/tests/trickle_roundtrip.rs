@@ -1,0 +1,255 @@
+// SPDX-License-Identifier: MPL-2.0
+//! tricklesink -> real trickle server -> tricklesrc, end to end.
+
+mod trickle_util;
+
+use gst::prelude::*;
+use trickle_util::*;
+
+const W: usize = 320;
+const H: usize = 240;
+
+/// A pipeline that publishes `frames` stamped frames (30 fps PTS) through tricklesink.
+fn stamped_publisher(url: &str, extra: &str) -> (gst::Pipeline, gst_app::AppSrc) {
+    let p = pipeline(&format!(
+        "appsrc name=in format=time caps=video/x-raw,format=I420,width={W},height={H},framerate=30/1 \
+         ! tricklesink name=sink url={url} min-segment-duration=300000000 idr-interval=300000000 {extra}"
+    ));
+    let src = p
+        .by_name("in")
+        .unwrap()
+        .downcast::<gst_app::AppSrc>()
+        .unwrap();
+    (p, src)
+}
+
+/// Push frames stamped with the indices in `range`; PTS start at 0 (a new publisher's
+/// running time starts at 0 too).
+fn push_frames(src: &gst_app::AppSrc, range: std::ops::Range<u32>) {
+    let first = range.start;
+    push_frames_at(src, range, first);
+}
+
+/// Push frames stamped with the indices in `range`, frame `first` at PTS 0.
+fn push_frames_at(src: &gst_app::AppSrc, range: std::ops::Range<u32>, first: u32) {
+    for n in range {
+        let mut buf = gst::Buffer::from_mut_slice(stamped_i420(n, W, H));
+        {
+            let b = buf.get_mut().unwrap();
+            b.set_pts(gst::ClockTime::from_nseconds(
+                u64::from(n - first) * 1_000_000_000 / 30,
+            ));
+            b.set_duration(gst::ClockTime::from_nseconds(1_000_000_000 / 30));
+        }
+        src.push_buffer(buf).unwrap();
+    }
+}
+
+#[test]
+fn roundtrip_every_frame_in_order_with_continuous_pts() {
+    init();
+    let server = TestServer::start();
+    let url = server.channel("roundtrip");
+    let frames = 60u32;
+
+    let sub = pipeline(&format!(
+        "tricklesrc url={url} start-seq=0 do-timestamp=false ! videoconvert ! video/x-raw,format=I420 ! appsink name=out sync=false"
+    ));
+    let out = appsink(&sub, "out");
+    sub.set_state(gst::State::Playing).unwrap();
+
+    // The publisher is much faster than real time here; keep the channel after its EOS so
+    // that the subscriber, which may lag, reads everything (a DELETE would cut it off).
+    let (publ, src) = stamped_publisher(&url, "delete-on-close=false");
+    let pub_bus = publ.bus().unwrap();
+    publ.set_state(gst::State::Playing).unwrap();
+    let mut seqs = Vec::new();
+    // Feed the publisher about one segment at a time and let the subscriber catch up before
+    // the next: the server keeps only 5 segments, and this publisher is far faster than real
+    // time. tsdemux holds each frame until the next one begins, hence the lag of one.
+    let mut samples = Vec::new();
+    for chunk in (0..frames).step_by(10) {
+        push_frames_at(&src, chunk..chunk + 10, 0);
+        samples.extend(pull(&out, (chunk + 9) as usize - samples.len()));
+    }
+    src.end_of_stream().unwrap();
+    wait_for(&pub_bus, "publisher EOS", |msg| {
+        if let Some(s) = segment_message(msg) {
+            seqs.push(s.get::<i64>("seq").unwrap());
+            assert!(s.get::<u64>("bytes").unwrap() > 0);
+        }
+        if let gst::MessageView::Error(e) = msg.view() {
+            panic!("publisher error: {}", e.error());
+        }
+        matches!(msg.view(), gst::MessageView::Eos(_))
+    });
+    // Closing the channel ends the subscriber's stream, which releases the last frame.
+    assert!(server.server.close_channel("roundtrip"));
+    samples.extend(pull(&out, frames as usize - samples.len()));
+    wait_eos(&sub.bus().unwrap());
+
+    let stamps: Vec<u32> = samples.iter().map(sample_stamp).collect();
+    assert_eq!(
+        stamps,
+        (0..frames).collect::<Vec<_>>(),
+        "frames lost, reordered or damaged"
+    );
+    let pts: Vec<gst::ClockTime> = samples
+        .iter()
+        .map(|s| s.buffer().unwrap().pts().unwrap())
+        .collect();
+    // do-timestamp=false: the stream's own PTS, exactly 1/30 s apart across segments.
+    for w in pts.windows(2) {
+        let d = w[1].nseconds() as i64 - w[0].nseconds() as i64;
+        assert!(
+            (d - 33_333_333).abs() <= 100_000,
+            "PTS not continuous: {} -> {}",
+            w[0],
+            w[1]
+        );
+    }
+
+    // Several segments were published, each reported once.
+    assert!(seqs.len() >= 4, "expected several segments, got {seqs:?}");
+    assert_eq!(seqs, (0..seqs.len() as i64).collect::<Vec<_>>());
+
+    stop(&publ);
+    stop(&sub);
+}
+
+#[test]
+fn sink_eos_closes_the_channel_and_the_source_gets_eos() {
+    init();
+    let server = TestServer::start();
+    let url = server.channel("eos");
+    let sub = pipeline(&format!(
+        "tricklesrc url={url} ! videoconvert ! appsink name=out sync=false wait-on-eos=false"
+    ));
+    let out = appsink(&sub, "out");
+    sub.set_state(gst::State::Playing).unwrap();
+    let publ = pipeline(&format!(
+        "videotestsrc is-live=true num-buffers=20 ! video/x-raw,width={W},height={H},framerate=30/1 \
+         ! tricklesink url={url} min-segment-duration=200000000 idr-interval=200000000"
+    ));
+    publ.set_state(gst::State::Playing).unwrap();
+    // The EOS message is posted only after the final empty segment and the DELETE.
+    wait_eos(&publ.bus().unwrap());
+    assert!(!server.server.channel_names().contains(&"eos".to_owned()));
+    wait_eos(&sub.bus().unwrap());
+    let mut frames = 0;
+    while out.try_pull_sample(gst::ClockTime::ZERO).is_some() {
+        frames += 1;
+    }
+    assert!(frames > 0, "the subscriber decoded nothing");
+    stop(&publ);
+    stop(&sub);
+}
+
+#[test]
+fn every_segment_starts_with_pat_pmt_and_idr_and_timestamps_continue() {
+    init();
+    let server = TestServer::start();
+    let url = server.channel("segments");
+    let reader = collect_segments(&server, &url, 0, 100);
+    let publ = pipeline(&format!(
+        "videotestsrc is-live=true num-buffers=45 pattern=ball ! video/x-raw,width={W},height={H},framerate=30/1 \
+         ! tricklesink url={url} min-segment-duration=200000000 idr-interval=250000000"
+    ));
+    publ.set_state(gst::State::Playing).unwrap();
+    wait_eos(&publ.bus().unwrap());
+    stop(&publ);
+    let segments = reader.join().unwrap();
+    assert!(
+        segments.len() >= 4,
+        "expected several segments, got {}",
+        segments.len()
+    );
+    let mut last_pts = None;
+    for (seq, body) in &segments {
+        let pts = check_segment(*seq, body);
+        if let (Some(prev), Some(first)) = (last_pts, pts.first()) {
+            assert!(
+                *first > prev,
+                "segment {seq}: PTS restarts ({first} after {prev})"
+            );
+        }
+        last_pts = pts.last().copied().or(last_pts);
+    }
+    let seqs: Vec<i64> = segments.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (0..seqs.len() as i64).collect::<Vec<_>>());
+}
+
+#[test]
+fn subscriber_joining_mid_stream_decodes_from_its_first_segment() {
+    init();
+    let server = TestServer::start();
+    let url = server.channel("join");
+    let publ = pipeline(&format!(
+        "videotestsrc is-live=true pattern=ball ! video/x-raw,width={W},height={H},framerate=30/1 \
+         ! tricklesink url={url} min-segment-duration=200000000 idr-interval=200000000"
+    ));
+    let pub_bus = publ.bus().unwrap();
+    publ.set_state(gst::State::Playing).unwrap();
+    wait_for(&pub_bus, "segment 2 published", |msg| {
+        segment_message(msg).is_some_and(|s| s.get::<i64>("seq").unwrap() >= 2)
+    });
+
+    let sub = pipeline(&format!(
+        "tricklesrc url={url} ! videoconvert ! appsink name=out sync=false"
+    ));
+    let sub_bus = sub.bus().unwrap();
+    sub.set_state(gst::State::Playing).unwrap();
+    let samples = pull(&appsink(&sub, "out"), 10);
+    assert_eq!(samples.len(), 10);
+    let first = wait_for(&sub_bus, "first subscribed segment", |msg| {
+        segment_message(msg).is_some()
+    });
+    let seq = segment_message(&first).unwrap().get::<i64>("seq").unwrap();
+    assert!(
+        seq >= 2,
+        "joined at seq {seq}, expected the current segment (>= 2)"
+    );
+    stop(&sub);
+    stop(&publ);
+}
+
+#[test]
+fn publisher_restart_mid_stream_keeps_the_subscriber_going() {
+    init();
+    let server = TestServer::start();
+    let url = server.channel("restart");
+    let sub = pipeline(&format!(
+        "tricklesrc url={url} start-seq=0 ! videoconvert ! video/x-raw,format=I420 ! appsink name=out sync=false"
+    ));
+    let out = appsink(&sub, "out");
+    sub.set_state(gst::State::Playing).unwrap();
+
+    // First publisher: frames 0..30, then stopped without EOS; delete-on-close=false keeps
+    // the channel for the next publisher (stop only ends the preconnected POST).
+    let (p1, s1) = stamped_publisher(&url, "delete-on-close=false");
+    p1.set_state(gst::State::Playing).unwrap();
+    push_frames(&s1, 0..30);
+    let first = pull(&out, 15);
+    assert_eq!(sample_stamp(&first[0]), 0);
+    p1.set_state(gst::State::Null).unwrap();
+
+    // Second publisher continues the channel (GET /next + Lp-Trickle-Reset).
+    let (p2, s2) = stamped_publisher(&url, "");
+    p2.set_state(gst::State::Playing).unwrap();
+    push_frames(&s2, 1000..1030);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let s = out
+            .try_pull_sample(gst::ClockTime::from_seconds(TIMEOUT.as_secs()))
+            .expect("no frames after the publisher restart");
+        if (1000..1030).contains(&sample_stamp(&s)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no frame of the second publisher"
+        );
+    }
+    stop(&p2);
+    stop(&sub);
+}
