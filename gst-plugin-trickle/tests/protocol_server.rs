@@ -780,3 +780,44 @@ async fn body_read_error_is_500_and_leaves_the_segment_open() {
         b"good"
     );
 }
+
+#[tokio::test]
+async fn mixed_tiny_and_large_chunks_reach_every_reader_intact() {
+    let h = start_dev().await;
+    h.server().create_channel("mix", "video/MP2T").unwrap();
+    let url = h.url("mix/0");
+    let early = spawn_get(url.clone());
+    let mut s = raw(h.local_addr(), &chunked_post("/mix/0", "")).await;
+    let sizes = [
+        1usize, 5000, 3, 10_000, 4095, 4096, 1, 1, 1, 70_000, 2, 4097, 100,
+    ];
+    let mut expected = Vec::new();
+    let mut mid = None;
+    for (round, &n) in sizes.iter().cycle().take(200).enumerate() {
+        let data: Vec<u8> = (0..n).map(|i| (i + round) as u8).collect();
+        expected.extend_from_slice(&data);
+        s.write_all(&chunk(&data)).await.unwrap();
+        if round == 100 {
+            // A reader joining mid-segment, wherever the tail buffer happens to be.
+            let r = get(&url).await;
+            assert_eq!(r.status(), 200);
+            mid = Some(tokio::spawn(r.bytes()));
+        }
+    }
+    s.write_all(b"0\r\n\r\n").await.unwrap();
+    assert_eq!(bounded("publish", read_head(&mut s)).await.status, 200);
+    let r = bounded("early", early).await.unwrap();
+    assert_eq!(
+        &bounded("early body", r.bytes()).await.unwrap()[..],
+        &expected[..]
+    );
+    let mid = bounded("mid", mid.expect("mid reader"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&mid[..], &expected[..]);
+    let late = get(&url).await.bytes().await.unwrap();
+    assert_eq!(&late[..], &expected[..]);
+    let info = h.server().channel_info("mix").unwrap();
+    assert_eq!(info.segments[0].bytes, expected.len() as u64);
+}

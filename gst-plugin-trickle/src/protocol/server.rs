@@ -43,7 +43,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use tokio::sync::{oneshot, watch};
 
@@ -117,11 +117,29 @@ pub enum ServerError {
 // ---------------------------------------------------------------------------------------------
 // Segments
 
+/// Chunks smaller than this are copied into the segment's tail buffer instead of being kept
+/// as they came (many tiny chunks would otherwise cost far more memory than their bytes).
+const SMALL_CHUNK: usize = 4096;
+
+/// The append-only data of a segment: sealed chunks (shared with readers without copying)
+/// followed by a small tail buffer (under [`SMALL_CHUNK`] bytes) that collects small writes.
+/// A reader's position is (chunk index, offset); offsets into the tail stay valid when the tail
+/// is sealed into the next chunk, because it keeps the same bytes at the same offsets.
 #[derive(Default)]
 struct SegState {
     chunks: Vec<Bytes>,
+    tail: BytesMut,
     len: u64,
     closed: bool,
+}
+
+impl SegState {
+    fn seal_tail(&mut self) {
+        if !self.tail.is_empty() {
+            let sealed = self.tail.split().freeze();
+            self.chunks.push(sealed);
+        }
+    }
 }
 
 /// One segment: an append-only list of chunks, a closed flag and a wake-up signal that is
@@ -149,7 +167,18 @@ impl Segment {
         {
             let mut st = self.state.lock().unwrap();
             st.len += chunk.len() as u64;
-            st.chunks.push(chunk);
+            if chunk.len() >= SMALL_CHUNK {
+                st.seal_tail();
+                st.chunks.push(chunk);
+            } else {
+                if st.tail.capacity() - st.tail.len() < chunk.len() {
+                    st.tail.reserve(SMALL_CHUNK);
+                }
+                st.tail.extend_from_slice(&chunk);
+                if st.tail.len() >= SMALL_CHUNK {
+                    st.seal_tail();
+                }
+            }
         }
         self.changed.send_replace(());
     }
@@ -161,6 +190,7 @@ impl Segment {
                 return;
             }
             st.closed = true;
+            st.seal_tail();
         }
         self.changed.send_replace(());
     }
@@ -175,6 +205,7 @@ impl Segment {
             rx: self.changed.subscribe(),
             seg: self.clone(),
             idx: 0,
+            off: 0,
         }
     }
 }
@@ -183,6 +214,7 @@ impl Segment {
 struct SegmentReader {
     seg: Arc<Segment>,
     idx: usize,
+    off: usize,
     rx: watch::Receiver<()>,
 }
 
@@ -216,8 +248,19 @@ impl SegmentReader {
             {
                 let st = self.seg.state.lock().unwrap();
                 if let Some(chunk) = st.chunks.get(self.idx) {
+                    let off = self.off;
                     self.idx += 1;
-                    return Some(chunk.clone());
+                    self.off = 0;
+                    if off < chunk.len() {
+                        return Some(chunk.slice(off..));
+                    }
+                    continue;
+                }
+                // Past the sealed chunks: `off` is an offset into the tail.
+                if self.off < st.tail.len() {
+                    let out = Bytes::copy_from_slice(&st.tail[self.off..]);
+                    self.off = st.tail.len();
+                    return Some(out);
                 }
                 if st.closed {
                     return None;
@@ -1087,4 +1130,55 @@ pub async fn serve(
         shutdown: Some(tx),
         task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads exactly `n` bytes (all already appended, so no wait is involved).
+    async fn read_n(r: &mut SegmentReader, n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let c = r.next_chunk().await.expect("data");
+            out.extend_from_slice(&c);
+        }
+        assert_eq!(out.len(), n, "read past the data");
+        out
+    }
+
+    #[tokio::test]
+    async fn readers_follow_the_tail_across_seals() {
+        let seg = Segment::new(0);
+        let mut a = seg.reader();
+        seg.append(Bytes::from_static(b"ab"));
+        assert_eq!(&a.next_chunk().await.unwrap()[..], b"ab");
+        // Fill the tail past SMALL_CHUNK: it is sealed; reader `a` continues at offset 2.
+        let fill = vec![7u8; SMALL_CHUNK];
+        seg.append(Bytes::from(fill.clone()[..SMALL_CHUNK - 1].to_vec()));
+        let mut b = seg.reader();
+        seg.append(Bytes::from(fill.clone())); // large: stored as its own chunk
+        seg.append(Bytes::from_static(b"z"));
+        let mut want = b"ab".to_vec();
+        want.extend_from_slice(&fill[..SMALL_CHUNK - 1]);
+        want.extend_from_slice(&fill);
+        want.push(b'z');
+        assert_eq!(read_n(&mut a, want.len() - 2).await, want[2..]);
+        assert_eq!(read_n(&mut b, want.len()).await, want);
+        seg.close();
+        assert!(a.next_chunk().await.is_none());
+        assert!(b.next_chunk().await.is_none());
+        let st = seg.state.lock().unwrap();
+        assert_eq!(st.len, want.len() as u64);
+        assert!(st.tail.is_empty(), "close seals the tail");
+        assert_eq!(st.chunks.len(), 3);
+    }
+
+    #[test]
+    fn base_path_normalisation() {
+        assert_eq!(normalize_base("/"), "/");
+        assert_eq!(normalize_base(""), "/");
+        assert_eq!(normalize_base("ai/trickle"), "/ai/trickle/");
+        assert_eq!(normalize_base("/ai/trickle/"), "/ai/trickle/");
+    }
 }
