@@ -665,7 +665,8 @@ impl TrickleServer {
             if !create {
                 return Lookup::NotFound;
             }
-            if !is_reserved_channel_name(name) {
+            // Only count (skipping internal channels) when the map could be full.
+            if !is_reserved_channel_name(name) && map.len() >= self.inner.config.max_channels {
                 let count = map.keys().filter(|k| !is_reserved_channel_name(k)).count();
                 if count >= self.inner.config.max_channels {
                     return Lookup::Full;
