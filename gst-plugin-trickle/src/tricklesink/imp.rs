@@ -354,9 +354,19 @@ impl ElementImpl for TrickleSink {
                 .branches
                 .iter()
                 .position(|b| b.ghost.upcast_ref::<gst::Pad>() == pad);
-            idx.map(|i| (graph.branches.remove(i), graph.mux.clone()))
+            idx.map(|i| {
+                let branch = graph.branches.remove(i);
+                let mux = graph.mux.clone();
+                // The last raw input gone: drop the muxer too, so a `ts` pad can follow.
+                let unused_mux = if graph.branches.is_empty() {
+                    graph.mux.take()
+                } else {
+                    None
+                };
+                (branch, mux, unused_mux)
+            })
         };
-        let Some((branch, mux)) = branch else {
+        let Some((branch, mux, unused_mux)) = branch else {
             return;
         };
         let obj = self.obj();
@@ -368,6 +378,10 @@ impl ElementImpl for TrickleSink {
         }
         if let (Some(mux), Some(mux_pad)) = (mux, branch.mux_pad) {
             mux.release_request_pad(&mux_pad);
+        }
+        if let Some(mux) = unused_mux {
+            let _ = mux.set_state(gst::State::Null);
+            let _ = obj.remove(&mux);
         }
     }
 
