@@ -194,6 +194,7 @@ impl Default for SubscriberConfig {
 
 struct PendingGet {
     seq: i64,
+    sent: std::time::Instant,
     task: RespTask,
 }
 
@@ -250,6 +251,9 @@ impl Subscriber {
         client: reqwest::Client,
     ) -> Result<Self, ClientError> {
         let url = channel_url(url)?;
+        let mut config = config;
+        // A zero refresh time would re-send the GET in a tight loop.
+        config.preconnect_refresh = config.preconnect_refresh.max(Duration::from_millis(10));
         if config.start_seq < -2 {
             return Err(ClientError::InvalidUrl {
                 url,
@@ -283,6 +287,7 @@ impl Subscriber {
         let req = self.client.get(format!("{}/{seq}", self.url)).send();
         PendingGet {
             seq,
+            sent: std::time::Instant::now(),
             task: tokio::spawn(req),
         }
     }
@@ -366,8 +371,13 @@ impl Subscriber {
             };
             // S4: no response headers within the refresh time -> cancel and ask again.
             let result = loop {
-                match tokio::time::timeout(self.config.preconnect_refresh, &mut pending.task).await
-                {
+                // Counted from when the request was sent (a preconnect may have been waiting
+                // while the previous segment was read).
+                let left = self
+                    .config
+                    .preconnect_refresh
+                    .saturating_sub(pending.sent.elapsed());
+                match tokio::time::timeout(left, &mut pending.task).await {
                     Ok(r) => break joined(&seg_url, r),
                     Err(_) => {
                         pending.task.abort();
