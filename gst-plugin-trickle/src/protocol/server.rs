@@ -534,7 +534,10 @@ impl TrickleServer {
         &self.inner.base
     }
 
-    /// All routes under the base path, to serve alone or mount in a host's own router.
+    /// All routes under the base path, to serve alone or mount in a host's own router
+    /// (`Router::merge`). A host serving it itself should set `TCP_NODELAY` on accepted
+    /// connections, as [`serve`] does (`ListenerExt::tap_io`): without it, Nagle's algorithm
+    /// and delayed ACKs can hold small chunks back for tens of milliseconds.
     pub fn router(&self) -> Router {
         let base = &self.inner.base;
         Router::new()
