@@ -14,6 +14,7 @@ build: setup
 test: setup
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	bash scripts/lint-docker
 	cargo test --workspace
 
 demo: setup
