@@ -523,17 +523,23 @@ fn apt_packages_exist_in_debian_12() {
             "this host is not Debian 12 (bookworm): its apt index says nothing about the images",
         );
     }
-    let mut missing = Vec::new();
-    for p in &all {
-        let shown = run_ok(Command::new("apt-cache").args(["show", "--no-all-versions", p]));
-        match shown {
-            Some(text) if text.contains(&format!("Package: {p}\n")) => {}
-            _ => missing.push(p.clone()),
-        }
+    let known = |p: &str| {
+        run_ok(Command::new("apt-cache").args(["show", "--no-all-versions", p]))
+            .is_some_and(|text| text.contains(&format!("Package: {p}\n")))
+    };
+    let installed = |p: &str| {
+        run_ok(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+            .is_some_and(|s| s.ends_with(" installed"))
+    };
+    let missing: Vec<&String> = all.iter().filter(|p| !known(p) && !installed(p)).collect();
+    if !missing.is_empty() && !known("gstreamer1.0-plugins-bad") && !known("python3-pip") {
+        return skip(&format!(
+            "the apt index is empty here (no apt-get update): cannot check {missing:?}"
+        ));
     }
     assert!(
         missing.is_empty(),
-        "not in this Debian 12 apt index: {missing:?}"
+        "neither in this Debian 12 apt index nor installed: {missing:?}"
     );
     println!(
         "{} Debian packages checked with apt-cache show: {all:?}",
@@ -957,8 +963,11 @@ fn healthcheck_with(cmd: &str, status: &str) -> bool {
             String::new()
         }
     });
+    // As in the container: a clean environment (no proxy variables) with PORT set.
     let status_ok = Command::new("/bin/sh")
         .args(["-c", cmd])
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("PORT", port.to_string())
         .status()
         .expect("sh runs")
