@@ -1034,6 +1034,7 @@ impl SegmentWriter {
 
     /// Ends the body and waits for the final response (P4: `Lp-Trickle-Closed`, 404, 200,
     /// other errors in that order). A failed segment is retried if untouched, else DELETEd.
+    /// There is no timeout (P9: no whole-request timeouts); drop the future to give up.
     pub async fn finish(mut self) -> Result<SegmentOutcome, ClientError> {
         loop {
             self.tx = None;
