@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use gsttrickle::protocol::client::{
-    ClientError, Publisher, PublisherConfig, SegmentOutcome, SubscribedSegment, Subscriber,
-    SubscriberConfig,
+    ClientError, MAX_UNTOUCHED_RETRIES, Publisher, PublisherConfig, SegmentOutcome,
+    SubscribedSegment, Subscriber, SubscriberConfig,
 };
 use gsttrickle::protocol::server::ServerConfig;
 use protocol_common::*;
@@ -774,4 +774,55 @@ fn publisher_created_outside_a_runtime_connects_lazily() {
         drop(publisher);
         h.shutdown().await;
     });
+}
+
+#[tokio::test]
+async fn next_segment_takes_over_a_seq_that_never_got_a_byte() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/reuse", listener.local_addr().unwrap());
+    // Every POST to seq 0 is refused before its body (503); others are held open.
+    let fake = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (mut c, _) = listener.accept().await.unwrap();
+            let got = read_until(&mut c, Vec::new(), b"\r\n\r\n").await;
+            if String::from_utf8_lossy(&got).starts_with("POST /reuse/0 ") {
+                let _ = read_until(&mut c, got, b"0\r\n\r\n").await;
+                c.write_all(BUSY.as_bytes()).await.unwrap();
+            } else {
+                held.push(c);
+            }
+        }
+    });
+    let mut publisher = Publisher::new(
+        &url,
+        PublisherConfig {
+            retry_pause: Duration::from_millis(5),
+            ..PublisherConfig::default()
+        },
+    )
+    .unwrap();
+    let w = bounded("begin", publisher.begin_segment()).await.unwrap();
+    assert_eq!(w.seq(), 0);
+    match bounded("finish", w.finish()).await {
+        Err(ClientError::RetriesExhausted {
+            url: u,
+            attempts,
+            last,
+        }) => {
+            assert_eq!(u, format!("{url}/0"));
+            assert_eq!(attempts, MAX_UNTOUCHED_RETRIES + 1);
+            assert!(last.contains("503"), "{last}");
+        }
+        other => panic!("expected RetriesExhausted, got {other:?}"),
+    }
+    // Seq 0 never received a byte: the next segment is sent under it (P5).
+    let w = bounded("begin again", publisher.begin_segment())
+        .await
+        .unwrap();
+    assert_eq!(w.seq(), 0);
+    assert_eq!(publisher.next_seq(), 1);
+    drop(w);
+    drop(publisher);
+    fake.abort();
 }

@@ -582,6 +582,8 @@ struct PubShared {
     client: reqwest::Client,
     config: PublisherConfig,
     closed: AtomicBool,
+    /// A seq that a failed writer never wrote a byte to: the next segment takes it over (P5).
+    unused_seq: std::sync::Mutex<Option<i64>>,
 }
 
 impl PubShared {
@@ -737,6 +739,7 @@ impl Publisher {
             client,
             config,
             closed: AtomicBool::new(false),
+            unused_seq: std::sync::Mutex::new(None),
         });
         let mut p = Self {
             shared,
@@ -813,6 +816,18 @@ impl Publisher {
     pub async fn begin_segment(&mut self) -> Result<SegmentWriter, ClientError> {
         if self.shared.closed.load(Ordering::SeqCst) {
             return Err(ClientError::Closed);
+        }
+        let unused = self.shared.unused_seq.lock().unwrap().take();
+        if let Some(unused) = unused
+            && unused < self.next_seq
+        {
+            // P5: the previous segment failed before any byte was sent: send this one under
+            // its seq instead (the preconnect for the seq after it carries no byte either).
+            tracing::debug!(url = %self.shared.url, seq = unused, "reusing the unwritten seq");
+            if let Some(p) = self.pending.take() {
+                p.task.abort();
+            }
+            self.next_seq = unused;
         }
         let mut post = match self.pending.take() {
             Some(p) => p,
@@ -971,6 +986,8 @@ impl SegmentWriter {
             return Err(err);
         }
         if self.retries >= MAX_UNTOUCHED_RETRIES {
+            // P5: no byte was ever written to this seq; the next segment takes it over.
+            *self.shared.unused_seq.lock().unwrap() = Some(self.seq);
             return Err(ClientError::RetriesExhausted {
                 url: self.shared.seg_url(self.seq),
                 attempts: self.retries + 1,

@@ -15,8 +15,8 @@
 //!   (413) and channels (503), and answers 400 to negative seqs other than -1/-2 (spec §2.5,
 //!   §3, §6: these are Rivulet's own rules);
 //! - the publisher re-POSTs an untouched segment at most [`client::MAX_UNTOUCHED_RETRIES`]
-//!   times (the gateway retries "while the next segment has not started"), and a writer keeps
-//!   its seq (it never hands unsent data over to the next seq);
+//!   times (the gateway retries "while the next segment has not started"); the writer then
+//!   fails, its unsent data is dropped and the next segment is sent under that seq (P5);
 //! - the optional before-create / before-delete hooks of the reference server are not
 //!   implemented (nothing in Rivulet needs them).
 
