@@ -745,15 +745,18 @@ fn entrypoint_port_env_user_and_plugin_path() {
 
         // Non-root, numeric, and the user the image creates; /models exists for the mount.
         let user = &rt.one("USER").args;
-        let uid = user.split(':').next().unwrap_or_default();
+        let (uid, gid) = user.split_once(':').expect("USER uid:gid");
         assert!(
-            uid.parse::<u32>().is_ok_and(|u| u != 0),
-            "{name}: USER must be a non-root uid, not {user}"
+            [uid, gid]
+                .iter()
+                .all(|n| n.parse::<u32>().is_ok_and(|n| n != 0)),
+            "{name}: USER must be a non-root numeric uid:gid, not {user}"
         );
         let runs = rt.runs().join("\n");
         assert!(
-            runs.contains(&format!("useradd --uid {uid} ")),
-            "{name}: useradd creates uid {uid}"
+            runs.contains(&format!("groupadd --gid {gid} rivulet"))
+                && runs.contains(&format!("useradd --uid {uid} --gid {gid} ")),
+            "{name}: the image creates user rivulet as {uid}:{gid}"
         );
         assert!(
             runs.contains("install -d -o rivulet -g rivulet /models"),
