@@ -32,6 +32,28 @@ fn missing_channel_is_an_error_naming_the_url() {
 }
 
 #[test]
+fn unreachable_server_is_retried_then_an_error_naming_the_url() {
+    init();
+    // A port nothing listens on: bind one, then free it.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let url = format!("http://{addr}/gone");
+    let p = pipeline(&format!(
+        "tricklesrc url={url} max-retries=3 retry-pause-ms=20 ! fakesink"
+    ));
+    p.set_state(gst::State::Playing).unwrap();
+    let text = error_text(&p.bus().unwrap());
+    assert!(text.contains(&url), "error does not name the URL: {text}");
+    assert!(
+        text.contains("3 times"),
+        "error does not tell the attempts: {text}"
+    );
+    stop(&p);
+}
+
+#[test]
 fn malformed_url_fails_the_state_change_with_a_clear_message() {
     init();
     let src = gst::ElementFactory::make("tricklesrc")

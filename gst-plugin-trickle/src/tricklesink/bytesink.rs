@@ -266,6 +266,9 @@ mod imp {
                             stats.last_seq = seq;
                             stats.last_publish_time = publish_time;
                         }
+                        if poster.find_property("stats").is_some() {
+                            poster.notify("stats");
+                        }
                         let s = gst::Structure::builder("trickle-segment")
                             .field("seq", seq)
                             .field("bytes", bytes)

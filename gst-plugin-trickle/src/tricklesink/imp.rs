@@ -204,7 +204,7 @@ impl ObjectImpl for TrickleSink {
                     .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
-                    .blurb("segments, bytes, last-seq, last-publish-time, failed-segments, dropped-buffers, forced-idrs")
+                    .blurb("segments, bytes, last-seq, last-publish-time, failed-segments, dropped-buffers, forced-idrs (notified per segment)")
                     .read_only()
                     .build(),
             ]

@@ -178,6 +178,9 @@ mod imp {
                 stats.last_seq = cursor.seq;
                 stats.lag = cursor.lag;
             }
+            if let Some(parent) = self.obj().parent() {
+                parent.notify("stats");
+            }
             let s = gst::Structure::builder("trickle-segment")
                 .field("seq", cursor.seq)
                 .field("bytes", cursor.bytes)

@@ -173,7 +173,7 @@ impl ObjectImpl for TrickleSrc {
                     .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
-                    .blurb("segments, bytes, empty-segments, corrupt-segments, resyncs, discont-buffers, last-seq, lag")
+                    .blurb("segments, bytes, empty-segments, corrupt-segments, resyncs, discont-buffers, last-seq, lag (notified per segment)")
                     .read_only()
                     .build(),
             ]

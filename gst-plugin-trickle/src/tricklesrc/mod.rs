@@ -18,10 +18,18 @@
 //! gst-launch-1.0 tricklesrc url=http://127.0.0.1:2939/in mode=bytes ! tsdemux ! h264parse ! avdec_h264 ! videoconvert ! autovideosink
 //! ```
 //!
+//! Timing: the source is live and, with `do-timestamp=true` (default), stamps the bytes with
+//! their arrival time, so tsdemux maps the stream's PTS onto the pipeline clock and a synced
+//! video sink shows frames as they arrive. `do-timestamp=false` keeps the stream's own PTS
+//! spacing exactly (for reading a channel faster than real time).
+//!
 //! Each segment posts an element message `trickle-segment` (`seq`: i64, `bytes`: u64,
-//! `discont`: bool, `corrupt`: bool, `lag`: i64 segments behind the live edge or -1). A segment
+//! `discont`: bool, `corrupt`: bool, `lag`: i64 segments behind the live edge or -1) and
+//! notifies `stats`. A segment
 //! that is not a whole sequence of 188-byte TS packets is skipped from the first bad packet on,
-//! with a warning; the stream goes on with the next segment.
+//! with a warning; the stream goes on with the next segment. A 404 before any segment is an
+//! error; a 404 after the stream began (the publisher deleted the channel while this
+//! subscriber lagged behind) is reported as a warning and ends the stream with EOS.
 
 use gst::glib;
 use gst::prelude::*;
