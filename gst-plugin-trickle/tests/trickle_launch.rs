@@ -10,21 +10,28 @@ use std::process::{Command, Stdio};
 
 use trickle_util::*;
 
-/// target/debug, where cargo puts libgsttrickle.so (the test binary is in target/debug/deps).
+/// A folder holding only this build's plugin. `cargo test` builds the cdylib into
+/// target/<profile>/deps (beside this test binary) but copies it up to target/<profile> only on
+/// `cargo build`, and pointing GST_PLUGIN_PATH at deps/ would make GStreamer try every library
+/// there; so the fresh one is copied into a folder of its own.
 fn plugin_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
-    assert!(
-        dir.join("libgsttrickle.so").exists(),
-        "libgsttrickle.so not found in {}",
-        dir.display()
-    );
-    dir
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let built = exe.parent().unwrap().join("libgsttrickle.so");
+        assert!(built.exists(), "{} not found", built.display());
+        let dir = std::env::temp_dir().join(format!("trickle-launch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(&built, dir.join("libgsttrickle.so")).unwrap();
+        dir
+    })
+    .clone()
 }
 
 fn gst_launch(args: &str) -> Command {
     let mut cmd = Command::new("gst-launch-1.0");
     cmd.env("GST_PLUGIN_PATH", plugin_dir())
+        .env("GST_REGISTRY", plugin_dir().join("registry.bin"))
         .args(args.split_whitespace());
     cmd
 }
@@ -34,6 +41,7 @@ fn gst_inspect_documents_both_elements() {
     for element in ["tricklesrc", "tricklesink"] {
         let out = Command::new("gst-inspect-1.0")
             .env("GST_PLUGIN_PATH", plugin_dir())
+            .env("GST_REGISTRY", plugin_dir().join("registry.bin"))
             .arg(element)
             .output()
             .unwrap();
