@@ -41,7 +41,10 @@ fn tune_decodebin(pipeline: &gst::Pipeline) {
         bin.connect_deep_element_added(|_, _, element| {
             match element.factory().map(|f| f.name().to_string()).as_deref() {
                 Some("avdec_h264") => element.set_property("max-threads", 1i32),
-                Some("tsdemux") => element.set_property("latency", 50i32),
+                Some("tsdemux") => {
+                    element.set_property("latency", 50i32);
+                    element.connect_pad_added(|_, pad| mark_au_aligned(pad));
+                }
                 _ => {}
             }
         });
@@ -53,6 +56,26 @@ fn tune_decodebin(pipeline: &gst::Pipeline) {
             }
         });
     }
+}
+
+/// As tricklesrc does (au-per-pes=true): tell h264parse that each PES is one access unit.
+fn mark_au_aligned(pad: &gst::Pad) {
+    pad.add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, |_, info| {
+        if let Some(gst::PadProbeData::Event(event)) = &info.data
+            && let gst::EventView::Caps(c) = event.view()
+            && let Some(s) = c.caps().structure(0)
+            && s.name() == "video/x-h264"
+            && !s.has_field("alignment")
+        {
+            let mut caps = c.caps().to_owned();
+            caps.make_mut()
+                .structure_mut(0)
+                .unwrap()
+                .set("alignment", "au");
+            info.data = Some(gst::PadProbeData::Event(gst::event::Caps::new(&caps)));
+        }
+        gst::PadProbeReturn::Ok
+    });
 }
 
 /// Push `FRAMES` stamped frames at `FPS` into `src` and measure when each decoded frame

@@ -253,3 +253,26 @@ fn publisher_restart_mid_stream_keeps_the_subscriber_going() {
     stop(&p2);
     stop(&sub);
 }
+
+#[test]
+fn each_frame_is_decoded_without_waiting_for_the_next_one() {
+    init();
+    let server = TestServer::start();
+    let url = server.channel("nowait");
+    let sub = pipeline(&format!(
+        "tricklesrc url={url} start-seq=0 ! videoconvert ! video/x-raw,format=I420 ! appsink name=out sync=false"
+    ));
+    let out = appsink(&sub, "out");
+    sub.set_state(gst::State::Playing).unwrap();
+    let (publ, src) = stamped_publisher(&url, "");
+    publ.set_state(gst::State::Playing).unwrap();
+    // au-per-pes (default): the parser does not hold frame n until frame n+1 begins, so
+    // every pushed frame comes out while the publisher waits for the next.
+    for n in 0..10 {
+        push_frames_at(&src, n..n + 1, 0);
+        let sample = pull(&out, 1).remove(0);
+        assert_eq!(sample_stamp(&sample), n);
+    }
+    stop(&publ);
+    stop(&sub);
+}

@@ -27,6 +27,7 @@ pub(crate) const DEFAULT_PRECONNECT_REFRESH_MS: u32 = 20_000;
 pub(crate) const DEFAULT_CONNECT_TIMEOUT_MS: u32 = 10_000;
 pub(crate) const DEFAULT_TLS_VERIFY: bool = true;
 pub(crate) const DEFAULT_DO_TIMESTAMP: bool = true;
+pub(crate) const DEFAULT_AU_PER_PES: bool = true;
 
 /// The caps of the MPEG-TS byte stream.
 pub(crate) fn ts_caps() -> gst::Caps {
@@ -48,6 +49,7 @@ pub(crate) struct Settings {
     pub connect_timeout: Duration,
     pub tls_verify: bool,
     pub do_timestamp: bool,
+    pub au_per_pes: bool,
 }
 
 impl Default for Settings {
@@ -62,6 +64,7 @@ impl Default for Settings {
             connect_timeout: Duration::from_millis(DEFAULT_CONNECT_TIMEOUT_MS.into()),
             tls_verify: DEFAULT_TLS_VERIFY,
             do_timestamp: DEFAULT_DO_TIMESTAMP,
+            au_per_pes: DEFAULT_AU_PER_PES,
         }
     }
 }
@@ -171,6 +174,14 @@ impl ObjectImpl for TrickleSrc {
                     .default_value(DEFAULT_DO_TIMESTAMP)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecBoolean::builder("au-per-pes")
+                    .nick("One access unit per PES")
+                    .blurb("Decode mode: each MPEG-TS video PES holds one whole H.264 access unit (true for tricklesink, \
+                            ffmpeg and go-livepeer output), so frames are decoded without waiting for the next one \
+                            (saves a frame interval). Turn off for streams that split frames across PES packets")
+                    .default_value(DEFAULT_AU_PER_PES)
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
                     .blurb("segments, bytes, empty-segments, corrupt-segments, resyncs, discont-buffers, last-seq, lag (notified per segment)")
@@ -201,6 +212,7 @@ impl ObjectImpl for TrickleSrc {
             }
             "tls-verify" => settings.tls_verify = value.get().unwrap(),
             "do-timestamp" => settings.do_timestamp = value.get().unwrap(),
+            "au-per-pes" => settings.au_per_pes = value.get().unwrap(),
             other => gst::warning!(CAT, imp = self, "unknown property {other}"),
         }
     }
@@ -218,6 +230,7 @@ impl ObjectImpl for TrickleSrc {
             "connect-timeout-ms" => ms(settings.connect_timeout).to_value(),
             "tls-verify" => settings.tls_verify.to_value(),
             "do-timestamp" => settings.do_timestamp.to_value(),
+            "au-per-pes" => settings.au_per_pes.to_value(),
             "stats" => {
                 drop(settings);
                 let s = self.shared.stats.lock().unwrap().clone();
@@ -361,8 +374,9 @@ impl TrickleSrc {
                 let bin = decodebin.downcast_ref::<gst::Bin>().ok_or_else(|| {
                     gst::error_msg!(gst::CoreError::Failed, ["decodebin is not a bin"])
                 })?;
-                bin.connect_deep_element_added(|_bin, _sub, element| {
-                    tune_decode_element(element);
+                let au_per_pes = self.shared.settings.lock().unwrap().au_per_pes;
+                bin.connect_deep_element_added(move |_bin, _sub, element| {
+                    tune_decode_element(element, au_per_pes);
                 });
                 let weak = obj.downgrade();
                 let pads = ghosts.clone();
@@ -463,7 +477,7 @@ impl TrickleSrc {
 }
 
 /// Low-latency settings for the elements decodebin plugs.
-fn tune_decode_element(element: &gst::Element) {
+fn tune_decode_element(element: &gst::Element, au_per_pes: bool) {
     let Some(factory) = element.factory() else {
         return;
     };
@@ -476,7 +490,41 @@ fn tune_decode_element(element: &gst::Element) {
         // they are written, so a small margin suffices.
         "tsdemux" => {
             element.set_property("latency", 50i32);
+            if au_per_pes {
+                element.connect_pad_added(|_, pad| mark_au_aligned(pad));
+            }
         }
         _ => {}
     }
+}
+
+/// tsdemux outputs H.264 without an `alignment` in its caps, so h264parse holds every frame
+/// until the next one begins (to find where it ends): a whole frame interval of latency.
+/// When each PES holds one access unit (as tricklesink, ffmpeg and go-livepeer write them),
+/// saying `alignment=au` lets the parser pass each frame on at once.
+pub(crate) fn mark_au_aligned(pad: &gst::Pad) {
+    pad.add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, |_, info| {
+        let Some(gst::PadProbeData::Event(event)) = &info.data else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let gst::EventView::Caps(caps_event) = event.view() else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let caps = caps_event.caps();
+        let Some(s) = caps.structure(0) else {
+            return gst::PadProbeReturn::Ok;
+        };
+        if s.name() != "video/x-h264" || s.has_field("alignment") {
+            return gst::PadProbeReturn::Ok;
+        }
+        let mut caps = caps.to_owned();
+        if let Some(s) = caps.make_mut().structure_mut(0) {
+            s.set("alignment", "au");
+        }
+        let seqnum = event.seqnum();
+        info.data = Some(gst::PadProbeData::Event(
+            gst::event::Caps::builder(&caps).seqnum(seqnum).build(),
+        ));
+        gst::PadProbeReturn::Ok
+    });
 }

@@ -9,7 +9,10 @@
 //!
 //! - `mode=decode` (default): the bytes go through `decodebin` (tsdemux, parsers, `avdec_h264`
 //!   with `max-threads=1`) and raw video / raw audio come out on "sometimes" pads `video_%u` and
-//!   `audio_%u`, the way `uridecodebin` exposes them.
+//!   `audio_%u`, the way `uridecodebin` exposes them. With `au-per-pes=true` (default) the
+//!   H.264 from tsdemux is marked `alignment=au`, so h264parse passes each frame on at once
+//!   instead of holding it until the next frame begins (one frame interval saved; right when
+//!   each PES is one access unit, as tricklesink, ffmpeg and go-livepeer write them).
 //! - `mode=bytes`: the MPEG-TS byte stream comes out unchanged on the "sometimes" pad `src`
 //!   (added when the element goes to READY).
 //!
