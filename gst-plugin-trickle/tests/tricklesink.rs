@@ -131,7 +131,7 @@ fn malformed_url_fails_the_state_change_with_a_clear_message() {
 }
 
 #[test]
-fn server_unreachable_is_an_error_naming_the_url() {
+fn server_unreachable_is_retried_then_an_error_naming_the_url() {
     init();
     // A port nothing listens on: bind one, then free it.
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
@@ -140,11 +140,15 @@ fn server_unreachable_is_an_error_naming_the_url() {
         .unwrap();
     let url = format!("http://{addr}/gone");
     let p = pipeline(&format!(
-        "videotestsrc is-live=true ! {CAPS} ! tricklesink url={url} connect-timeout-ms=500"
+        "videotestsrc is-live=true ! {CAPS} ! tricklesink url={url} retry-pause-ms=20 connect-timeout-ms=500"
     ));
-    assert!(p.set_state(gst::State::Playing).is_err());
+    p.set_state(gst::State::Playing).unwrap();
     let text = error_text(&p.bus().unwrap());
     assert!(text.contains(&url), "error does not name the URL: {text}");
+    assert!(
+        text.contains("times in a row"),
+        "error does not tell the retries: {text}"
+    );
     stop(&p);
 }
 

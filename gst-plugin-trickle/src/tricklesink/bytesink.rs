@@ -206,6 +206,9 @@ mod imp {
                 Ok(Err(err @ ClientError::NotFound { .. })) => {
                     Err(self.client_error(&running.url, &err))
                 }
+                Ok(Err(err @ ClientError::RetriesExhausted { .. })) => {
+                    Err(self.client_error(&running.url, &err))
+                }
                 Ok(Err(err)) => {
                     let seq = segment.seq;
                     gst::element_imp_warning!(
@@ -280,6 +283,14 @@ mod imp {
                     }
                     Ok(SegmentOutcome::ChannelClosed) | Err(ClientError::Closed) => {
                         flags.closed.store(true, Ordering::SeqCst);
+                    }
+                    Err(err @ ClientError::RetriesExhausted { .. }) => {
+                        flags.failed.store(true, Ordering::SeqCst);
+                        gst::element_error!(
+                            poster,
+                            gst::ResourceError::Write,
+                            ["Cannot publish segment {seq} to {url}: {err}. Check that the trickle server is running and reachable"]
+                        );
                     }
                     Err(err @ ClientError::NotFound { .. }) => {
                         flags.failed.store(true, Ordering::SeqCst);
@@ -521,19 +532,26 @@ mod imp {
                         ["Cannot publish to {url}: {err}"]
                     ));
                 }
-                Ok(Err(err)) => {
-                    return Err(gst::error_msg!(
-                        gst::ResourceError::OpenWrite,
-                        [
-                            "Cannot publish to {url}: {err}. Check that the trickle server is running and reachable"
-                        ]
-                    ));
-                }
-                Err(err) => {
-                    return Err(gst::error_msg!(
-                        gst::ResourceError::OpenWrite,
-                        ["Cannot publish to {url}: no answer from the trickle server ({err:?})"]
-                    ));
+                other => {
+                    // Server unreachable or /next unusable: start at seq 0; the first
+                    // segment's POST is retried with back-off, then reported as an error.
+                    let why = match other {
+                        Ok(Err(err)) => err.to_string(),
+                        Err(err) => format!("{err:?}"),
+                        Ok(Ok(_)) => String::new(),
+                    };
+                    gst::warning!(
+                        CAT,
+                        imp = self,
+                        "cannot ask {url}/next ({why}); starting at seq 0"
+                    );
+                    let _guard = rt.enter();
+                    Publisher::new(&url, config).map_err(|err| {
+                        gst::error_msg!(
+                            gst::ResourceError::Settings,
+                            ["Cannot publish to {url}: {err}"]
+                        )
+                    })?
                 }
             };
             if let Some(shared) = self.shared() {
