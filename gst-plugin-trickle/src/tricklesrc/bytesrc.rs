@@ -422,6 +422,17 @@ mod imp {
             false
         }
 
+        fn query(&self, query: &mut gst::QueryRef) -> bool {
+            if let gst::QueryViewMut::Latency(q) = query.view_mut() {
+                // Live, no latency of its own; and unlike a capture device it can wait as long
+                // as downstream needs (the bytes wait in the socket and on the server), so no
+                // maximum: a synced sink's processing deadline fits.
+                q.set(true, gst::ClockTime::ZERO, gst::ClockTime::NONE);
+                return true;
+            }
+            BaseSrcImplExt::parent_query(self, query)
+        }
+
         fn unlock(&self) -> Result<(), gst::ErrorMessage> {
             self.canceller.cancel();
             Ok(())
