@@ -411,6 +411,7 @@ impl TrickleSink {
         if graph.bytesink.is_none() {
             let sink = TrickleByteSink::new("bytesink", self.shared.clone());
             obj.add(&sink).map_err(add_err)?;
+            let _ = sink.sync_state_with_parent();
             graph.bytesink = Some(sink);
         }
         if !want_mux {
