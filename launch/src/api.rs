@@ -355,7 +355,7 @@ pub fn metrics_text(daemon: &Daemon) -> String {
     let name = "rivulet_inference_latency_ms";
     let _ = writeln!(
         s,
-        "# HELP {name} Inference latency per frame.\n# TYPE {name} histogram"
+        "# HELP {name} Inference latency: the p50 of each aipipeline stats period (1 s).\n# TYPE {name} histogram"
     );
     let mut cumulative = 0;
     for (i, b) in LATENCY_BUCKETS_MS.iter().enumerate() {

@@ -363,13 +363,13 @@ impl Daemon {
             }
             self.on_stream_stopped();
         }
-        if let Ok(text) = serde_json::to_vec(&req.to_json()) {
-            if let Err(e) = std::fs::write(&self.config.state_file, text) {
-                tracing::warn!(
-                    "cannot persist the start request to {:?}: {e}",
-                    self.config.state_file
-                );
-            }
+        if let Ok(text) = serde_json::to_vec(&req.to_json())
+            && let Err(e) = std::fs::write(&self.config.state_file, text)
+        {
+            tracing::warn!(
+                "cannot persist the start request to {:?}: {e}",
+                self.config.state_file
+            );
         }
         let now = now_secs();
         {

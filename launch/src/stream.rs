@@ -541,6 +541,8 @@ fn build_graph(
     let src = make("tricklesrc", Some("src"))?;
     src.set_property("url", &req.subscribe_url);
     src.set_property("start-seq", -2i64);
+    // Keep the input PTS (the runner's contract), not arrival times.
+    src.set_property("do-timestamp", false);
     src.set_property("tls-verify", cfg.tls_verify);
     let convert = make("videoconvert", None)?;
     let ai = make_aipipeline(cfg, &req.params)?;
@@ -702,6 +704,14 @@ fn spawn_bus_watch(
     use futures::StreamExt;
     let bus = pipeline.bus()?;
     let request_id = req.request_id.clone();
+    let src_el = pipeline.by_name("src");
+    let ai_el = pipeline.by_name("ai");
+    // Whether a message comes from `el` or one of its children.
+    let is_from = |msg: &gst::Message, el: &Option<gst::Element>| {
+        msg.src()
+            .zip(el.as_ref())
+            .is_some_and(|(o, e)| o == e.upcast_ref::<gst::Object>() || o.has_as_ancestor(e))
+    };
     Some(tokio::spawn(async move {
         let mut messages = bus.stream();
         let mut first_in = true;
@@ -725,7 +735,7 @@ fn spawn_bus_watch(
                 gst::MessageView::Error(e) => {
                     let text = format!("{} ({from})", e.error());
                     tracing::error!("stream error: {text}; debug: {:?}", e.debug());
-                    if from.contains("/ai") {
+                    if is_from(&msg, &ai_el) {
                         daemon.report_error(&text);
                     }
                     let d = daemon.clone();
@@ -736,14 +746,14 @@ fn spawn_bus_watch(
                 gst::MessageView::Warning(w) => {
                     let text = w.error().to_string();
                     tracing::warn!("{from}: {text} ({:?})", w.debug());
-                    if from.contains("/ai") {
+                    if is_from(&msg, &ai_el) {
                         daemon.report_error(&text);
                     }
                 }
                 gst::MessageView::Element(m) => {
                     let Some(s) = m.structure() else { continue };
                     if s.name() == "trickle-segment" {
-                        let input = from.contains("/src");
+                        let input = is_from(&msg, &src_el);
                         daemon.on_segment(input);
                         let now = ms(now_secs());
                         if input && first_in {
@@ -759,11 +769,11 @@ fn spawn_bus_watch(
                                 "stream_trace",
                             );
                         }
-                    } else if s.name() == "aipipeline-stats" {
-                        if let Ok(p50) = s.get::<f64>("inference-latency-p50-ms") {
-                            daemon.set_latency_p50(p50);
-                            daemon.on_inference_latency(p50);
-                        }
+                    } else if s.name() == gstaipipeline::STATS_MESSAGE
+                        && let Ok(p50) = s.get::<f64>("inference-latency-p50-ms")
+                    {
+                        daemon.set_latency_p50(p50);
+                        daemon.on_inference_latency(p50);
                     }
                 }
                 _ => {}
