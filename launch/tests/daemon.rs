@@ -683,3 +683,66 @@ async fn bad_requests_get_the_runner_error_shapes() {
     assert_eq!(v["inference_status"]["last_params"], json!({"prompt": "x"}));
     wait_health(&http, &base, "IDLE", Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_start_stops_the_running_stream_first() {
+    init();
+    let d = spawn_daemon("restart", &[]);
+    let http = reqwest::Client::new();
+    let base = d.base.clone();
+    wait_health(&http, &base, "IDLE", Duration::from_secs(60)).await;
+    let mut inputs = Vec::new();
+    for (i, mid) in ["first001", "second02"].into_iter().enumerate() {
+        for suffix in ["", "-out"] {
+            create_channel(&http, &base, &format!("{mid}{suffix}"), "video/MP2T").await;
+        }
+        let url = |s: &str| format!("{base}/trickle/{mid}{s}");
+        let input = input_pipeline(&url(""), 600);
+        set_state(&input, gst::State::Playing).await;
+        inputs.push(input);
+        let r = http
+            .post(format!("{base}/live-video-to-video"))
+            .json(
+                &json!({"subscribe_url": url(""), "publish_url": url("-out"),
+                          "gateway_request_id": format!("req-{i}")}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        // The stream is up: real frames come out.
+        let t = Instant::now();
+        loop {
+            let s = get_json(&http, &format!("{base}/api/dashboard")).await;
+            if s["status"]["inference_status"]["last_output_time"]
+                .as_i64()
+                .unwrap_or(0)
+                > s["status"]["start_time"].as_i64().unwrap()
+            {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "no output: {s}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // The first stream was stopped: its output channel was closed (DELETE), the second runs.
+    let r = http
+        .get(format!("{base}/trickle/first001-out/next"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "the old stream's output channel is gone");
+    let r = http
+        .get(format!("{base}/trickle/second02-out/next"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        get_json(&http, &format!("{base}/health")).await["status"],
+        "OK"
+    );
+    for input in &inputs {
+        set_state(input, gst::State::Null).await;
+    }
+}
