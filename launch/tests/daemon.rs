@@ -11,6 +11,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+/// The daemon tests each run a real-time stream (two x264 encoders, two decoders): on a 2-core
+/// machine they run one at a time so that none starves the others.
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
 fn init() {
     static INIT: Once = Once::new();
     INIT.call_once(|| {
@@ -322,6 +329,7 @@ fn close_to(px: [u8; 3], want: [u8; 3], tol: i32) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_end_to_end_like_an_orchestrator() {
+    let _serial = serial().await;
     init();
     let d = spawn_daemon("e2e", &[]);
     let http = reqwest::Client::new();
@@ -527,6 +535,7 @@ async fn stream_end_to_end_like_an_orchestrator() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_the_runner_error_shapes() {
+    let _serial = serial().await;
     init();
     let d = spawn_daemon("bad", &[("AUTH_TOKEN", "secret"), ("VERSION", "1.2.3")]);
     let http = reqwest::Client::new();
@@ -686,6 +695,7 @@ async fn bad_requests_get_the_runner_error_shapes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_start_stops_the_running_stream_first() {
+    let _serial = serial().await;
     init();
     let d = spawn_daemon("restart", &[]);
     let http = reqwest::Client::new();

@@ -169,8 +169,8 @@ impl ObjectImpl for TrickleSrc {
                 glib::ParamSpecBoolean::builder("do-timestamp")
                     .nick("Do timestamp")
                     .blurb("Stamp the bytes with their arrival time, so the demuxer maps the stream's PTS onto the live clock \
-                            (right for live playback). false: keep the stream's own PTS spacing exactly (for streams \
-                            read faster than real time)")
+                            (right for live playback). false: keep the stream's own PTS exactly (tsdemux ignores the \
+                            PCR; for streams read faster than real time, and for processing that must keep input PTS)")
                     .default_value(DEFAULT_DO_TIMESTAMP)
                     .mutable_ready()
                     .build(),
@@ -374,9 +374,12 @@ impl TrickleSrc {
                 let bin = decodebin.downcast_ref::<gst::Bin>().ok_or_else(|| {
                     gst::error_msg!(gst::CoreError::Failed, ["decodebin is not a bin"])
                 })?;
-                let au_per_pes = self.shared.settings.lock().unwrap().au_per_pes;
+                let (au_per_pes, do_timestamp) = {
+                    let s = self.shared.settings.lock().unwrap();
+                    (s.au_per_pes, s.do_timestamp)
+                };
                 bin.connect_deep_element_added(move |_bin, _sub, element| {
-                    tune_decode_element(element, au_per_pes);
+                    tune_decode_element(element, au_per_pes, do_timestamp);
                 });
                 let weak = obj.downgrade();
                 let pads = ghosts.clone();
@@ -477,7 +480,7 @@ impl TrickleSrc {
 }
 
 /// Low-latency settings for the elements decodebin plugs.
-fn tune_decode_element(element: &gst::Element, au_per_pes: bool) {
+fn tune_decode_element(element: &gst::Element, au_per_pes: bool, do_timestamp: bool) {
     let Some(factory) = element.factory() else {
         return;
     };
@@ -490,6 +493,11 @@ fn tune_decode_element(element: &gst::Element, au_per_pes: bool) {
         // they are written, so a small margin suffices.
         "tsdemux" => {
             element.set_property("latency", 50i32);
+            // Without arrival timestamps, the stream's own PTS are the timeline: the PCR-based
+            // clock-skew correction would bend them by the network jitter.
+            if !do_timestamp {
+                element.set_property("ignore-pcr", true);
+            }
             if au_per_pes {
                 element.connect_pad_added(|_, pad| mark_au_aligned(pad));
             }
