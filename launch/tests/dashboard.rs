@@ -1,0 +1,462 @@
+// SPDX-License-Identifier: MPL-2.0
+//! The dashboard (`GET /`) in a real browser: a `rivulet serve` process runs a stream published
+//! into its embedded trickle server, headless Chromium loads the page, and the test drives it
+//! over the DevTools protocol to check that the state is shown, that both JPEG previews load and
+//! change, and that the fps and latency charts are redrawn with new data.
+//!
+//! Needs `/usr/bin/chromium` (Debian's `chromium` package, installed by `scripts/setup`).
+//! `RIVULET_DASHBOARD_SCREENSHOT=path.png` (relative to the workspace root) also saves a
+//! screenshot of the page while the stream runs: that is how `docs/dashboard.png` is made.
+
+use base64::Engine as _;
+use gst::prelude::*;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+/// The runner's states while a stream runs.
+const RUNNING: [&str; 3] = ["ONLINE", "DEGRADED_INPUT", "DEGRADED_INFERENCE"];
+
+/// A `rivulet serve` child process, killed on drop.
+struct DaemonProc {
+    child: Child,
+    base: String,
+    _dir: TempDir,
+}
+
+impl Drop for DaemonProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct TempDir(std::path::PathBuf);
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("rivulet-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Reads `child`'s `stream` line by line on a thread, echoing with `tag`, and sends the rest of
+/// the first line containing `marker`.
+fn watch_for(
+    stream: impl std::io::Read + Send + 'static,
+    tag: &'static str,
+    marker: &'static str,
+) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if !sent && let Some(i) = line.find(marker) {
+                let _ = tx.send(line[i + marker.len()..].trim().to_string());
+                sent = true;
+            }
+            eprintln!("[{tag}] {line}");
+        }
+    });
+    rx
+}
+
+fn spawn_daemon(tag: &str) -> DaemonProc {
+    let dir = TempDir::new(tag);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rivulet"))
+        .args(["serve", "--port", "0"])
+        .env_remove("AUTH_TOKEN")
+        .env_remove("MODEL_ID")
+        .env("RUST_LOG", "info")
+        .env("RIVULET_STATE_FILE", dir.0.join("last.json"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("cannot start rivulet");
+    let rx = watch_for(child.stdout.take().unwrap(), "rivulet", "listening on ");
+    let base = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("rivulet did not report its address");
+    DaemonProc {
+        child,
+        base,
+        _dir: dir,
+    }
+}
+
+/// Headless Chromium with a DevTools port, killed on drop.
+struct Chromium {
+    child: Child,
+    port: u16,
+    _dir: TempDir,
+}
+
+impl Drop for Chromium {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_chromium(url: &str) -> Chromium {
+    let dir = TempDir::new("chromium");
+    let mut child = Command::new(CHROMIUM)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+            "--window-size=1460,720",
+            "--remote-debugging-address=127.0.0.1",
+            "--remote-debugging-port=0",
+        ])
+        .arg(format!("--user-data-dir={}", dir.0.display()))
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {CHROMIUM} (scripts/setup installs it): {e}"));
+    let rx = watch_for(
+        child.stderr.take().unwrap(),
+        "chromium",
+        "DevTools listening on ws://127.0.0.1:",
+    );
+    let rest = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("chromium did not report its DevTools address");
+    let port = rest.split('/').next().unwrap().parse().unwrap();
+    Chromium {
+        child,
+        port,
+        _dir: dir,
+    }
+}
+
+/// A DevTools protocol session on one page target.
+struct Cdp {
+    ws: tungstenite::WebSocket<TcpStream>,
+    next_id: u64,
+}
+
+impl Cdp {
+    fn connect(ws_url: &str) -> Cdp {
+        let hostport = ws_url
+            .strip_prefix("ws://")
+            .and_then(|s| s.split('/').next())
+            .unwrap();
+        let tcp = TcpStream::connect(hostport).unwrap();
+        // Bounds every call: a page that stops answering fails the test instead of hanging it.
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let (ws, _) = tungstenite::client(ws_url, tcp).expect("DevTools websocket handshake");
+        Cdp { ws, next_id: 1 }
+    }
+
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let msg = json!({"id": id, "method": method, "params": params}).to_string();
+        self.ws.send(tungstenite::Message::text(msg)).unwrap();
+        loop {
+            let m = self
+                .ws
+                .read()
+                .unwrap_or_else(|e| panic!("{method}: no answer: {e}"));
+            let tungstenite::Message::Text(t) = m else {
+                continue;
+            };
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// Evaluates `expr` in the page and returns its value (promises awaited).
+    fn eval(&mut self, expr: &str) -> Value {
+        let r = self.call(
+            "Runtime.evaluate",
+            json!({"expression": expr, "returnByValue": true, "awaitPromise": true}),
+        );
+        assert!(
+            r.get("exceptionDetails").is_none(),
+            "{expr} threw: {}",
+            r["exceptionDetails"]
+        );
+        r["result"]["value"].clone()
+    }
+}
+
+/// What the page shows now: the state and figures as text, each preview's natural size and a
+/// checksum of its pixels, and for each chart a checksum and the number of drawn pixels.
+const SAMPLE_JS: &str = r#"(() => {
+  const bright = (r, g, b) => r + g + b > 60;
+  const sum = (d, lit_if) => { let h = 0, lit = 0;
+    for (let k = 0; k < d.length; k += 4) {
+      h = (Math.imul(h, 31) + d[k] + 7 * d[k + 1] + 13 * d[k + 2]) >>> 0;
+      if (lit_if(d[k], d[k + 1], d[k + 2])) lit++;
+    }
+    return { sum: h, lit }; };
+  const img = (id) => { const i = document.getElementById(id);
+    if (!i.complete || !i.naturalWidth) return { w: 0, h: 0, sum: 0, lit: 0 };
+    const c = document.createElement('canvas'); c.width = i.naturalWidth; c.height = i.naturalHeight;
+    const g = c.getContext('2d'); g.drawImage(i, 0, 0);
+    return Object.assign({ w: i.naturalWidth, h: i.naturalHeight }, sum(g.getImageData(0, 0, c.width, c.height).data, bright)); };
+  const chart = (id, lit_if) => { const c = document.getElementById(id);
+    return sum(c.getContext('2d').getImageData(0, 14, c.width, c.height - 14).data, lit_if); };
+  const text = (id) => document.getElementById(id).textContent;
+  return { state: text('state'), pipeline: text('pipeline'), fps_in: text('fps_in'),
+    fps_out: text('fps_out'), lat: text('lat'), frames: text('frames'),
+    params: document.getElementById('params').value,
+    input: img('input'), output: img('output'),
+    // lit: pixels of the output fps line (green) and of the latency line (yellow), below the
+    // legend (top 14 px)
+    fpschart: chart('fpschart', (r, g, b) => g > r + 60 && g > b + 60),
+    latchart: chart('latchart', (r, g, b) => r > 150 && g > 100 && b < 100 && r > g) };
+})()"#;
+
+fn num(v: &Value) -> f64 {
+    v.as_str()
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// A live stream of scrolling colour bars with a tone, published into `url`.
+fn input_pipeline(url: &str) -> gst::Pipeline {
+    gst::parse::launch(&format!(
+        "videotestsrc is-live=true pattern=smpte horizontal-speed=6 ! \
+           video/x-raw,width=640,height=480,framerate=30/1 ! videoconvert ! \
+           tricklesink name=pub url={url} min-segment-duration=500000000 \
+         audiotestsrc is-live=true samplesperbuffer=1600 ! audio/x-raw,rate=48000,channels=2 ! pub."
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap()
+}
+
+/// Polls `f` every 200 ms until it returns `Some`; `within` only bounds a failure.
+fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let t = Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(last) if t.elapsed() > within => panic!("{what} within {within:?}; last: {last}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+#[test]
+fn dashboard_shows_live_previews_charts_and_state() {
+    gst::init().unwrap();
+    gsttrickle::plugin_register_static().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let get = |url: String| -> (u16, Vec<u8>) {
+        rt.block_on(async {
+            let r = http.get(&url).send().await.unwrap();
+            (r.status().as_u16(), r.bytes().await.unwrap().to_vec())
+        })
+    };
+    let get_json = |url: String| -> Value { serde_json::from_slice(&get(url).1).unwrap() };
+
+    let d = spawn_daemon("dashboard");
+    let base = d.base.clone();
+    wait_for("health IDLE", Duration::from_secs(60), || {
+        let v = get_json(format!("{base}/health"));
+        if v["status"] == "IDLE" {
+            Ok(())
+        } else {
+            Err(v.to_string())
+        }
+    });
+    // No stream yet: the previews are a JSON 404.
+    assert_eq!(get(format!("{base}/api/preview/output.jpg")).0, 404);
+
+    let mid = "dash0001";
+    rt.block_on(async {
+        for (suffix, mime) in [("", "video/MP2T"), ("-out", "video/MP2T")] {
+            let r = http
+                .post(format!("{base}/trickle/{mid}{suffix}"))
+                .header("Expect-Content", mime)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "create channel {mid}{suffix}");
+        }
+        let start = json!({
+            "subscribe_url": format!("{base}/trickle/{mid}"),
+            "publish_url": format!("{base}/trickle/{mid}-out"),
+            "model_id": "noop", "params": {"width": 512, "height": 512},
+            "gateway_request_id": "req-dash", "manifest_id": mid, "stream_id": "s-dash"
+        });
+        let r = http
+            .post(format!("{base}/live-video-to-video"))
+            .json(&start)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    });
+    // Not on a tokio worker: the trickle elements' state changes block.
+    let input = input_pipeline(&format!("{base}/trickle/{mid}"));
+    input.set_state(gst::State::Playing).unwrap();
+
+    // Frames flow before the browser comes in, so that what it shows can be compared with it.
+    wait_for("frames out of the daemon", Duration::from_secs(60), || {
+        let v = get_json(format!("{base}/api/dashboard"));
+        let ok = v["frames_out"].as_u64().unwrap_or(0) > 10
+            && get(format!("{base}/api/preview/output.jpg")).0 == 200;
+        if ok { Ok(()) } else { Err(v.to_string()) }
+    });
+
+    let page = format!("{base}/");
+    let chromium = spawn_chromium(&page);
+    let list_url = format!("http://127.0.0.1:{}/json/list", chromium.port);
+    let ws_url = wait_for("the page target", Duration::from_secs(30), || {
+        let v = get_json(list_url.clone());
+        v.as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|t| t["type"] == "page" && t["url"].as_str() == Some(page.as_str()))
+            })
+            .and_then(|t| t["webSocketDebuggerUrl"].as_str().map(String::from))
+            .ok_or_else(|| v.to_string())
+    });
+    let mut cdp = Cdp::connect(&ws_url);
+    wait_for("the page to load", Duration::from_secs(30), || {
+        let v =
+            cdp.eval("document.readyState === 'complete' && !!document.getElementById('state')");
+        if v == true {
+            Ok(())
+        } else {
+            Err(v.to_string())
+        }
+    });
+
+    // The state the daemon reports, the figures and both previews. (The page refreshes every
+    // second; the state may move between ONLINE and DEGRADED_* while the stream warms up.)
+    let first = wait_for(
+        "a page showing the daemon's state and both previews",
+        Duration::from_secs(30),
+        || {
+            let daemon_state = get_json(format!("{base}/api/status"))["state"].clone();
+            let s = cdp.eval(SAMPLE_JS);
+            let ok = s["state"] == daemon_state
+                && RUNNING.contains(&s["state"].as_str().unwrap_or(""))
+                && s["input"]["w"].as_u64() > Some(0)
+                && s["output"]["w"].as_u64() > Some(0)
+                && num(&s["fps_out"]) > 0.0;
+            if ok { Ok(s) } else { Err(s.to_string()) }
+        },
+    );
+    eprintln!("first sample: {first}");
+    assert_eq!(first["pipeline"], "noop");
+    for p in ["input", "output"] {
+        assert_eq!(first[p]["w"], 320, "{p} preview: {first}");
+        assert_eq!(first[p]["h"], 320, "{p} preview: {first}");
+        assert!(
+            first[p]["lit"].as_u64().unwrap() > 1000,
+            "{p} preview is blank: {first}"
+        );
+    }
+    let fps_in = num(&first["fps_in"]);
+    assert!(
+        (5.0..=40.0).contains(&fps_in),
+        "input fps {fps_in} for a 30 fps stream: {first}"
+    );
+    let frames: Vec<f64> = first["frames"]
+        .as_str()
+        .unwrap()
+        .split(" / ")
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert!(
+        frames.len() == 2 && frames[0] > 0.0 && frames[1] > 0.0,
+        "{first}"
+    );
+    let params: Value = serde_json::from_str(first["params"].as_str().unwrap()).unwrap();
+    assert_eq!(params, json!({"width": 512, "height": 512}));
+    // Live: twice in a row, the scrolling bars change both previews, new points change both
+    // charts (which then draw a line of at least two points), the frame counters grow, and the
+    // inference p50 is shown (it needs a few frames, so it may be "-" in the first sample).
+    let mut before = first;
+    for round in 1..=2 {
+        let before_ref = &before;
+        let next = wait_for(
+            "previews and charts to change",
+            Duration::from_secs(30),
+            || {
+                let s = cdp.eval(SAMPLE_JS);
+                let changed = |k: &str| s[k]["sum"] != before_ref[k]["sum"];
+                let ok = ["input", "output", "fpschart", "latchart"]
+                    .iter()
+                    .all(|k| changed(k))
+                    && s["frames"] != before_ref["frames"]
+                    && RUNNING.contains(&s["state"].as_str().unwrap_or(""))
+                    && num(&s["lat"]) >= 0.0
+                    && s["fpschart"]["lit"].as_u64() > Some(20)
+                    && s["latchart"]["lit"].as_u64() > Some(20);
+                if ok { Ok(s) } else { Err(s.to_string()) }
+            },
+        );
+        eprintln!("sample {round}: {next}");
+        before = next;
+    }
+    let screenshot = std::env::var("RIVULET_DASHBOARD_SCREENSHOT").ok();
+    if screenshot.is_some() {
+        // For the docs picture only: let the charts gather some history.
+        std::thread::sleep(Duration::from_secs(25));
+    }
+    // The whole page in one picture, whatever the browser window's decorations take.
+    let height = cdp
+        .eval("document.documentElement.scrollHeight")
+        .as_u64()
+        .unwrap();
+    cdp.call(
+        "Emulation.setDeviceMetricsOverride",
+        json!({"width": 1460, "height": height, "deviceScaleFactor": 1, "mobile": false}),
+    );
+    let shot = cdp.call(
+        "Page.captureScreenshot",
+        json!({"format": "png", "captureBeyondViewport": false}),
+    );
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot["data"].as_str().unwrap())
+        .unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000);
+    if let Some(path) = screenshot {
+        // Relative to the workspace root (cargo runs tests in the crate's directory).
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(path);
+        std::fs::write(&path, &png).unwrap();
+        eprintln!("screenshot saved to {}", path.display());
+    }
+
+    drop(cdp);
+    drop(chromium);
+    input.set_state(gst::State::Null).unwrap();
+    drop(d);
+}
