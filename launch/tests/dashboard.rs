@@ -13,6 +13,7 @@ use gst::prelude::*;
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
+use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -102,8 +103,19 @@ struct Chromium {
 
 impl Drop for Chromium {
     fn drop(&mut self) {
+        // The browser and its helper processes (its own process group), so that none is left
+        // writing into the profile directory that is removed next.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for _ in 0..20 {
+            if std::fs::remove_dir_all(&self._dir.0).is_ok() || !self._dir.0.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
@@ -130,6 +142,7 @@ fn spawn_chromium(url: &str) -> Chromium {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {CHROMIUM} (scripts/setup installs it): {e}"));
     let rx = watch_for(
