@@ -307,6 +307,49 @@ fn dashboard_shows_live_previews_charts_and_state() {
     // No stream yet: the previews are a JSON 404.
     assert_eq!(get(format!("{base}/api/preview/output.jpg")).0, 404);
 
+    let page = format!("{base}/");
+    let chromium = spawn_chromium(&page);
+    let list_url = format!("http://127.0.0.1:{}/json/list", chromium.port);
+    let ws_url = wait_for("the page target", Duration::from_secs(30), || {
+        let v = get_json(list_url.clone());
+        v.as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|t| t["type"] == "page" && t["url"].as_str() == Some(page.as_str()))
+            })
+            .and_then(|t| t["webSocketDebuggerUrl"].as_str().map(String::from))
+            .ok_or_else(|| v.to_string())
+    });
+    let mut cdp = Cdp::connect(&ws_url);
+    wait_for("the page to load", Duration::from_secs(30), || {
+        let v =
+            cdp.eval("document.readyState === 'complete' && !!document.getElementById('state')");
+        if v == true {
+            Ok(())
+        } else {
+            Err(v.to_string())
+        }
+    });
+
+    // Idle: the page shows the daemon's state and "no stream" in place of both previews.
+    wait_for("the idle page", Duration::from_secs(30), || {
+        let daemon_state = get_json(format!("{base}/api/status"))["state"].clone();
+        let v = cdp.eval(
+            "({ state: document.getElementById('state').textContent, \
+                placeholders: [...document.querySelectorAll('.preview')].map(p => \
+                  !p.querySelector('img').hasAttribute('src') && \
+                  getComputedStyle(p.querySelector('.none')).display !== 'none') })",
+        );
+        let ok = v["state"] == daemon_state
+            && !RUNNING.contains(&v["state"].as_str().unwrap_or(""))
+            && v["placeholders"] == json!([true, true]);
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("{v}, daemon state {daemon_state}"))
+        }
+    });
+
     let mid = "dash0001";
     rt.block_on(async {
         for (suffix, mime) in [("", "video/MP2T"), ("-out", "video/MP2T")] {
@@ -336,36 +379,12 @@ fn dashboard_shows_live_previews_charts_and_state() {
     let input = input_pipeline(&format!("{base}/trickle/{mid}"));
     input.set_state(gst::State::Playing).unwrap();
 
-    // Frames flow before the browser comes in, so that what it shows can be compared with it.
+    // Frames flow out of the daemon.
     wait_for("frames out of the daemon", Duration::from_secs(60), || {
         let v = get_json(format!("{base}/api/dashboard"));
         let ok = v["frames_out"].as_u64().unwrap_or(0) > 10
             && get(format!("{base}/api/preview/output.jpg")).0 == 200;
         if ok { Ok(()) } else { Err(v.to_string()) }
-    });
-
-    let page = format!("{base}/");
-    let chromium = spawn_chromium(&page);
-    let list_url = format!("http://127.0.0.1:{}/json/list", chromium.port);
-    let ws_url = wait_for("the page target", Duration::from_secs(30), || {
-        let v = get_json(list_url.clone());
-        v.as_array()
-            .and_then(|a| {
-                a.iter()
-                    .find(|t| t["type"] == "page" && t["url"].as_str() == Some(page.as_str()))
-            })
-            .and_then(|t| t["webSocketDebuggerUrl"].as_str().map(String::from))
-            .ok_or_else(|| v.to_string())
-    });
-    let mut cdp = Cdp::connect(&ws_url);
-    wait_for("the page to load", Duration::from_secs(30), || {
-        let v =
-            cdp.eval("document.readyState === 'complete' && !!document.getElementById('state')");
-        if v == true {
-            Ok(())
-        } else {
-            Err(v.to_string())
-        }
     });
 
     // The state the daemon reports, the figures and both previews. (The page refreshes every
@@ -437,6 +456,39 @@ fn dashboard_shows_live_previews_charts_and_state() {
         eprintln!("sample {round}: {next}");
         before = next;
     }
+    // The params form: Apply posts the whole object to /api/params and the daemon takes it.
+    let new_params = json!({"width": 512, "height": 512, "from_dashboard": true});
+    cdp.eval(&format!(
+        "document.getElementById('params').value = {}; document.getElementById('apply').click(); true",
+        serde_json::to_string(&new_params.to_string()).unwrap()
+    ));
+    let applied = wait_for("the params answer", Duration::from_secs(30), || {
+        let v = cdp.eval("document.getElementById('applied').textContent");
+        match v.as_str() {
+            Some(t) if !t.is_empty() => Ok(t.to_string()),
+            _ => Err(v.to_string()),
+        }
+    });
+    assert_eq!(applied, "200 Params updated successfully");
+    assert_eq!(
+        get_json(format!("{base}/api/dashboard"))["params"],
+        new_params
+    );
+    // ... and the form then shows the daemon's params again.
+    wait_for(
+        "the form to show the new params",
+        Duration::from_secs(30),
+        || {
+            let v = cdp.eval("document.getElementById('params').value");
+            let shown: Value = serde_json::from_str(v.as_str().unwrap_or("")).unwrap_or_default();
+            if shown == new_params && v.as_str().unwrap().contains('\n') {
+                Ok(())
+            } else {
+                Err(v.to_string())
+            }
+        },
+    );
+
     let screenshot = std::env::var("RIVULET_DASHBOARD_SCREENSHOT").ok();
     if screenshot.is_some() {
         // For the docs picture only: let the charts gather some history.
