@@ -483,6 +483,8 @@ fn preview_branch(
         gst::Caps::builder("video/x-raw")
             .field("width", 320i32)
             .field("height", 320i32)
+            // Square pixels: videoscale letterboxes instead of squashing a wide input.
+            .field("pixel-aspect-ratio", gst::Fraction::new(1, 1))
             .build(),
     );
     let enc = make("jpegenc", None)?;
