@@ -6,10 +6,11 @@
 use gst::prelude::*;
 use gsttrickle::protocol::client::{Publisher, PublisherConfig, Subscriber, SubscriberConfig};
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
+
+mod common;
+use common::spawn_daemon;
 
 /// The daemon tests each run a real-time stream (two x264 encoders, two decoders): on a 2-core
 /// machine they run one at a time so that none starves the others.
@@ -24,71 +25,6 @@ fn init() {
         gst::init().unwrap();
         gsttrickle::plugin_register_static().unwrap();
     });
-}
-
-/// A `rivulet serve` child process, killed on drop.
-struct DaemonProc {
-    child: Child,
-    base: String,
-    _dir: TempDir,
-}
-
-impl Drop for DaemonProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct TempDir(std::path::PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("rivulet-test-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn spawn_daemon(tag: &str, envs: &[(&str, &str)]) -> DaemonProc {
-    let dir = TempDir::new(tag);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rivulet"));
-    cmd.args(["serve", "--port", "0"])
-        .env_remove("AUTH_TOKEN")
-        .env_remove("MODEL_ID")
-        .env("RUST_LOG", "info")
-        .env("RIVULET_STATE_FILE", dir.0.join("last.json"))
-        .env("RIVULET_STATUS_PERIOD_MS", "1000")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("cannot start rivulet");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if !sent && let Some(i) = line.find("listening on http://") {
-                let _ = tx.send(line[i + "listening on ".len()..].trim().to_string());
-                sent = true;
-            }
-            eprintln!("[rivulet] {line}");
-        }
-    });
-    let base = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("rivulet did not report its address");
-    DaemonProc {
-        child,
-        base,
-        _dir: dir,
-    }
 }
 
 /// State changes block (the trickle elements wait on their own runtime): never on a tokio worker.
@@ -216,6 +152,8 @@ fn output_reader(url: &str) -> OutputReader {
     let src = gst::ElementFactory::make("tricklesrc")
         .property("url", url)
         .property("start-seq", 0i64)
+        // The stream's own PTS, not arrival times: the test checks that input PTS are kept.
+        .property("do-timestamp", false)
         .build()
         .unwrap();
     pipeline.add(&src).unwrap();

@@ -11,88 +11,17 @@
 use base64::Engine as _;
 use gst::prelude::*;
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command, Stdio};
+
+mod common;
+use common::TempDir;
 use std::time::{Duration, Instant};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 /// The runner's states while a stream runs.
 const RUNNING: [&str; 3] = ["ONLINE", "DEGRADED_INPUT", "DEGRADED_INFERENCE"];
-
-/// A `rivulet serve` child process, killed on drop.
-struct DaemonProc {
-    child: Child,
-    base: String,
-    _dir: TempDir,
-}
-
-impl Drop for DaemonProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct TempDir(std::path::PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("rivulet-test-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Reads `child`'s `stream` line by line on a thread, echoing with `tag`, and sends the rest of
-/// the first line containing `marker`.
-fn watch_for(
-    stream: impl std::io::Read + Send + 'static,
-    tag: &'static str,
-    marker: &'static str,
-) -> std::sync::mpsc::Receiver<String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            if !sent && let Some(i) = line.find(marker) {
-                let _ = tx.send(line[i + marker.len()..].trim().to_string());
-                sent = true;
-            }
-            eprintln!("[{tag}] {line}");
-        }
-    });
-    rx
-}
-
-fn spawn_daemon(tag: &str) -> DaemonProc {
-    let dir = TempDir::new(tag);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rivulet"))
-        .args(["serve", "--port", "0"])
-        .env_remove("AUTH_TOKEN")
-        .env_remove("MODEL_ID")
-        .env("RUST_LOG", "info")
-        .env("RIVULET_STATE_FILE", dir.0.join("last.json"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("cannot start rivulet");
-    let rx = watch_for(child.stdout.take().unwrap(), "rivulet", "listening on ");
-    let base = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("rivulet did not report its address");
-    DaemonProc {
-        child,
-        base,
-        _dir: dir,
-    }
-}
 
 /// Headless Chromium with a DevTools port, killed on drop.
 struct Chromium {
@@ -145,7 +74,7 @@ fn spawn_chromium(url: &str) -> Chromium {
         .process_group(0)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {CHROMIUM} (scripts/setup installs it): {e}"));
-    let rx = watch_for(
+    let rx = common::watch_for(
         child.stderr.take().unwrap(),
         "chromium",
         "DevTools listening on ws://127.0.0.1:",
@@ -294,7 +223,7 @@ fn dashboard_shows_live_previews_charts_and_state() {
     };
     let get_json = |url: String| -> Value { serde_json::from_slice(&get(url).1).unwrap() };
 
-    let d = spawn_daemon("dashboard");
+    let d = common::spawn_daemon("dashboard", &[]);
     let base = d.base.clone();
     wait_for("health IDLE", Duration::from_secs(60), || {
         let v = get_json(format!("{base}/health"));

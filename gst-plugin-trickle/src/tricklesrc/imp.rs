@@ -432,16 +432,38 @@ impl TrickleSrc {
             gst::info!(CAT, imp = self, "ignoring decoded stream with caps {caps}");
             return;
         };
+        // One pad per kind, like the runner's decoder (first video, first audio stream). When
+        // the demuxer re-creates its streams (e.g. after a corrupt segment or a publisher
+        // restart), the existing pad follows the new decoded stream instead of a new,
+        // unlinked pad appearing.
+        let existing = ghosts
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|g| g.name().starts_with(kind))
+            .cloned();
+        if let Some(ghost) = existing {
+            match ghost.set_target(Some(pad)) {
+                Ok(()) => gst::info!(
+                    CAT,
+                    imp = self,
+                    "{} follows a new decoded stream",
+                    ghost.name()
+                ),
+                Err(err) => gst::element_imp_warning!(
+                    self,
+                    gst::CoreError::Pad,
+                    ["Cannot follow the new decoded {kind} stream: {err}"]
+                ),
+            }
+            return;
+        }
         let Some(templ) = obj.pad_template(&format!("{kind}_%u")) else {
             return;
         };
-        let ghost = {
-            let pads = ghosts.lock().unwrap();
-            let n = pads.iter().filter(|g| g.name().starts_with(kind)).count();
-            gst::GhostPad::builder_from_template(&templ)
-                .name(format!("{kind}_{n}"))
-                .build()
-        };
+        let ghost = gst::GhostPad::builder_from_template(&templ)
+            .name(format!("{kind}_0"))
+            .build();
         if let Err(err) = ghost.set_target(Some(pad)) {
             gst::element_imp_warning!(
                 self,
