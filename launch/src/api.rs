@@ -254,13 +254,18 @@ async fn version(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
 
 async fn hardware_info(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
     let c = &daemon.config;
-    // No NVML binding: GPU details are reported empty, as the runner does without NVML.
-    axum::Json(json!({"pipeline": c.pipeline_kind, "model_id": c.pipeline, "gpu_info": {}}))
+    let gpus = tokio::task::spawn_blocking(crate::nvml::gpu_info)
+        .await
+        .unwrap_or_else(|_| json!({}));
+    axum::Json(json!({"pipeline": c.pipeline_kind, "model_id": c.pipeline, "gpu_info": gpus}))
 }
 
 async fn hardware_stats(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
     let c = &daemon.config;
-    axum::Json(json!({"pipeline": c.pipeline_kind, "model_id": c.pipeline, "gpu_stats": {}}))
+    let gpus = tokio::task::spawn_blocking(crate::nvml::gpu_stats)
+        .await
+        .unwrap_or_else(|_| json!({}));
+    axum::Json(json!({"pipeline": c.pipeline_kind, "model_id": c.pipeline, "gpu_stats": gpus}))
 }
 
 /// Prometheus text format (runner-compat.md §2.6).

@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod health;
+pub mod nvml;
 pub mod pyjson;
 pub mod serve;
 pub mod status;
