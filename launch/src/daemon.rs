@@ -30,6 +30,9 @@ pub enum ParamsError {
     NotAnObject,
     #[error("{0}")]
     Invalid(String),
+    /// Already reported as an `error` event (runner-compat.md §8.2 step 3).
+    #[error("{0}")]
+    ResolutionChange(String),
 }
 
 /// Counters for `/metrics`.
@@ -341,7 +344,7 @@ impl Daemon {
                 let msg = "Cannot change output resolution mid-stream; restart the stream with \
                            the new width and height";
                 self.report_error(msg);
-                return Err(ParamsError::Invalid(msg.into()));
+                return Err(ParamsError::ResolutionChange(msg.into()));
             }
             s.apply_params(&params);
         }

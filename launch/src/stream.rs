@@ -411,9 +411,15 @@ async fn control_loop(daemon: Arc<Daemon>, req: StartRequest, mut stop: watch::R
             tracing::warn!("control message is not a JSON object, skipped");
             continue;
         }
-        if let Err(e) = daemon.update_params(value).await {
-            tracing::warn!("control params rejected: {e}");
-            daemon.report_error(&format!("invalid params: {e}"));
+        match daemon.update_params(value).await {
+            Ok(()) => {}
+            Err(e @ crate::daemon::ParamsError::ResolutionChange(_)) => {
+                tracing::warn!("control params rejected: {e}");
+            }
+            Err(e) => {
+                tracing::warn!("control params rejected: {e}");
+                daemon.report_error(&format!("invalid params: {e}"));
+            }
         }
     }
     // EOS or 404 on the control channel ends the stream (a critical task).

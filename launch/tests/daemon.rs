@@ -365,6 +365,29 @@ async fn stream_end_to_end_like_an_orchestrator() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Invalid params on the control channel: an `error` event and `last_error`; the previous
+    // params stay.
+    control
+        .send_message(json!({"width": 500}).to_string().into())
+        .await
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let s = get_json(&http, &format!("{base}/api/status")).await;
+        if s["inference_status"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("width"))
+        {
+            assert_eq!(s["inference_status"]["last_params"], changed);
+            assert!(s["inference_status"]["last_error_time"].is_i64());
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no error reported: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let h = get_json(&http, &format!("{base}/health")).await;
     assert_eq!(h["status"], "OK");
 
@@ -471,6 +494,20 @@ async fn stream_end_to_end_like_an_orchestrator() {
         );
         assert!(e["event"]["timestamp"].is_i64(), "{e}");
     }
+    let error = events
+        .iter()
+        .find(|e| e["event"]["type"] == "error")
+        .expect("an error event for the invalid params");
+    assert!(
+        error["event"]["time"].is_f64(),
+        "error.time is float seconds: {error}"
+    );
+    assert!(
+        error["event"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("width")
+    );
     let status = events
         .iter()
         .find(|e| e["event"]["type"] == "status")
