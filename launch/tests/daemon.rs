@@ -10,7 +10,7 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::spawn_daemon;
+use common::{create_channel, spawn_daemon};
 
 /// The daemon tests each run a real-time stream (two x264 encoders, two decoders): on a 2-core
 /// machine they run one at a time so that none starves the others.
@@ -62,16 +62,6 @@ async fn wait_health(http: &reqwest::Client, base: &str, want: &str, within: Dur
         assert!(t.elapsed() < within, "health is {v}, expected {want}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-async fn create_channel(http: &reqwest::Client, base: &str, name: &str, mime: &str) {
-    let r = http
-        .post(format!("{base}/trickle/{name}"))
-        .header("Expect-Content", mime)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "create {name}");
 }
 
 /// 640×480 RGB: left quarter red, right quarter blue, green between.

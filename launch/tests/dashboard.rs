@@ -281,14 +281,8 @@ fn dashboard_shows_live_previews_charts_and_state() {
 
     let mid = "dash0001";
     rt.block_on(async {
-        for (suffix, mime) in [("", "video/MP2T"), ("-out", "video/MP2T")] {
-            let r = http
-                .post(format!("{base}/trickle/{mid}{suffix}"))
-                .header("Expect-Content", mime)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200, "create channel {mid}{suffix}");
+        for suffix in ["", "-out"] {
+            common::create_channel(&http, &base, &format!("{mid}{suffix}"), "video/MP2T").await;
         }
         let start = json!({
             "subscribe_url": format!("{base}/trickle/{mid}"),

@@ -87,3 +87,14 @@ pub fn spawn_daemon(tag: &str, envs: &[(&str, &str)]) -> DaemonProc {
         _dir: dir,
     }
 }
+
+/// Creates a channel on the daemon's embedded trickle server, as an orchestrator does.
+pub async fn create_channel(http: &reqwest::Client, base: &str, name: &str, mime: &str) {
+    let r = http
+        .post(format!("{base}/trickle/{name}"))
+        .header("Expect-Content", mime)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "create {name}");
+}
