@@ -24,34 +24,56 @@ async fn set_state(p: &gst::Pipeline, state: gst::State) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The test models shipped with the aipipeline crate (present in a source checkout).
-const DEMO_PIPELINES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../gst-plugin-aipipeline/testdata/pipelines"
-);
+/// The restyling model shipped in the repository (issue 8).
+const STYLE_PIPELINES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/styletransfer");
 
-/// The demo's default: the `gain` model (out = x·gain + bias, fed from params), so the params
-/// change midway is visible; `noop` when the checkout's test models are not there.
+/// The demo's default: the `styletransfer` model (26 styles; the midway params change switches
+/// style), or `noop` when the model is not there (and it says so).
 pub fn default_pipeline(config: &mut Config) {
-    let dir = Path::new(DEMO_PIPELINES);
-    if dir.join("gain.toml").is_file() {
-        config.pipeline = "gain".into();
+    let dir = Path::new(STYLE_PIPELINES);
+    if dir.join("styletransfer.toml").is_file() && dir.join("styletransfer.pt").is_file() {
+        config.pipeline = "styletransfer".into();
         config.pipelines_dir = Some(dir.to_path_buf());
     } else {
-        println!("(test models not found at {DEMO_PIPELINES}: the demo runs the noop pipeline)");
+        println!("(the styletransfer model is missing at {STYLE_PIPELINES}: the demo runs noop)");
     }
 }
 
-/// Params sent midway: the same size (the output resolution is fixed per stream). For `gain`
-/// the picture gets darker and redder; for other pipelines only the recorded params change.
+/// The stream's initial params. styletransfer runs at 384×384 so that a CPU keeps up
+/// (about 60 ms a frame at 384², 160 ms at 512² on 2 cores).
+fn initial_params(pipeline: &str) -> Value {
+    if pipeline == "styletransfer" {
+        json!({"width": 384, "height": 384})
+    } else {
+        json!({"width": 512, "height": 512})
+    }
+}
+
+fn one_hot(style: usize) -> Value {
+    Value::Array(
+        (0..26)
+            .map(|i| json!(if i == style { 1.0 } else { 0.0 }))
+            .collect(),
+    )
+}
+
+/// Params sent midway: the same size (the output resolution is fixed per stream). For
+/// `styletransfer` the style changes (0 → 7), for `gain` the picture gets darker and redder;
+/// for other pipelines only the recorded params change.
 fn changed_params(initial: &Value, pipeline: &str) -> Value {
     let mut p = initial.clone();
     if let Some(map) = p.as_object_mut() {
-        if pipeline == "gain" {
-            map.insert("gain".into(), json!(0.6));
-            map.insert("bias".into(), json!([0.25, 0.0, 0.0]));
-        } else {
-            map.insert("demo_change".into(), json!(1));
+        match pipeline {
+            "styletransfer" => {
+                map.insert("mix".into(), one_hot(7));
+            }
+            "gain" => {
+                map.insert("gain".into(), json!(0.6));
+                map.insert("bias".into(), json!([0.25, 0.0, 0.0]));
+            }
+            _ => {
+                map.insert("demo_change".into(), json!(1));
+            }
         }
     }
     p
@@ -118,7 +140,7 @@ pub async fn run(mut config: Config, seconds: u32, output: &Path) -> anyhow::Res
     let url = |suffix: &str| running.trickle_url(&format!("{mid}{suffix}"));
 
     // The gateway's side: control publisher with the initial params, then the input.
-    let initial = json!({"width": 512, "height": 512});
+    let initial = initial_params(&running.daemon.config.pipeline);
     let mut control = Publisher::new(
         &url("-control"),
         PublisherConfig {
@@ -130,8 +152,8 @@ pub async fn run(mut config: Config, seconds: u32, output: &Path) -> anyhow::Res
 
     let frames = seconds * 30;
     let input = gst::parse::launch(&format!(
-        "videotestsrc is-live=true pattern=ball num-buffers={frames} ! \
-         video/x-raw,width=960,height=540,framerate=30/1 ! tricklesink name=pub url={} \
+        "videotestsrc is-live=true pattern=ball background-color=0xff2a5a8a foreground-color=0xfff0d040 motion=sweep num-buffers={frames} ! \
+         video/x-raw,width=640,height=360,framerate=30/1 ! tricklesink name=pub url={} \
          audiotestsrc is-live=true wave=sine freq=440 samplesperbuffer=1600 num-buffers={} ! \
          audio/x-raw,rate=48000,channels=2 ! pub.",
         url(""),
