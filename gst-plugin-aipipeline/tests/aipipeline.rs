@@ -770,9 +770,8 @@ fn failed_reload_warns_and_reverts_while_the_stream_goes_on() {
     }
 }
 
-#[test]
-fn latency_query_adds_processing_latency() {
-    init();
+/// `aipipeline pipeline=convnet` at 384×384 in a Harness with RGB 384×384 input caps set.
+fn convnet_harness() -> (gst::Element, gst_check::Harness) {
     let dir = testdata().to_string_lossy().into_owned();
     let el = gst::ElementFactory::make("aipipeline")
         .property("pipelines-dir", dir.as_str())
@@ -782,6 +781,13 @@ fn latency_query_adds_processing_latency() {
         .unwrap();
     let mut h = gst_check::Harness::with_element(&el, Some("sink"), Some("src"));
     h.set_src_caps(caps("RGB", 384, 384));
+    (el, h)
+}
+
+#[test]
+fn latency_query_adds_processing_latency() {
+    init();
+    let (el, mut h) = convnet_harness();
     h.set_upstream_latency(gst::ClockTime::from_mseconds(10));
     h.push(rgb_buffer(384, 384, 0, pattern)).unwrap();
     let out = h.pull().unwrap();
@@ -988,15 +994,7 @@ fn i420_and_nv12_are_converted_on_the_device() {
 #[test]
 fn drain_query_waits_for_the_mailbox() {
     init();
-    let dir = testdata().to_string_lossy().into_owned();
-    let el = gst::ElementFactory::make("aipipeline")
-        .property("pipelines-dir", dir.as_str())
-        .property("pipeline", "convnet")
-        .property("params", S384)
-        .build()
-        .unwrap();
-    let mut h = gst_check::Harness::with_element(&el, Some("sink"), Some("src"));
-    h.set_src_caps(caps("RGB", 384, 384));
+    let (el, mut h) = convnet_harness();
     for i in 0..3u64 {
         h.push(rgb_buffer(384, 384, i * 41, pattern)).unwrap();
     }
