@@ -59,6 +59,60 @@ pub struct InputSpec {
     pub len: Option<usize>,
 }
 
+/// A selector (`[[selectors]]` in a manifest): a param that picks one entry of a vector param
+/// by index or by name and sets that vector param to the one-hot vector of the entry.
+///
+/// An update gives the selector param as an integer index (`0..names.len()`) or as one of
+/// `names` (a string). The target is set from the selector only when the update does not give
+/// the target itself (the target wins when both are given). A selector value that selects
+/// nothing (out of range, unknown name, wrong type) is not an error: it gives a warning and the
+/// target keeps the value it had before the update, while the rest of the update applies.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelectorSpec {
+    /// The param an update sets (not declared in `[params]`; it has no value of its own).
+    pub param: String,
+    /// A vector param declared in `[params]` with one value per name.
+    pub target: String,
+    /// One name per index of the target.
+    pub names: Vec<String>,
+}
+
+impl SelectorSpec {
+    /// The index a selector value selects, or a message naming the bad value and what is valid.
+    pub fn select(&self, v: &serde_json::Value) -> Result<usize, String> {
+        let n = self.names.len();
+        let index = match v {
+            serde_json::Value::Number(x) => x
+                .as_u64()
+                .or_else(|| {
+                    x.as_f64()
+                        .filter(|f| f.fract() == 0.0 && *f >= 0.0)
+                        .map(|f| f as u64)
+                })
+                .filter(|i| *i < n as u64)
+                .map(|i| i as usize),
+            serde_json::Value::String(s) => self.names.iter().position(|name| name == s),
+            _ => None,
+        };
+        index.ok_or_else(|| {
+            format!(
+                "params.{} = {v} selects nothing: it must be an index 0..={} or one of the names {}",
+                self.param,
+                n.saturating_sub(1),
+                self.names.join(", ")
+            )
+        })
+    }
+
+    /// The one-hot vector of `index` (the target's value).
+    pub fn one_hot(&self, index: usize) -> Vec<f64> {
+        (0..self.names.len())
+            .map(|i| if i == index { 1.0 } else { 0.0 })
+            .collect()
+    }
+}
+
 /// A declared param's value (its default's type is the type every update must have).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
@@ -145,6 +199,8 @@ pub struct PipelineDef {
     /// Declared params and their defaults.
     pub params: BTreeMap<String, Value>,
     pub inputs: Vec<InputSpec>,
+    /// Selector params mapping an index or a name to a one-hot vector param.
+    pub selectors: Vec<SelectorSpec>,
     /// Where the manifest came from (for messages).
     pub source: Option<PathBuf>,
 }
@@ -158,6 +214,13 @@ pub struct Params {
     /// torchscript pipeline only: the model file.
     pub model: Option<PathBuf>,
     pub values: BTreeMap<String, Value>,
+}
+
+/// Parsed params and the warnings of the selectors that selected nothing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Update {
+    pub params: Params,
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -234,6 +297,7 @@ impl PipelineDef {
             height: DEFAULT_SIZE,
             params: BTreeMap::new(),
             inputs: Vec::new(),
+            selectors: Vec::new(),
             source: None,
         }
     }
@@ -259,12 +323,25 @@ impl PipelineDef {
         }
     }
 
-    /// Parses a params JSON object with full-replacement semantics: keys not given take their
-    /// defaults; unknown keys are ignored unless declared.
+    /// Parses a params JSON object with full-replacement semantics, ignoring selector warnings:
+    /// for validation only; the element uses [`PipelineDef::parse_update`].
     pub fn parse_params(&self, json: &str) -> Result<Params, ParamsError> {
+        self.parse_update(None, json).map(|u| u.params)
+    }
+
+    /// Parses a params JSON object with full-replacement semantics: keys not given take their
+    /// defaults; unknown keys are ignored unless declared. A selector param sets its target
+    /// to a one-hot vector when the update does not give the target; a selector value that
+    /// selects nothing is a warning (in [`Update::warnings`]) and the target keeps its value in
+    /// `prev` (the params in force; its default when `None`). Any other invalid key rejects
+    /// the whole update.
+    pub fn parse_update(&self, prev: Option<&Params>, json: &str) -> Result<Update, ParamsError> {
         let trimmed = json.trim();
         if trimmed.is_empty() {
-            return Ok(self.initial_params());
+            return Ok(Update {
+                params: self.initial_params(),
+                warnings: Vec::new(),
+            });
         }
         let v: serde_json::Value =
             serde_json::from_str(trimmed).map_err(|e| ParamsError::Json(e.to_string()))?;
@@ -305,7 +382,37 @@ impl PipelineDef {
                 })?;
             p.values.insert(key.clone(), value);
         }
-        Ok(p)
+        let mut warnings = Vec::new();
+        for sel in &self.selectors {
+            let Some(v) = obj.get(&sel.param) else {
+                continue;
+            };
+            let given_target = obj.contains_key(&sel.target);
+            match sel.select(v) {
+                Ok(_) if given_target => {}
+                Ok(i) => {
+                    p.values
+                        .insert(sel.target.clone(), Value::Vector(sel.one_hot(i)));
+                }
+                Err(msg) if given_target => warnings.push(format!(
+                    "{msg}; ignored, params.{} is given and used",
+                    sel.target
+                )),
+                Err(msg) => {
+                    if let Some(old) = prev.and_then(|q| q.values.get(&sel.target)) {
+                        p.values.insert(sel.target.clone(), old.clone());
+                    }
+                    warnings.push(format!(
+                        "{msg}; params.{} keeps its previous value, the rest of the update applies",
+                        sel.target
+                    ));
+                }
+            }
+        }
+        Ok(Update {
+            params: p,
+            warnings,
+        })
     }
 
     /// Whether going from `old` to `new` needs the model reloaded (in the background).
@@ -337,6 +444,8 @@ struct ManifestFile {
     params: toml::Table,
     #[serde(default)]
     inputs: Vec<InputSpec>,
+    #[serde(default)]
+    selectors: Vec<SelectorSpec>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -356,6 +465,71 @@ fn check_size(v: Option<u32>, what: &str) -> Result<u32, String> {
             "{what} = {n} must be {MIN_SIZE}..={MAX_SIZE} and a multiple of {SIZE_STEP}"
         ))
     }
+}
+
+const BASE_PARAMS: [&str; 4] = ["width", "height", "show_reloading_frame", "model"];
+
+/// A selector's param is new (not a base param, not in `[params]`, not another selector's), its
+/// target a vector param with one value per name, its names non-empty and distinct.
+fn check_selectors(
+    selectors: &[SelectorSpec],
+    params: &BTreeMap<String, Value>,
+) -> Result<(), String> {
+    for (i, sel) in selectors.iter().enumerate() {
+        let earlier = &selectors[..i];
+        let p = &sel.param;
+        if p.is_empty() {
+            return Err("selectors: param is empty".into());
+        }
+        if BASE_PARAMS.contains(&p.as_str()) {
+            return Err(format!(
+                "selectors: param '{p}' is a base param and cannot be a selector"
+            ));
+        }
+        if params.contains_key(p) {
+            return Err(format!(
+                "selectors: param '{p}' is also declared in [params]; a selector has no value of its own"
+            ));
+        }
+        if earlier.iter().any(|e| &e.param == p) {
+            return Err(format!("selectors: param '{p}' is declared twice"));
+        }
+        if earlier.iter().any(|e| e.target == sel.target) {
+            return Err(format!(
+                "selectors: target '{}' has two selectors",
+                sel.target
+            ));
+        }
+        match params.get(&sel.target) {
+            None => {
+                return Err(format!(
+                    "selectors: target '{}' of '{p}' is not declared in [params]",
+                    sel.target
+                ));
+            }
+            Some(Value::Vector(v)) if v.len() == sel.names.len() => {}
+            Some(other) => {
+                return Err(format!(
+                    "selectors: target '{}' of '{p}' must be an array of {} numbers (one per name), its default is {}",
+                    sel.target,
+                    sel.names.len(),
+                    other.type_name()
+                ));
+            }
+        }
+        if sel.names.is_empty() {
+            return Err(format!("selectors: '{p}' has no names"));
+        }
+        for (j, name) in sel.names.iter().enumerate() {
+            if name.is_empty() {
+                return Err(format!("selectors: '{p}' has an empty name at index {j}"));
+            }
+            if sel.names[..j].contains(name) {
+                return Err(format!("selectors: '{p}' has the name '{name}' twice"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Parses one manifest file; the model path is resolved relative to the manifest's folder.
@@ -380,10 +554,7 @@ pub fn load_manifest(path: &Path) -> Result<PipelineDef, ManifestError> {
     let height = check_size(m.height, "height").map_err(invalid)?;
     let mut params = BTreeMap::new();
     for (k, v) in &m.params {
-        if matches!(
-            k.as_str(),
-            "width" | "height" | "show_reloading_frame" | "model"
-        ) {
+        if BASE_PARAMS.contains(&k.as_str()) {
             return Err(invalid(format!(
                 "params.{k} is a base param and cannot be declared"
             )));
@@ -416,6 +587,7 @@ pub fn load_manifest(path: &Path) -> Result<PipelineDef, ManifestError> {
             }
         }
     }
+    check_selectors(&m.selectors, &params).map_err(invalid)?;
     let base = path.parent().unwrap_or(Path::new("."));
     Ok(PipelineDef {
         name: m.name,
@@ -427,6 +599,7 @@ pub fn load_manifest(path: &Path) -> Result<PipelineDef, ManifestError> {
         height,
         params,
         inputs: m.inputs,
+        selectors: m.selectors,
         source: Some(path.into()),
     })
 }
@@ -558,6 +731,211 @@ mod tests {
         let a = d.initial_params();
         let b = d.parse_params(r#"{"width": 640}"#).unwrap();
         assert!(!d.needs_reload(&a, &b));
+    }
+
+    /// Writes a manifest into a fresh temporary folder and parses it.
+    fn manifest(text: &str) -> Result<PipelineDef, ManifestError> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "aipipeline-manifest-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.toml");
+        std::fs::write(&path, text).unwrap();
+        let r = load_manifest(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    }
+
+    const SELECTOR_MANIFEST: &str = r#"
+name = "sel"
+model = "sel.pt"
+[params]
+mix = [0.0, 0.0, 1.0]
+strength = 1.0
+[[inputs]]
+param = "mix"
+kind = "vector"
+len = 3
+[[selectors]]
+param = "style"
+target = "mix"
+names = ["ink", "oil", "pastel"]
+"#;
+
+    fn mix(p: &Params) -> Vec<f64> {
+        match &p.values["mix"] {
+            Value::Vector(v) => v.clone(),
+            other => panic!("mix is {other:?}"),
+        }
+    }
+
+    #[test]
+    fn selector_selects_by_index_or_name() {
+        let d = manifest(SELECTOR_MANIFEST).unwrap();
+        assert_eq!(d.selectors.len(), 1);
+        let parse = |json: &str| {
+            let u = d.parse_update(None, json).unwrap();
+            assert!(u.warnings.is_empty(), "{json}: {:?}", u.warnings);
+            u.params
+        };
+        // No selector, no mix: the default (full replacement).
+        assert_eq!(mix(&parse("{}")), [0.0, 0.0, 1.0]);
+        assert_eq!(mix(&parse(r#"{"style": 0}"#)), [1.0, 0.0, 0.0]);
+        assert_eq!(mix(&parse(r#"{"style": 1.0}"#)), [0.0, 1.0, 0.0]);
+        assert_eq!(parse(r#"{"style": 1}"#), parse(r#"{"style": "oil"}"#));
+        assert_eq!(mix(&parse(r#"{"style": "pastel"}"#)), [0.0, 0.0, 1.0]);
+        // The target wins when both are given; the other params are unaffected.
+        let p = parse(r#"{"style": 0, "mix": [0, 2, 2], "strength": 0.5}"#);
+        assert_eq!(mix(&p), [0.0, 2.0, 2.0]);
+        assert_eq!(p.values["strength"], Value::Number(0.5));
+        assert!(!p.values.contains_key("style"));
+    }
+
+    #[test]
+    fn bad_selector_value_warns_and_keeps_the_previous_target() {
+        let d = manifest(SELECTOR_MANIFEST).unwrap();
+        let prev = d
+            .parse_params(r#"{"style": "oil", "strength": 0.3}"#)
+            .unwrap();
+        for bad in [
+            "3",
+            "-1",
+            "1.5",
+            r#""Oil""#,
+            r#""style_1""#,
+            "true",
+            "null",
+            "[1]",
+        ] {
+            let json = format!(r#"{{"style": {bad}, "strength": 0.7, "width": 640}}"#);
+            let u = d.parse_update(Some(&prev), &json).unwrap();
+            assert_eq!(mix(&u.params), [0.0, 1.0, 0.0], "{json}");
+            // The rest of the update applies.
+            assert_eq!(u.params.values["strength"], Value::Number(0.7));
+            assert_eq!(u.params.width, 640);
+            assert_eq!(u.warnings.len(), 1, "{json}");
+            let w = &u.warnings[0];
+            assert!(
+                w.contains(&format!("params.style = {}", bad.replace(' ', "")))
+                    && w.contains("0..=2")
+                    && w.contains("ink, oil, pastel")
+                    && w.contains("keeps its previous value"),
+                "{w}"
+            );
+            // Without params in force (at start) the target takes its default.
+            let u = d.parse_update(None, &json).unwrap();
+            assert_eq!(mix(&u.params), [0.0, 0.0, 1.0]);
+            assert_eq!(u.warnings.len(), 1);
+        }
+        // A bad selector beside a given target: the target is used, still a warning.
+        let u = d
+            .parse_update(Some(&prev), r#"{"style": 9, "mix": [1, 1, 0]}"#)
+            .unwrap();
+        assert_eq!(mix(&u.params), [1.0, 1.0, 0.0]);
+        assert_eq!(u.warnings.len(), 1);
+        assert!(u.warnings[0].contains("params.mix is given and used"));
+        // A wrong target type is still an error for the whole update.
+        assert!(matches!(
+            d.parse_update(Some(&prev), r#"{"style": 1, "mix": [1, 1]}"#),
+            Err(ParamsError::Type { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_selector_manifests_are_rejected() {
+        let head = "name = \"sel\"\nmodel = \"sel.pt\"\n[params]\nmix = [1.0, 0.0]\ngain = 1.0\n";
+        let cases = [
+            (
+                "[[selectors]]\nparam = \"style\"\ntarget = \"nope\"\nnames = [\"a\", \"b\"]\n",
+                "target 'nope' of 'style' is not declared in [params]",
+            ),
+            (
+                "[[selectors]]\nparam = \"style\"\ntarget = \"gain\"\nnames = [\"a\"]\n",
+                "target 'gain' of 'style' must be an array of 1 numbers (one per name), its default is a number",
+            ),
+            (
+                "[[selectors]]\nparam = \"style\"\ntarget = \"mix\"\nnames = [\"a\", \"b\", \"c\"]\n",
+                "must be an array of 3 numbers (one per name), its default is an array of 2 numbers",
+            ),
+            (
+                "[[selectors]]\nparam = \"style\"\ntarget = \"mix\"\nnames = [\"a\", \"a\"]\n",
+                "'style' has the name 'a' twice",
+            ),
+            (
+                "[[selectors]]\nparam = \"style\"\ntarget = \"mix\"\nnames = [\"a\", \"\"]\n",
+                "'style' has an empty name at index 1",
+            ),
+            (
+                "[[selectors]]\nparam = \"gain\"\ntarget = \"mix\"\nnames = [\"a\", \"b\"]\n",
+                "param 'gain' is also declared in [params]",
+            ),
+            (
+                "[[selectors]]\nparam = \"width\"\ntarget = \"mix\"\nnames = [\"a\", \"b\"]\n",
+                "param 'width' is a base param",
+            ),
+            (
+                "[[selectors]]\nparam = \"\"\ntarget = \"mix\"\nnames = [\"a\", \"b\"]\n",
+                "param is empty",
+            ),
+            (
+                "[[selectors]]\nparam = \"s\"\ntarget = \"mix\"\nnames = [\"a\", \"b\"]\n\
+                 [[selectors]]\nparam = \"s\"\ntarget = \"mix\"\nnames = [\"a\", \"b\"]\n",
+                "param 's' is declared twice",
+            ),
+            (
+                "[[selectors]]\nparam = \"s\"\ntarget = \"mix\"\nnames = [\"a\", \"b\"]\n\
+                 [[selectors]]\nparam = \"t\"\ntarget = \"mix\"\nnames = [\"a\", \"b\"]\n",
+                "target 'mix' has two selectors",
+            ),
+            (
+                "[[selectors]]\nparam = \"style\"\ntarget = \"mix\"\n",
+                "missing field `names`",
+            ),
+            (
+                "[[selectors]]\nparam = \"style\"\ntarget = \"mix\"\nnames = [\"a\", \"b\"]\nlen = 2\n",
+                "unknown field `len`",
+            ),
+        ];
+        for (sel, want) in cases {
+            let text = format!("{head}{sel}");
+            match manifest(&text) {
+                Ok(_) => panic!("accepted:\n{text}"),
+                Err(e) => {
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains("invalid manifest") && msg.contains(want),
+                        "{msg}\nwanted: {want}"
+                    );
+                }
+            }
+        }
+        // The same head with a valid selector is accepted.
+        let ok = format!(
+            "{head}[[selectors]]\nparam = \"style\"\ntarget = \"mix\"\nnames = [\"a\", \"b\"]\n"
+        );
+        assert!(manifest(&ok).is_ok());
+    }
+
+    #[test]
+    fn styletransfer_manifest_has_26_named_styles() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/styletransfer/styletransfer.toml");
+        let d = load_manifest(&path).unwrap();
+        let [sel] = d.selectors.as_slice() else {
+            panic!("selectors: {:?}", d.selectors)
+        };
+        assert_eq!((sel.param.as_str(), sel.target.as_str()), ("style", "mix"));
+        let names: Vec<String> = (0..26).map(|i| format!("style_{i}")).collect();
+        assert_eq!(sel.names, names);
+        let p = d.parse_params(r#"{"style": "style_7"}"#).unwrap();
+        assert_eq!(p, d.parse_params(r#"{"style": 7}"#).unwrap());
+        assert_eq!(mix(&p), sel.one_hot(7));
+        // No style and no mix: style 0.
+        assert_eq!(mix(&d.initial_params()), sel.one_hot(0));
     }
 
     #[test]

@@ -49,14 +49,6 @@ fn initial_params(pipeline: &str) -> Value {
     }
 }
 
-fn one_hot(style: usize) -> Value {
-    Value::Array(
-        (0..26)
-            .map(|i| json!(if i == style { 1.0 } else { 0.0 }))
-            .collect(),
-    )
-}
-
 /// Params sent midway: the same size (the output resolution is fixed per stream). For
 /// `styletransfer` the style changes (0 → 7), for `gain` the picture gets darker and redder;
 /// for other pipelines only the recorded params change.
@@ -65,7 +57,7 @@ fn changed_params(initial: &Value, pipeline: &str) -> Value {
     if let Some(map) = p.as_object_mut() {
         match pipeline {
             "styletransfer" => {
-                map.insert("mix".into(), one_hot(7));
+                map.insert("style".into(), json!(7));
             }
             "gain" => {
                 map.insert("gain".into(), json!(0.6));
@@ -151,8 +143,13 @@ pub async fn run(mut config: Config, seconds: u32, output: &Path) -> anyhow::Res
     control.send_message(initial.to_string().into()).await?;
 
     let frames = seconds * 30;
+    // RIVULET_DEMO_VIDEO replaces the generated picture (videotestsrc properties), e.g.
+    // `pattern=bar horizontal-speed=4` for a large encoded frame every frame.
+    let video = std::env::var("RIVULET_DEMO_VIDEO").unwrap_or_else(|_| {
+        "pattern=ball background-color=0xff2a5a8a foreground-color=0xfff0d040 motion=sweep".into()
+    });
     let input = gst::parse::launch(&format!(
-        "videotestsrc is-live=true pattern=ball background-color=0xff2a5a8a foreground-color=0xfff0d040 motion=sweep num-buffers={frames} ! \
+        "videotestsrc is-live=true {video} num-buffers={frames} ! \
          video/x-raw,width=640,height=360,framerate=30/1 ! tricklesink name=pub url={} \
          audiotestsrc is-live=true wave=sine freq=440 samplesperbuffer=1600 num-buffers={} ! \
          audio/x-raw,rate=48000,channels=2 ! pub.",

@@ -399,8 +399,14 @@ impl AiPipeline {
             lock(&self.settings).params = json;
             return;
         };
-        let p = match def.parse_params(&json) {
-            Ok(p) => p,
+        // Selectors that select nothing keep their target's value in force (`ctrl.params`).
+        let (p, selector_warnings) = match def.parse_update(ctrl.params.as_ref(), &json) {
+            Ok(u) => {
+                let warnings: Vec<String> = (u.warnings.iter())
+                    .map(|w| format!("Params for pipeline '{}': {w}", def.name))
+                    .collect();
+                (u.params, warnings)
+            }
             Err(e) => {
                 drop(ctrl);
                 self.post_warning(&format!(
@@ -448,6 +454,9 @@ impl AiPipeline {
         }
         drop(ctrl);
         lock(&self.settings).params = json;
+        for w in &selector_warnings {
+            self.post_warning(w);
+        }
         gst::info!(CAT, imp = self, "params accepted (reload: {reload})");
         if reload {
             self.set_status(Status::Loading);
@@ -493,7 +502,7 @@ impl AiPipeline {
                     )
                 )
             })?;
-        let params = def.parse_params(&settings.params).map_err(|e| {
+        let update = def.parse_update(None, &settings.params).map_err(|e| {
             gst::error_msg!(
                 gst::ResourceError::Settings,
                 (
@@ -504,6 +513,10 @@ impl AiPipeline {
                 )
             )
         })?;
+        for w in &update.warnings {
+            self.post_warning(&format!("Params for pipeline '{}': {w}", def.name));
+        }
+        let params = update.params;
         gst::info!(
             CAT,
             imp = self,

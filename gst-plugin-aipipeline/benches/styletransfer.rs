@@ -1,0 +1,393 @@
+// SPDX-License-Identifier: MPL-2.0
+//! Benchmark: the shipped `styletransfer` model (models/styletransfer) through `aipipeline`
+//! against the bare tch forward of the same TorchScript file on the same frames, in the same
+//! run, at 256², 384² and 512².
+//!
+//! ```text
+//! cargo bench -p gst-plugin-aipipeline --bench styletransfer [-- --device cpu|cuda|cuda:N] [--frames N] [--rounds N]
+//! ```
+//!
+//! Frames come from videotestsrc (`smpte` with a moving ball), rendered once at each size and
+//! replayed. Per size:
+//!
+//! - **element**: `appsrc ! aipipeline pipeline=styletransfer ! appsink` with params
+//!   `{"width": S, "height": S, "style": 7}`, one frame in flight (push, wait for its output):
+//!   per-frame latency p50/p95 from push to output, and fps = frames / total time;
+//! - **bare forward**: `forward(frame, mix, strength)` of the same file through `tch::CModule`
+//!   on the same frames, already on the device as (1, S, S, 3) float [0, 1] (so it excludes the
+//!   element's upload, conversions and download); same statistics;
+//! - **live**: `videotestsrc is-live=true framerate=100/1 ! aipipeline ! fakesink` for about
+//!   5 s: output frames per second when the element runs free (its mailbox drops the frames it
+//!   cannot take, and conversion overlaps inference).
+//!
+//! Element and bare forward are measured in alternating rounds after 5 untimed warm-up frames
+//! each; the round with the lowest p50 of each is shown. 256² has no element row: the element's
+//! params `width`/`height` are 384..=1024 (runner-compat §8.3), so only the bare forward runs.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use gst::prelude::*;
+use gstaipipeline::device;
+use tch::{Device, Kind, Tensor};
+
+const SIZES: [u32; 3] = [256, 384, 512];
+const STYLE: usize = 7;
+const NUM_STYLES: usize = 26;
+const WARMUP: usize = 5;
+const LIVE_FPS: u32 = 100;
+const LIVE_SECONDS: u32 = 5;
+
+fn models_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/styletransfer")
+}
+
+fn caps(s: u32) -> gst::Caps {
+    gst::Caps::builder("video/x-raw")
+        .field("format", "RGB")
+        .field("width", s as i32)
+        .field("height", s as i32)
+        .field("framerate", gst::Fraction::new(24, 1))
+        .build()
+}
+
+fn params(s: u32) -> String {
+    format!(r#"{{"width":{s},"height":{s},"style":{STYLE}}}"#)
+}
+
+/// Latency statistics of one measured round.
+#[derive(Clone, Copy)]
+struct Stats {
+    p50: Duration,
+    p95: Duration,
+    fps: f64,
+}
+
+impl Stats {
+    fn of(mut times: Vec<Duration>, total: Duration) -> Stats {
+        times.sort();
+        let at = |q: f64| {
+            let i = ((times.len() as f64 - 1.0) * q).round() as usize;
+            times.get(i).copied().unwrap_or_default()
+        };
+        Stats {
+            p50: at(0.5),
+            p95: at(0.95),
+            fps: times.len() as f64 / total.as_secs_f64().max(1e-9),
+        }
+    }
+
+    fn better(a: Option<Stats>, b: Stats) -> Option<Stats> {
+        Some(match a {
+            Some(a) if a.p50 <= b.p50 => a,
+            _ => b,
+        })
+    }
+}
+
+fn render_frames(n: usize, s: u32) -> anyhow::Result<Vec<gst::Buffer>> {
+    let pipeline = gst::parse::launch(&format!(
+        "videotestsrc num-buffers={n} pattern=smpte horizontal-speed=5 ! \
+         video/x-raw,format=RGB,width={s},height={s},framerate=24/1 ! appsink name=sink sync=false"
+    ))?
+    .downcast::<gst::Pipeline>()
+    .map_err(|_| anyhow::anyhow!("not a pipeline"))?;
+    let sink = pipeline
+        .by_name("sink")
+        .ok_or_else(|| anyhow::anyhow!("no sink"))?
+        .downcast::<gst_app::AppSink>()
+        .map_err(|_| anyhow::anyhow!("not an appsink"))?;
+    pipeline.set_state(gst::State::Playing)?;
+    let mut frames = Vec::with_capacity(n);
+    while let Ok(sample) = sink.pull_sample() {
+        if let Some(b) = sample.buffer_owned() {
+            frames.push(b);
+        }
+    }
+    pipeline.set_state(gst::State::Null)?;
+    anyhow::ensure!(frames.len() == n, "rendered {} of {n} frames", frames.len());
+    Ok(frames)
+}
+
+/// appsrc ! aipipeline ! appsink, one frame in flight at a time. Also returns the element's
+/// own `inference-latency-p50-ms`.
+fn run_element(dev: &str, frames: &[gst::Buffer], s: u32) -> anyhow::Result<(Stats, f64)> {
+    let pipeline = gst::Pipeline::new();
+    let src = gst_app::AppSrc::builder()
+        .caps(&caps(s))
+        .format(gst::Format::Time)
+        .build();
+    let ai = gst::ElementFactory::make("aipipeline")
+        .property("pipeline", "styletransfer")
+        .property("pipelines-dir", models_dir().to_string_lossy().as_ref())
+        .property("device", dev)
+        .property("params", params(s))
+        .property("max-latency-ms", 0u32)
+        .build()?;
+    let sink = gst_app::AppSink::builder().sync(false).build();
+    pipeline.add_many([src.upcast_ref(), &ai, sink.upcast_ref()])?;
+    gst::Element::link_many([src.upcast_ref(), &ai, sink.upcast_ref()])?;
+    pipeline.set_state(gst::State::Playing)?;
+    let timeout = gst::ClockTime::from_seconds(60);
+    let push_pull = |i: usize, b: &gst::Buffer| -> anyhow::Result<()> {
+        let mut b = b.copy();
+        b.get_mut()
+            .ok_or_else(|| anyhow::anyhow!("buffer not writable"))?
+            .set_pts(gst::ClockTime::from_mseconds(i as u64 * 41));
+        src.push_buffer(b)?;
+        sink.try_pull_sample(timeout)
+            .ok_or_else(|| anyhow::anyhow!("no output frame"))?;
+        Ok(())
+    };
+    for (i, b) in frames.iter().take(WARMUP).enumerate() {
+        push_pull(i, b)?;
+    }
+    let mut times = Vec::with_capacity(frames.len());
+    let t_all = Instant::now();
+    for (i, b) in frames.iter().enumerate() {
+        let t0 = Instant::now();
+        push_pull(i + WARMUP, b)?;
+        times.push(t0.elapsed());
+    }
+    let total = t_all.elapsed();
+    let stats = ai.property::<gst::Structure>("stats");
+    let p50_ms = stats
+        .get::<f64>("inference-latency-p50-ms")
+        .unwrap_or(f64::NAN);
+    pipeline.set_state(gst::State::Null)?;
+    Ok((Stats::of(times, total), p50_ms))
+}
+
+/// The bare forward of styletransfer.pt on the same frames (on the device, BHWC [0, 1]).
+fn bare_forward(frames: &[gst::Buffer], s: u32, dev: Device) -> anyhow::Result<Stats> {
+    let _g = tch::no_grad_guard();
+    let inputs = frames
+        .iter()
+        .map(|b| -> anyhow::Result<Tensor> {
+            let map = b.map_readable()?;
+            Ok(Tensor::f_from_slice(map.as_slice())?
+                .f_view([1, s as i64, s as i64, 3])?
+                .f_to_device(dev)?
+                .f_to_kind(Kind::Float)?
+                .f_div_scalar(255.0)?)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut m = tch::CModule::load_on_device(models_dir().join("styletransfer.pt"), dev)?;
+    m.f_set_eval()?;
+    let mut mix = [0f32; NUM_STYLES];
+    mix[STYLE] = 1.0;
+    let mix = Tensor::f_from_slice(&mix)?.f_to_device(dev)?;
+    let strength = Tensor::from(1f32).f_to_device(dev)?;
+    let sync = || {
+        if let Device::Cuda(n) = dev {
+            tch::Cuda::synchronize(n as i64);
+        }
+    };
+    let forward = |f: &Tensor| -> anyhow::Result<()> {
+        let _ = m.forward_ts(&[
+            f.shallow_clone(),
+            mix.shallow_clone(),
+            strength.shallow_clone(),
+        ])?;
+        sync();
+        Ok(())
+    };
+    for f in inputs.iter().take(WARMUP) {
+        forward(f)?;
+    }
+    let mut times = Vec::with_capacity(inputs.len());
+    let t_all = Instant::now();
+    for f in &inputs {
+        let t0 = Instant::now();
+        forward(f)?;
+        times.push(t0.elapsed());
+    }
+    Ok(Stats::of(times, t_all.elapsed()))
+}
+
+/// Free-running live pipeline: output frames per second between the first and last output.
+fn live(dev: &str, s: u32) -> anyhow::Result<(f64, u64, u64)> {
+    let pipeline = gst::parse::launch(&format!(
+        "videotestsrc is-live=true num-buffers={} pattern=smpte horizontal-speed=5 ! \
+         video/x-raw,format=RGB,width={s},height={s},framerate={LIVE_FPS}/1 ! \
+         aipipeline name=ai pipeline=styletransfer device={dev} max-latency-ms=0 ! \
+         fakesink name=sink sync=false",
+        LIVE_FPS * LIVE_SECONDS
+    ))?
+    .downcast::<gst::Pipeline>()
+    .map_err(|_| anyhow::anyhow!("not a pipeline"))?;
+    let ai = pipeline
+        .by_name("ai")
+        .ok_or_else(|| anyhow::anyhow!("no ai"))?;
+    ai.set_property("pipelines-dir", models_dir().to_string_lossy().as_ref());
+    ai.set_property("params", params(s));
+    let sink = pipeline
+        .by_name("sink")
+        .ok_or_else(|| anyhow::anyhow!("no sink"))?;
+    let times = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let t = times.clone();
+    sink.static_pad("sink")
+        .ok_or_else(|| anyhow::anyhow!("no sink pad"))?
+        .add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+            t.lock().unwrap().push(Instant::now());
+            gst::PadProbeReturn::Ok
+        });
+    pipeline.set_state(gst::State::Playing)?;
+    let bus = pipeline.bus().ok_or_else(|| anyhow::anyhow!("no bus"))?;
+    let msg = bus.timed_pop_filtered(
+        gst::ClockTime::from_seconds(120),
+        &[gst::MessageType::Eos, gst::MessageType::Error],
+    );
+    if let Some(m) = &msg
+        && let gst::MessageView::Error(e) = m.view()
+    {
+        anyhow::bail!("{} {:?}", e.error(), e.debug());
+    }
+    let stats = ai.property::<gst::Structure>("stats");
+    let out = stats.get::<u64>("frames-out").unwrap_or(0);
+    let drops = stats.get::<u64>("queue-drops").unwrap_or(0);
+    pipeline.set_state(gst::State::Null)?;
+    let times = times.lock().unwrap();
+    let fps = match (times.first(), times.last()) {
+        (Some(a), Some(b)) if times.len() > 1 => (times.len() - 1) as f64 / (*b - *a).as_secs_f64(),
+        _ => 0.0,
+    };
+    Ok((fps, out, drops))
+}
+
+/// Runs `f` on a fresh thread (torch work off the main thread, as in the element).
+fn on_thread<T: Send>(f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
+    std::thread::scope(|sc| sc.spawn(f).join())
+        .map_err(|_| anyhow::anyhow!("measurement thread panicked"))?
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn cpu_name() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!("{model}, {cores} cores available")
+}
+
+fn main() -> anyhow::Result<()> {
+    gst::init()?;
+    gstaipipeline::plugin_register_static()?;
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let device_arg = arg("--device")
+        .or_else(|| std::env::var("RIVULET_BENCH_DEVICE").ok())
+        .unwrap_or_else(|| "cpu".into());
+    let n: usize = arg("--frames").and_then(|v| v.parse().ok()).unwrap_or(40);
+    let rounds: usize = arg("--rounds").and_then(|v| v.parse().ok()).unwrap_or(3);
+    let spec = device_arg
+        .parse::<device::DeviceSpec>()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let dev = device::resolve(spec).map_err(|e| anyhow::anyhow!(e))?;
+    let dev_prop = match dev {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".into(),
+    };
+    anyhow::ensure!(
+        models_dir().join("styletransfer.pt").is_file(),
+        "models/styletransfer/styletransfer.pt is missing"
+    );
+
+    println!(
+        "styletransfer benchmark: device {} ({}), torch threads {}, {n} frames x {rounds} rounds per size, style {STYLE}",
+        device::describe(dev),
+        cpu_name(),
+        tch::get_num_threads()
+    );
+    println!(
+        "element = appsrc ! aipipeline pipeline=styletransfer ! appsink, one frame in flight; \
+         forward = bare tch forward on frames already on the device; live = free-running {LIVE_FPS} fps source"
+    );
+    println!();
+    println!(
+        "{:<8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9}",
+        "size",
+        "el fps",
+        "el p50",
+        "el p95",
+        "wk p50",
+        "fwd fps",
+        "fwd p50",
+        "fwd p95",
+        "p50 x",
+        "live fps"
+    );
+    for s in SIZES {
+        let frames = render_frames(n, s)?;
+        let element_ok = s >= gstaipipeline::pipeline::MIN_SIZE;
+        let mut el: Option<(Stats, f64)> = None;
+        let mut fwd: Option<Stats> = None;
+        for _ in 0..rounds {
+            if element_ok {
+                let r = on_thread(|| run_element(&dev_prop, &frames, s))?;
+                if el.as_ref().is_none_or(|b| r.0.p50 < b.0.p50) {
+                    el = Some(r);
+                }
+            }
+            let f = on_thread(|| bare_forward(&frames, s, dev))?;
+            fwd = Stats::better(fwd, f);
+        }
+        let fwd = fwd.ok_or_else(|| anyhow::anyhow!("no forward run"))?;
+        let size = format!("{s}x{s}");
+        match el {
+            Some((e, worker_p50)) => {
+                let (live_fps, _out, _drops) = live(&dev_prop, s)?;
+                println!(
+                    "{:<8} {:>9.2} {:>9.1} {:>9.1} {:>9.1} {:>9.2} {:>9.1} {:>9.1} {:>8.2} {:>9.2}",
+                    size,
+                    e.fps,
+                    ms(e.p50),
+                    ms(e.p95),
+                    worker_p50,
+                    fwd.fps,
+                    ms(fwd.p50),
+                    ms(fwd.p95),
+                    ms(e.p50) / ms(fwd.p50).max(1e-9),
+                    live_fps
+                );
+            }
+            None => println!(
+                "{:<8} {:>9} {:>9} {:>9} {:>9} {:>9.2} {:>9.1} {:>9.1} {:>8} {:>9}",
+                size,
+                "-",
+                "-",
+                "-",
+                "-",
+                fwd.fps,
+                ms(fwd.p50),
+                ms(fwd.p95),
+                "-",
+                "-"
+            ),
+        }
+    }
+    println!();
+    println!(
+        "ms per frame; el = element (push to output), wk = the element's inference-latency-p50-ms, \
+         fwd = bare forward, p50 x = element p50 / forward p50. 256x256: no element run \
+         (params width/height are {}..={}).",
+        gstaipipeline::pipeline::MIN_SIZE,
+        gstaipipeline::pipeline::MAX_SIZE
+    );
+    Ok(())
+}
