@@ -9,12 +9,15 @@
 use gst::glib;
 
 pub mod aipipeline;
+pub mod child;
 pub mod device;
 pub mod frame;
 pub mod model;
 pub mod pipeline;
 
-pub use aipipeline::{LOADING_EVENT, ONLINE_EVENT, Precision, STATS_MESSAGE, Status};
+pub use aipipeline::{
+    Isolation, LOADING_EVENT, ONLINE_EVENT, Precision, RESTART_MESSAGE, STATS_MESSAGE, Status,
+};
 
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
     aipipeline::register(plugin)

@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -12,7 +13,10 @@ use gst::prelude::*;
 use gst::subclass::prelude::*;
 use gst_video::prelude::*;
 
-use super::{LOADING_EVENT, ONLINE_EVENT, Precision, STATS_MESSAGE, Status};
+use super::{
+    Isolation, LOADING_EVENT, ONLINE_EVENT, Precision, RESTART_MESSAGE, STATS_MESSAGE, Status,
+};
+use crate::child::{ChildCommand, ChildError, ChildProc, InputLayout, LoadSpec, Spawner};
 use crate::device::{self, DeviceSpec};
 use crate::frame;
 use crate::model::{self, LoadError, Runner};
@@ -29,6 +33,11 @@ static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
 const DEFAULT_PIPELINE: &str = "noop";
 const DEFAULT_MAX_LATENCY_MS: u32 = 1000;
 const DEFAULT_STATS_INTERVAL_MS: u32 = 1000;
+const DEFAULT_MAX_RESTARTS: u32 = 3;
+/// The runner's "output stalled more than 5 s".
+const DEFAULT_HANG_TIMEOUT_MS: u32 = 5000;
+/// The runner's load limit.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(180);
 /// Serialized events waiting in the mailbox before the streaming thread waits (bounded queue).
 const MAX_QUEUED_EVENTS: usize = 64;
 /// Latency samples kept for p50/p95.
@@ -45,7 +54,13 @@ struct Settings {
     precision: Precision,
     params: String,
     max_latency_ms: u32,
+    /// Pass a frame older than max-latency-ms on unchanged instead of dropping it.
+    pass_late: bool,
     stats_interval_ms: u32,
+    isolation: Isolation,
+    child_path: Option<String>,
+    max_restarts: u32,
+    hang_timeout_ms: u32,
 }
 
 impl Default for Settings {
@@ -58,8 +73,83 @@ impl Default for Settings {
             precision: Precision::Fp32,
             params: String::new(),
             max_latency_ms: DEFAULT_MAX_LATENCY_MS,
+            pass_late: false,
             stats_interval_ms: DEFAULT_STATS_INTERVAL_MS,
+            isolation: Isolation::None,
+            child_path: None,
+            max_restarts: DEFAULT_MAX_RESTARTS,
+            hang_timeout_ms: DEFAULT_HANG_TIMEOUT_MS,
         }
+    }
+}
+
+/// Logs one stderr line of an inference child (the parent keeps the last ones too).
+pub(crate) fn log_child_line(pid: u32, line: &str) {
+    gst::debug!(CAT, "child {pid}: {line}");
+}
+
+/// Where the pipeline runs: in this process, or in an inference child.
+enum Engine {
+    Local(Runner),
+    Child(Box<ChildProc>),
+}
+
+/// A finished load: the engine and its warm-up time, or why it failed.
+type LoadResult = Result<(Engine, Duration), String>;
+
+/// What a child needs to be (re)started and loaded (isolation=process).
+struct Iso {
+    spawner: Arc<Spawner>,
+    cmd: ChildCommand,
+    /// Pipeline selection; `params` is filled per load.
+    spec: LoadSpec,
+    hang_timeout: Duration,
+}
+
+/// Starts a child and loads `json` in it; with `fallback`, a failed load is retried once
+/// with `{}` (the runner's initialisation fallback). Returns the child, its warm-up time and
+/// the params JSON it runs with.
+fn start_child(
+    iso: &Iso,
+    json: &str,
+    resolved: Option<&Params>,
+    fallback: bool,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<(ChildProc, Duration, String), String> {
+    let attempt =
+        |json: &str, resolved: Option<&Params>| -> Result<(ChildProc, Duration), String> {
+            let mut c = iso.spawner.spawn(&iso.cmd)?;
+            let spec = LoadSpec {
+                params: json.to_string(),
+                resolved: resolved.map(Into::into),
+                ..iso.spec.clone()
+            };
+            match c.load(&spec, LOAD_TIMEOUT, cancelled) {
+                Ok(w) => Ok((c, w)),
+                Err(e) => {
+                    let fatal = e.is_fatal();
+                    let logs = c.kill();
+                    let tail = if fatal && !logs.is_empty() {
+                        format!(" (last log lines: {})", logs.join(" | "))
+                    } else {
+                        String::new()
+                    };
+                    Err(format!("{e}{tail}"))
+                }
+            }
+        };
+    match attempt(json, resolved) {
+        Ok((c, w)) => Ok((c, w, json.to_string())),
+        Err(e) if fallback && !matches!(json.trim(), "" | "{}") && !cancelled() => {
+            gst::warning!(CAT, "load with params {json} failed ({e}); trying {{}}");
+            match attempt("{}", None) {
+                Ok((c, w)) => Ok((c, w, "{}".to_string())),
+                Err(e2) => Err(format!(
+                    "{e}; the retry with default params {{}} failed too: {e2}"
+                )),
+            }
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -115,8 +205,14 @@ struct Ctrl {
     reload_pending: bool,
     reload_req: Option<(u64, Params)>,
     loader_running: bool,
-    loaded: Option<(u64, Result<Runner, LoadError>)>,
-    initial: Option<Runner>,
+    loaded: Option<(u64, LoadResult)>,
+    initial: Option<(Engine, Duration)>,
+    /// Set with isolation=process.
+    iso: Option<Arc<Iso>>,
+    /// The pending reload replaces a lost child (restart: `{}` fallback).
+    reload_restart: bool,
+    /// A restart's `{}` fallback took effect: the params now in force.
+    fallback_json: Option<String>,
 }
 
 #[derive(Default)]
@@ -124,6 +220,8 @@ struct Stats {
     frames_in: u64,
     frames_out: u64,
     passthrough: u64,
+    /// Late frames passed on unchanged (`pass-late-frames`).
+    late_passed: u64,
     drops: u64,
     errors: u64,
     latencies_ms: VecDeque<f64>,
@@ -135,6 +233,9 @@ struct Stats {
     estimate: Duration,
     device: String,
     pipeline: String,
+    /// Inference child's pid (0: none).
+    child_pid: u32,
+    restarts: u32,
 }
 
 impl Stats {
@@ -159,8 +260,11 @@ impl Stats {
             .field("frames-in", self.frames_in)
             .field("frames-out", self.frames_out)
             .field("frames-passthrough", self.passthrough)
+            .field("late-frames-passed", self.late_passed)
             .field("device", self.device.as_str())
             .field("pipeline", self.pipeline.as_str())
+            .field("child-pid", self.child_pid)
+            .field("restart-count", self.restarts)
             .field(
                 "status",
                 match status {
@@ -180,6 +284,8 @@ struct Shared {
     ctrl: Mutex<Ctrl>,
     stats: Mutex<Stats>,
     status: Mutex<Status>,
+    /// `restart-child` was emitted: the inference thread replaces the child at the next frame.
+    restart_req: AtomicBool,
 }
 
 pub struct AiPipeline {
@@ -427,6 +533,7 @@ impl AiPipeline {
             ctrl.model_params = Some(p.clone());
             ctrl.reload_gen = ctrl.params_gen;
             ctrl.reload_pending = true;
+            ctrl.reload_restart = false;
             ctrl.reload_req = Some((ctrl.params_gen, p));
             if !ctrl.loader_running {
                 ctrl.loader_running = true;
@@ -434,15 +541,19 @@ impl AiPipeline {
                 let session = ctrl.session;
                 let device = ctrl.device.unwrap_or(tch::Device::Cpu);
                 let half = ctrl.half;
+                let iso = ctrl.iso.clone();
                 let spawned = std::thread::Builder::new()
                     .name("aipipeline-loader".into())
-                    .spawn(move || loader(shared, session, def, device, half));
+                    .spawn(move || loader(shared, session, def, device, half, iso));
                 if let Err(e) = spawned {
                     // Report it as a failed load: the inference thread restores the previous
                     // params and warns, as for any failed reload.
                     ctrl.loader_running = false;
                     ctrl.reload_req = None;
-                    let failed = (ctrl.reload_gen, Err(LoadError::Thread(e.to_string())));
+                    let failed = (
+                        ctrl.reload_gen,
+                        Err(LoadError::Thread(e.to_string()).to_string()),
+                    );
                     ctrl.loaded = Some(failed);
                 }
             }
@@ -466,12 +577,19 @@ impl AiPipeline {
     // ---- start / stop ----
 
     fn start(&self) -> Result<(), gst::ErrorMessage> {
-        let settings = lock(&self.settings).clone();
+        let mut settings = lock(&self.settings).clone();
         self.set_status(Status::Loading);
-        let device = device::resolve(settings.device)
-            .map_err(|e| gst::error_msg!(gst::ResourceError::Settings, ("{}", e)))?;
+        let isolated = settings.isolation == Isolation::Process;
+        // Isolated: the model's device is the child's business; this process only converts
+        // pass-through frames, on the CPU (no CUDA context here).
+        let device = if isolated {
+            tch::Device::Cpu
+        } else {
+            device::resolve(settings.device)
+                .map_err(|e| gst::error_msg!(gst::ResourceError::Settings, ("{}", e)))?
+        };
         let half = settings.precision == Precision::Fp16 && device.is_cuda();
-        if settings.precision == Precision::Fp16 && !half {
+        if settings.precision == Precision::Fp16 && !half && !isolated {
             gst::info!(
                 CAT,
                 imp = self,
@@ -516,7 +634,7 @@ impl AiPipeline {
         for w in &update.warnings {
             self.post_warning(&format!("Params for pipeline '{}': {w}", def.name));
         }
-        let params = update.params;
+        let mut params = update.params;
         gst::info!(
             CAT,
             imp = self,
@@ -527,8 +645,65 @@ impl AiPipeline {
             params.height
         );
         let t0 = Instant::now();
-        let runner = Runner::load(&def, &params, device, half)
-            .map_err(|e| gst::error_msg!(gst::ResourceError::OpenRead, ("{}", e)))?;
+        let (engine, estimate, device_name, iso) = if isolated {
+            let cmd = ChildCommand::locate(settings.child_path.as_deref())
+                .map_err(|e| gst::error_msg!(gst::ResourceError::NotFound, ("{}", e)))?;
+            let spawner =
+                Spawner::new().map_err(|e| gst::error_msg!(gst::CoreError::Thread, ("{}", e)))?;
+            let iso = Arc::new(Iso {
+                spawner,
+                cmd,
+                spec: LoadSpec {
+                    pipeline: settings.pipeline.clone(),
+                    model: settings.model.clone(),
+                    pipelines_dir: dir.as_ref().map(|d| d.to_string_lossy().into_owned()),
+                    device: settings.device.to_string(),
+                    fp16: settings.precision == Precision::Fp16,
+                    params: String::new(),
+                    resolved: None,
+                },
+                hang_timeout: Duration::from_millis(settings.hang_timeout_ms.max(1) as u64),
+            });
+            let (c, warm, json) =
+                start_child(&iso, &settings.params, Some(&params), true, &|| false).map_err(
+                    |e| {
+                        gst::error_msg!(
+                            gst::ResourceError::OpenRead,
+                            (
+                                "Cannot load pipeline '{}' in the inference child {}: {}",
+                                def.name,
+                                iso.cmd.program.display(),
+                                e
+                            )
+                        )
+                    },
+                )?;
+            if json != settings.params {
+                self.post_warning(&format!(
+                    "Pipeline '{}' failed to load with params {}; running with the default params {{}}",
+                    def.name, settings.params
+                ));
+                params = def
+                    .parse_params(&json)
+                    .map_err(|e| gst::error_msg!(gst::ResourceError::Settings, ("{}", e)))?;
+                settings.params = json.clone();
+                lock(&self.settings).params = json;
+            }
+            let name = c.device().to_string();
+            gst::info!(
+                CAT,
+                imp = self,
+                "inference child {} runs pipeline '{}' on {name}",
+                c.pid(),
+                def.name
+            );
+            (Engine::Child(Box::new(c)), warm, name, Some(iso))
+        } else {
+            let runner = Runner::load(&def, &params, device, half)
+                .map_err(|e| gst::error_msg!(gst::ResourceError::OpenRead, ("{}", e)))?;
+            let warm = runner.warmup_time();
+            (Engine::Local(runner), warm, device::describe(device), None)
+        };
         gst::info!(
             CAT,
             imp = self,
@@ -536,7 +711,10 @@ impl AiPipeline {
             def.name,
             t0.elapsed()
         );
-        let estimate = runner.warmup_time();
+        let child_pid = match &engine {
+            Engine::Child(c) => c.pid(),
+            Engine::Local(_) => 0,
+        };
         let def = Arc::new(def);
         {
             let mut ctrl = lock(&self.shared.ctrl);
@@ -552,14 +730,17 @@ impl AiPipeline {
                 model_params: Some(params.clone()),
                 good_params: Some(params.clone()),
                 good_json: settings.params.clone(),
-                initial: Some(runner),
+                initial: Some((engine, estimate)),
+                iso,
                 ..Ctrl::default()
             };
         }
+        self.shared.restart_req.store(false, Ordering::SeqCst);
         *lock(&self.shared.stats) = Stats {
             estimate,
-            device: device::describe(device),
+            device: device_name,
             pipeline: def.name.clone(),
+            child_pid,
             ..Stats::default()
         };
         *lock(&self.shared.mailbox) = Mailbox {
@@ -582,6 +763,12 @@ impl AiPipeline {
             last_stats: Instant::now(),
             stats_interval: Duration::from_millis(settings.stats_interval_ms as u64),
             max_latency: Duration::from_millis(settings.max_latency_ms as u64),
+            pass_late: settings.pass_late,
+            restarts: 0,
+            max_restarts: settings.max_restarts,
+            restarting: false,
+            lost: None,
+            fatal: false,
         };
         let handle = std::thread::Builder::new()
             .name("aipipeline-infer".into())
@@ -619,6 +806,11 @@ impl AiPipeline {
         ctrl.reload_req = None;
         ctrl.params = None;
         ctrl.def = None;
+        let iso = ctrl.iso.take();
+        drop(ctrl);
+        // The spawner thread ends once no loader holds it any more.
+        drop(iso);
+        lock(&self.shared.stats).child_pid = 0;
         gst::info!(CAT, imp = self, "stopped");
     }
 }
@@ -630,12 +822,15 @@ fn loader(
     def: Arc<PipelineDef>,
     device: tch::Device,
     half: bool,
+    iso: Option<Arc<Iso>>,
 ) {
     loop {
-        let (generation, params) = {
+        let (generation, params, json, restart) = {
             let mut ctrl = lock(&shared.ctrl);
             match ctrl.reload_req.take() {
-                Some(r) if ctrl.running && ctrl.session == session => r,
+                Some((g, p)) if ctrl.running && ctrl.session == session => {
+                    (g, p, ctrl.params_json.clone(), ctrl.reload_restart)
+                }
                 _ => {
                     if ctrl.session == session {
                         ctrl.loader_running = false;
@@ -644,6 +839,33 @@ fn loader(
                 }
             }
         };
+        if let Some(iso) = &iso {
+            // A new child per (re)load: the one in service keeps running until it is replaced.
+            let cancelled = || {
+                let c = lock(&shared.ctrl);
+                !c.running || c.session != session || c.reload_gen != generation
+            };
+            gst::info!(
+                CAT,
+                "starting an inference child for '{}' ({}x{})",
+                def.name,
+                params.width,
+                params.height
+            );
+            let res = start_child(iso, &json, Some(&params), restart, &cancelled);
+            let mut ctrl = lock(&shared.ctrl);
+            if !ctrl.running || ctrl.session != session {
+                return;
+            }
+            let res = res.map(|(c, warm, used)| {
+                if used != json {
+                    ctrl.fallback_json = Some(used);
+                }
+                (Engine::Child(Box::new(c)), warm)
+            });
+            ctrl.loaded = Some((generation, res));
+            continue;
+        }
         gst::info!(
             CAT,
             "loading '{}' in the background ({}x{})",
@@ -651,7 +873,12 @@ fn loader(
             params.width,
             params.height
         );
-        let res = Runner::load(&def, &params, device, half);
+        let res = Runner::load(&def, &params, device, half)
+            .map(|r| {
+                let w = r.warmup_time();
+                (Engine::Local(r), w)
+            })
+            .map_err(|e| e.to_string());
         let mut ctrl = lock(&shared.ctrl);
         if !ctrl.running || ctrl.session != session {
             return;
@@ -671,7 +898,7 @@ struct Worker {
     element: super::AiPipeline,
     shared: Arc<Shared>,
     def: Arc<PipelineDef>,
-    runner: Option<Runner>,
+    runner: Option<Engine>,
     seen_gen: u64,
     seen_reload: u64,
     /// Params the output follows (size), applied at frame boundaries.
@@ -685,6 +912,86 @@ struct Worker {
     last_stats: Instant,
     stats_interval: Duration,
     max_latency: Duration,
+    pass_late: bool,
+    /// Inference child restarts in this run (isolation=process).
+    restarts: u32,
+    max_restarts: u32,
+    /// The pending load replaces a lost child.
+    restarting: bool,
+    /// The child was found dead outside a frame (e.g. on a params update): replaced at the
+    /// next frame.
+    lost: Option<String>,
+    /// The restart limit was hit: every frame is an error.
+    fatal: bool,
+}
+
+/// Copies tightly packed u8 RGB into a packed RGB/RGBx/RGBA plane (fourth byte 255), as
+/// `frame::download_rgb` does for a tensor.
+fn copy_rgb(
+    src: &[u8],
+    dst: &mut [u8],
+    stride: usize,
+    width: u32,
+    height: u32,
+    bpp: i64,
+) -> Result<(), String> {
+    let (w, h, bpp) = (width as usize, height as usize, bpp as usize);
+    let need = if h == 0 {
+        0
+    } else {
+        (h - 1) * stride + w * bpp
+    };
+    if !(3..=4).contains(&bpp) || src.len() < w * h * 3 || stride < w * bpp || dst.len() < need {
+        return Err(format!(
+            "child output of {} bytes does not fit a {width}x{height} frame ({} bytes, stride {stride})",
+            src.len(),
+            dst.len()
+        ));
+    }
+    for (srow, drow) in src.chunks_exact(w * 3).take(h).zip(dst.chunks_mut(stride)) {
+        let drow = &mut drow[..w * bpp];
+        if bpp == 3 {
+            drow.copy_from_slice(srow);
+        } else {
+            for (d, s) in drow.chunks_exact_mut(bpp).zip(srow.chunks_exact(3)) {
+                d[..3].copy_from_slice(s);
+                d[3] = 255;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts the loader thread for the pending request unless it runs already.
+fn ensure_loader(shared: &Arc<Shared>, ctrl: &mut Ctrl) -> Result<(), String> {
+    if ctrl.loader_running {
+        return Ok(());
+    }
+    let Some(def) = ctrl.def.clone() else {
+        return Err("not running".into());
+    };
+    ctrl.loader_running = true;
+    let shared = shared.clone();
+    let session = ctrl.session;
+    let device = ctrl.device.unwrap_or(tch::Device::Cpu);
+    let half = ctrl.half;
+    let iso = ctrl.iso.clone();
+    std::thread::Builder::new()
+        .name("aipipeline-loader".into())
+        .spawn(move || loader(shared, session, def, device, half, iso))
+        .map(|_| ())
+        .map_err(|e| {
+            ctrl.loader_running = false;
+            e.to_string()
+        })
+}
+
+/// What the inference step produced.
+enum Produced {
+    /// Converted / processed in this process.
+    Tensor(Result<tch::Tensor, tch::TchError>),
+    /// Processed by the child: the output is in its shared memory.
+    Child(Result<(), ChildError>),
 }
 
 enum Notice {
@@ -692,6 +999,10 @@ enum Notice {
     Warning(String),
     Status(Status),
     Latency,
+    /// Params for the inference child (sent with no lock held).
+    ChildParams(Params),
+    /// A restart's load failed: replace the child again (counted).
+    RestartFailed(String),
 }
 
 impl Worker {
@@ -701,7 +1012,7 @@ impl Worker {
 
     fn run(mut self) {
         let _no_grad = tch::no_grad_guard();
-        self.runner = lock(&self.shared.ctrl).initial.take();
+        self.runner = lock(&self.shared.ctrl).initial.take().map(|(e, _)| e);
         loop {
             let item = {
                 let mut mb = lock(&self.shared.mailbox);
@@ -768,11 +1079,17 @@ impl Worker {
                             self.pending_online = false;
                             notices.push(Notice::Loading(p.show_reloading_frame));
                         }
-                    } else if !self.loading
-                        && let Some(r) = self.runner.as_mut()
-                        && let Err(e) = r.set_params(&p)
-                    {
-                        notices.push(Notice::Warning(format!("Cannot apply params: {e}")));
+                    } else if !self.loading {
+                        match self.runner.as_mut() {
+                            Some(Engine::Local(r)) => {
+                                if let Err(e) = r.set_params(&p) {
+                                    notices
+                                        .push(Notice::Warning(format!("Cannot apply params: {e}")));
+                                }
+                            }
+                            Some(Engine::Child(_)) => notices.push(Notice::ChildParams(p.clone())),
+                            None => {}
+                        }
                     }
                     self.active = p;
                 }
@@ -784,15 +1101,42 @@ impl Worker {
                 self.loading = false;
                 self.pending_online = true;
                 ctrl.reload_pending = false;
+                if let Some(json) = ctrl.fallback_json.take()
+                    && let Ok(p) = self.def.parse_params(&json)
+                {
+                    // A restart fell back to the default params: they are the ones in force.
+                    notices.push(Notice::Warning(format!(
+                        "Pipeline '{}' failed to load with params {}; running with the default params {json}",
+                        self.def.name, ctrl.params_json
+                    )));
+                    ctrl.params = Some(p.clone());
+                    ctrl.model_params = Some(p.clone());
+                    ctrl.params_json = json.clone();
+                    ctrl.params_gen += 1;
+                    self.seen_gen = ctrl.params_gen;
+                    self.active = p;
+                    lock(&self.imp().settings).params = json;
+                }
                 match res {
-                    Ok(mut r) => {
+                    Ok((mut r, new)) => {
                         let latest = ctrl.params.clone();
-                        if let Some(p) = &latest
-                            && let Err(e) = r.set_params(p)
-                        {
-                            notices.push(Notice::Warning(format!("Cannot apply params: {e}")));
+                        if let Some(p) = &latest {
+                            match &mut r {
+                                Engine::Local(r) => {
+                                    if let Err(e) = r.set_params(p) {
+                                        notices.push(Notice::Warning(format!(
+                                            "Cannot apply params: {e}"
+                                        )));
+                                    }
+                                }
+                                Engine::Child(_) => notices.push(Notice::ChildParams(p.clone())),
+                            }
                         }
-                        let new = r.warmup_time();
+                        self.restarting = false;
+                        lock(&self.shared.stats).child_pid = match &r {
+                            Engine::Child(c) => c.pid(),
+                            Engine::Local(_) => 0,
+                        };
                         let old = std::mem::replace(&mut lock(&self.shared.stats).estimate, new);
                         if new.abs_diff(old) > Duration::from_millis(1).max(old / 5) {
                             // Our processing latency changed: let the pipeline recompute it.
@@ -801,6 +1145,12 @@ impl Worker {
                         self.runner = Some(r);
                         ctrl.good_params = latest;
                         ctrl.good_json = ctrl.params_json.clone();
+                    }
+                    Err(e) if self.restarting || (self.runner.is_none() && ctrl.iso.is_some()) => {
+                        self.loading = true;
+                        self.pending_online = false;
+                        ctrl.reload_pending = false;
+                        notices.push(Notice::RestartFailed(e));
                     }
                     Err(e) => {
                         let good = ctrl.good_params.clone();
@@ -814,8 +1164,14 @@ impl Worker {
                         ctrl.params_gen += 1;
                         self.seen_gen = ctrl.params_gen;
                         if let Some(g) = good {
-                            if let Some(r) = self.runner.as_mut() {
-                                let _ = r.set_params(&g);
+                            match self.runner.as_mut() {
+                                Some(Engine::Local(r)) => {
+                                    let _ = r.set_params(&g);
+                                }
+                                Some(Engine::Child(_)) => {
+                                    notices.push(Notice::ChildParams(g.clone()));
+                                }
+                                None => {}
                             }
                             self.active = g;
                         }
@@ -849,6 +1205,21 @@ impl Worker {
                 }
                 Notice::Warning(w) => self.imp().post_warning(&w),
                 Notice::Status(s) => self.imp().set_status(s),
+                Notice::ChildParams(p) => {
+                    let timeout = self.hang_timeout();
+                    if let Some(Engine::Child(c)) = self.runner.as_mut() {
+                        match c.set_params(&p, timeout) {
+                            Ok(()) => {}
+                            Err(e) if e.is_fatal() => self.lost = Some(e.to_string()),
+                            Err(e) => self
+                                .imp()
+                                .post_warning(&format!("Cannot apply params: {e}")),
+                        }
+                    }
+                }
+                Notice::RestartFailed(e) => {
+                    self.lost = Some(format!("restart failed: {e}"));
+                }
                 Notice::Latency => {
                     let _ = self
                         .element
@@ -856,6 +1227,107 @@ impl Worker {
                 }
             }
         }
+    }
+
+    fn hang_timeout(&self) -> Duration {
+        lock(&self.shared.ctrl)
+            .iso
+            .as_ref()
+            .map_or(Duration::from_millis(DEFAULT_HANG_TIMEOUT_MS as u64), |i| {
+                i.hang_timeout
+            })
+    }
+
+    /// Replaces a lost inference child: counts the restart (an element error beyond
+    /// max-restarts), posts `aipipeline-restart` with the child's last log lines, sends the
+    /// loading event and asks the loader for a new child with the current params (the `{}`
+    /// fallback applies). Frames pass through at the output size meanwhile.
+    fn lose_child(&mut self, reason: String) -> Result<(), gst::FlowError> {
+        let (pid, logs) = match self.runner.take() {
+            Some(Engine::Child(c)) => (c.pid(), c.kill()),
+            other => {
+                self.runner = other;
+                (0, Vec::new())
+            }
+        };
+        self.restarts += 1;
+        {
+            let mut st = lock(&self.shared.stats);
+            st.child_pid = 0;
+            st.restarts = self.restarts;
+        }
+        gst::warning!(
+            CAT,
+            obj = self.element,
+            "inference child {pid} lost ({reason}); restart {} of at most {}",
+            self.restarts,
+            self.max_restarts
+        );
+        if self.restarts > self.max_restarts {
+            self.fatal = true;
+            self.imp().set_status(Status::Error);
+            gst::element_error!(
+                self.element,
+                gst::ResourceError::Failed,
+                (
+                    "inference child crashed {} times: {}",
+                    self.restarts,
+                    reason
+                ),
+                ["last log lines of the child:\n{}", logs.join("\n")]
+            );
+            return Err(gst::FlowError::Error);
+        }
+        let s = gst::Structure::builder(RESTART_MESSAGE)
+            .field("restart-count", self.restarts)
+            .field("reason", reason.as_str())
+            .field("logs", logs.join("\n"))
+            .field("pid", pid)
+            .build();
+        let _ = self
+            .element
+            .post_message(gst::message::Element::builder(s).src(&self.element).build());
+        if !self.loading {
+            self.loading = true;
+            self.pending_online = false;
+            self.imp().set_status(Status::Loading);
+            let s = gst::Structure::builder(LOADING_EVENT)
+                .field("pipeline", self.def.name.as_str())
+                .field("reason", "restart")
+                .field("show-picture", true)
+                .build();
+            gst::info!(CAT, obj = self.element, "restart started: sending {s:?}");
+            let _ = self
+                .imp()
+                .srcpad
+                .push_event(gst::event::CustomDownstream::new(s));
+        }
+        self.restarting = true;
+        let mut ctrl = lock(&self.shared.ctrl);
+        if ctrl.reload_pending {
+            // A reload is on its way: its new child replaces the lost one.
+            return Ok(());
+        }
+        let Some(p) = ctrl.params.clone() else {
+            return Ok(());
+        };
+        ctrl.reload_pending = true;
+        ctrl.reload_restart = true;
+        ctrl.reload_req = Some((ctrl.reload_gen, p));
+        if let Err(e) = ensure_loader(&self.shared, &mut ctrl) {
+            ctrl.reload_req = None;
+            ctrl.reload_pending = false;
+            drop(ctrl);
+            self.fatal = true;
+            self.imp().set_status(Status::Error);
+            gst::element_error!(
+                self.element,
+                gst::CoreError::Thread,
+                ("Cannot restart the inference child: {}", e)
+            );
+            return Err(gst::FlowError::Error);
+        }
+        Ok(())
     }
 
     fn frame_warning(&mut self, msg: String) {
@@ -985,7 +1457,8 @@ impl Worker {
         inbuf: gst::Buffer,
         arrived: Instant,
     ) -> Result<gst::FlowSuccess, gst::FlowError> {
-        if !self.max_latency.is_zero() && arrived.elapsed() > self.max_latency {
+        let late = !self.max_latency.is_zero() && arrived.elapsed() > self.max_latency;
+        if late && !self.pass_late {
             lock(&self.shared.stats).drops += 1;
             gst::debug!(
                 CAT,
@@ -994,17 +1467,36 @@ impl Worker {
             );
             return Ok(gst::FlowSuccess::Ok);
         }
+        if self.fatal {
+            return Err(gst::FlowError::Error);
+        }
+        if let Some(reason) = self.lost.take() {
+            self.lose_child(reason)?;
+        }
+        if self.shared.restart_req.swap(false, Ordering::SeqCst) {
+            if matches!(self.runner, Some(Engine::Child(_))) && !self.loading {
+                self.lose_child("restart requested (restart-child)".into())?;
+            } else {
+                gst::info!(
+                    CAT,
+                    obj = self.element,
+                    "restart-child ignored: no inference child in service"
+                );
+            }
+        }
         self.ensure_output()?;
         let Some(in_info) = self.in_info.clone() else {
             return Err(gst::FlowError::NotNegotiated);
         };
         let layout = frame::pixel_layout(in_info.format());
         let (w, h) = (self.active.width, self.active.height);
-        let real = !self.loading && self.runner.is_some();
+        // A late frame with pass-late-frames goes on unchanged (cover-cropped only).
+        let real = !late && !self.loading && self.runner.is_some();
         let device = lock(&self.shared.ctrl).device.unwrap_or(tch::Device::Cpu);
+        let hang_timeout = self.hang_timeout();
         let t0 = Instant::now();
 
-        let rgb = {
+        let produced = {
             let vframe = match gst_video::VideoFrameRef::from_buffer_ref_readable(
                 inbuf.as_ref(),
                 &in_info,
@@ -1037,43 +1529,77 @@ impl Worker {
                     .map_or(0, |s| (*s).max(0) as usize);
             }
             let (planes, strides) = (&planes[..n], &strides[..n]);
-            match (layout, planes.first()) {
-                (Some(layout), Some(data)) => frame::upload_rgb(
-                    data,
-                    strides.first().copied().unwrap_or(0),
-                    vw,
-                    vh,
-                    layout,
-                    crop,
-                    device,
-                ),
-                (Some(_), None) => return Ok(gst::FlowSuccess::Ok),
-                (None, _) => frame::upload_yuv420(
-                    planes,
-                    strides,
-                    vw,
-                    vh,
-                    in_info.format() == gst_video::VideoFormat::Nv12,
-                    frame::YuvMatrix::from_info(&in_info),
-                    crop,
-                    device,
-                ),
+            if real && let Some(Engine::Child(c)) = self.runner.as_mut() {
+                let wire = match layout {
+                    Some(l) => InputLayout::Packed {
+                        bpp: l.bpp,
+                        first: l.first,
+                        bgr: l.bgr,
+                    },
+                    None => {
+                        let m = frame::YuvMatrix::from_info(&in_info);
+                        InputLayout::Yuv420 {
+                            nv12: in_info.format() == gst_video::VideoFormat::Nv12,
+                            kr: m.kr,
+                            kb: m.kb,
+                            full_range: m.full_range,
+                        }
+                    }
+                };
+                Produced::Child(c.frame(planes, strides, vw, vh, wire, w, h, hang_timeout))
+            } else {
+                Produced::Tensor(match (layout, planes.first()) {
+                    (Some(layout), Some(data)) => frame::upload_rgb(
+                        data,
+                        strides.first().copied().unwrap_or(0),
+                        vw,
+                        vh,
+                        layout,
+                        crop,
+                        device,
+                    ),
+                    (Some(_), None) => return Ok(gst::FlowSuccess::Ok),
+                    (None, _) => frame::upload_yuv420(
+                        planes,
+                        strides,
+                        vw,
+                        vh,
+                        in_info.format() == gst_video::VideoFormat::Nv12,
+                        frame::YuvMatrix::from_info(&in_info),
+                        crop,
+                        device,
+                    ),
+                })
             }
         };
-        let result =
-            rgb.map_err(model::FrameError::from)
-                .and_then(|rgb| match (&self.runner, real) {
-                    (Some(r), true) => model::process(r, rgb, w, h),
-                    _ => Ok(frame::to_u8_frame(rgb, w, h)?),
-                });
-        let out_rgb = match result {
-            Ok(t) => t,
-            Err(e) => {
-                self.frame_warning(format!(
-                    "Pipeline '{}' failed on a frame: {e}; frame skipped",
-                    self.def.name
-                ));
+        let out_rgb = match produced {
+            Produced::Child(Ok(())) => None,
+            Produced::Child(Err(e)) if e.is_fatal() => {
+                // Lost: start the restart, then this frame passes through like the ones after.
+                self.lose_child(e.to_string())?;
+                return self.handle_buffer(inbuf, arrived);
+            }
+            Produced::Child(Err(e)) => {
+                self.frame_warning(format!("{e}; frame skipped"));
                 return Ok(gst::FlowSuccess::Ok);
+            }
+            Produced::Tensor(rgb) => {
+                let result = rgb.map_err(model::FrameError::from).and_then(|rgb| {
+                    match (&self.runner, real) {
+                        (Some(Engine::Local(r)), true) => model::process(r, rgb, w, h),
+                        _ => Ok(frame::to_u8_frame(rgb, w, h)?),
+                    }
+                });
+                match result {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        self.frame_warning(format!(
+                            "Pipeline '{}' failed on a frame: {e}; frame skipped",
+                            self.def.name
+                        ));
+                        return Ok(gst::FlowSuccess::Ok);
+                    }
+                }
             }
         };
         let Some(out) = &self.out else {
@@ -1099,7 +1625,16 @@ impl Worker {
             let data = vframe
                 .plane_data_mut(0)
                 .map_err(|_| gst::FlowError::Error)?;
-            if let Err(e) = frame::download_rgb(&out_rgb, data, stride, ow, oh, out.bpp) {
+            let written = match (&out_rgb, &self.runner) {
+                (Some(t), _) => {
+                    frame::download_rgb(t, data, stride, ow, oh, out.bpp).map_err(|e| e.to_string())
+                }
+                (None, Some(Engine::Child(c))) => {
+                    copy_rgb(c.output(), data, stride, ow, oh, out.bpp)
+                }
+                (None, _) => Err("no output".to_string()),
+            };
+            if let Err(e) = written {
                 drop(vframe);
                 self.frame_warning(format!("Cannot write an output frame: {e}; frame skipped"));
                 return Ok(gst::FlowSuccess::Ok);
@@ -1118,6 +1653,9 @@ impl Worker {
                 }
             } else {
                 st.passthrough += 1;
+            }
+            if late {
+                st.late_passed += 1;
             }
         }
         if real && self.pending_online {
@@ -1284,11 +1822,41 @@ impl ObjectImpl for AiPipeline {
                     .default_value(DEFAULT_MAX_LATENCY_MS)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecBoolean::builder("pass-late-frames")
+                    .nick("Pass late frames")
+                    .blurb("Pass a frame that waited longer than max-latency-ms on unchanged (counted in late-frames-passed) instead of dropping it: a per-stage deadline")
+                    .default_value(false)
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecUInt::builder("stats-interval-ms")
                     .nick("Statistics interval (ms)")
                     .blurb("Interval of the aipipeline-stats element message (0: none)")
                     .maximum(3_600_000)
                     .default_value(DEFAULT_STATS_INTERVAL_MS)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecEnum::builder_with_default("isolation", Isolation::None)
+                    .nick("Isolation")
+                    .blurb("none: inference in this process; process: in a child process (rivulet-inference), restarted when it crashes or hangs")
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("child-path")
+                    .nick("Child path")
+                    .blurb("Program run as the inference child with isolation=process (argument aipipeline-child); default: rivulet-inference next to the plugin, next to the program, then on PATH")
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecUInt::builder("max-restarts")
+                    .nick("Maximum restarts")
+                    .blurb("Inference child restarts allowed in one run; one more loss is an element error")
+                    .default_value(DEFAULT_MAX_RESTARTS)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecUInt::builder("hang-timeout-ms")
+                    .nick("Hang timeout (ms)")
+                    .blurb("An inference child that does not answer a frame within this time is killed and restarted")
+                    .minimum(1)
+                    .maximum(600_000)
+                    .default_value(DEFAULT_HANG_TIMEOUT_MS)
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecEnum::builder_with_default("status", Status::Loading)
@@ -1338,8 +1906,15 @@ impl ObjectImpl for AiPipeline {
                     "max-latency-ms" => {
                         s.max_latency_ms = value.get().unwrap_or(DEFAULT_MAX_LATENCY_MS)
                     }
+                    "pass-late-frames" => s.pass_late = value.get().unwrap_or(false),
                     "stats-interval-ms" => {
                         s.stats_interval_ms = value.get().unwrap_or(DEFAULT_STATS_INTERVAL_MS)
+                    }
+                    "isolation" => s.isolation = value.get().unwrap_or_default(),
+                    "child-path" => s.child_path = value.get().unwrap_or(None),
+                    "max-restarts" => s.max_restarts = value.get().unwrap_or(DEFAULT_MAX_RESTARTS),
+                    "hang-timeout-ms" => {
+                        s.hang_timeout_ms = value.get().unwrap_or(DEFAULT_HANG_TIMEOUT_MS)
                     }
                     other => gst::warning!(CAT, imp = self, "unknown property {other}"),
                 }
@@ -1357,7 +1932,12 @@ impl ObjectImpl for AiPipeline {
             "precision" => s.precision.to_value(),
             "params" => s.params.to_value(),
             "max-latency-ms" => s.max_latency_ms.to_value(),
+            "pass-late-frames" => s.pass_late.to_value(),
             "stats-interval-ms" => s.stats_interval_ms.to_value(),
+            "isolation" => s.isolation.to_value(),
+            "child-path" => s.child_path.to_value(),
+            "max-restarts" => s.max_restarts.to_value(),
+            "hang-timeout-ms" => s.hang_timeout_ms.to_value(),
             "status" => lock(&self.shared.status).to_value(),
             "stats" => {
                 drop(s);
@@ -1366,6 +1946,25 @@ impl ObjectImpl for AiPipeline {
             }
             _ => glib::Value::from_type(pspec.value_type()),
         }
+    }
+
+    fn signals() -> &'static [glib::subclass::Signal] {
+        static SIGNALS: LazyLock<Vec<glib::subclass::Signal>> = LazyLock::new(|| {
+            vec![
+                // Action signal: kill and restart the inference child (isolation=process) at
+                // the next frame, as for a crash (counted, aipipeline-restart posted).
+                glib::subclass::Signal::builder("restart-child")
+                    .action()
+                    .class_handler(|args| {
+                        if let Ok(el) = args[0].get::<super::AiPipeline>() {
+                            el.imp().shared.restart_req.store(true, Ordering::SeqCst);
+                        }
+                        None
+                    })
+                    .build(),
+            ]
+        });
+        SIGNALS.as_ref()
     }
 
     fn constructed(&self) {

@@ -17,6 +17,8 @@ use gst::prelude::*;
 
 mod imp;
 
+pub(crate) use imp::log_child_line;
+
 /// Structure name of the serialized custom downstream event sent when a (re)load starts.
 /// Fields: `pipeline` (string), `reason` (string: "load" | "reload" | "restart"),
 /// `show-picture` (bool).
@@ -26,6 +28,29 @@ pub const LOADING_EVENT: &str = "rivulet-loading";
 pub const ONLINE_EVENT: &str = "rivulet-online";
 /// Structure name of the periodic statistics element message (same fields as `stats`).
 pub const STATS_MESSAGE: &str = "aipipeline-stats";
+
+/// Structure name of the element message posted when the inference child (isolation=process)
+/// died or hung and is being restarted. Fields: `restart-count` (u32, restarts so far in this
+/// run), `reason` (string), `logs` (string: the child's last stderr lines, newline-joined),
+/// `pid` (u32: the lost child's pid).
+pub const RESTART_MESSAGE: &str = "aipipeline-restart";
+
+/// `isolation` property: where inference runs.
+#[derive(Debug, Eq, PartialEq, Ord, PartialOrd, Hash, Clone, Copy, glib::Enum, Default)]
+#[repr(u32)]
+#[enum_type(name = "GstAiPipelineIsolation")]
+pub enum Isolation {
+    /// In the element's own process.
+    #[default]
+    #[enum_value(name = "None: inference runs in this process", nick = "none")]
+    None = 0,
+    /// In a child process (the `rivulet-inference` helper), restarted when it dies or hangs.
+    #[enum_value(
+        name = "Process: inference runs in a child process, restarted on a crash or hang",
+        nick = "process"
+    )]
+    Process = 1,
+}
 
 /// Read-only `status` property.
 #[derive(Debug, Eq, PartialEq, Ord, PartialOrd, Hash, Clone, Copy, glib::Enum, Default)]
@@ -65,6 +90,7 @@ glib::wrapper! {
 pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
     Status::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     Precision::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
+    Isolation::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     gst::Element::register(
         Some(plugin),
         "aipipeline",

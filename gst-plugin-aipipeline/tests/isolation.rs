@@ -1,0 +1,604 @@
+// SPDX-License-Identifier: MPL-2.0
+//! `aipipeline isolation=process`: inference in the `rivulet-inference` child. Real pipelines
+//! (a live videotestsrc of one solid colour, so processed frames (inverted) and pass-through
+//! frames (the colour itself) are told apart by one pixel), real child processes killed with
+//! SIGKILL / stopped with SIGSTOP, the committed TorchScript test models.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Once, mpsc};
+use std::time::{Duration, Instant};
+
+use gst::prelude::*;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+/// Solid input colour (R, G, B) and what the invert model makes of it.
+const COLOUR: [u8; 3] = [0x20, 0x40, 0x80];
+const INVERTED: [u8; 3] = [0xdf, 0xbf, 0x7f];
+
+fn init() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        gst::init().unwrap();
+        gstaipipeline::plugin_register_static().unwrap();
+    });
+}
+
+fn testdata() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/pipelines")
+}
+
+fn child_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_rivulet-inference")
+}
+
+#[derive(Debug)]
+enum Rec {
+    /// First pixel of a buffer, and when it arrived.
+    Buffer([u8; 3], Instant),
+    Loading(gst::Structure),
+    Online,
+}
+
+struct Rig {
+    pipeline: gst::Pipeline,
+    el: gst::Element,
+    rx: mpsc::Receiver<Rec>,
+    bus: gst::Bus,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+/// live videotestsrc (solid COLOUR, 384², 50 fps) ! aipipeline isolation=process (props) !
+/// fakesink, recording the first pixel of each buffer and our events.
+fn rig(props: &str) -> Rig {
+    init();
+    let [r, g, b] = COLOUR;
+    let desc = format!(
+        "videotestsrc is-live=true pattern=solid-color foreground-color=0xff{r:02x}{g:02x}{b:02x} ! \
+         video/x-raw,format=RGB,width=384,height=384,framerate=50/1 ! \
+         aipipeline name=ai isolation=process child-path={} pipelines-dir={} {props} ! \
+         fakesink name=sink sync=false",
+        child_bin(),
+        testdata().display()
+    );
+    let pipeline = gst::parse::launch(&desc)
+        .unwrap()
+        .downcast::<gst::Pipeline>()
+        .unwrap();
+    let el = pipeline.by_name("ai").unwrap();
+    let sink = pipeline.by_name("sink").unwrap();
+    let (tx, rx) = mpsc::channel();
+    sink.static_pad("sink").unwrap().add_probe(
+        gst::PadProbeType::BUFFER | gst::PadProbeType::EVENT_DOWNSTREAM,
+        move |_, info| {
+            let rec = match &info.data {
+                Some(gst::PadProbeData::Buffer(b)) => {
+                    let m = b.map_readable().unwrap();
+                    Some(Rec::Buffer([m[0], m[1], m[2]], Instant::now()))
+                }
+                Some(gst::PadProbeData::Event(e)) => match e.view() {
+                    gst::EventView::CustomDownstream(c) => {
+                        let s = c.structure().unwrap().to_owned();
+                        if s.name() == gstaipipeline::LOADING_EVENT {
+                            Some(Rec::Loading(s))
+                        } else if s.name() == gstaipipeline::ONLINE_EVENT {
+                            Some(Rec::Online)
+                        } else {
+                            None
+                        }
+                    }
+                    _ => None,
+                },
+                _ => None,
+            };
+            if let Some(r) = rec {
+                let _ = tx.send(r);
+            }
+            gst::PadProbeReturn::Ok
+        },
+    );
+    let bus = pipeline.bus().unwrap();
+    Rig {
+        pipeline,
+        el,
+        rx,
+        bus,
+    }
+}
+
+impl Rig {
+    fn play(&self) {
+        if self.pipeline.set_state(gst::State::Playing).is_err() {
+            panic!("pipeline failed to start: {:?}", self.error_text());
+        }
+    }
+
+    fn next(&self) -> Rec {
+        self.rx
+            .recv_timeout(TIMEOUT)
+            .expect("nothing reached the sink in time")
+    }
+
+    /// Waits for a buffer with this first pixel (skipping others and events).
+    fn wait_pixel(&self, want: [u8; 3]) -> Instant {
+        loop {
+            if let Rec::Buffer(p, t) = self.next()
+                && p == want
+            {
+                return t;
+            }
+        }
+    }
+
+    fn child_pid(&self) -> u32 {
+        self.el
+            .property::<gst::Structure>("stats")
+            .get::<u32>("child-pid")
+            .unwrap()
+    }
+
+    /// The next `aipipeline-restart` element message (fails on an error message first).
+    fn restart_message(&self) -> gst::Structure {
+        loop {
+            let msg = self
+                .bus
+                .timed_pop_filtered(
+                    gst::ClockTime::from_seconds(30),
+                    &[gst::MessageType::Element, gst::MessageType::Error],
+                )
+                .expect("no restart message in time");
+            match msg.view() {
+                gst::MessageView::Error(e) => panic!("unexpected error {e:?}"),
+                gst::MessageView::Element(e) => {
+                    let s = e.structure().unwrap();
+                    if s.name() == gstaipipeline::RESTART_MESSAGE {
+                        return s.to_owned();
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn error_text(&self) -> String {
+        let msg = self
+            .bus
+            .timed_pop_filtered(gst::ClockTime::from_seconds(30), &[gst::MessageType::Error])
+            .expect("no error message in time");
+        match msg.view() {
+            gst::MessageView::Error(e) => format!("{} {:?}", e.error(), e.debug()),
+            _ => unreachable!(),
+        }
+    }
+
+    /// The first warning containing `needle`.
+    fn warning_with(&self, needle: &str) -> String {
+        loop {
+            let msg = self
+                .bus
+                .timed_pop_filtered(
+                    gst::ClockTime::from_seconds(30),
+                    &[gst::MessageType::Warning],
+                )
+                .unwrap_or_else(|| panic!("no warning with {needle:?} in time"));
+            if let gst::MessageView::Warning(w) = msg.view() {
+                let text = format!("{} {:?}", w.error(), w.debug());
+                if text.contains(needle) {
+                    return text;
+                }
+            }
+        }
+    }
+
+    fn wait_online(&self) {
+        loop {
+            if let Rec::Online = self.next() {
+                return;
+            }
+        }
+    }
+}
+
+fn signal(pid: u32, sig: i32) {
+    assert!(pid > 0);
+    // SAFETY: plain syscall on a pid we own (our child).
+    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "kill {pid}");
+}
+
+/// Waits (bounded) until process `pid` is gone, through a pidfd (readable on exit). A
+/// zombie counts as not gone: the element must reap its children.
+fn wait_gone(pid: u32, bound: Duration) -> bool {
+    wait_exit(pid, bound, true)
+}
+
+/// Waits (bounded) until `pid` has exited; with `reaped`, also until it was reaped.
+fn wait_exit(pid: u32, bound: Duration, reaped: bool) -> bool {
+    // SAFETY: pidfd_open has no memory arguments.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) } as i32;
+    if fd < 0 {
+        // ESRCH: already gone and reaped.
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+    }
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let r = unsafe { libc::poll(&mut pfd, 1, bound.as_millis() as i32) };
+    // SAFETY: our fd.
+    unsafe { libc::close(fd) };
+    if r != 1 {
+        return false;
+    }
+    if !reaped {
+        return true;
+    }
+    // Exited; now wait for the reap (the /proc entry goes away), bounded.
+    let deadline = Instant::now() + bound;
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+fn field_str(s: &gst::StructureRef, f: &str) -> String {
+    s.get::<String>(f).unwrap_or_default()
+}
+
+#[test]
+fn sigkill_mid_stream_gives_loading_frames_then_real_frames_again() {
+    let r = rig("pipeline=invert");
+    r.play();
+    r.wait_pixel(INVERTED);
+    let pid = r.child_pid();
+    assert!(pid > 0, "stats has the child's pid");
+    let killed = Instant::now();
+    signal(pid, libc::SIGKILL);
+    // The loss is seen at the next frame: a restart loading event, then pass-through frames
+    // (the loading picture's cue for loadingoverlay) within 1 s of the kill.
+    loop {
+        match r.next() {
+            Rec::Loading(s) => {
+                assert_eq!(field_str(&s, "reason"), "restart");
+                assert!(s.get::<bool>("show-picture").unwrap());
+                break;
+            }
+            Rec::Buffer(..) => {}
+            Rec::Online => panic!("online before loading"),
+        }
+    }
+    let first_loading = r.wait_pixel(COLOUR);
+    assert!(
+        first_loading.duration_since(killed) < Duration::from_secs(1),
+        "loading frames {:?} after the kill",
+        first_loading.duration_since(killed)
+    );
+    let m = r.restart_message();
+    assert_eq!(m.get::<u32>("restart-count").unwrap(), 1);
+    assert_eq!(m.get::<u32>("pid").unwrap(), pid);
+    let reason = field_str(&m, "reason");
+    assert!(
+        reason.contains("died") && reason.contains("signal 9"),
+        "{reason}"
+    );
+    let logs = field_str(&m, "logs");
+    assert!(logs.contains("loaded"), "child logs: {logs}");
+    // Real frames resume after the online event.
+    loop {
+        if let Rec::Online = r.next() {
+            break;
+        }
+    }
+    r.wait_pixel(INVERTED);
+    let new_pid = r.child_pid();
+    assert!(new_pid > 0 && new_pid != pid);
+    assert!(wait_gone(pid, TIMEOUT), "the killed child was not reaped");
+    let stats = r.el.property::<gst::Structure>("stats");
+    assert_eq!(stats.get::<u32>("restart-count").unwrap(), 1);
+    assert_eq!(
+        r.el.property::<gstaipipeline::Status>("status"),
+        gstaipipeline::Status::Ready
+    );
+    // Stopping ends the new child (graceful shutdown, reaped).
+    r.pipeline.set_state(gst::State::Null).unwrap();
+    assert!(
+        wait_gone(new_pid, TIMEOUT),
+        "the child outlived the element"
+    );
+}
+
+#[test]
+fn crashes_beyond_max_restarts_are_an_element_error() {
+    let r = rig("pipeline=invert max-restarts=2");
+    r.play();
+    for n in 1..=3u32 {
+        if n > 1 {
+            r.wait_online();
+        }
+        r.wait_pixel(INVERTED);
+        let pid = r.child_pid();
+        signal(pid, libc::SIGKILL);
+        if n <= 2 {
+            assert_eq!(r.restart_message().get::<u32>("restart-count").unwrap(), n);
+        }
+        assert!(wait_gone(pid, TIMEOUT));
+    }
+    let err = r.error_text();
+    assert!(err.contains("inference child crashed 3 times"), "{err}");
+    assert_eq!(
+        r.el.property::<gstaipipeline::Status>("status"),
+        gstaipipeline::Status::Error
+    );
+}
+
+#[test]
+fn a_hung_child_is_killed_and_replaced() {
+    let r = rig("pipeline=invert hang-timeout-ms=500");
+    r.play();
+    r.wait_pixel(INVERTED);
+    let pid = r.child_pid();
+    signal(pid, libc::SIGSTOP);
+    let m = r.restart_message();
+    let reason = field_str(&m, "reason");
+    assert!(
+        reason.contains("hung") && reason.contains("500 ms"),
+        "{reason}"
+    );
+    assert!(
+        wait_gone(pid, TIMEOUT),
+        "the stopped child was not killed and reaped"
+    );
+    loop {
+        if let Rec::Online = r.next() {
+            break;
+        }
+    }
+    r.wait_pixel(INVERTED);
+    assert_ne!(r.child_pid(), pid);
+}
+
+#[test]
+fn restart_child_action_signal_replaces_the_child() {
+    let r = rig("pipeline=invert");
+    r.play();
+    r.wait_pixel(INVERTED);
+    let pid = r.child_pid();
+    r.el.emit_by_name::<()>("restart-child", &[]);
+    let m = r.restart_message();
+    assert!(field_str(&m, "reason").contains("restart requested"));
+    assert!(wait_gone(pid, TIMEOUT));
+    loop {
+        if let Rec::Online = r.next() {
+            break;
+        }
+    }
+    r.wait_pixel(INVERTED);
+}
+
+#[test]
+fn params_without_reload_reach_the_child() {
+    let r = rig(r#"pipeline=gain"#);
+    r.play();
+    r.wait_pixel(COLOUR); // gain 1, bias 0: the colour itself
+    let pid = r.child_pid();
+    r.el.set_property("params", r#"{"gain": 0.5}"#);
+    r.wait_pixel([0x10, 0x20, 0x40]);
+    assert_eq!(r.child_pid(), pid, "no reload, same child");
+}
+
+#[test]
+fn a_reload_starts_a_new_child_and_the_old_one_exits() {
+    let r = rig("pipeline=torchscript");
+    r.el.set_property("model", testdata().join("invert.pt").to_str().unwrap());
+    r.play();
+    r.wait_pixel(INVERTED);
+    let pid = r.child_pid();
+    r.el.set_property(
+        "params",
+        format!(
+            r#"{{"model": "{}"}}"#,
+            testdata().join("identity.pt").display()
+        ),
+    );
+    loop {
+        if let Rec::Online = r.next() {
+            break;
+        }
+    }
+    r.wait_pixel(COLOUR);
+    assert_ne!(r.child_pid(), pid);
+    assert!(wait_gone(pid, TIMEOUT), "the replaced child did not exit");
+}
+
+/// convnet on the same frames (I420 640×480, cropped and scaled to 512²) in and out of
+/// process: byte-identical output. Frames go one at a time (push, then pull the result).
+#[test]
+fn results_are_identical_to_in_process() {
+    init();
+    let frames: Vec<gst::Buffer> = {
+        let p = gst::parse::launch(
+            "videotestsrc num-buffers=4 pattern=smpte horizontal-speed=7 ! \
+             video/x-raw,format=I420,width=640,height=480,framerate=24/1 ! appsink name=sink sync=false",
+        )
+        .unwrap()
+        .downcast::<gst::Pipeline>()
+        .unwrap();
+        let sink = p
+            .by_name("sink")
+            .unwrap()
+            .downcast::<gst_app::AppSink>()
+            .unwrap();
+        p.set_state(gst::State::Playing).unwrap();
+        let mut v = Vec::new();
+        while let Ok(s) = sink.pull_sample() {
+            v.push(s.buffer_owned().unwrap());
+        }
+        p.set_state(gst::State::Null).unwrap();
+        v
+    };
+    assert_eq!(frames.len(), 4);
+    let run = |isolation: &str| -> Vec<Vec<u8>> {
+        let desc = format!(
+            "appsrc name=src format=time caps=video/x-raw,format=I420,width=640,height=480,framerate=24/1 ! \
+             aipipeline isolation={isolation} child-path={} pipelines-dir={} pipeline=convnet ! \
+             appsink name=sink sync=false",
+            child_bin(),
+            testdata().display()
+        );
+        let p = gst::parse::launch(&desc)
+            .unwrap()
+            .downcast::<gst::Pipeline>()
+            .unwrap();
+        let src = p
+            .by_name("src")
+            .unwrap()
+            .downcast::<gst_app::AppSrc>()
+            .unwrap();
+        let sink = p
+            .by_name("sink")
+            .unwrap()
+            .downcast::<gst_app::AppSink>()
+            .unwrap();
+        p.set_state(gst::State::Playing).unwrap();
+        let mut out = Vec::new();
+        for f in &frames {
+            src.push_buffer(f.clone()).unwrap();
+            let s = sink
+                .try_pull_sample(gst::ClockTime::from_seconds(30))
+                .expect("no output frame");
+            out.push(s.buffer().unwrap().map_readable().unwrap().to_vec());
+        }
+        p.set_state(gst::State::Null).unwrap();
+        out
+    };
+    let local = run("none");
+    let child = run("process");
+    assert_eq!(local.len(), 4);
+    assert!(
+        local == child,
+        "outputs differ between in-process and child"
+    );
+}
+
+#[test]
+fn a_failed_load_is_retried_with_default_params() {
+    // The params name a model that does not exist; {} falls back to the model property.
+    let r = rig("pipeline=torchscript");
+    r.el.set_property("model", testdata().join("invert.pt").to_str().unwrap());
+    r.el.set_property("params", r#"{"model":"/nonexistent/model.pt"}"#);
+    r.play();
+    let w = r.warning_with("failed to load with params");
+    assert!(w.contains("default params {}"), "{w}");
+    r.wait_pixel(INVERTED);
+    assert_eq!(r.el.property::<String>("params"), "{}");
+}
+
+#[test]
+fn a_load_that_fails_twice_is_reported() {
+    let bad = std::env::temp_dir().join(format!("isolation-bad-{}.pt", std::process::id()));
+    std::fs::write(&bad, b"not a TorchScript file").unwrap();
+    let r = rig("pipeline=torchscript");
+    r.el.set_property("model", bad.to_str().unwrap());
+    r.el.set_property("params", r#"{"model":"/nonexistent/model.pt"}"#);
+    assert!(r.pipeline.set_state(gst::State::Playing).is_err());
+    let err = r.error_text();
+    assert!(
+        err.contains("Cannot load pipeline 'torchscript' in the inference child")
+            && err.contains("does not exist")
+            && err.contains("retry with default params {} failed too")
+            && err.contains("cannot load TorchScript model"),
+        "{err}"
+    );
+    let _ = std::fs::remove_file(bad);
+}
+
+#[test]
+fn a_child_that_dies_while_loading_is_reported() {
+    // /bin/false stands for a child that aborts at once: the load sees it die.
+    let r = rig("pipeline=invert child-path=/bin/false");
+    assert!(r.pipeline.set_state(gst::State::Playing).is_err());
+    let err = r.error_text();
+    assert!(
+        err.contains("inference child died") && err.contains("exited with status 1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_child_binary_is_a_clear_error() {
+    let r = rig("pipeline=invert child-path=/nonexistent/rivulet-inference");
+    assert!(r.pipeline.set_state(gst::State::Playing).is_err());
+    let err = r.error_text();
+    assert!(
+        err.contains("child-path /nonexistent/rivulet-inference is not a file"),
+        "{err}"
+    );
+}
+
+/// gst-launch-1.0 (the plugin from target/debug) running an isolated aipipeline is killed with
+/// SIGKILL: its inference child must not survive it.
+#[test]
+fn killing_the_parent_leaves_no_child_behind() {
+    let plugin_dir = PathBuf::from(child_bin()).parent().unwrap().to_path_buf();
+    if !plugin_dir.join("libgstaipipeline.so").is_file() {
+        panic!("{} has no libgstaipipeline.so", plugin_dir.display());
+    }
+    let mut launch = Command::new("gst-launch-1.0")
+        .args([
+            "-m",
+            "videotestsrc",
+            "is-live=true",
+            "!",
+            "video/x-raw,format=RGB,width=384,height=384,framerate=25/1",
+            "!",
+            "aipipeline",
+            "isolation=process",
+            &format!("child-path={}", child_bin()),
+            &format!("pipelines-dir={}", testdata().display()),
+            "pipeline=invert",
+            "stats-interval-ms=200",
+            "!",
+            "fakesink",
+        ])
+        .env("GST_PLUGIN_PATH", &plugin_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("gst-launch-1.0");
+    // gst-launch -m prints our stats messages: the child's pid is in them.
+    let stdout = launch.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("child-pid=(uint)").nth(1) {
+                let n: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                if let Ok(pid) = n.parse::<u32>()
+                    && pid > 0
+                {
+                    let _ = tx.send(pid);
+                }
+            }
+        }
+    });
+    let pid = rx
+        .recv_timeout(TIMEOUT)
+        .expect("no child pid from gst-launch");
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    launch.kill().unwrap();
+    launch.wait().unwrap();
+    // Exited (reaping it is the new parent's business: init or a subreaper).
+    assert!(
+        wait_exit(pid, Duration::from_secs(5), false),
+        "inference child {pid} survived its parent"
+    );
+}
