@@ -7,6 +7,7 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod graph;
 pub mod health;
 pub mod nvml;
 pub mod pyjson;

@@ -1,0 +1,558 @@
+// SPDX-License-Identifier: MPL-2.0
+//! One stage of a graph: a bin `queue ! unit` whose unit (the provider in service: an
+//! `aipipeline`, or `videoconvert ! element ! videoconvert`) can be replaced by the next
+//! provider, at build time when one fails to load and while running when one keeps failing.
+
+use super::build::{StageStats, make};
+use super::{Provider, StageDef, post_event};
+use crate::config::Config;
+use gst::prelude::*;
+use serde_json::{Value, json};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+/// Consecutive `aipipeline` stats intervals with errors and no output before failing over.
+const FAIL_STREAK: u32 = 3;
+/// How often a `stage_stats` event is posted while frames flow.
+const STATS_PERIOD: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum StageKind {
+    Pipeline,
+    Element,
+}
+
+struct Inner {
+    provider: usize,
+    unit: gst::Bin,
+    /// The `aipipeline` of a pipeline unit.
+    ai: Option<gst::Element>,
+    failed: bool,
+    bypassed: bool,
+    running: bool,
+    switching: bool,
+    frames_in: u64,
+    frames_out: u64,
+    window_start: Instant,
+    window_frames: u64,
+    fps: f64,
+    latency_ms: Option<f64>,
+    /// Counters of earlier providers (an `aipipeline`'s own counters restart with it).
+    base_misses: u64,
+    base_errors: u64,
+    misses: u64,
+    errors: u64,
+    last_error: Option<String>,
+    /// The last `aipipeline` stats seen: (errors, frames-out).
+    last_ai: (u64, u64),
+    fail_streak: u32,
+    last_stats_post: Instant,
+    /// Events from before the bin was in a pipeline (build-time failovers).
+    pending: Vec<Value>,
+}
+
+pub(super) struct Stage {
+    def: StageDef,
+    kind: StageKind,
+    cfg: Config,
+    providers: Vec<Provider>,
+    bin: gst::Bin,
+    queue: gst::Element,
+    stream_params: Mutex<Value>,
+    inner: Mutex<Inner>,
+}
+
+/// The stage's `aipipeline` params: its definition's, overridden by `params.<id>`.
+fn merged_params(def: &StageDef, stream: &Value) -> Value {
+    let mut p = def.params.clone();
+    if let (Some(map), Some(Value::Object(over))) = (p.as_object_mut(), stream.get(&def.id)) {
+        for (k, v) in over {
+            map.insert(k.clone(), v.clone());
+        }
+    }
+    p
+}
+
+/// Makes the unit of `provider`; for a pipeline, loads it once (in a scratch pipeline, to get
+/// the error) so that a provider that cannot load is skipped before the stream starts.
+fn make_unit(
+    def: &StageDef,
+    provider: &Provider,
+    cfg: &Config,
+    params: &Value,
+) -> Result<(gst::Bin, Option<gst::Element>), String> {
+    let unit = gst::Bin::new();
+    if let Some(name) = &provider.pipeline {
+        let ai = make("aipipeline", None)?;
+        ai.set_property("pipeline", name);
+        ai.set_property_from_str("device", provider.device.as_deref().unwrap_or(&cfg.device));
+        if let Some(dir) = &cfg.pipelines_dir {
+            ai.set_property("pipelines-dir", dir.to_string_lossy().to_string());
+        }
+        ai.set_property("params", merged_params(def, params).to_string());
+        if let Some(ms) = def.deadline_ms {
+            ai.set_property("max-latency-ms", ms);
+            if ai.find_property("pass-late-frames").is_some() {
+                ai.set_property("pass-late-frames", true);
+            }
+        }
+        check_loads(&ai)?;
+        unit.add(&ai).map_err(|e| e.to_string())?;
+        ghost(&unit, &ai, &ai)?;
+        Ok((unit, Some(ai)))
+    } else if let Some(name) = &provider.element {
+        let el = make(name, None)?;
+        if let Some(obj) = def.params.as_object() {
+            for (k, v) in obj {
+                set_from_json(&el, k, v)?;
+            }
+        }
+        let c1 = make("videoconvert", None)?;
+        let c2 = make("videoconvert", None)?;
+        unit.add_many([&c1, &el, &c2]).map_err(|e| e.to_string())?;
+        gst::Element::link_many([&c1, &el, &c2]).map_err(|e| e.to_string())?;
+        ghost(&unit, &c1, &c2)?;
+        Ok((unit, None))
+    } else {
+        Err("a provider without pipeline or element".into())
+    }
+}
+
+fn set_from_json(el: &gst::Element, key: &str, v: &Value) -> Result<(), String> {
+    if el.find_property(key).is_none() {
+        return Err(format!("element has no property '{key}'"));
+    }
+    let text = match v {
+        Value::String(s) => s.clone(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        other => other.to_string(),
+    };
+    // set_property_from_str logs instead of failing on a bad value: check it parses first.
+    let pspec = el.find_property(key).ok_or("no such property")?;
+    if gst::glib::Value::deserialize(&text, pspec.value_type()).is_err()
+        && pspec.value_type() != gst::glib::Type::STRING
+    {
+        return Err(format!(
+            "'{text}' is not a valid value for property '{key}'"
+        ));
+    }
+    el.set_property_from_str(key, &text);
+    Ok(())
+}
+
+fn ghost(unit: &gst::Bin, first: &gst::Element, last: &gst::Element) -> Result<(), String> {
+    let sink = gst::GhostPad::builder_with_target(&first.static_pad("sink").ok_or("no sink pad")?)
+        .map_err(|e| e.to_string())?
+        .name("sink")
+        .build();
+    let src = gst::GhostPad::builder_with_target(&last.static_pad("src").ok_or("no src pad")?)
+        .map_err(|e| e.to_string())?
+        .name("src")
+        .build();
+    unit.add_pad(&sink).map_err(|e| e.to_string())?;
+    unit.add_pad(&src).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Loads `ai` in a scratch pipeline (READY → PAUSED runs `start()`, which loads the model),
+/// then takes it out again; the error message says why a load failed.
+fn check_loads(ai: &gst::Element) -> Result<(), String> {
+    let scratch = gst::Pipeline::new();
+    scratch.add(ai).map_err(|e| e.to_string())?;
+    let res = ai.set_state(gst::State::Paused);
+    let err = res.is_err().then(|| {
+        scratch
+            .bus()
+            .and_then(|b| b.pop_filtered(&[gst::MessageType::Error]))
+            .and_then(|m| match m.view() {
+                gst::MessageView::Error(e) => Some(e.error().to_string()),
+                _ => None,
+            })
+            .unwrap_or_else(|| "the pipeline could not start".into())
+    });
+    let _ = ai.set_state(gst::State::Null);
+    let _ = scratch.remove(ai);
+    match err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+impl Stage {
+    pub(super) fn new(def: &StageDef, cfg: &Config, params: &Value) -> Result<Arc<Stage>, String> {
+        let providers = def.providers_in_order();
+        let mut failures = Vec::new();
+        let mut pending = Vec::new();
+        let mut chosen = None;
+        for (i, p) in providers.iter().enumerate() {
+            match make_unit(def, p, cfg, params) {
+                Ok(u) => {
+                    chosen = Some((i, u));
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("stage '{}': provider {} failed: {e}", def.id, p.describe());
+                    if let Some(next) = providers.get(i + 1) {
+                        pending.push(json!({
+                            "type": "stage_failover", "stage": def.id,
+                            "from": p.describe(), "to": next.describe(), "reason": e,
+                        }));
+                    }
+                    failures.push(format!("{}: {e}", p.describe()));
+                }
+            }
+        }
+        let Some((index, (unit, ai))) = chosen else {
+            return Err(format!(
+                "stage '{}': no provider could start ({})",
+                def.id,
+                failures.join("; ")
+            ));
+        };
+        let kind = if ai.is_some() {
+            StageKind::Pipeline
+        } else {
+            StageKind::Element
+        };
+        let bin = gst::Bin::with_name(&format!("stage-{}", def.id));
+        let queue = make("queue", None)?;
+        queue.set_property("max-size-buffers", 3u32);
+        queue.set_property("max-size-bytes", 0u32);
+        queue.set_property("max-size-time", 0u64);
+        bin.add_many([queue.upcast_ref::<gst::Element>(), unit.upcast_ref()])
+            .map_err(|e| e.to_string())?;
+        queue.link(&unit).map_err(|e| e.to_string())?;
+        let sink = gst::GhostPad::builder_with_target(
+            &queue.static_pad("sink").ok_or("queue without sink")?,
+        )
+        .map_err(|e| e.to_string())?
+        .name("sink")
+        .build();
+        let src =
+            gst::GhostPad::builder_with_target(&unit.static_pad("src").ok_or("unit without src")?)
+                .map_err(|e| e.to_string())?
+                .name("src")
+                .build();
+        bin.add_pad(&sink).map_err(|e| e.to_string())?;
+        bin.add_pad(&src).map_err(|e| e.to_string())?;
+        let now = Instant::now();
+        let stage = Arc::new(Stage {
+            def: def.clone(),
+            kind,
+            cfg: cfg.clone(),
+            providers,
+            bin,
+            queue,
+            stream_params: Mutex::new(params.clone()),
+            inner: Mutex::new(Inner {
+                provider: index,
+                unit,
+                ai: ai.clone(),
+                failed: false,
+                bypassed: false,
+                running: false,
+                switching: false,
+                frames_in: 0,
+                frames_out: 0,
+                window_start: now,
+                window_frames: 0,
+                fps: 0.0,
+                latency_ms: None,
+                base_misses: 0,
+                base_errors: 0,
+                misses: 0,
+                errors: 0,
+                last_error: failures.last().cloned(),
+                last_ai: (0, 0),
+                fail_streak: 0,
+                last_stats_post: now,
+                pending,
+            }),
+        });
+        if let Some(ai) = &ai {
+            stage.watch_ai(ai);
+        }
+        stage.install_probes(&sink, &src);
+        Ok(stage)
+    }
+
+    pub(super) fn bin(&self) -> &gst::Bin {
+        &self.bin
+    }
+
+    #[allow(dead_code)] // used by tests and for diagnostics
+    pub(super) fn kind(&self) -> StageKind {
+        self.kind
+    }
+
+    fn install_probes(self: &Arc<Self>, sink: &gst::GhostPad, src: &gst::GhostPad) {
+        let weak = Arc::downgrade(self);
+        sink.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+            if let Some(s) = weak.upgrade() {
+                s.inner.lock().unwrap().frames_in += 1;
+            }
+            gst::PadProbeReturn::Ok
+        });
+        let weak = Arc::downgrade(self);
+        src.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+            if let Some(s) = weak.upgrade() {
+                s.on_output();
+            }
+            gst::PadProbeReturn::Ok
+        });
+    }
+
+    fn on_output(&self) {
+        let mut events = Vec::new();
+        {
+            let mut i = self.inner.lock().unwrap();
+            i.frames_out += 1;
+            i.window_frames += 1;
+            let now = Instant::now();
+            let span = now.duration_since(i.window_start);
+            if span >= STATS_PERIOD {
+                i.fps = i.window_frames as f64 / span.as_secs_f64();
+                i.window_frames = 0;
+                i.window_start = now;
+            }
+            if !i.running {
+                i.running = true;
+                events.append(&mut i.pending);
+                events.push(json!({
+                    "type": "stage_start", "stage": self.def.id,
+                    "provider": self.providers.get(i.provider).map(Provider::describe),
+                }));
+            }
+            if now.duration_since(i.last_stats_post) >= STATS_PERIOD {
+                i.last_stats_post = now;
+                drop(i);
+                let mut ev = serde_json::to_value(self.stats()).unwrap_or_default();
+                if let Some(o) = ev.as_object_mut() {
+                    o.insert("type".into(), json!("stage_stats"));
+                    o.insert("stage".into(), json!(self.def.id));
+                }
+                events.push(ev);
+            }
+        }
+        for e in events {
+            post_event(self.bin.upcast_ref(), e);
+        }
+    }
+
+    /// Follows the `aipipeline`'s `stats` (latency, deadline misses, errors) and fails over
+    /// when it keeps failing.
+    fn watch_ai(self: &Arc<Self>, ai: &gst::Element) {
+        let weak: Weak<Stage> = Arc::downgrade(self);
+        ai.connect_notify(Some("stats"), move |ai, _| {
+            let Some(stage) = weak.upgrade() else { return };
+            let s = ai.property::<gst::Structure>("stats");
+            stage.on_ai_stats(ai, &s);
+        });
+    }
+
+    fn on_ai_stats(self: &Arc<Self>, ai: &gst::Element, s: &gst::StructureRef) {
+        let get = |k: &str| s.get::<u64>(k).unwrap_or(0);
+        let errors = get("errors");
+        let out = get("frames-out");
+        let misses = get("late-frames-passed");
+        let fail_over = {
+            let mut i = self.inner.lock().unwrap();
+            if i.ai.as_ref() != Some(ai) {
+                return;
+            }
+            if let Ok(p50) = s.get::<f64>("inference-latency-p50-ms")
+                && p50 > 0.0
+            {
+                i.latency_ms = Some(p50);
+            }
+            i.misses = i.base_misses + misses;
+            i.errors = i.base_errors + errors;
+            let (last_err, last_out) = i.last_ai;
+            if errors > last_err && out == last_out {
+                i.fail_streak += 1;
+            } else if out > last_out {
+                i.fail_streak = 0;
+            }
+            i.last_ai = (errors, out);
+            let can = i.provider + 1 < self.providers.len() && !i.switching;
+            if i.fail_streak >= FAIL_STREAK && can {
+                i.switching = true;
+                i.last_error = Some(format!(
+                    "{} failed on {} frames in a row",
+                    self.providers
+                        .get(i.provider)
+                        .map(Provider::describe)
+                        .unwrap_or_default(),
+                    errors - last_err
+                ));
+                true
+            } else {
+                false
+            }
+        };
+        if fail_over {
+            // Not on the element's own thread: replacing it joins that thread.
+            let stage = self.clone();
+            let _ = std::thread::Builder::new()
+                .name("stage-failover".into())
+                .spawn(move || stage.fail_over("it keeps failing on frames"));
+        }
+    }
+
+    /// Replaces the unit in service by the next provider that loads, while running: the queue
+    /// is blocked, the old unit taken out, the new one linked in and synced with the stage.
+    fn fail_over(self: &Arc<Self>, reason: &str) {
+        let (from_index, old) = {
+            let i = self.inner.lock().unwrap();
+            (i.provider, i.unit.clone())
+        };
+        let from = self
+            .providers
+            .get(from_index)
+            .map(Provider::describe)
+            .unwrap_or_default();
+        post_event(
+            self.bin.upcast_ref(),
+            json!({"type": "stage_error", "stage": self.def.id, "provider": from, "error": reason}),
+        );
+        let params = self.stream_params.lock().unwrap().clone();
+        let mut next = from_index + 1;
+        let (index, unit, ai) = loop {
+            let Some(p) = self.providers.get(next) else {
+                let mut i = self.inner.lock().unwrap();
+                i.switching = false;
+                i.last_error = Some(format!("{reason}; no provider left"));
+                return;
+            };
+            match make_unit(&self.def, p, &self.cfg, &params) {
+                Ok((u, a)) => break (next, u, a),
+                Err(e) => {
+                    tracing::warn!(
+                        "stage '{}': provider {} failed: {e}",
+                        self.def.id,
+                        p.describe()
+                    );
+                    next += 1;
+                }
+            }
+        };
+        let to = self
+            .providers
+            .get(index)
+            .map(Provider::describe)
+            .unwrap_or_default();
+        let Some(qsrc) = self.queue.static_pad("src") else {
+            return;
+        };
+        // Block the queue's output (wait for it when frames flow), then swap.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let probe = qsrc.add_probe(gst::PadProbeType::BLOCK_DOWNSTREAM, move |_, _| {
+            let _ = tx.try_send(());
+            gst::PadProbeReturn::Ok
+        });
+        let _ = rx.recv_timeout(Duration::from_secs(2));
+        let _ = old.set_state(gst::State::Null);
+        self.queue.unlink(&old);
+        let _ = self.bin.remove(&old);
+        let swapped = (|| -> Result<(), String> {
+            self.bin.add(&unit).map_err(|e| e.to_string())?;
+            self.queue.link(&unit).map_err(|e| e.to_string())?;
+            let src = self
+                .bin
+                .static_pad("src")
+                .and_then(|p| p.downcast::<gst::GhostPad>().ok())
+                .ok_or("stage without ghost src")?;
+            src.set_target(unit.static_pad("src").as_ref())
+                .map_err(|e| e.to_string())?;
+            unit.sync_state_with_parent().map_err(|e| e.to_string())?;
+            Ok(())
+        })();
+        {
+            let mut i = self.inner.lock().unwrap();
+            i.switching = false;
+            i.base_misses = i.misses;
+            i.base_errors = i.errors;
+            i.last_ai = (0, 0);
+            i.fail_streak = 0;
+            match &swapped {
+                Ok(()) => {
+                    i.provider = index;
+                    i.unit = unit.clone();
+                    i.ai = ai.clone();
+                }
+                Err(e) => {
+                    i.failed = true;
+                    i.last_error = Some(format!("failover to {to} failed: {e}"));
+                }
+            }
+        }
+        if let Some(ai) = &ai {
+            self.watch_ai(ai);
+        }
+        if let Some(p) = probe {
+            qsrc.remove_probe(p);
+        }
+        post_event(
+            self.bin.upcast_ref(),
+            json!({"type": "stage_failover", "stage": self.def.id, "from": from, "to": to,
+                   "reason": reason, "ok": swapped.is_ok()}),
+        );
+    }
+
+    pub(super) fn set_bypassed(&self, bypassed: bool) {
+        self.inner.lock().unwrap().bypassed = bypassed;
+    }
+
+    /// Hands the stage its params from new stream params (pipeline stages only; an element
+    /// stage's params are its properties, fixed at build).
+    pub(super) fn set_stream_params(&self, params: &Value) {
+        let old = std::mem::replace(&mut *self.stream_params.lock().unwrap(), params.clone());
+        let (new_p, old_p) = (
+            merged_params(&self.def, params),
+            merged_params(&self.def, &old),
+        );
+        if new_p == old_p {
+            return;
+        }
+        let ai = self.inner.lock().unwrap().ai.clone();
+        if let Some(ai) = ai {
+            ai.set_property("params", new_p.to_string());
+        }
+    }
+
+    pub(super) fn stats(&self) -> StageStats {
+        let i = self.inner.lock().unwrap();
+        let state = if i.failed {
+            "failed"
+        } else if i.bypassed {
+            "bypassed"
+        } else if i.running {
+            "running"
+        } else {
+            "starting"
+        };
+        // A window that saw no frame for a while reads 0 fps.
+        let fps = if i.window_start.elapsed() > 2 * STATS_PERIOD {
+            0.0
+        } else {
+            i.fps
+        };
+        StageStats {
+            id: self.def.id.clone(),
+            state: state.into(),
+            provider: self
+                .providers
+                .get(i.provider)
+                .map(Provider::describe)
+                .unwrap_or_default(),
+            fps,
+            latency_ms: i.latency_ms,
+            frames_in: i.frames_in,
+            frames_out: i.frames_out,
+            deadline_misses: i.misses,
+            errors: i.errors,
+            last_error: i.last_error.clone(),
+        }
+    }
+}
