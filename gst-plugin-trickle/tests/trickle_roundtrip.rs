@@ -276,3 +276,109 @@ fn each_frame_is_decoded_without_waiting_for_the_next_one() {
     stop(&publ);
     stop(&sub);
 }
+
+/// A 512×512 I420 frame stamped with `n` whose picture below the stamp is fresh noise, so that
+/// x264 writes a large access unit every frame (well over 64 KiB: a PES that big has no
+/// PES_packet_length, so the demuxer cannot tell its end from its length).
+fn noisy_stamped_i420(n: u32) -> Vec<u8> {
+    const S: usize = 512;
+    let mut frame = stamped_i420(n, S, S);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(n).wrapping_mul(0x2545_f491_4f6c_dd1d);
+    let stamp_rows = S / STAMP_BITS as usize + 2;
+    for px in &mut frame[stamp_rows * S..S * S] {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *px = 32 + (x % 192) as u8;
+    }
+    frame
+}
+
+/// Issue 11: every access unit is released as soon as it is complete, even when the next one
+/// is late. The publisher sends one large frame and then sends nothing more until the reader
+/// has decoded it (a publisher that stalls after each frame); one frame is followed by a real
+/// 2 s pause. Frames cross several segment boundaries (a segment every 300 ms of PTS). The
+/// reader must get every frame, in order, with its PTS, within 1.5 s while the publisher waits.
+#[test]
+fn large_frames_are_released_when_complete_even_when_the_next_is_late() {
+    init();
+    const S: usize = 512;
+    // Generous: far above any decode time, far below the 2 s pause.
+    let bound = gst::ClockTime::from_mseconds(1500);
+    let server = TestServer::start();
+    let url = server.channel("late");
+    let sub = pipeline(&format!(
+        "tricklesrc url={url} start-seq=0 do-timestamp=false ! videoconvert ! video/x-raw,format=I420 \
+         ! appsink name=out sync=false"
+    ));
+    let out = appsink(&sub, "out");
+    sub.set_state(gst::State::Playing).unwrap();
+    let publ = pipeline(&format!(
+        "appsrc name=in format=time caps=video/x-raw,format=I420,width={S},height={S},framerate=30/1 \
+         ! tricklesink name=sink url={url} min-segment-duration=300000000 idr-interval=300000000 \
+           bitrate=40000"
+    ));
+    let src = publ
+        .by_name("in")
+        .unwrap()
+        .downcast::<gst_app::AppSrc>()
+        .unwrap();
+    publ.set_state(gst::State::Playing).unwrap();
+
+    let frames = 24u32;
+    let mut pts = Vec::new();
+    for n in 0..frames {
+        let data = noisy_stamped_i420(n);
+        let mut buf = gst::Buffer::from_mut_slice(data);
+        {
+            let b = buf.get_mut().unwrap();
+            b.set_pts(gst::ClockTime::from_nseconds(
+                u64::from(n) * 1_000_000_000 / 30,
+            ));
+            b.set_duration(gst::ClockTime::from_nseconds(1_000_000_000 / 30));
+        }
+        src.push_buffer(buf).unwrap();
+        // The first frame waits for the pipelines to start (x264, first GET); every later one
+        // must come out while the publisher holds the next frame back.
+        let wait = if n == 0 {
+            gst::ClockTime::from_seconds(TIMEOUT.as_secs())
+        } else {
+            bound
+        };
+        let sample = out.try_pull_sample(wait).unwrap_or_else(|| {
+            panic!("frame {n} was not released within {wait} while the publisher waited")
+        });
+        assert_eq!(sample_stamp(&sample), n, "frame lost, reordered or damaged");
+        pts.push(sample.buffer().unwrap().pts().unwrap());
+        if n == 10 {
+            // A real pause: nothing more is published for 2 s; frame 10 is already out.
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            assert!(
+                out.try_pull_sample(gst::ClockTime::ZERO).is_none(),
+                "a frame came out that was never published"
+            );
+        }
+    }
+    // PTS preserved: the input's own 1/30 s steps from the first frame, across segments.
+    for (n, p) in pts.iter().enumerate() {
+        let want = pts[0].nseconds() + n as u64 * 1_000_000_000 / 30;
+        assert!(
+            (p.nseconds() as i64 - want as i64).abs() <= 100_000,
+            "frame {n}: PTS {p}, expected {}",
+            gst::ClockTime::from_nseconds(want)
+        );
+    }
+    // The frames really were large (the case the test is about) and crossed segments.
+    let stats = publ
+        .by_name("sink")
+        .unwrap()
+        .property::<gst::Structure>("stats");
+    let bytes = stats.get::<u64>("bytes").unwrap();
+    assert!(
+        bytes / u64::from(frames) > 65_535,
+        "frames too small for the test: {stats}"
+    );
+    assert!(stats.get::<u64>("segments").unwrap() >= 2, "{stats}");
+    stop(&publ);
+    stop(&sub);
+}

@@ -48,6 +48,7 @@ mod imp {
     use super::first_bad_packet;
     use crate::protocol::client::{ClientError, SubscribedSegment, Subscriber, SubscriberConfig};
     use crate::runtime::{self, Canceller, WaitError};
+    use crate::tricklesrc::delimit::AuDelimiter;
     use crate::tricklesrc::imp::{Settings, Shared};
 
     static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
@@ -73,7 +74,13 @@ mod imp {
         discont: bool,
         /// A segment has been received.
         received: bool,
+        /// Decode mode with `au-per-pes`: releases each access unit when complete.
+        delimiter: Option<AuDelimiter>,
     }
+
+    /// How long an access unit whose end cannot be seen in the bytes (it ends exactly on a
+    /// packet boundary) may wait for more bytes before it is taken as complete.
+    const QUIET_END: std::time::Duration = std::time::Duration::from_millis(200);
 
     #[derive(Default)]
     pub struct TrickleByteSrc {
@@ -152,6 +159,9 @@ mod imp {
             };
             if cursor.bytes == 0 || corrupt {
                 running.discont = true;
+                if let Some(d) = running.delimiter.as_mut() {
+                    d.discont();
+                }
             }
             gst::debug!(
                 CAT,
@@ -260,6 +270,9 @@ mod imp {
                                     running.url
                                 );
                                 running.discont = true;
+                                if let Some(d) = running.delimiter.as_mut() {
+                                    d.discont();
+                                }
                                 if let Some(shared) = self.shared() {
                                     shared.stats.lock().unwrap().resyncs += 1;
                                 }
@@ -279,9 +292,30 @@ mod imp {
                 let Some(cursor) = running.segment.as_mut() else {
                     continue;
                 };
-                let chunk = runtime::block_on(&self.canceller, None, cursor.segment.chunk());
+                // An access unit that may be complete waits only a short while for more bytes.
+                let wait = running
+                    .delimiter
+                    .as_ref()
+                    .filter(|d| d.unknown_end())
+                    .map(|_| QUIET_END);
+                let chunk = runtime::block_on(&self.canceller, wait, cursor.segment.chunk());
                 match chunk {
                     Err(WaitError::Cancelled) => return Err(gst::FlowError::Flushing),
+                    Err(WaitError::Timeout) => {
+                        let ends = running
+                            .delimiter
+                            .as_mut()
+                            .map(AuDelimiter::terminate_open)
+                            .unwrap_or_default();
+                        if !ends.is_empty() {
+                            gst::log!(
+                                CAT,
+                                imp = self,
+                                "no bytes for {QUIET_END:?}: access unit released"
+                            );
+                            return Ok(gst::Buffer::from_mut_slice(ends));
+                        }
+                    }
                     Err(other) => {
                         gst::element_imp_error!(
                             self,
@@ -312,7 +346,16 @@ mod imp {
                         if let Some(shared) = self.shared() {
                             shared.stats.lock().unwrap().bytes += len;
                         }
-                        let mut buffer = gst::Buffer::from_slice(bytes);
+                        let mut buffer = match running.delimiter.as_mut() {
+                            Some(d) => {
+                                let out = d.push(&bytes);
+                                if out.is_empty() {
+                                    continue;
+                                }
+                                gst::Buffer::from_mut_slice(out)
+                            }
+                            None => gst::Buffer::from_slice(bytes),
+                        };
                         if std::mem::take(&mut running.discont) {
                             buffer
                                 .get_mut()
@@ -325,7 +368,18 @@ mod imp {
                         gst::trace!(CAT, imp = self, "chunk of {len} bytes");
                         return Ok(buffer);
                     }
-                    Ok(Ok(None)) => self.end_segment(running, false),
+                    Ok(Ok(None)) => {
+                        self.end_segment(running, false);
+                        // A segment ends between access units: one still open is complete.
+                        let ends = running
+                            .delimiter
+                            .as_mut()
+                            .map(AuDelimiter::terminate_open)
+                            .unwrap_or_default();
+                        if !ends.is_empty() {
+                            return Ok(gst::Buffer::from_mut_slice(ends));
+                        }
+                    }
                     Ok(Err(ClientError::Closed)) => {
                         self.end_segment(running, false);
                         gst::info!(CAT, imp = self, "{} was closed: EOS", running.url);
@@ -402,6 +456,9 @@ mod imp {
                 segment: None,
                 discont: true,
                 received: false,
+                delimiter: (settings.mode == crate::tricklesrc::TrickleSrcMode::Decode
+                    && settings.au_per_pes)
+                    .then(AuDelimiter::default),
             });
             Ok(())
         }

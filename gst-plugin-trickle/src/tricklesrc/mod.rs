@@ -12,7 +12,10 @@
 //!   `audio_%u`, the way `uridecodebin` exposes them. With `au-per-pes=true` (default) the
 //!   H.264 from tsdemux is marked `alignment=au`, so h264parse passes each frame on at once
 //!   instead of holding it until the next frame begins (one frame interval saved; right when
-//!   each PES is one access unit, as tricklesink, ffmpeg and go-livepeer write them).
+//!   each PES is one access unit, as tricklesink, ffmpeg and go-livepeer write them). A video
+//!   PES of 64 KiB or more has no length, so tsdemux would hold it until the next PES begins;
+//!   the byte source ends each such PES as soon as its last packet arrives (`delimit.rs`), so a
+//!   frame is never held back waiting for the next one (a paused publisher, a segment's end).
 //! - `mode=bytes`: the MPEG-TS byte stream comes out unchanged on the "sometimes" pad `src`
 //!   (added when the element goes to READY).
 //!
@@ -38,6 +41,7 @@ use gst::glib;
 use gst::prelude::*;
 
 mod bytesrc;
+mod delimit;
 mod imp;
 
 /// What `tricklesrc` outputs.
