@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MPL-2.0
 use super::*;
+use crate::config::Config;
 use serde_json::json;
 
 #[test]
@@ -23,4 +24,137 @@ fn parse_forms() {
     // Round trip through serde (templates).
     let back: GraphDef = serde_json::from_value(serde_json::to_value(&g).unwrap()).unwrap();
     assert_eq!(back, g);
+}
+
+fn cfg() -> Config {
+    crate::init_gstreamer().unwrap();
+    let mut c = Config::from_env().unwrap();
+    c.pipelines_dir = Some(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../gst-plugin-aipipeline/testdata/pipelines"),
+    );
+    c
+}
+
+/// Parses and validates; returns the error message.
+fn error(def: Value) -> String {
+    match parse(&def) {
+        Err(e) => e.to_string(),
+        Ok(g) => validate(&g, &cfg())
+            .err()
+            .unwrap_or_else(|| panic!("{def} is valid"))
+            .to_string(),
+    }
+}
+
+#[test]
+fn validation_messages_name_the_stage() {
+    let cases = [
+        (json!(42), "expected a pipeline name"),
+        (json!([]), "no stages"),
+        (
+            json!({"stages": [{"id": "a"}]}),
+            "stage 0 ('a'): a stage needs",
+        ),
+        (
+            json!({"stages": [{"id": "a", "pipeline": "gain", "colour": 1}]}),
+            "stage 0 ('a'): unknown key 'colour'",
+        ),
+        (
+            json!({"stages": [{"id": "a", "pipeline": "gain"}, {"id": "a", "pipeline": "invert"}]}),
+            "stage 'a' is defined twice",
+        ),
+        (
+            json!({"stages": [{"id": "a", "pipeline": "gain", "inputs": ["nope"]}]}),
+            "stage 'a' takes its input from 'nope'",
+        ),
+        (
+            json!({"stages": [
+                {"id": "a", "pipeline": "gain", "inputs": ["b"]},
+                {"id": "b", "pipeline": "invert", "inputs": ["a"]},
+            ]}),
+            "cycle: a → b → a",
+        ),
+        (
+            json!(["gain", {"id": "x", "pipeline": "nosuchmodel"}]),
+            "stage 'x': unknown pipeline 'nosuchmodel' (known pipelines: noop, torchscript,",
+        ),
+        (
+            json!([{"id": "fx", "element": "nosuchelement"}]),
+            "stage 'fx': unknown element 'nosuchelement'",
+        ),
+        (
+            json!([{"id": "src", "element": "videotestsrc"}]),
+            "stage 'src': element 'videotestsrc' is not a filter",
+        ),
+        (
+            json!(["gain", {"id": "aud", "element": "audioconvert"}]),
+            "stage 'aud' cannot take the output of 'gain'",
+        ),
+        (
+            json!([{"id": "g", "pipeline": "gain", "when": "params.x ==="}]),
+            "stage 'g': invalid condition 'params.x ==='",
+        ),
+        (
+            json!([{"id": "g", "pipeline": "gain", "params": {"gain": "loud"}}]),
+            "stage 'g': params for pipeline 'gain'",
+        ),
+        (
+            json!([{"id": "g", "pipeline": "gain", "deadline_ms": -3}]),
+            "stage 0 ('g'): \"deadline_ms\" must be a positive integer",
+        ),
+        (
+            json!([{"id": "g", "providers": ["gain", {"pipeline": "invert", "device": "tpu"}]}]),
+            "stage 'g': unknown device 'tpu'",
+        ),
+        (
+            json!([{"id": "f", "element": "videoflip", "params": {"nosuch": 1}}]),
+            "stage 'f': element 'videoflip' has no property 'nosuch'",
+        ),
+        (
+            json!([{"id": "input", "pipeline": "gain"}]),
+            "stage 'input': \"input\" is reserved",
+        ),
+    ];
+    for (def, want) in cases {
+        let got = error(def.clone());
+        assert!(got.contains(want), "{def}: got {got:?}, want {want:?}");
+    }
+    assert!(
+        parse_yaml("stages: [")
+            .unwrap_err()
+            .to_string()
+            .contains("not valid YAML"),
+        "bad YAML"
+    );
+}
+
+#[test]
+fn valid_graphs_validate() {
+    let c = cfg();
+    for def in [
+        json!("gain"),
+        json!(["gain", "invert"]),
+        json!([{"id": "flip", "element": "videoflip", "params": {"method": "horizontal-flip"}}, "invert"]),
+        json!({"stages": [
+            {"id": "a", "pipeline": "gain"},
+            {"id": "b", "pipeline": "invert", "inputs": ["input"], "when": "params.b"},
+            {"id": "c", "pipeline": "noop", "inputs": ["a", "b"], "deadline_ms": 50},
+        ]}),
+    ] {
+        let g = parse(&def).unwrap();
+        validate(&g, &c).unwrap_or_else(|e| panic!("{def}: {e}"));
+    }
+}
+
+#[test]
+fn parse_str_forms() {
+    assert_eq!(parse_str("noop").unwrap().single_pipeline(), Some("noop"));
+    assert_eq!(parse_str(r#"["gain","invert"]"#).unwrap().stages.len(), 2);
+    assert!(
+        parse_str("[oops")
+            .unwrap_err()
+            .to_string()
+            .contains("not valid JSON")
+    );
 }
