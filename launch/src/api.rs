@@ -80,6 +80,9 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/api/preview/input.jpg", get(preview_input))
         .route("/api/preview/output.jpg", get(preview_output))
         .route("/", get(dashboard))
+        .merge(crate::templates::routes())
+        .merge(crate::jobs::routes())
+        .merge(crate::feed::routes())
         .with_state(daemon)
 }
 

@@ -37,6 +37,23 @@ pub struct Config {
     pub state_file: PathBuf,
     /// Verify TLS certificates on trickle URLs (off in runner mode, as the runner).
     pub tls_verify: bool,
+    /// `RIVULET_ISOLATION=process` (default): inference runs in a child process (this
+    /// executable with the `aipipeline-child` argument), restarted on a crash or hang;
+    /// `none`: in the daemon's own process.
+    pub isolation: bool,
+    /// Where pipeline templates are kept (`RIVULET_DATA_DIR`, else `$XDG_DATA_HOME/rivulet`,
+    /// else `~/.local/share/rivulet`, else `./data`).
+    pub data_dir: PathBuf,
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(d) = env("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("rivulet");
+    }
+    match env("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/share/rivulet"),
+        None => PathBuf::from("data"),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +146,20 @@ impl Config {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| std::env::temp_dir().join("rivulet_last_start.json")),
             tls_verify: env("RIVULET_TLS_VERIFY").is_some_and(|v| v == "1"),
+            isolation: match env("RIVULET_ISOLATION").as_deref() {
+                None | Some("process") => true,
+                Some("none") => false,
+                Some(v) => {
+                    return Err(ConfigError::Invalid {
+                        name: "RIVULET_ISOLATION",
+                        value: v.into(),
+                        reason: "expected process or none".into(),
+                    });
+                }
+            },
+            data_dir: env("RIVULET_DATA_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(default_data_dir),
         })
     }
 }

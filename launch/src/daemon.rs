@@ -88,6 +88,12 @@ pub struct Daemon {
     pub config: Arc<Config>,
     pub(crate) core: Mutex<Core>,
     stream: tokio::sync::Mutex<Option<StreamHandle>>,
+    /// Pipeline templates (`/v1/pipelines`), kept in `config.data_dir`.
+    pub templates: Arc<crate::templates::Templates>,
+    /// The realtime feed (`/v1/events`): job progress, stage events.
+    pub feed: crate::feed::Feed,
+    /// File jobs (`/v1/jobs`).
+    pub jobs: crate::jobs::Jobs,
 }
 
 impl Daemon {
@@ -126,6 +132,9 @@ impl Daemon {
                 preview_input: None,
                 preview_output: None,
             }),
+            templates: Arc::new(crate::templates::Templates::open(&config.data_dir)),
+            feed: crate::feed::Feed::new(),
+            jobs: crate::jobs::Jobs::default(),
             config: Arc::new(config),
             stream: tokio::sync::Mutex::new(None),
         })

@@ -4,16 +4,20 @@
 //! (`status`) and the params hash (`pyjson`). The `rivulet` binary wires them together.
 
 pub mod api;
+pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod feed;
 pub mod graph;
 pub mod health;
+pub mod jobs;
 pub mod nvml;
 pub mod pyjson;
 pub mod serve;
 pub mod status;
 pub mod stream;
+pub mod templates;
 
 /// Initialises GStreamer and registers Rivulet's plugins statically (never via GST_PLUGIN_PATH).
 pub fn init_gstreamer() -> Result<(), gst::glib::Error> {

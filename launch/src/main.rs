@@ -54,6 +54,35 @@ enum Command {
         #[arg(long, default_value_t = 8000)]
         port: u16,
     },
+    /// Check that a pipeline or element follows the Rivulet element contract (params JSON
+    /// property, full replacement, loading/online events, raw video caps, bad params rejected).
+    /// Prints a pass/fail table; exits non-zero when a check fails.
+    CheckPipeline {
+        /// An aipipeline pipeline name (noop, torchscript, a manifest in RIVULET_PIPELINES) or
+        /// a GStreamer element name (found through the registry and GST_PLUGIN_PATH).
+        name: String,
+        /// Treat NAME as an element even if a pipeline has that name.
+        #[arg(long)]
+        element: bool,
+        /// Bound on each wait (first frame, a change taking effect), in seconds.
+        #[arg(long, default_value_t = 20)]
+        timeout_s: u64,
+    },
+    /// Run a local video file through a pipeline (or a saved template) as fast as it can go,
+    /// with a progress bar on stderr and a summary; exits non-zero if the job fails.
+    Process {
+        /// Input video file (anything GStreamer's decodebin reads).
+        input: PathBuf,
+        /// Output file: .ts, .mkv or .mp4 (H.264).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// A pipeline name or a template id (templates from RIVULET_DATA_DIR).
+        #[arg(long, default_value = "noop")]
+        pipeline: String,
+        /// Stream params as a JSON object.
+        #[arg(long)]
+        params: Option<String>,
+    },
 }
 
 fn init_tracing() {
@@ -80,10 +109,81 @@ fn load_params(params: Option<String>, file: Option<PathBuf>) -> anyhow::Result<
     Ok(v)
 }
 
+/// `rivulet process`: one file job on this thread, a progress bar on stderr, the summary on
+/// stdout. Returns whether the job succeeded.
+fn process(
+    input: &std::path::Path,
+    output: &std::path::Path,
+    pipeline: &str,
+    params: Option<&str>,
+) -> anyhow::Result<bool> {
+    use rivulet::jobs::{JobSpec, JobStatus};
+    use std::io::Write;
+    let config = Config::from_env()?;
+    let params = match params {
+        Some(p) => serde_json::from_str(p)
+            .map_err(|e| anyhow::anyhow!("params are not valid JSON: {e}"))?,
+        None => serde_json::json!({}),
+    };
+    let spec = JobSpec {
+        input: input.to_owned(),
+        output: output.to_owned(),
+        pipeline: pipeline.to_owned(),
+        params,
+    };
+    let templates = rivulet::templates::Templates::open(&config.data_dir);
+    let graph =
+        rivulet::jobs::prepare(&spec, &templates, &config).map_err(|e| anyhow::anyhow!(e))?;
+    let status = std::sync::Mutex::new(JobStatus::new("cli", &spec, &graph));
+    let on_update = |s: &JobStatus| {
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "\r{}", s.progress_line());
+        let _ = err.flush();
+    };
+    rivulet::jobs::run(&spec, &graph, &config, &status, &on_update, &|_| {});
+    eprintln!();
+    let s = status.lock().unwrap();
+    print!("{}", s.summary());
+    Ok(s.state == rivulet::jobs::JobState::Done)
+}
+
 fn main() -> anyhow::Result<()> {
+    // The inference child of `aipipeline isolation=process` (the daemon points the element's
+    // child-path at this executable): not a user command.
+    if std::env::args().nth(1).as_deref() == Some(gstaipipeline::child::SUBCOMMAND) {
+        std::process::exit(gstaipipeline::child::run());
+    }
     let cli = Cli::parse();
     init_tracing();
     rivulet::init_gstreamer()?;
+    if let Command::CheckPipeline {
+        name,
+        element,
+        timeout_s,
+    } = &cli.command
+    {
+        let config = Config::from_env()?;
+        let target = rivulet::check::resolve(name, *element, config.pipelines_dir.as_deref())
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let report = rivulet::check::run(&rivulet::check::Options {
+            target,
+            pipelines_dir: config.pipelines_dir.clone(),
+            device: config.device.clone(),
+            timeout: std::time::Duration::from_secs(*timeout_s),
+        });
+        print!("{}", report.table());
+        std::process::exit(if report.passed() { 0 } else { 1 });
+    }
+    if let Command::Process {
+        input,
+        output,
+        pipeline,
+        params,
+    } = &cli.command
+    {
+        let ok = process(input, output, pipeline, params.as_deref())?;
+        std::process::exit(if ok { 0 } else { 1 });
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -137,6 +237,9 @@ fn main() -> anyhow::Result<()> {
                 }
                 config.port = port;
                 rivulet::demo::run(config, seconds, &output).await
+            }
+            Command::CheckPipeline { .. } | Command::Process { .. } => {
+                unreachable!("handled before the runtime starts")
             }
         }
     })

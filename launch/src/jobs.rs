@@ -1,0 +1,780 @@
+// SPDX-License-Identifier: MPL-2.0
+//! File jobs: a local video file through a pipeline graph as fast as it can go, not paced to
+//! real time, to an encoded file (`rivulet process`, `POST /v1/jobs`).
+//!
+//! ```text
+//! filesrc ! decodebin ─video─► videoconvert ! STAGE ! videoconvert ! queue ! x264enc ! h264parse ! MUX ! filesink
+//!                     └other─► fakesink
+//! ```
+//!
+//! STAGE is `aipipeline` when the definition is one plain pipeline, else the stage graph's bin.
+//! `aipipeline` replaces a waiting frame by a newer one to keep live latency bounded; a file job
+//! wants every frame, so before each frame enters STAGE a DRAIN query waits until the frame
+//! before it has been taken and processed (the drain stops at the encoder's queue, so encoding
+//! still overlaps inference). Every frame in comes out; the counts are reported.
+//!
+//! MUX follows the output's extension: `.ts` MPEG-TS, `.mkv` Matroska, `.mp4`/`.mov` fragmented
+//! MP4 (each fragment playable, so a failed job's partial output is usable). Audio is not
+//! carried. On failure the partial output is kept and the failing stage is named.
+
+use crate::api::ApiError;
+use crate::config::Config;
+use crate::daemon::Daemon;
+use crate::graph::{self, GraphDef};
+use crate::status::now_secs;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use gst::prelude::*;
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How often progress is sampled (and sent on the feed).
+const PROGRESS_PERIOD: Duration = Duration::from_millis(250);
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub input: PathBuf,
+    pub output: PathBuf,
+    /// The pipeline name or template id, as given.
+    pub pipeline: String,
+    /// Stream params for the graph (as a stream's params).
+    pub params: Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Done,
+    Failed,
+}
+
+/// One stage's figures in a job.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct StageFigures {
+    pub id: String,
+    /// `running`, `done`, `failed`.
+    pub state: String,
+    #[serde(flatten)]
+    pub figures: serde_json::Map<String, Value>,
+}
+
+/// A job's state, as `GET /v1/jobs/{id}` and the `progress` feed events show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobStatus {
+    pub id: String,
+    pub state: JobState,
+    pub input: String,
+    pub output: String,
+    pub pipeline: String,
+    /// 0–100, from the last processed frame's position over the input's duration.
+    pub percent: f64,
+    pub position_s: f64,
+    pub duration_s: Option<f64>,
+    /// Frames into and out of the graph.
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub elapsed_s: f64,
+    pub fps: f64,
+    pub stages: Vec<StageFigures>,
+    pub stages_done: usize,
+    pub error: Option<String>,
+    /// The stage an error came from, when it came from one.
+    pub failed_stage: Option<String>,
+    /// On failure: the partial output is left in place (never deleted).
+    pub output_kept: bool,
+    pub output_bytes: u64,
+    pub created_at: f64,
+}
+
+impl JobStatus {
+    pub fn new(id: &str, spec: &JobSpec, graph: &GraphDef) -> JobStatus {
+        JobStatus {
+            id: id.to_owned(),
+            state: JobState::Queued,
+            input: spec.input.display().to_string(),
+            output: spec.output.display().to_string(),
+            pipeline: spec.pipeline.clone(),
+            percent: 0.0,
+            position_s: 0.0,
+            duration_s: None,
+            frames_in: 0,
+            frames_out: 0,
+            elapsed_s: 0.0,
+            fps: 0.0,
+            stages: graph
+                .stages
+                .iter()
+                .map(|s| StageFigures {
+                    id: s.id.clone(),
+                    state: "queued".into(),
+                    figures: Default::default(),
+                })
+                .collect(),
+            stages_done: 0,
+            error: None,
+            failed_stage: None,
+            output_kept: false,
+            output_bytes: 0,
+            created_at: now_secs(),
+        }
+    }
+
+    /// The one-line progress bar of `rivulet process`.
+    pub fn progress_line(&self) -> String {
+        const WIDTH: usize = 30;
+        let filled = ((self.percent / 100.0) * WIDTH as f64).round() as usize;
+        let filled = filled.min(WIDTH);
+        format!(
+            "[{}{}] {:5.1}% {:.1}/{} s, {} frames, {:.1} fps",
+            "#".repeat(filled),
+            " ".repeat(WIDTH - filled),
+            self.percent,
+            self.position_s,
+            self.duration_s
+                .map(|d| format!("{d:.1}"))
+                .unwrap_or_else(|| "?".into()),
+            self.frames_out,
+            self.fps
+        )
+    }
+
+    /// The summary printed at the end of `rivulet process`.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "{} {} → {} through '{}': {} frames in, {} frames out, {:.2} s, {:.1} fps\n",
+            match self.state {
+                JobState::Done => "done:",
+                JobState::Failed => "FAILED:",
+                _ => "unfinished:",
+            },
+            self.input,
+            self.output,
+            self.pipeline,
+            self.frames_in,
+            self.frames_out,
+            self.elapsed_s,
+            self.fps
+        );
+        for st in &self.stages {
+            let figures: Vec<String> = st.figures.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            s += &format!("  stage {}: {} {}\n", st.id, st.state, figures.join(" "));
+        }
+        if let Some(e) = &self.error {
+            s += &format!(
+                "  error{}: {e}\n",
+                self.failed_stage
+                    .as_deref()
+                    .map(|st| format!(" in stage '{st}'"))
+                    .unwrap_or_default()
+            );
+            s += &format!(
+                "  partial output kept: {} ({} bytes)\n",
+                self.output, self.output_bytes
+            );
+        }
+        s
+    }
+}
+
+/// The muxer for an output path, by extension.
+fn muxer_for(output: &Path) -> Result<gst::Element, String> {
+    let ext = output
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let (factory, fragmented) = match ext.as_str() {
+        "ts" | "m2ts" => ("mpegtsmux", false),
+        "mkv" => ("matroskamux", false),
+        "mp4" | "m4v" | "mov" => ("mp4mux", true),
+        _ => {
+            return Err(format!(
+                "cannot tell the container of {}: use .ts, .mkv or .mp4",
+                output.display()
+            ));
+        }
+    };
+    let mux = make(factory, "mux")?;
+    if fragmented {
+        // Fragmented MP4: what was written before a failure stays playable.
+        mux.set_property("fragment-duration", 1000u32);
+    }
+    Ok(mux)
+}
+
+fn make(factory: &str, name: &str) -> Result<gst::Element, String> {
+    gst::ElementFactory::make(factory)
+        .name(name)
+        .build()
+        .map_err(|_| format!("GStreamer element '{factory}' is missing (install its plugin)"))
+}
+
+/// Checks a job before it is queued: readable input, writable output directory, known
+/// container, and the graph resolved (a template id first, else a pipeline name) and valid.
+pub fn prepare(
+    spec: &JobSpec,
+    templates: &crate::templates::Templates,
+    cfg: &Config,
+) -> Result<GraphDef, String> {
+    std::fs::File::open(&spec.input)
+        .map_err(|e| format!("cannot read input {}: {e}", spec.input.display()))?;
+    let parent = spec
+        .output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(format!(
+            "output directory {} does not exist",
+            parent.display()
+        ));
+    }
+    if spec.output.canonicalize().ok() == spec.input.canonicalize().ok() && spec.output.exists() {
+        return Err("the output must not be the input file".into());
+    }
+    muxer_for(&spec.output)?;
+    if !spec.params.is_object() {
+        return Err("params must be a JSON object".into());
+    }
+    crate::templates::resolve(templates, &spec.pipeline, cfg).map_err(|e| e.to_string())
+}
+
+/// The stage element(s) between the decoder and the encoder.
+enum Stage {
+    Pipeline(gst::Element),
+    Graph(graph::BuiltGraph),
+}
+
+impl Stage {
+    fn element(&self) -> gst::Element {
+        match self {
+            Stage::Pipeline(e) => e.clone(),
+            Stage::Graph(g) => g.bin.clone().upcast(),
+        }
+    }
+}
+
+fn make_stage(graph: &GraphDef, cfg: &Config, params: &Value) -> Result<Stage, String> {
+    if let Some(name) = graph.single_pipeline() {
+        let ai = make("aipipeline", "ai")?;
+        ai.set_property("pipeline", name);
+        ai.set_property_from_str("device", &cfg.device);
+        if let Some(dir) = &cfg.pipelines_dir {
+            ai.set_property("pipelines-dir", dir.to_string_lossy().to_string());
+        }
+        // Frames never wait long here (one at a time), and none may be dropped for age.
+        ai.set_property("max-latency-ms", 0u32);
+        if params.as_object().is_some_and(|o| !o.is_empty()) {
+            ai.set_property("params", params.to_string());
+        }
+        Ok(Stage::Pipeline(ai))
+    } else {
+        graph::build(graph, cfg, params).map(Stage::Graph)
+    }
+}
+
+/// The stage an element belongs to: its own or an ancestor's name `stage-<id>` (the graph's
+/// stage bins), or the single `aipipeline`.
+fn stage_of(src: Option<&gst::Object>, graph: &GraphDef, stage: &gst::Element) -> Option<String> {
+    let mut cur = src.cloned();
+    while let Some(o) = cur {
+        let name = o.name();
+        if let Some(id) = name.strip_prefix("stage-")
+            && graph.stages.iter().any(|s| s.id == id)
+        {
+            return Some(id.to_owned());
+        }
+        if o == *stage.upcast_ref::<gst::Object>() {
+            // The stage element itself (single pipeline).
+            return graph.stages.first().map(|s| s.id.clone());
+        }
+        cur = o.parent();
+    }
+    None
+}
+
+fn structure_to_json(s: &gst::StructureRef) -> serde_json::Map<String, Value> {
+    let mut m = serde_json::Map::new();
+    for (k, v) in s.iter() {
+        let j = if let Ok(x) = v.get::<u64>() {
+            json!(x)
+        } else if let Ok(x) = v.get::<u32>() {
+            json!(x)
+        } else if let Ok(x) = v.get::<f64>() {
+            json!((x * 100.0).round() / 100.0)
+        } else if let Ok(x) = v.get::<String>() {
+            json!(x)
+        } else if let Ok(x) = v.get::<bool>() {
+            json!(x)
+        } else {
+            continue;
+        };
+        m.insert(k.to_string(), j);
+    }
+    m
+}
+
+/// Runs the job to the end on the calling thread (blocking), updating `status` and calling
+/// `on_update` at each progress sample and at the end, and `on_event` for each stage event of
+/// the graph.
+pub fn run(
+    spec: &JobSpec,
+    graph: &GraphDef,
+    cfg: &Config,
+    status: &Mutex<JobStatus>,
+    on_update: &dyn Fn(&JobStatus),
+    on_event: &dyn Fn(Value),
+) {
+    let started = Instant::now();
+    {
+        let mut s = status.lock().unwrap();
+        s.state = JobState::Running;
+        for st in &mut s.stages {
+            st.state = "running".into();
+        }
+    }
+    let result = run_pipeline(spec, graph, cfg, status, on_update, on_event, started);
+    let mut s = status.lock().unwrap();
+    s.elapsed_s = started.elapsed().as_secs_f64();
+    s.fps = if s.elapsed_s > 0.0 {
+        s.frames_out as f64 / s.elapsed_s
+    } else {
+        0.0
+    };
+    s.output_bytes = std::fs::metadata(&spec.output)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    match result {
+        Ok(()) => {
+            s.state = JobState::Done;
+            s.percent = 100.0;
+            if let Some(d) = s.duration_s {
+                s.position_s = d;
+            }
+            for st in &mut s.stages {
+                st.state = "done".into();
+            }
+            s.stages_done = s.stages.len();
+        }
+        Err((msg, stage)) => {
+            s.state = JobState::Failed;
+            s.output_kept = spec.output.exists();
+            for st in &mut s.stages {
+                if Some(&st.id) == stage.as_ref() {
+                    st.state = "failed".into();
+                } else if st.state == "running" {
+                    st.state = "stopped".into();
+                }
+            }
+            s.error = Some(msg);
+            s.failed_stage = stage;
+        }
+    }
+    let snapshot = s.clone();
+    drop(s);
+    on_update(&snapshot);
+}
+
+type JobError = (String, Option<String>);
+
+fn run_pipeline(
+    spec: &JobSpec,
+    graph: &GraphDef,
+    cfg: &Config,
+    status: &Mutex<JobStatus>,
+    on_update: &dyn Fn(&JobStatus),
+    on_event: &dyn Fn(Value),
+    started: Instant,
+) -> Result<(), JobError> {
+    let plain = |m: String| (m, None);
+    let stage = make_stage(graph, cfg, &spec.params).map_err(|m| {
+        // A build error names its stage as `stage 'id'`.
+        let st = graph
+            .stages
+            .iter()
+            .find(|s| m.contains(&format!("'{}'", s.id)))
+            .map(|s| s.id.clone());
+        (format!("cannot build the pipeline: {m}"), st)
+    })?;
+    let stage_el = stage.element();
+
+    let pipeline = gst::Pipeline::with_name("job");
+    let src = make("filesrc", "src").map_err(plain)?;
+    src.set_property("location", spec.input.to_string_lossy().to_string());
+    let dec = make("decodebin", "dec").map_err(plain)?;
+    let conv_in = make("videoconvert", "conv-in").map_err(plain)?;
+    let conv_out = make("videoconvert", "conv-out").map_err(plain)?;
+    let queue = make("queue", "enc-queue").map_err(plain)?;
+    let enc = make("x264enc", "enc").map_err(plain)?;
+    enc.set_property_from_str("speed-preset", "veryfast");
+    let parse = make("h264parse", "parse").map_err(plain)?;
+    let mux = muxer_for(&spec.output).map_err(plain)?;
+    let sink = make("filesink", "sink").map_err(plain)?;
+    sink.set_property("location", spec.output.to_string_lossy().to_string());
+    sink.set_property("sync", false);
+    sink.set_property("async", false);
+    pipeline
+        .add_many([
+            &src, &dec, &conv_in, &stage_el, &conv_out, &queue, &enc, &parse, &mux, &sink,
+        ])
+        .map_err(|e| plain(format!("cannot assemble the job pipeline: {e}")))?;
+    src.link(&dec)
+        .map_err(|e| plain(format!("cannot link filesrc to decodebin: {e}")))?;
+    gst::Element::link_many([
+        &conv_in, &stage_el, &conv_out, &queue, &enc, &parse, &mux, &sink,
+    ])
+    .map_err(|e| {
+        plain(format!(
+            "cannot link the stage between the decoder and the encoder (raw video in and \
+                 out?): {e}"
+        ))
+    })?;
+
+    // Decoded video to the stage; any other stream to a fakesink.
+    let video_linked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let conv_in = conv_in.clone();
+        let pipeline_weak = pipeline.downgrade();
+        let linked = video_linked.clone();
+        dec.connect_pad_added(move |_, pad| {
+            let is_video = pad
+                .current_caps()
+                .or_else(|| Some(pad.query_caps(None)))
+                .and_then(|c| c.structure(0).map(|s| s.name().starts_with("video/")))
+                .unwrap_or(false);
+            if is_video && !linked.swap(true, Ordering::SeqCst) {
+                if let Some(sinkpad) = conv_in.static_pad("sink") {
+                    let _ = pad.link(&sinkpad);
+                }
+                return;
+            }
+            let Some(pipeline) = pipeline_weak.upgrade() else {
+                return;
+            };
+            if let Ok(fake) = gst::ElementFactory::make("fakesink")
+                .property("sync", false)
+                .property("async", false)
+                .build()
+                && pipeline.add(&fake).is_ok()
+            {
+                let _ = fake.sync_state_with_parent();
+                if let Some(sp) = fake.static_pad("sink") {
+                    let _ = pad.link(&sp);
+                }
+            }
+        });
+    }
+    {
+        let linked = video_linked.clone();
+        let input = spec.input.display().to_string();
+        dec.connect_no_more_pads(move |dec| {
+            if !linked.load(Ordering::SeqCst) {
+                gst::element_error!(
+                    dec,
+                    gst::StreamError::Demux,
+                    ["{input} has no video stream"]
+                );
+            }
+        });
+    }
+
+    // Counting, and one frame at a time into the stage.
+    let frames_in = Arc::new(AtomicU64::new(0));
+    let frames_out = Arc::new(AtomicU64::new(0));
+    let last_pts = Arc::new(AtomicU64::new(u64::MAX));
+    let (Some(stage_sink), Some(stage_src)) =
+        (stage_el.static_pad("sink"), stage_el.static_pad("src"))
+    else {
+        return Err(plain("the stage has no sink or src pad".into()));
+    };
+    {
+        let n = frames_in.clone();
+        stage_sink.add_probe(gst::PadProbeType::BUFFER, move |pad, _| {
+            // Wait until the frame before has been taken and processed (never replaced).
+            let mut q = gst::query::Drain::new();
+            let _ = pad.query(&mut q);
+            n.fetch_add(1, Ordering::Relaxed);
+            gst::PadProbeReturn::Ok
+        });
+    }
+    {
+        let n = frames_out.clone();
+        let last = last_pts.clone();
+        stage_src.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+            if let Some(gst::PadProbeData::Buffer(b)) = &info.data {
+                n.fetch_add(1, Ordering::Relaxed);
+                if let Some(p) = b.pts() {
+                    last.store(p.nseconds(), Ordering::Relaxed);
+                }
+            }
+            gst::PadProbeReturn::Ok
+        });
+    }
+    if let Some(qpad) = queue.static_pad("sink") {
+        // The per-frame drain ends here: the encoder keeps its own pace.
+        qpad.add_probe(gst::PadProbeType::QUERY_DOWNSTREAM, |_, info| {
+            match &info.data {
+                Some(gst::PadProbeData::Query(q)) if q.type_() == gst::QueryType::Drain => {
+                    gst::PadProbeReturn::Handled
+                }
+                _ => gst::PadProbeReturn::Ok,
+            }
+        });
+    }
+
+    struct Stop(gst::Pipeline);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = self.0.set_state(gst::State::Null);
+        }
+    }
+    let _stop = Stop(pipeline.clone());
+    let Some(bus) = pipeline.bus() else {
+        return Err(plain("the job pipeline has no bus".into()));
+    };
+    let stage_figures = || -> Vec<(String, serde_json::Map<String, Value>)> {
+        match &stage {
+            Stage::Pipeline(ai) => {
+                let s = ai.property::<Option<gst::Structure>>("stats");
+                let m = s.map(|s| structure_to_json(&s)).unwrap_or_default();
+                graph
+                    .stages
+                    .first()
+                    .map(|st| vec![(st.id.clone(), m)])
+                    .unwrap_or_default()
+            }
+            Stage::Graph(g) => g
+                .stats()
+                .into_iter()
+                .map(|st| {
+                    let id = st.id.clone();
+                    let m = match serde_json::to_value(st) {
+                        Ok(Value::Object(mut m)) => {
+                            m.remove("id");
+                            m.remove("state");
+                            m
+                        }
+                        _ => Default::default(),
+                    };
+                    (id, m)
+                })
+                .collect(),
+        }
+    };
+    let sample = |status: &Mutex<JobStatus>, pipeline: &gst::Pipeline| {
+        let mut s = status.lock().unwrap();
+        s.frames_in = frames_in.load(Ordering::Relaxed);
+        s.frames_out = frames_out.load(Ordering::Relaxed);
+        if s.duration_s.is_none() {
+            s.duration_s = pipeline
+                .query_duration::<gst::ClockTime>()
+                .map(|d| d.seconds_f64());
+        }
+        let pts = last_pts.load(Ordering::Relaxed);
+        if pts != u64::MAX {
+            s.position_s = pts as f64 / 1e9;
+        }
+        if let Some(d) = s.duration_s.filter(|d| *d > 0.0) {
+            // 100 % only at the end (EOS): the last frame's PTS is one frame short of it.
+            s.percent = (s.position_s / d * 100.0).clamp(0.0, 99.9);
+        }
+        s.elapsed_s = started.elapsed().as_secs_f64();
+        if s.elapsed_s > 0.0 {
+            s.fps = s.frames_out as f64 / s.elapsed_s;
+        }
+        for (id, m) in stage_figures() {
+            if let Some(st) = s.stages.iter_mut().find(|st| st.id == id) {
+                st.figures = m;
+            }
+        }
+        s.clone()
+    };
+
+    if pipeline.set_state(gst::State::Playing).is_err() {
+        // The reason is on the bus.
+        let mut msg = "the job pipeline could not start".to_string();
+        let mut st = None;
+        while let Some(m) = bus.pop_filtered(&[gst::MessageType::Error]) {
+            if let gst::MessageView::Error(e) = m.view() {
+                msg = format!("{msg}: {}", e.error());
+                st = st.or_else(|| stage_of(m.src(), graph, &stage_el));
+            }
+        }
+        return Err((msg, st));
+    }
+    let mut next_sample = Instant::now() + PROGRESS_PERIOD;
+    loop {
+        let wait = next_sample.saturating_duration_since(Instant::now());
+        let msg = bus.timed_pop(gst::ClockTime::from_nseconds(wait.as_nanos() as u64));
+        if Instant::now() >= next_sample {
+            let snap = sample(status, &pipeline);
+            on_update(&snap);
+            next_sample = Instant::now() + PROGRESS_PERIOD;
+        }
+        let Some(msg) = msg else { continue };
+        if let Some(ev) = graph::stage_event(&msg) {
+            on_event(ev);
+            continue;
+        }
+        match msg.view() {
+            gst::MessageView::Eos(_) => {
+                sample(status, &pipeline);
+                return Ok(());
+            }
+            gst::MessageView::Error(e) => {
+                sample(status, &pipeline);
+                let st = stage_of(msg.src(), graph, &stage_el);
+                let from = msg
+                    .src()
+                    .map(|s| s.path_string().to_string())
+                    .unwrap_or_default();
+                let dbg = e.debug().map(|d| format!(" ({d})")).unwrap_or_default();
+                return Err((format!("{from}: {}{dbg}", e.error()), st));
+            }
+            gst::MessageView::Warning(w) => {
+                tracing::warn!(
+                    "job {}: {}: {}",
+                    spec.input.display(),
+                    msg.src()
+                        .map(|s| s.path_string().to_string())
+                        .unwrap_or_default(),
+                    w.error()
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+// ---- the daemon's jobs and /v1/jobs ----
+
+#[derive(Debug, Default)]
+pub struct Jobs {
+    next: AtomicU64,
+    jobs: Mutex<BTreeMap<String, Arc<Mutex<JobStatus>>>>,
+}
+
+impl Jobs {
+    pub fn get(&self, id: &str) -> Option<JobStatus> {
+        let j = self.jobs.lock().unwrap().get(id).cloned();
+        j.map(|j| j.lock().unwrap().clone())
+    }
+
+    pub fn list(&self) -> Vec<JobStatus> {
+        let all: Vec<_> = self.jobs.lock().unwrap().values().cloned().collect();
+        all.iter().map(|j| j.lock().unwrap().clone()).collect()
+    }
+
+    /// Queues a prepared job on its own thread; returns its id.
+    pub fn submit(
+        &self,
+        daemon: Arc<Daemon>,
+        spec: JobSpec,
+        graph: GraphDef,
+    ) -> Result<JobStatus, String> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = format!("job-{n}");
+        let status = Arc::new(Mutex::new(JobStatus::new(&id, &spec, &graph)));
+        let first = status.lock().unwrap().clone();
+        self.jobs.lock().unwrap().insert(id.clone(), status.clone());
+        let job_id = id.clone();
+        std::thread::Builder::new()
+            .name(format!("rivulet-{id}"))
+            .spawn(move || {
+                tracing::info!(job = %job_id, input = %spec.input.display(), "file job started");
+                let feed = daemon.feed.clone();
+                let on_update = |s: &JobStatus| {
+                    feed.send("progress", json!({"type": "progress", "job": s}));
+                };
+                let id2 = job_id.clone();
+                let on_event = |mut ev: Value| {
+                    if let Some(o) = ev.as_object_mut() {
+                        o.insert("job".into(), json!(id2));
+                    }
+                    feed.send_typed(ev);
+                };
+                run(&spec, &graph, &daemon.config, &status, &on_update, &on_event);
+                let s = status.lock().unwrap();
+                tracing::info!(job = %job_id, state = ?s.state, frames = s.frames_out, "file job ended");
+            })
+            .map_err(|e| format!("cannot start the job thread: {e}"))?;
+        Ok(first)
+    }
+}
+
+pub fn routes() -> Router<Arc<Daemon>> {
+    Router::new()
+        .route("/v1/jobs", get(list).post(create))
+        .route("/v1/jobs/{id}", get(show))
+}
+
+fn detail(code: StatusCode, msg: impl Into<String>) -> ApiError {
+    ApiError::Detail(code, msg.into())
+}
+
+/// `POST /v1/jobs` with `{"input": PATH, "output": PATH, "pipeline": NAME|TEMPLATE,
+/// "params": {…}}` (paths on the daemon's machine): 201 with the job's status.
+async fn create(
+    State(daemon): State<Arc<Daemon>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    crate::templates::check_auth(&daemon, &headers)?;
+    let doc = crate::templates::read_document(&headers, body).await?;
+    let field = |k: &str| {
+        doc.get(k)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                detail(
+                    StatusCode::BAD_REQUEST,
+                    format!("missing string field '{k}'"),
+                )
+            })
+    };
+    let spec = JobSpec {
+        input: PathBuf::from(field("input")?),
+        output: PathBuf::from(field("output")?),
+        pipeline: field("pipeline")?,
+        params: doc.get("params").cloned().unwrap_or_else(|| json!({})),
+    };
+    let d = daemon.clone();
+    let submitted = tokio::task::spawn_blocking(move || {
+        let graph = prepare(&spec, &d.templates, &d.config)?;
+        d.jobs.submit(d.clone(), spec, graph)
+    })
+    .await
+    .map_err(|e| detail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    match submitted {
+        Ok(s) => Ok((StatusCode::CREATED, axum::Json(s)).into_response()),
+        Err(m) => Err(detail(StatusCode::BAD_REQUEST, m)),
+    }
+}
+
+async fn list(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
+    axum::Json(json!({"jobs": daemon.jobs.list()}))
+}
+
+async fn show(
+    State(daemon): State<Arc<Daemon>>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<axum::Json<JobStatus>, ApiError> {
+    daemon
+        .jobs
+        .get(&id)
+        .map(axum::Json)
+        .ok_or_else(|| detail(StatusCode::NOT_FOUND, format!("no job '{id}'")))
+}
