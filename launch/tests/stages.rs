@@ -382,3 +382,46 @@ fn no_provider_loads_is_a_clear_error() {
     assert!(err.contains("stage 'fx'"), "{err}");
     assert!(err.contains("badshape"), "{err}");
 }
+
+#[test]
+fn failover_while_running_when_frames_keep_failing() {
+    init();
+    // failsbright fails on every frame brighter than 0.5: three stats intervals with errors
+    // and no output make the stage switch to the next provider, live.
+    let (g, cfg) = built(
+        json!({"stages": [{"id": "fx", "providers": ["failsbright", "invert"]}]}),
+        &json!({}),
+    );
+    assert_eq!(g.stats()[0].provider, "failsbright");
+    let bright = vec![230u8; 384 * 384 * 3];
+    let expected = apply(&cfg, "invert", &json!({}), &bright, 384, 384);
+    let mut rig = Rig::new(g.bin.upcast_ref(), 384, 384);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut inverted = false;
+    while !inverted && std::time::Instant::now() < deadline {
+        rig.push(&bright);
+        if let Some(sample) = rig.sink.try_pull_sample(gst::ClockTime::from_mseconds(40)) {
+            let buf = sample.buffer().unwrap().map_readable().unwrap();
+            inverted = buf.as_slice() == expected.as_slice();
+        }
+    }
+    assert!(inverted, "no inverted frame: {:?}", g.stats());
+    let st = &g.stats()[0];
+    assert_eq!(st.provider, "invert");
+    assert!(st.errors >= 3, "{st:?}");
+    let bus = rig.pipeline.bus().unwrap();
+    let mut types = Vec::new();
+    while let Some(msg) = bus.pop_filtered(&[gst::MessageType::Element]) {
+        if let Some(ev) = graph::stage_event(&msg) {
+            if ev["type"] == "stage_failover" {
+                assert_eq!(ev["from"], "failsbright");
+                assert_eq!(ev["to"], "invert");
+                assert_eq!(ev["ok"], true);
+            }
+            types.push(ev["type"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    assert!(types.iter().any(|t| t == "stage_error"), "{types:?}");
+    assert!(types.iter().any(|t| t == "stage_failover"), "{types:?}");
+    rig.finish();
+}

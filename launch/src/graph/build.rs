@@ -209,7 +209,7 @@ fn width_of(caps: &gst::CapsRef) -> i32 {
 /// their providers in order until one loads.
 pub fn build(def: &GraphDef, cfg: &Config, params: &Value) -> Result<BuiltGraph, String> {
     let order = topo_order(def).map_err(|e| e.to_string())?;
-    let bin = gst::Bin::with_name("graph");
+    let bin = gst::Bin::with_name(super::BIN_NAME);
     // How many consumers each source has (stage ids, INPUT, and the graph output).
     let mut consumers: HashMap<&str, usize> = HashMap::new();
     for s in &def.stages {

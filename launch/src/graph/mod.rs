@@ -29,6 +29,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+/// Name of the bin [`build`] makes (unique in a stream pipeline).
+pub const BIN_NAME: &str = "graph";
+
 /// The reserved input name for the graph's own input.
 pub const INPUT: &str = "input";
 
