@@ -82,6 +82,8 @@ pub(crate) struct Core {
     pub latency_p50_ms: Option<f64>,
     pub preview_input: Option<bytes::Bytes>,
     pub preview_output: Option<bytes::Bytes>,
+    /// The running stream's stage graph, when it runs one (per-stage status).
+    pub graph: Option<Arc<crate::graph::BuiltGraph>>,
 }
 
 pub struct Daemon {
@@ -131,6 +133,7 @@ impl Daemon {
                 latency_p50_ms: None,
                 preview_input: None,
                 preview_output: None,
+                graph: None,
             }),
             templates: Arc::new(crate::templates::Templates::open(&config.data_dir)),
             feed: crate::feed::Feed::new(),
@@ -166,6 +169,7 @@ impl Daemon {
                 fps: c.output_fps.fps(),
                 ..c.inference.clone()
             },
+            stages: c.graph.as_ref().map(|g| g.stats()),
         }
     }
 
@@ -368,6 +372,7 @@ impl Daemon {
         received_at: f64,
     ) -> Result<(), StartError> {
         Self::validate_params(&req.params).map_err(|e| StartError::Invalid(e.to_string()))?;
+        crate::stream::check_pipeline(self, &req).map_err(StartError::Invalid)?;
         let mut slot = self.stream.lock().await;
         if let Some(old) = slot.take() {
             if tokio::time::timeout(STOP_WAIT, old.stop()).await.is_err() {
@@ -448,6 +453,7 @@ impl Daemon {
         let mut c = self.core.lock().unwrap();
         c.stream_running = false;
         c.events = None;
+        c.graph = None;
     }
 
     /// One health evaluation and its side effects.
@@ -556,6 +562,11 @@ impl Daemon {
                 }
             }
         });
+    }
+
+    /// The running stream's stage graph (`None` for a single pipeline).
+    pub(crate) fn set_graph(&self, graph: Option<Arc<crate::graph::BuiltGraph>>) {
+        self.core.lock().unwrap().graph = graph;
     }
 
     pub(crate) fn set_events(&self, tx: Option<mpsc::Sender<Value>>) {

@@ -52,6 +52,9 @@ pub struct Status {
     pub last_state_update_time: Option<i64>,
     pub input_status: InputStatus,
     pub inference_status: InferenceStatus,
+    /// Per-stage state and figures while the stream runs a stage graph (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stages: Option<Vec<crate::graph::StageStats>>,
 }
 
 /// Tracks which transient fields (`last_params`, `last_restart_logs`) the events channel has
@@ -118,6 +121,7 @@ mod tests {
                 last_params_hash: Some("h".into()),
                 ..Default::default()
             },
+            stages: None,
         }
     }
 

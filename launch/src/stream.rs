@@ -4,6 +4,7 @@
 
 use crate::config::Config;
 use crate::daemon::Daemon;
+use crate::graph::{self, BuiltGraph, GraphDef};
 use crate::status::{TransientTracker, ms, now_secs};
 use gst::prelude::*;
 use gsttrickle::protocol::client::{
@@ -31,6 +32,9 @@ pub struct StartRequest {
     pub request_id: String,
     pub manifest_id: String,
     pub stream_id: String,
+    /// The graph to run (the `pipeline` field): a template or pipeline name, or an inline
+    /// definition (`crate::graph`); `None`: the daemon's pipeline (`MODEL_ID`).
+    pub pipeline: Option<Value>,
 }
 
 impl StartRequest {
@@ -71,6 +75,20 @@ impl StartRequest {
         let request_id = string("request_id", false);
         let manifest_id = string("manifest_id", false);
         let stream_id = string("stream_id", false);
+        let pipeline = match map.get("pipeline") {
+            None | Some(Value::Null) => None,
+            Some(p @ (Value::String(_) | Value::Array(_) | Value::Object(_))) => Some(p.clone()),
+            Some(_) => {
+                errors.push((
+                    "pipeline".into(),
+                    "Input should be a template or pipeline name, a list of stages or \
+                     {\"stages\": [...]}"
+                        .into(),
+                    "pipeline_type",
+                ));
+                None
+            }
+        };
         let params = match map.get("params") {
             None | Some(Value::Null) => json!({}),
             Some(p @ Value::Object(_)) => p.clone(),
@@ -121,17 +139,22 @@ impl StartRequest {
             },
             manifest_id,
             stream_id,
+            pipeline,
         })
     }
 
     pub fn to_json(&self) -> Value {
-        json!({
+        let mut v = json!({
             "subscribe_url": self.subscribe_url, "publish_url": self.publish_url,
             "control_url": self.control_url, "events_url": self.events_url,
             "model_id": self.model_id, "params": self.params,
             "request_id": self.request_id, "manifest_id": self.manifest_id,
             "stream_id": self.stream_id,
-        })
+        });
+        if let (Some(p), Some(o)) = (&self.pipeline, v.as_object_mut()) {
+            o.insert("pipeline".into(), p.clone());
+        }
+        v
     }
 }
 
@@ -179,6 +202,8 @@ pub struct StreamHandle {
     request_id: String,
     pipeline: gst::Pipeline,
     aipipeline: gst::Element,
+    /// The built graph when the stream runs one (then `aipipeline` is its bin).
+    graph: Option<Arc<crate::graph::BuiltGraph>>,
     stop_tx: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     events_task: Option<JoinHandle<()>>,
@@ -193,7 +218,10 @@ impl StreamHandle {
 
     /// Applies a (validated) params object to the running pipeline: full replacement.
     pub fn apply_params(&self, params: &Value) {
-        self.aipipeline.set_property("params", params.to_string());
+        match &self.graph {
+            Some(g) => g.set_params(params),
+            None => self.aipipeline.set_property("params", params.to_string()),
+        }
     }
 
     /// Builds and starts the stream.
@@ -223,7 +251,7 @@ impl StreamHandle {
         let built = tokio::task::spawn_blocking(move || build_graph(&d, &r))
             .await
             .map_err(|e| format!("graph builder panicked: {e}"))?;
-        let (pipeline, aipipeline) = match built {
+        let (pipeline, aipipeline, graph) = match built {
             Ok(x) => x,
             Err(e) => {
                 daemon.set_events(None);
@@ -248,6 +276,7 @@ impl StreamHandle {
             return Err(format!("cannot start the stream pipeline: {e}"));
         }
 
+        daemon.set_graph(graph.clone());
         let mut tasks = Vec::new();
         if !req.control_url.is_empty() {
             tasks.push(tokio::spawn(control_loop(
@@ -265,6 +294,7 @@ impl StreamHandle {
             request_id: req.request_id.clone(),
             pipeline,
             aipipeline,
+            graph,
             stop_tx,
             tasks,
             events_task,
@@ -540,10 +570,69 @@ fn tee_with_preview(
 /// Builds the stream graph (design.md):
 /// tricklesrc → [24 fps cap] → videoconvert → aipipeline → loadingoverlay → tricklesink,
 /// audio → audioconvert → audioresample → tricklesink, and preview taps for the dashboard.
-fn build_graph(
-    daemon: &Arc<Daemon>,
-    req: &StartRequest,
-) -> Result<(gst::Pipeline, gst::Element), String> {
+/// The stream's graph: the request's `pipeline` (template or pipeline name, or an inline
+/// definition), else the daemon's pipeline when `MODEL_ID` holds a graph definition (JSON);
+/// `None` for the plain single pipeline.
+fn stream_graph(daemon: &Daemon, req: &StartRequest) -> Result<Option<GraphDef>, String> {
+    let cfg = &daemon.config;
+    let def = match &req.pipeline {
+        Some(Value::String(name)) => crate::templates::resolve(&daemon.templates, name, cfg)
+            .map_err(|e| format!("pipeline '{name}': {e}"))?,
+        Some(v) => {
+            let def = graph::parse(v).map_err(|e| e.to_string())?;
+            graph::validate(&def, cfg).map_err(|e| e.to_string())?;
+            def
+        }
+        None => match config_graph(cfg)? {
+            Some(def) => def,
+            None => return Ok(None),
+        },
+    };
+    Ok(Some(def))
+}
+
+/// Checks a start request's graph (or the daemon's) before anything starts; the message
+/// names the stage at fault.
+pub fn check_pipeline(daemon: &Daemon, req: &StartRequest) -> Result<(), String> {
+    stream_graph(daemon, req).map(|_| ())
+}
+
+/// The daemon's pipeline as a graph when `MODEL_ID` is a graph definition (JSON).
+fn config_graph(cfg: &Config) -> Result<Option<GraphDef>, String> {
+    if !cfg.pipeline.trim_start().starts_with(['[', '{']) {
+        return Ok(None);
+    }
+    let def = graph::parse_str(&cfg.pipeline).map_err(|e| e.to_string())?;
+    graph::validate(&def, cfg).map_err(|e| e.to_string())?;
+    Ok(Some(def))
+}
+
+/// The element in `aipipeline`'s place: a lone `aipipeline` (named `ai`) for a single plain
+/// pipeline, else the graph's bin (its stages' `aipipeline`s run in-process).
+fn make_processing(
+    cfg: &Config,
+    def: Option<&GraphDef>,
+    params: &Value,
+) -> Result<(gst::Element, Option<Arc<BuiltGraph>>), String> {
+    match def {
+        None => Ok((make_aipipeline(cfg, params)?, None)),
+        Some(d) => match d.single_pipeline() {
+            Some(name) => {
+                let ai = make_aipipeline(cfg, params)?;
+                ai.set_property("pipeline", name);
+                Ok((ai, None))
+            }
+            None => {
+                let g = graph::build(d, cfg, params)?;
+                Ok((g.bin.clone().upcast(), Some(Arc::new(g))))
+            }
+        },
+    }
+}
+
+type Built = (gst::Pipeline, gst::Element, Option<Arc<BuiltGraph>>);
+
+fn build_graph(daemon: &Arc<Daemon>, req: &StartRequest) -> Result<Built, String> {
     let cfg = &daemon.config;
     let pipeline = gst::Pipeline::with_name(&format!("stream-{}", req.request_id));
     let src = make("tricklesrc", Some("src"))?;
@@ -553,7 +642,8 @@ fn build_graph(
     src.set_property("do-timestamp", false);
     src.set_property("tls-verify", cfg.tls_verify);
     let convert = make("videoconvert", None)?;
-    let ai = make_aipipeline(cfg, &req.params)?;
+    let def = stream_graph(daemon, req)?;
+    let (ai, graph) = make_processing(cfg, def.as_ref(), &req.params)?;
     let overlay = make("loadingoverlay", Some("overlay"))?;
     let sink = make("tricklesink", Some("sink"))?;
     sink.set_property("url", &req.publish_url);
@@ -604,7 +694,7 @@ fn build_graph(
             }
         }
     });
-    Ok((pipeline, ai))
+    Ok((pipeline, ai, graph))
 }
 
 /// A queue of at most a few frames (no byte or time bound) in front of an encoder.
@@ -713,7 +803,9 @@ fn spawn_bus_watch(
     let bus = pipeline.bus()?;
     let request_id = req.request_id.clone();
     let src_el = pipeline.by_name("src");
-    let ai_el = pipeline.by_name("ai");
+    let ai_el = pipeline
+        .by_name("ai")
+        .or_else(|| pipeline.by_name(graph::BIN_NAME));
     // Whether a message comes from `el` or one of its children.
     let is_from = |msg: &gst::Message, el: &Option<gst::Element>| {
         msg.src()
@@ -759,6 +851,11 @@ fn spawn_bus_watch(
                     }
                 }
                 gst::MessageView::Element(m) => {
+                    if let Some(event) = graph::stage_event(&msg) {
+                        daemon.feed.send_typed(event.clone());
+                        daemon.emit(event, "ai_stream_events");
+                        continue;
+                    }
                     let Some(s) = m.structure() else { continue };
                     if s.name() == "trickle-segment" {
                         let input = is_from(&msg, &src_el);
@@ -804,7 +901,8 @@ pub fn warm_up(cfg: &Config, params: &Value) -> Result<(), String> {
             .field("height", 64i32)
             .build(),
     );
-    let ai = make_aipipeline(cfg, params)?;
+    let def = config_graph(cfg)?;
+    let (ai, _graph) = make_processing(cfg, def.as_ref(), params)?;
     let sink = make("fakesink", None)?;
     pipeline
         .add_many([&src, &caps, &ai, &sink])

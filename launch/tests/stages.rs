@@ -13,6 +13,8 @@ use serde_json::{Value, json};
 use std::sync::Once;
 use std::time::Duration;
 
+mod common;
+
 const TIMEOUT: gst::ClockTime = gst::ClockTime::from_seconds(60);
 
 fn init() {
@@ -424,4 +426,160 @@ fn failover_while_running_when_frames_keep_failing() {
     assert!(types.iter().any(|t| t == "stage_error"), "{types:?}");
     assert!(types.iter().any(|t| t == "stage_failover"), "{types:?}");
     rig.finish();
+}
+
+/// A daemon (`rivulet serve`) runs a stream through a graph named in the start request: the
+/// stages show in `/api/status`, their events reach the events channel, a condition follows
+/// the control channel, and a bad definition is refused with the stage named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_runs_a_graph_from_the_start_request() {
+    use gsttrickle::protocol::client::{Publisher, PublisherConfig, Subscriber, SubscriberConfig};
+    init();
+    let dir = config().pipelines_dir.unwrap();
+    let d = common::spawn_daemon(
+        "stages",
+        &[
+            ("RIVULET_PIPELINES", dir.to_str().unwrap()),
+            ("RIVULET_DEVICE", "cpu"),
+        ],
+    );
+    let http = reqwest::Client::new();
+    let base = d.base.clone();
+    let mid = "stages01";
+    for (suffix, mime) in [
+        ("", "video/MP2T"),
+        ("-out", "video/MP2T"),
+        ("-control", "application/json"),
+        ("-events", "application/json"),
+    ] {
+        common::create_channel(&http, &base, &format!("{mid}{suffix}"), mime).await;
+    }
+    let url = |s: &str| format!("{base}/trickle/{mid}{s}");
+
+    // A bad definition: 400, naming the stage.
+    let bad = json!({
+        "subscribe_url": url(""), "publish_url": url("-out"),
+        "pipeline": {"stages": [{"id": "fx", "pipeline": "nosuchmodel"}]},
+    });
+    let r = http
+        .post(format!("{base}/live-video-to-video"))
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("stage 'fx'"), "{body}");
+
+    let mut events = Subscriber::new(
+        &url("-events"),
+        SubscriberConfig {
+            start_seq: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    tokio::spawn(async move {
+        while let Ok(Some(seg)) = events.next_segment().await {
+            if let Ok(body) = seg.read_all(1 << 20).await
+                && let Ok(v) = serde_json::from_slice::<Value>(&body)
+            {
+                let _ = ev_tx.send(v);
+            }
+        }
+    });
+    let start = json!({
+        "subscribe_url": url(""), "publish_url": url("-out"),
+        "control_url": url("-control"), "events_url": url("-events"),
+        "params": {"on": false},
+        "pipeline": [
+            {"id": "gain", "pipeline": "gain"},
+            {"id": "inv", "pipeline": "invert", "when": "params.on == true"},
+        ],
+    });
+    let r = http
+        .post(format!("{base}/live-video-to-video"))
+        .json(&start)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+
+    let input = gst::parse::launch(&format!(
+        "videotestsrc is-live=true num-buffers=300 ! \
+         video/x-raw,width=320,height=240,framerate=30/1 ! videoconvert ! \
+         tricklesink url={} min-segment-duration=500000000",
+        url("")
+    ))
+    .unwrap();
+    let p = input.clone();
+    tokio::task::spawn_blocking(move || p.set_state(gst::State::Playing))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let status = |http: reqwest::Client, base: String| async move {
+        http.get(format!("{base}/api/status"))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    let t = std::time::Instant::now();
+    loop {
+        let s = status(http.clone(), base.clone()).await;
+        if s["stages"][0]["id"] == "gain"
+            && s["stages"][0]["frames_out"].as_u64().unwrap_or(0) > 0
+            && s["stages"][1]["state"] == "bypassed"
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "stages: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The control channel turns the condition on: the stage runs, live.
+    let mut control = Publisher::new(
+        &url("-control"),
+        PublisherConfig {
+            mime: "application/json".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    control
+        .send_message(json!({"on": true}).to_string().into())
+        .await
+        .unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        let s = status(http.clone(), base.clone()).await;
+        if s["stages"][1]["state"] == "running"
+            && s["stages"][1]["frames_out"].as_u64().unwrap_or(0) > 0
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "stages: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Stage events on the events channel (in the runner's envelope or bare).
+    let t = std::time::Instant::now();
+    let mut seen = std::collections::HashSet::new();
+    while !(seen.contains("stage_start") && seen.contains("stage_stats")) {
+        let left = Duration::from_secs(60).saturating_sub(t.elapsed());
+        let ev = tokio::time::timeout(left, ev_rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("stage events missing; saw {seen:?}"))
+            .expect("events channel ended");
+        let ev = ev.get("event").cloned().unwrap_or(ev);
+        if let Some(t) = ev["type"].as_str()
+            && t.starts_with("stage_")
+        {
+            assert!(ev["stage"].is_string(), "{ev}");
+            seen.insert(t.to_string());
+        }
+    }
+    let _ = tokio::task::spawn_blocking(move || input.set_state(gst::State::Null)).await;
 }
