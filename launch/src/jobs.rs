@@ -13,9 +13,10 @@
 //! before it has been taken and processed (the drain stops at the encoder's queue, so encoding
 //! still overlaps inference). Every frame in comes out; the counts are reported.
 //!
-//! MUX follows the output's extension: `.ts` MPEG-TS, `.mkv` Matroska, `.mp4`/`.mov` fragmented
-//! MP4 (each fragment playable, so a failed job's partial output is usable). Audio is not
-//! carried. On failure the partial output is kept and the failing stage is named.
+//! MUX follows the output's extension: `.ts` MPEG-TS, `.mkv` Matroska, `.mp4`/`.mov` MP4. Audio
+//! is not carried. When a stage fails, what it already passed on is encoded and the file is
+//! finished (EOS into the encoder's branch), so the partial output is playable; the failing
+//! stage is named.
 
 use crate::api::ApiError;
 use crate::config::Config;
@@ -39,6 +40,10 @@ use std::time::{Duration, Instant};
 
 /// How often progress is sampled (and sent on the feed).
 const PROGRESS_PERIOD: Duration = Duration::from_millis(250);
+/// After a stage failure, how long finishing the partial output may take.
+const FLUSH_WAIT: Duration = Duration::from_secs(10);
+/// Application message: EOS reached the output file.
+const FLUSHED: &str = "rivulet-job-flushed";
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -195,10 +200,10 @@ fn muxer_for(output: &Path) -> Result<gst::Element, String> {
         .and_then(|e| e.to_str())
         .unwrap_or_default()
         .to_ascii_lowercase();
-    let (factory, fragmented) = match ext.as_str() {
-        "ts" | "m2ts" => ("mpegtsmux", false),
-        "mkv" => ("matroskamux", false),
-        "mp4" | "m4v" | "mov" => ("mp4mux", true),
+    let factory = match ext.as_str() {
+        "ts" | "m2ts" => "mpegtsmux",
+        "mkv" => "matroskamux",
+        "mp4" | "m4v" | "mov" => "mp4mux",
         _ => {
             return Err(format!(
                 "cannot tell the container of {}: use .ts, .mkv or .mp4",
@@ -206,12 +211,7 @@ fn muxer_for(output: &Path) -> Result<gst::Element, String> {
             ));
         }
     };
-    let mux = make(factory, "mux")?;
-    if fragmented {
-        // Fragmented MP4: what was written before a failure stays playable.
-        mux.set_property("fragment-duration", 1000u32);
-    }
-    Ok(mux)
+    make(factory, "mux")
 }
 
 fn make(factory: &str, name: &str) -> Result<gst::Element, String> {
@@ -522,6 +522,21 @@ fn run_pipeline(
             gst::PadProbeReturn::Ok
         });
     }
+    if let Some(spad) = sink.static_pad("sink") {
+        // The output is complete (EOS reached the file), also after a stage failure.
+        let weak = sink.downgrade();
+        spad.add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, move |_, info| {
+            if let Some(gst::PadProbeData::Event(ev)) = &info.data
+                && ev.type_() == gst::EventType::Eos
+                && let Some(sink) = weak.upgrade()
+            {
+                let _ = sink.post_message(gst::message::Application::new(
+                    gst::Structure::new_empty(FLUSHED),
+                ));
+            }
+            gst::PadProbeReturn::Ok
+        });
+    }
     if let Some(qpad) = queue.static_pad("sink") {
         // The per-frame drain ends here: the encoder keeps its own pace.
         qpad.add_probe(gst::PadProbeType::QUERY_DOWNSTREAM, |_, info| {
@@ -615,7 +630,16 @@ fn run_pipeline(
         return Err((msg, st));
     }
     let mut next_sample = Instant::now() + PROGRESS_PERIOD;
+    let mut failure: Option<JobError> = None;
+    let mut flush_deadline: Option<Instant> = None;
     loop {
+        if let Some(d) = flush_deadline
+            && Instant::now() >= d
+            && let Some(err) = failure.take()
+        {
+            sample(status, &pipeline);
+            return Err(err);
+        }
         let wait = next_sample.saturating_duration_since(Instant::now());
         let msg = bus.timed_pop(gst::ClockTime::from_nseconds(wait.as_nanos() as u64));
         if Instant::now() >= next_sample {
@@ -631,17 +655,46 @@ fn run_pipeline(
         match msg.view() {
             gst::MessageView::Eos(_) => {
                 sample(status, &pipeline);
-                return Ok(());
+                return match failure.take() {
+                    Some(err) => Err(err),
+                    None => Ok(()),
+                };
+            }
+            gst::MessageView::Application(a)
+                if a.structure().is_some_and(|s| s.name() == FLUSHED) =>
+            {
+                if let Some(err) = failure.take() {
+                    sample(status, &pipeline);
+                    return Err(err);
+                }
             }
             gst::MessageView::Error(e) => {
-                sample(status, &pipeline);
                 let st = stage_of(msg.src(), graph, &stage_el);
                 let from = msg
                     .src()
                     .map(|s| s.path_string().to_string())
                     .unwrap_or_default();
                 let dbg = e.debug().map(|d| format!(" ({d})")).unwrap_or_default();
-                return Err((format!("{from}: {}{dbg}", e.error()), st));
+                let err = (format!("{from}: {}{dbg}", e.error()), st.clone());
+                if failure.is_some() {
+                    // Already finishing the output after an earlier error.
+                    tracing::warn!("job {}: further error: {}", spec.input.display(), err.0);
+                    continue;
+                }
+                let Some(qpad) = queue.static_pad("sink").filter(|_| st.is_some()) else {
+                    sample(status, &pipeline);
+                    return Err(err);
+                };
+                // A stage failed: what it already passed on is encoded and the file finished
+                // (EOS into the encoder's branch), so the partial output is playable.
+                tracing::warn!(
+                    "job {}: {}; finishing the partial output",
+                    spec.input.display(),
+                    err.0
+                );
+                failure = Some(err);
+                flush_deadline = Some(Instant::now() + FLUSH_WAIT);
+                qpad.send_event(gst::event::Eos::new());
             }
             gst::MessageView::Warning(w) => {
                 tracing::warn!(

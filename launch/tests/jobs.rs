@@ -1,0 +1,334 @@
+// SPDX-License-Identifier: MPL-2.0
+//! File jobs: `rivulet process` and `POST /v1/jobs` put every frame of a file through the
+//! graph (frames counted in the input and in the decoded output), progress reaches 100 % (on
+//! stderr and on the `/v1/events` feed), and a job whose stage fails names the stage and keeps
+//! a playable partial output with what was done.
+
+use futures::StreamExt;
+use gst::prelude::*;
+use serde_json::{Value, json};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Once;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+#[allow(dead_code)] // shared with the other daemon tests
+mod common;
+use common::{TempDir, spawn_daemon};
+
+const FRAMES: u64 = 48;
+
+fn init() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| gst::init().unwrap());
+}
+
+/// Runs a launch line to EOS (bounded); panics on an error.
+fn run_to_eos(pipeline: &gst::Element) {
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let bus = pipeline.bus().unwrap();
+    let msg = bus
+        .timed_pop_filtered(
+            gst::ClockTime::from_seconds(60),
+            &[gst::MessageType::Eos, gst::MessageType::Error],
+        )
+        .expect("no EOS within 60 s");
+    pipeline.set_state(gst::State::Null).unwrap();
+    if let gst::MessageView::Error(e) = msg.view() {
+        panic!("{}: {:?}", e.error(), e.debug());
+    }
+}
+
+/// A `FRAMES`-frame H.264 MP4 (320×240, 30 fps, moving ball).
+fn make_input(path: &Path) {
+    init();
+    let p = gst::parse::launch(&format!(
+        "videotestsrc num-buffers={FRAMES} pattern=ball ! \
+         video/x-raw,width=320,height=240,framerate=30/1 ! x264enc ! mp4mux ! filesink location={}",
+        path.display()
+    ))
+    .unwrap();
+    run_to_eos(&p);
+}
+
+/// Decoded video frames in a file.
+fn count_frames(path: &Path) -> u64 {
+    init();
+    let p = gst::parse::launch(&format!(
+        "filesrc location={} ! decodebin ! video/x-raw ! fakesink name=out",
+        path.display()
+    ))
+    .unwrap();
+    let n = std::sync::Arc::new(AtomicU64::new(0));
+    let sink = p
+        .downcast_ref::<gst::Bin>()
+        .unwrap()
+        .by_name("out")
+        .unwrap();
+    let c = n.clone();
+    sink.static_pad("sink")
+        .unwrap()
+        .add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+            c.fetch_add(1, Ordering::Relaxed);
+            gst::PadProbeReturn::Ok
+        });
+    run_to_eos(&p);
+    n.load(Ordering::Relaxed)
+}
+
+#[test]
+fn process_command_keeps_every_frame_and_reaches_100_percent() {
+    let dir = TempDir::new("jobs-cli-files");
+    let input = dir.0.join("in.mp4");
+    let output = dir.0.join("out.mp4");
+    make_input(&input);
+    assert_eq!(count_frames(&input), FRAMES);
+    let out = Command::new(env!("CARGO_BIN_EXE_rivulet"))
+        .arg("process")
+        .arg(&input)
+        .arg("-o")
+        .arg(&output)
+        .args(["--pipeline", "noop"])
+        .env("RIVULET_DATA_DIR", dir.0.join("data"))
+        .env("RIVULET_DEVICE", "cpu")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}{stderr}");
+    assert!(out.status.success());
+    assert!(
+        stdout.contains(&format!("{FRAMES} frames in, {FRAMES} frames out")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("stage noop: done"), "{stdout}");
+    // The progress bar ends full.
+    let last = stderr.rsplit('\r').find(|l| l.contains('%')).unwrap_or("");
+    assert!(last.contains("100.0%"), "last progress line: {last:?}");
+    assert_eq!(count_frames(&output), FRAMES, "every frame in the output");
+
+    // Bad invocations are clear errors.
+    let bad = Command::new(env!("CARGO_BIN_EXE_rivulet"))
+        .args(["process", "/nonexistent.mp4", "-o"])
+        .arg(dir.0.join("x.mp4"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("cannot read input /nonexistent.mp4"));
+    let bad = Command::new(env!("CARGO_BIN_EXE_rivulet"))
+        .arg("process")
+        .arg(&input)
+        .arg("-o")
+        .arg(dir.0.join("x.avi"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("use .ts, .mkv or .mp4"));
+}
+
+/// Reads `/v1/events` until a `progress` event of `job` in a final state; returns every
+/// progress event of that job.
+async fn follow_job(
+    events: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    job: &str,
+) -> Vec<Value> {
+    let mut buf = String::new();
+    let mut seen = Vec::new();
+    loop {
+        let chunk = tokio::time::timeout(Duration::from_secs(120), events.next())
+            .await
+            .expect("no feed event within 120 s")
+            .expect("feed ended")
+            .unwrap();
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let mut kind = "";
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(k) = line.strip_prefix("event:") {
+                    kind = k.trim();
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    data.push_str(d.trim_start());
+                }
+            }
+            if kind != "progress" {
+                continue;
+            }
+            let v: Value = serde_json::from_str(&data).unwrap();
+            if v["job"]["id"] != job {
+                continue;
+            }
+            let state = v["job"]["state"].as_str().unwrap_or_default().to_owned();
+            seen.push(v["job"].clone());
+            if state == "done" || state == "failed" {
+                return seen;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_jobs_report_progress_and_the_failing_stage() {
+    let dir = TempDir::new("jobs-api-files");
+    let input = dir.0.join("in.mp4");
+    let input2 = input.clone();
+    tokio::task::spawn_blocking(move || make_input(&input2))
+        .await
+        .unwrap();
+    let data_dir = dir.0.join("data").to_string_lossy().to_string();
+    let d = spawn_daemon(
+        "jobs-api",
+        &[
+            ("RIVULET_DATA_DIR", data_dir.as_str()),
+            ("RIVULET_DEVICE", "cpu"),
+        ],
+    );
+    let base = &d.base;
+    let http = reqwest::Client::new();
+    let mut events = http
+        .get(format!("{base}/v1/events"))
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+
+    // A two-stage chain saved as a template, run as a job.
+    let r = http
+        .post(format!("{base}/v1/pipelines"))
+        .json(&json!({"id": "two", "pipeline": ["noop", {"id": "b", "pipeline": "noop"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let output = dir.0.join("out.ts");
+    let r = http
+        .post(format!("{base}/v1/jobs"))
+        .json(&json!({"input": input, "output": output, "pipeline": "two"}))
+        .send()
+        .await
+        .unwrap();
+    let code = r.status();
+    let job: Value = r.json().await.unwrap();
+    assert_eq!(code, 201, "{job}");
+    let id = job["id"].as_str().unwrap().to_owned();
+    let progress = follow_job(&mut events, &id).await;
+    let last = progress.last().unwrap();
+    assert_eq!(last["state"], "done", "{last}");
+    assert_eq!(last["percent"], 100.0);
+    assert!(
+        progress
+            .windows(2)
+            .all(|w| w[0]["percent"].as_f64() <= w[1]["percent"].as_f64()),
+        "progress never goes back"
+    );
+    let status: Value = http
+        .get(format!("{base}/v1/jobs/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["state"], "done");
+    assert_eq!(status["frames_in"], FRAMES);
+    assert_eq!(status["frames_out"], FRAMES);
+    assert_eq!(status["stages_done"], 2);
+    assert_eq!(status["stages"][1]["id"], "b");
+    assert_eq!(status["stages"][1]["state"], "done");
+    let out2 = output.clone();
+    let n = tokio::task::spawn_blocking(move || count_frames(&out2))
+        .await
+        .unwrap();
+    assert_eq!(n, FRAMES, "every frame in the output");
+
+    // The second stage fails at its 20th frame: the job names it and keeps what was done.
+    let r = http
+        .post(format!("{base}/v1/pipelines"))
+        .json(&json!({"id": "failing", "pipeline": [
+            "noop", {"id": "breaks", "element": "identity", "params": {"error-after": 20}}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let partial = dir.0.join("partial.ts");
+    let r = http
+        .post(format!("{base}/v1/jobs"))
+        .json(&json!({"input": input, "output": partial, "pipeline": "failing"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id: String = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .into();
+    let progress = follow_job(&mut events, &id).await;
+    let last = progress.last().unwrap();
+    assert_eq!(last["state"], "failed", "{last}");
+    let status: Value = http
+        .get(format!("{base}/v1/jobs/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["failed_stage"], "breaks", "{status}");
+    assert_eq!(status["stages"][1]["state"], "failed");
+    assert!(
+        status["error"].as_str().unwrap().contains("stage-breaks"),
+        "{status}"
+    );
+    assert_eq!(status["output_kept"], true);
+    assert!(status["percent"].as_f64().unwrap() < 100.0);
+    let done = status["frames_out"].as_u64().unwrap();
+    assert!(done > 0 && done < FRAMES, "{status}");
+    let p2 = partial.clone();
+    let n = tokio::task::spawn_blocking(move || count_frames(&p2))
+        .await
+        .unwrap();
+    assert_eq!(
+        n, done,
+        "the partial output holds every frame done before the failure"
+    );
+
+    // Bad requests: 400 in the daemon's error shape.
+    for (req, want) in [
+        (
+            json!({"input": "/nonexistent.mp4", "output": partial, "pipeline": "noop"}),
+            "cannot read input",
+        ),
+        (
+            json!({"input": input, "output": "/nonexistent-dir/x.ts", "pipeline": "noop"}),
+            "does not exist",
+        ),
+        (
+            json!({"input": input, "output": partial, "pipeline": "no-such"}),
+            "unknown pipeline 'no-such'",
+        ),
+        (
+            json!({"output": partial, "pipeline": "noop"}),
+            "missing string field 'input'",
+        ),
+    ] {
+        let r = http
+            .post(format!("{base}/v1/jobs"))
+            .json(&req)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{req}");
+        let body: Value = r.json().await.unwrap();
+        let msg = body["detail"]["msg"].as_str().unwrap();
+        assert!(msg.contains(want), "{msg:?} should contain {want:?}");
+    }
+    let r = http
+        .get(format!("{base}/v1/jobs/job-999"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
