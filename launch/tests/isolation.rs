@@ -1,0 +1,267 @@
+// SPDX-License-Identifier: MPL-2.0
+//! The daemon with inference in a child process (`RIVULET_ISOLATION=process`, the default): the
+//! child is killed with SIGKILL during a real stream; the daemon counts one runner restart
+//! (`restart` event, `restart_count` 1 in /api/status) and the output goes on, real frames
+//! again after the reload.
+
+use gsttrickle::protocol::client::{Subscriber, SubscriberConfig};
+use serde_json::{Value, json};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant};
+
+use gst::prelude::*;
+
+mod common;
+use common::{create_channel, spawn_daemon};
+
+fn init() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        gst::init().unwrap();
+        gsttrickle::plugin_register_static().unwrap();
+    });
+}
+
+async fn set_state(p: &gst::Pipeline, state: gst::State) {
+    let p = p.clone();
+    tokio::task::spawn_blocking(move || p.set_state(state))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("state change to {state:?} failed: {e}"));
+}
+
+async fn get_json(http: &reqwest::Client, url: &str) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// Polls `f` on /api/status every 100 ms until it holds; `within` is the failure bound.
+async fn wait_status(
+    http: &reqwest::Client,
+    base: &str,
+    within: Duration,
+    what: &str,
+    f: impl Fn(&Value) -> bool,
+) -> Value {
+    let t = Instant::now();
+    loop {
+        let s = get_json(http, &format!("{base}/api/status")).await;
+        if f(&s) {
+            return s;
+        }
+        assert!(t.elapsed() < within, "{what}: status {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The daemon's inference child: a child process of `daemon` run with `aipipeline-child`.
+fn inference_children(daemon: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // pid (comm) state ppid ...
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if ppid == Some(daemon) && cmdline.split(|b| *b == 0).any(|a| a == b"aipipeline-child") {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Live input: videotestsrc at 30 fps plus a tone, into `url`.
+fn input_pipeline(url: &str) -> gst::Pipeline {
+    gst::parse::launch(&format!(
+        "videotestsrc is-live=true pattern=ball ! \
+           video/x-raw,format=I420,width=640,height=480,framerate=30/1 ! \
+         tricklesink name=pub url={url} min-segment-duration=500000000 \
+         audiotestsrc is-live=true samplesperbuffer=1600 ! audio/x-raw,rate=48000,channels=2 ! pub."
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap()
+}
+
+/// Counts the video frames of the output channel.
+fn output_counter(url: &str) -> (gst::Pipeline, Arc<AtomicU64>) {
+    let pipeline = gst::Pipeline::new();
+    let src = gst::ElementFactory::make("tricklesrc")
+        .property("url", url)
+        .property("start-seq", 0i64)
+        .build()
+        .unwrap();
+    pipeline.add(&src).unwrap();
+    let count = Arc::new(AtomicU64::new(0));
+    let c = count.clone();
+    let weak = pipeline.downgrade();
+    src.connect_pad_added(move |_, pad| {
+        let Some(pipeline) = weak.upgrade() else {
+            return;
+        };
+        let sink = gst_app::AppSink::builder().sync(false).build();
+        if pad.name().starts_with("video") {
+            let c = c.clone();
+            sink.set_callbacks(
+                gst_app::AppSinkCallbacks::builder()
+                    .new_sample(move |s| {
+                        let _ = s.pull_sample();
+                        c.fetch_add(1, Ordering::SeqCst);
+                        Ok(gst::FlowSuccess::Ok)
+                    })
+                    .build(),
+            );
+        }
+        let sink: gst::Element = sink.upcast();
+        pipeline.add(&sink).unwrap();
+        sink.sync_state_with_parent().unwrap();
+        pad.link(&sink.static_pad("sink").unwrap()).unwrap();
+    });
+    (pipeline, count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_inference_child_restarts_it_and_the_stream_goes_on() {
+    init();
+    let d = spawn_daemon("isolation", &[("RIVULET_ISOLATION", "process")]);
+    let daemon_pid = d.child.id();
+    let http = reqwest::Client::new();
+    let base = d.base.clone();
+    let t = Instant::now();
+    loop {
+        let v = get_json(&http, &format!("{base}/health")).await;
+        if v["status"] == "IDLE" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "health {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mid = "iso00001";
+    for (suffix, mime) in [
+        ("", "video/MP2T"),
+        ("-out", "video/MP2T"),
+        ("-control", "application/json"),
+        ("-events", "application/json"),
+    ] {
+        create_channel(&http, &base, &format!("{mid}{suffix}"), mime).await;
+    }
+    let url = |s: &str| format!("{base}/trickle/{mid}{s}");
+    let mut events = Subscriber::new(
+        &url("-events"),
+        SubscriberConfig {
+            start_seq: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (restart_tx, mut restart_rx) = tokio::sync::mpsc::channel::<Value>(4);
+    tokio::spawn(async move {
+        while let Ok(Some(seg)) = events.next_segment().await {
+            if let Ok(body) = seg.read_all(1 << 20).await
+                && let Ok(v) = serde_json::from_slice::<Value>(&body)
+                && v["event"]["type"] == "restart"
+            {
+                assert_eq!(v["queue_event_type"], "ai_stream_events");
+                let _ = restart_tx.send(v["event"].clone()).await;
+            }
+        }
+    });
+    let start = json!({
+        "subscribe_url": url(""), "publish_url": url("-out"),
+        "control_url": url("-control"), "events_url": url("-events"),
+        "model_id": "noop", "params": {"width": 384, "height": 384},
+        "gateway_request_id": "req-iso", "manifest_id": mid, "stream_id": "s-iso"
+    });
+    let r = http
+        .post(format!("{base}/live-video-to-video"))
+        .json(&start)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (reader, out_frames) = output_counter(&url("-out"));
+    set_state(&reader, gst::State::Playing).await;
+    let input = input_pipeline(&url(""));
+    set_state(&input, gst::State::Playing).await;
+
+    // Real output flows from the child.
+    let s = wait_status(
+        &http,
+        &base,
+        Duration::from_secs(60),
+        "no real output",
+        |s| s["inference_status"]["last_output_time"].is_i64(),
+    )
+    .await;
+    assert_eq!(s["inference_status"]["restart_count"], 0);
+    let children = inference_children(daemon_pid);
+    assert_eq!(children.len(), 1, "one inference child: {children:?}");
+    let victim = children[0];
+    // SAFETY: plain syscall on the daemon's child.
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    let killed_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let frames_at_kill = out_frames.load(Ordering::SeqCst);
+
+    let ev = tokio::time::timeout(Duration::from_secs(30), restart_rx.recv())
+        .await
+        .expect("no restart event")
+        .expect("events channel ended");
+    assert_eq!(ev["restart_count"], 1);
+    let logs = ev["restart_logs"].as_array().expect("restart_logs").clone();
+    assert!(
+        logs.first()
+            .and_then(Value::as_str)
+            .is_some_and(|l| l.contains("died") && l.contains("signal 9")),
+        "{logs:?}"
+    );
+    assert!(
+        logs.iter()
+            .any(|l| l.as_str().is_some_and(|l| l.contains("loaded"))),
+        "the child's own log lines: {logs:?}"
+    );
+    // Real frames again after the restart, counted once in /api/status.
+    let s = wait_status(
+        &http,
+        &base,
+        Duration::from_secs(60),
+        "no real output after the restart",
+        |s| {
+            s["inference_status"]["restart_count"] == 1
+                && s["inference_status"]["last_output_time"]
+                    .as_i64()
+                    .is_some_and(|t| t > killed_ms)
+        },
+    )
+    .await;
+    assert!(s["inference_status"]["last_restart_time"].as_i64().unwrap() >= killed_ms - 1000);
+    let t = Instant::now();
+    while out_frames.load(Ordering::SeqCst) < frames_at_kill + 30 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the output did not go on"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let now = inference_children(daemon_pid);
+    assert!(
+        now.len() == 1 && now[0] != victim,
+        "a new child replaced {victim}: {now:?}"
+    );
+    let h = get_json(&http, &format!("{base}/health")).await;
+    assert_eq!(h["status"], "OK");
+
+    set_state(&input, gst::State::Null).await;
+    set_state(&reader, gst::State::Null).await;
+}
