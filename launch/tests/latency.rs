@@ -1,0 +1,200 @@
+// SPDX-License-Identifier: MPL-2.0
+//! Issue 11, functional (not timed): through the daemon's `noop` runner, every frame is released
+//! as soon as it is complete, even when the next one is late. The publisher sends one large
+//! frame (noise, well over 64 KiB encoded) and sends nothing more until the reader has decoded
+//! that frame from the output channel; one frame is followed by a real 2 s pause. Every frame
+//! must come out in order, undamaged, with its input PTS, within a generous bound (1.5 s) while
+//! the publisher waits. Speed is measured by `benches/e2e_latency.rs`, not here.
+
+use gst::prelude::*;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{create_channel, spawn_daemon};
+
+const S: usize = 512;
+const BITS: usize = 16;
+/// Far above any processing time of one frame, far below the 2 s pause.
+const BOUND: Duration = Duration::from_millis(1500);
+
+/// A 512×512 I420 frame: `n` as 16 black/white 32×32 squares on top, fresh noise below.
+fn frame(n: u32) -> Vec<u8> {
+    let block = S / BITS;
+    let mut f = vec![128u8; S * S * 3 / 2];
+    for bit in 0..BITS {
+        let v = if n >> bit & 1 == 1 { 235 } else { 16 };
+        for y in 0..block {
+            f[y * S + bit * block..y * S + (bit + 1) * block].fill(v);
+        }
+    }
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(n).wrapping_mul(0x2545_f491_4f6c_dd1d);
+    for px in &mut f[(block + 2) * S..S * S] {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *px = 32 + (x % 192) as u8;
+    }
+    f
+}
+
+/// The index drawn by [`frame`], read back from a decoded I420 sample (None: not one of ours).
+fn stamp(sample: &gst::Sample) -> Option<u32> {
+    let info = gst_video::VideoInfo::from_caps(sample.caps()?).ok()?;
+    if info.width() as usize != S || info.height() as usize != S {
+        return None;
+    }
+    let buf = sample.buffer()?;
+    let map = buf.map_readable().ok()?;
+    let luma = &map[info.offset()[0]..];
+    let stride = info.stride()[0] as usize;
+    let block = S / BITS;
+    let mut n = 0;
+    for bit in 0..BITS {
+        let (cx, cy) = (bit * block + block / 2, block / 2);
+        let mut sum = 0u32;
+        for y in cy - 4..cy + 4 {
+            for x in cx - 4..cx + 4 {
+                sum += u32::from(luma[y * stride + x]);
+            }
+        }
+        let mean = sum / 64;
+        if mean > 160 {
+            n |= 1 << bit;
+        } else if mean > 80 {
+            return None; // neither black nor white: not a stamped frame (e.g. loading frame)
+        }
+    }
+    Some(n)
+}
+
+#[test]
+fn every_frame_leaves_the_runner_when_complete_even_when_the_next_is_late() {
+    gst::init().unwrap();
+    gsttrickle::plugin_register_static().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let d = spawn_daemon("latency", &[("RIVULET_FPS_CAP", "0")]);
+    let base = d.base.clone();
+    let http = reqwest::Client::new();
+    let mid = "lat00001";
+    let url = |s: &str| format!("{base}/trickle/{mid}{s}");
+    rt.block_on(async {
+        // The pipeline loads before the daemon reports IDLE.
+        let t = Instant::now();
+        loop {
+            let v: serde_json::Value = http
+                .get(format!("{base}/health"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if v["status"] == "IDLE" {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "health is {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        create_channel(&http, &base, mid, "video/MP2T").await;
+        create_channel(&http, &base, &format!("{mid}-out"), "video/MP2T").await;
+        let start = json!({
+            "subscribe_url": url(""), "publish_url": url("-out"),
+            "model_id": "noop", "params": {"width": S, "height": S},
+            "gateway_request_id": "lat-1", "manifest_id": mid, "stream_id": "lat",
+        });
+        let r = http
+            .post(format!("{base}/live-video-to-video"))
+            .json(&start)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "stream start");
+    });
+
+    let reader = gst::parse::launch(&format!(
+        "tricklesrc url={} start-seq=0 do-timestamp=false ! videoconvert ! video/x-raw,format=I420 \
+         ! appsink name=out sync=false",
+        url("-out")
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let out = reader
+        .by_name("out")
+        .unwrap()
+        .downcast::<gst_app::AppSink>()
+        .unwrap();
+    reader.set_state(gst::State::Playing).unwrap();
+    let publisher = gst::parse::launch(&format!(
+        "appsrc name=in format=time caps=video/x-raw,format=I420,width={S},height={S},framerate=30/1 \
+         ! tricklesink url={} min-segment-duration=300000000 idr-interval=300000000 bitrate=40000",
+        url("")
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let src = publisher
+        .by_name("in")
+        .unwrap()
+        .downcast::<gst_app::AppSrc>()
+        .unwrap();
+    publisher.set_state(gst::State::Playing).unwrap();
+
+    let frames = 24u32;
+    let mut pts = Vec::new();
+    for n in 0..frames {
+        let mut buf = gst::Buffer::from_mut_slice(frame(n));
+        {
+            let b = buf.get_mut().unwrap();
+            b.set_pts(gst::ClockTime::from_nseconds(
+                u64::from(n) * 1_000_000_000 / 30,
+            ));
+            b.set_duration(gst::ClockTime::from_nseconds(1_000_000_000 / 30));
+        }
+        src.push_buffer(buf).unwrap();
+        // Frame 0 waits for the stream to start (graph, encoders, first segments).
+        let bound = if n == 0 {
+            Duration::from_secs(60)
+        } else {
+            BOUND
+        };
+        let deadline = Instant::now() + bound;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let sample = out
+                .try_pull_sample(gst::ClockTime::from_nseconds(left.as_nanos() as u64))
+                .unwrap_or_else(|| {
+                    panic!("frame {n} did not come out within {bound:?} while the publisher waited")
+                });
+            match stamp(&sample) {
+                Some(got) if got == n => {
+                    pts.push(sample.buffer().unwrap().pts().unwrap());
+                    break;
+                }
+                // Before the first frame, the runner may show its loading picture.
+                None if n == 0 => continue,
+                other => panic!("expected frame {n}, got {other:?}: dropped, reordered or damaged"),
+            }
+        }
+        if n == 12 {
+            std::thread::sleep(Duration::from_secs(2));
+            assert!(
+                out.try_pull_sample(gst::ClockTime::ZERO).is_none(),
+                "a frame came out that was never published"
+            );
+        }
+    }
+    // The input PTS, kept by the runner: 1/30 s steps from the first frame.
+    for (n, p) in pts.iter().enumerate() {
+        let want = pts[0].nseconds() + n as u64 * 1_000_000_000 / 30;
+        assert!(
+            (p.nseconds() as i64 - want as i64).abs() <= 1_000_000,
+            "frame {n}: PTS {p}, expected {}",
+            gst::ClockTime::from_nseconds(want)
+        );
+    }
+    publisher.set_state(gst::State::Null).unwrap();
+    reader.set_state(gst::State::Null).unwrap();
+    drop(d);
+}
