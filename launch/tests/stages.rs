@@ -212,6 +212,30 @@ fn chain_equals_models_in_sequence() {
 }
 
 #[test]
+fn element_stage_with_properties_in_a_chain() {
+    init();
+    let (g, cfg) = built(
+        json!([
+            {"id": "flip", "element": "videoflip", "params": {"method": "horizontal-flip"}},
+            "invert",
+        ]),
+        &json!({}),
+    );
+    let input = picture(384, 384, 40);
+    let mut rig = Rig::new(g.bin.upcast_ref(), 384, 384);
+    let (_, _, out) = rig.run(&input);
+    rig.finish();
+    // Mirror each row by hand, then invert with a lone aipipeline.
+    let flipped: Vec<u8> = input
+        .chunks(384 * 3)
+        .flat_map(|row| row.chunks(3).rev().flatten().copied().collect::<Vec<u8>>())
+        .collect();
+    let expected = apply(&cfg, "invert", &json!({}), &flipped, 384, 384);
+    assert_eq!(diff(&out, &expected), 0, "flip then invert");
+    assert_eq!(g.stats()[0].provider, "element videoflip");
+}
+
+#[test]
 fn parallel_branches_side_by_side() {
     init();
     let (g, cfg) = built(
@@ -376,7 +400,10 @@ fn failover_to_next_provider_when_one_cannot_load() {
 fn no_provider_loads_is_a_clear_error() {
     init();
     let cfg = config();
-    let def = graph::parse(&json!({"stages": [{"id": "fx", "pipeline": "badshape"}]})).unwrap();
+    let def = graph::parse(&json!({"stages": [
+        {"id": "fx", "providers": ["badshape", {"pipeline": "badshape", "device": "cpu"}]}
+    ]}))
+    .unwrap();
     graph::validate(&def, &cfg).unwrap();
     let err = graph::build(&def, &cfg, &json!({}))
         .err()

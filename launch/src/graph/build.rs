@@ -151,6 +151,8 @@ impl Source {
 fn side_by_side(bin: &gst::Bin, inputs: Vec<gst::Pad>) -> Result<gst::Pad, String> {
     let comp = make("compositor", None)?;
     comp.set_property_from_str("background", "black");
+    // Output from the first input's time on (not from 0: input PTS are kept, not rebased).
+    comp.set_property_from_str("start-time-selection", "first");
     let caps = make("capsfilter", None)?;
     caps.set_property(
         "caps",

@@ -73,13 +73,15 @@ fn merged_params(def: &StageDef, stream: &Value) -> Value {
     p
 }
 
-/// Makes the unit of `provider`; for a pipeline, loads it once (in a scratch pipeline, to get
-/// the error) so that a provider that cannot load is skipped before the stream starts.
+/// Makes the unit of `provider`. With `check`, a pipeline is loaded once first (in a scratch
+/// pipeline, to get the error), so that a provider that cannot load is skipped before the
+/// stream starts; without (no provider after it), a load failure fails the stream's start.
 fn make_unit(
     def: &StageDef,
     provider: &Provider,
     cfg: &Config,
     params: &Value,
+    check: bool,
 ) -> Result<(gst::Bin, Option<gst::Element>), String> {
     let unit = gst::Bin::new();
     if let Some(name) = &provider.pipeline {
@@ -96,7 +98,9 @@ fn make_unit(
                 ai.set_property("pass-late-frames", true);
             }
         }
-        check_loads(&ai)?;
+        if check {
+            check_loads(&ai)?;
+        }
         unit.add(&ai).map_err(|e| e.to_string())?;
         ghost(&unit, &ai, &ai)?;
         Ok((unit, Some(ai)))
@@ -186,7 +190,10 @@ impl Stage {
         let mut pending = Vec::new();
         let mut chosen = None;
         for (i, p) in providers.iter().enumerate() {
-            match make_unit(def, p, cfg, params) {
+            // The last provider is checked too when others failed before it: the build then
+            // fails with every provider's reason.
+            let check = i + 1 < providers.len() || i > 0;
+            match make_unit(def, p, cfg, params, check) {
                 Ok(u) => {
                     chosen = Some((i, u));
                     break;
@@ -425,7 +432,7 @@ impl Stage {
                 i.last_error = Some(format!("{reason}; no provider left"));
                 return;
             };
-            match make_unit(&self.def, p, &self.cfg, &params) {
+            match make_unit(&self.def, p, &self.cfg, &params, true) {
                 Ok((u, a)) => break (next, u, a),
                 Err(e) => {
                     tracing::warn!(
