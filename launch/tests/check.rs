@@ -4,12 +4,16 @@
 //! (`examples/gst-plugin-example-tint`, built here on its own) and elements that break the
 //! contract.
 
+use gst::prelude::*;
+use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-#[allow(dead_code)] // shared with the daemon tests: only TempDir is used here
+#[allow(dead_code)] // shared with the daemon tests
 mod common;
-use common::TempDir;
+use common::{TempDir, spawn_daemon};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -136,7 +140,7 @@ fn unknown_name_is_a_clear_error() {
 /// Builds `examples/gst-plugin-example-tint` on its own (not a workspace member) into
 /// `target/examples`, and returns a fresh directory holding only its plugin, for
 /// `GST_PLUGIN_PATH`.
-pub fn build_example_plugin(dir: &TempDir) -> PathBuf {
+pub fn build_example_plugin(dir: &Path) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target"))
@@ -148,7 +152,7 @@ pub fn build_example_plugin(dir: &TempDir) -> PathBuf {
         .status()
         .expect("cannot run cargo");
     assert!(status.success(), "the example plugin does not build");
-    let plugins = dir.0.join("plugins");
+    let plugins = dir.join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
     std::fs::copy(
         target.join("debug/libgstrivulettint.so"),
@@ -161,7 +165,7 @@ pub fn build_example_plugin(dir: &TempDir) -> PathBuf {
 #[test]
 fn external_example_plugin_follows_the_contract() {
     let dir = TempDir::new("check-example");
-    let plugins = build_example_plugin(&dir);
+    let plugins = build_example_plugin(&dir.0);
     let registry = dir.0.join("registry.bin");
     let r = check_pipeline(
         &["rivulettint"],
@@ -173,4 +177,186 @@ fn external_example_plugin_follows_the_contract() {
         assert_eq!(r.result(c), "PASS", "{c}");
     }
     assert_eq!(r.result("loading-events"), "PASS");
+}
+
+/// Runs a launch line to EOS (bounded); panics on an error.
+fn run_to_eos(pipeline: &gst::Element) {
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let msg = pipeline
+        .bus()
+        .unwrap()
+        .timed_pop_filtered(
+            gst::ClockTime::from_seconds(60),
+            &[gst::MessageType::Eos, gst::MessageType::Error],
+        )
+        .expect("no EOS within 60 s");
+    pipeline.set_state(gst::State::Null).unwrap();
+    if let gst::MessageView::Error(e) = msg.view() {
+        panic!("{}: {:?}", e.error(), e.debug());
+    }
+}
+
+/// Frames of `path` decoded to RGB: (count, width, height, mean R, G, B of the last frame).
+fn decode_rgb(path: &Path) -> (u64, i32, i32, [f64; 3]) {
+    let p = gst::parse::launch(&format!(
+        "filesrc location={} ! decodebin ! videoconvert ! video/x-raw,format=RGB ! fakesink name=out",
+        path.display()
+    ))
+    .unwrap();
+    let seen = Arc::new(Mutex::new((0u64, 0, 0, [0.0; 3])));
+    let s = seen.clone();
+    let sink = p
+        .downcast_ref::<gst::Bin>()
+        .unwrap()
+        .by_name("out")
+        .unwrap();
+    sink.static_pad("sink")
+        .unwrap()
+        .add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
+            let Some(gst::PadProbeData::Buffer(b)) = &info.data else {
+                return gst::PadProbeReturn::Ok;
+            };
+            let info = gst_video::VideoInfo::from_caps(&pad.current_caps().unwrap()).unwrap();
+            let (w, h) = (info.width() as usize, info.height() as usize);
+            let stride = info.stride()[0] as usize;
+            let map = b.map_readable().unwrap();
+            let mut sum = [0f64; 3];
+            for y in 0..h {
+                for px in map[y * stride..y * stride + w * 3].chunks_exact(3) {
+                    for c in 0..3 {
+                        sum[c] += px[c] as f64;
+                    }
+                }
+            }
+            let mut g = s.lock().unwrap();
+            g.0 += 1;
+            g.1 = w as i32;
+            g.2 = h as i32;
+            g.3 = sum.map(|v| v / (w * h) as f64);
+            gst::PadProbeReturn::Ok
+        });
+    run_to_eos(&p);
+    *seen.lock().unwrap()
+}
+
+/// Reads the `/v1/events` feed until a `progress` event says `job` ended.
+async fn wait_job_end(
+    events: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    job: &str,
+) {
+    use futures::StreamExt;
+    let mut buf = String::new();
+    loop {
+        let chunk = tokio::time::timeout(Duration::from_secs(120), events.next())
+            .await
+            .expect("job did not end within 120 s")
+            .expect("feed ended")
+            .unwrap();
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let Some(data) = block.lines().find_map(|l| l.strip_prefix("data:")) else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<Value>(data.trim()) else {
+                continue;
+            };
+            if v["type"] == "progress"
+                && v["job"]["id"] == job
+                && (v["job"]["state"] == "done" || v["job"]["state"] == "failed")
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// The daemon finds the external element through GST_PLUGIN_PATH and runs it by name in a
+/// graph stage (a template, then a file job).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_runs_the_external_element_by_name_in_a_stage() {
+    gst::init().unwrap();
+    let dir = TempDir::new("check-example-daemon");
+    let d0 = dir.0.clone();
+    let plugins = tokio::task::spawn_blocking(move || build_example_plugin(&d0))
+        .await
+        .unwrap();
+    const FRAMES: u64 = 24;
+    let input = dir.0.join("in.mp4");
+    let output = dir.0.join("out.ts");
+    let launch = gst::parse::launch(&format!(
+        "videotestsrc num-buffers={FRAMES} pattern=smpte ! \
+         video/x-raw,width=640,height=480,framerate=30/1 ! x264enc ! mp4mux ! filesink location={}",
+        input.display()
+    ))
+    .unwrap();
+    tokio::task::spawn_blocking(move || run_to_eos(&launch))
+        .await
+        .unwrap();
+
+    let plugin_path = plugins.to_string_lossy().to_string();
+    let registry = dir.0.join("registry.bin").to_string_lossy().to_string();
+    let data_dir = dir.0.join("data").to_string_lossy().to_string();
+    let d = spawn_daemon(
+        "check-example-serve",
+        &[
+            ("GST_PLUGIN_PATH", plugin_path.as_str()),
+            ("GST_REGISTRY", registry.as_str()),
+            ("RIVULET_DATA_DIR", data_dir.as_str()),
+            ("RIVULET_DEVICE", "cpu"),
+        ],
+    );
+    let http = reqwest::Client::new();
+    let mut events = http
+        .get(format!("{}/v1/events", d.base))
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+    // Red only: green and blue gains 0.
+    let r = http
+        .post(format!("{}/v1/pipelines", d.base))
+        .json(&json!({"id": "tinted", "pipeline": [
+            "noop",
+            {"id": "tint", "element": "rivulettint",
+             "params": {"params": {"color": [1.0, 0.0, 0.0], "strength": 1.0}}}
+        ]}))
+        .send()
+        .await
+        .unwrap();
+    let code = r.status();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(code, 201, "{body}");
+    let r = http
+        .post(format!("{}/v1/jobs", d.base))
+        .json(&json!({"input": input, "output": output, "pipeline": "tinted"}))
+        .send()
+        .await
+        .unwrap();
+    let code = r.status();
+    let job: Value = r.json().await.unwrap();
+    assert_eq!(code, 201, "{job}");
+    let id = job["id"].as_str().unwrap();
+    wait_job_end(&mut events, id).await;
+    let status: Value = http
+        .get(format!("{}/v1/jobs/{id}", d.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(status["frames_out"], FRAMES);
+    assert_eq!(status["stages"][1]["provider"], "element rivulettint");
+    let (frames, w, h, mean) = tokio::task::spawn_blocking(move || decode_rgb(&output))
+        .await
+        .unwrap();
+    assert_eq!(frames, FRAMES);
+    // rivulettint's default size, and its tint: red kept, green and blue gone.
+    assert_eq!((w, h), (512, 512));
+    assert!(
+        mean[0] > 60.0 && mean[1] < 12.0 && mean[2] < 12.0,
+        "mean RGB {mean:?}"
+    );
 }
