@@ -78,6 +78,13 @@ impl BuiltGraph {
         self.stages.iter().map(|(s, _)| s.stats()).collect()
     }
 
+    /// Records a warning or error seen on the bus for stage `id` (its `last_error`).
+    pub fn record_error(&self, id: &str, error: &str) {
+        if let Some((s, _)) = self.stages.iter().find(|(s, _)| s.id() == id) {
+            s.record_error(error);
+        }
+    }
+
     /// The stream params last applied.
     pub fn params(&self) -> Value {
         self.params.lock().unwrap().clone()

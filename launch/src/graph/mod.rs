@@ -889,6 +889,21 @@ pub fn stage_event(msg: &gst::Message) -> Option<Value> {
     serde_json::from_str(s.get::<&str>("json").ok()?).ok()
 }
 
+/// The id of the stage `obj` belongs to (its own or an ancestor's name `stage-<id>`).
+pub fn stage_of(obj: &gst::Object) -> Option<String> {
+    let mut cur = Some(obj.clone());
+    while let Some(o) = cur {
+        if let Some(id) = o.name().strip_prefix(STAGE_BIN_PREFIX) {
+            return Some(id.to_string());
+        }
+        cur = o.parent();
+    }
+    None
+}
+
+/// Stage bins are named `stage-<id>`.
+pub const STAGE_BIN_PREFIX: &str = "stage-";
+
 /// Posts a graph event from `element` (see [`stage_event`]).
 pub(crate) fn post_event(element: &gst::Element, event: Value) {
     let s = gst::Structure::builder(STAGE_MESSAGE)

@@ -222,7 +222,7 @@ impl Stage {
         } else {
             StageKind::Element
         };
-        let bin = gst::Bin::with_name(&format!("stage-{}", def.id));
+        let bin = gst::Bin::with_name(&format!("{}{}", super::STAGE_BIN_PREFIX, def.id));
         let queue = make("queue", None)?;
         queue.set_property("max-size-buffers", 3u32);
         queue.set_property("max-size-bytes", 0u32);
@@ -505,6 +505,14 @@ impl Stage {
             json!({"type": "stage_failover", "stage": self.def.id, "from": from, "to": to,
                    "reason": reason, "ok": swapped.is_ok()}),
         );
+    }
+
+    pub(super) fn id(&self) -> &str {
+        &self.def.id
+    }
+
+    pub(super) fn record_error(&self, error: &str) {
+        self.inner.lock().unwrap().last_error = Some(error.to_string());
     }
 
     pub(super) fn set_bypassed(&self, bypassed: bool) {
