@@ -84,6 +84,8 @@ pub(crate) struct Core {
     pub preview_output: Option<bytes::Bytes>,
     /// The running stream's stage graph, when it runs one (per-stage status).
     pub graph: Option<Arc<crate::graph::BuiltGraph>>,
+    /// A computed ERROR asked `aipipeline` for a child restart that has not happened yet.
+    pub child_restart_requested: bool,
 }
 
 pub struct Daemon {
@@ -134,6 +136,7 @@ impl Daemon {
                 preview_input: None,
                 preview_output: None,
                 graph: None,
+                child_restart_requested: false,
             }),
             templates: Arc::new(crate::templates::Templates::open(&config.data_dir)),
             feed: crate::feed::Feed::new(),
@@ -496,6 +499,10 @@ impl Daemon {
                     c.current_params = self.config.initial_params.clone();
                 }
                 Action::ComputedError { fatal } => {
+                    // Isolated inference: replace the child and keep the stream (§7.2).
+                    if !fatal && self.config.isolation && self.request_child_restart().await {
+                        continue;
+                    }
                     self.stop_stream("computed ERROR").await;
                     if !fatal {
                         self.restart_inference(restart_count, "computed ERROR")
@@ -508,12 +515,28 @@ impl Daemon {
 
     /// Restarts the inference side: the runner's pipeline-process restart (§7), in process.
     async fn restart_inference(self: &Arc<Self>, restart_count: u32, why: &str) {
-        let now = now_secs();
         let logs = vec![format!("inference restarted after: {why}")];
-        {
+        self.count_restart(Some(restart_count), logs, false);
+        self.clone().load_pipeline();
+    }
+
+    /// Inference restarts so far (over the daemon's life).
+    pub fn restart_count(&self) -> u32 {
+        self.core.lock().unwrap().inference.restart_count
+    }
+
+    /// One inference restart (runner-compat.md §7): `inference_status` replaced by
+    /// `{restart_count + 1, last_restart_time, last_restart_logs}`, LOADING until ready, and a
+    /// `restart` event. `from` is the count the decision was taken on (else the current one).
+    /// For a child restart the element's loading/online events drive readiness instead (the
+    /// bus message may be seen after a quick reload's online event).
+    fn count_restart(&self, from: Option<u32>, logs: Vec<String>, child: bool) -> u32 {
+        let now = now_secs();
+        let count = {
             let mut c = self.core.lock().unwrap();
+            let count = from.unwrap_or(c.inference.restart_count) + 1;
             c.inference = InferenceStatus {
-                restart_count: restart_count + 1,
+                restart_count: count,
                 last_restart_time: Some(ms(now)),
                 last_restart_logs: Some(logs.clone()),
                 ..Default::default()
@@ -521,18 +544,56 @@ impl Daemon {
             c.last_restart_time = Some(now);
             c.last_error_time = None;
             c.process_start_time = now;
-            c.pipeline_ready = false;
+            if !child {
+                c.pipeline_ready = false;
+            }
             c.inference_alive = true;
             c.last_output_time = None;
+            c.child_restart_requested = false;
             c.machine.on_restart(now);
-        }
+            count
+        };
         self.emit(
             json!({"type": "restart", "pipeline": self.config.pipeline,
-                   "restart_count": restart_count + 1, "restart_time": now,
+                   "restart_count": count, "restart_time": now,
                    "restart_logs": logs, "timestamp": ms(now)}),
             "ai_stream_events",
         );
-        self.clone().load_pipeline();
+        count
+    }
+
+    /// `aipipeline` lost its inference child (isolation=process) and is restarting it while
+    /// the stream goes on with loading frames: one runner inference restart (§7.2). The
+    /// element's ONLINE event ends the LOADING state.
+    pub fn on_child_restart(&self, reason: &str, child_logs: &str) {
+        let mut logs = vec![format!("inference child restarted: {reason}")];
+        logs.extend(child_logs.lines().map(str::to_string));
+        let count = self.count_restart(None, logs, true);
+        tracing::warn!(%reason, restart_count = count, "inference child restarted");
+    }
+
+    /// `aipipeline` gave up on its inference child (restart limit): inference is dead, so the
+    /// next health evaluation computes ERROR, stored for good since the limit is reached.
+    pub fn on_child_limit(&self) {
+        self.core.lock().unwrap().inference_alive = false;
+    }
+
+    /// Asks the running stream's `aipipeline` to replace its inference child (a computed
+    /// ERROR while isolated). False when no stream runs; true while a request is pending.
+    async fn request_child_restart(self: &Arc<Self>) -> bool {
+        let slot = self.stream.lock().await;
+        let Some(stream) = slot.as_ref() else {
+            return false;
+        };
+        if self.core.lock().unwrap().child_restart_requested {
+            return true;
+        }
+        if !stream.restart_child() {
+            return false;
+        }
+        tracing::warn!("computed ERROR: restarting the inference child");
+        self.core.lock().unwrap().child_restart_requested = true;
+        true
     }
 
     /// Loads (verifies) the pipeline in the background: initial params first, then `{}`.

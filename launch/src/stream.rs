@@ -216,6 +216,17 @@ impl StreamHandle {
         &self.request_id
     }
 
+    /// Asks `aipipeline` to kill and restart its inference child (isolation=process) at the
+    /// next frame; the restart is then reported like a crash (`aipipeline-restart`). False
+    /// when there is no such child (a stage graph's aipipelines run in-process).
+    pub fn restart_child(&self) -> bool {
+        if self.graph.is_some() {
+            return false;
+        }
+        self.aipipeline.emit_by_name::<()>("restart-child", &[]);
+        true
+    }
+
     /// Applies a (validated) params object to the running pipeline: full replacement.
     pub fn apply_params(&self, params: &Value) {
         match &self.graph {
@@ -613,12 +624,13 @@ fn make_processing(
     cfg: &Config,
     def: Option<&GraphDef>,
     params: &Value,
+    max_restarts: u32,
 ) -> Result<(gst::Element, Option<Arc<BuiltGraph>>), String> {
     match def {
-        None => Ok((make_aipipeline(cfg, params)?, None)),
+        None => Ok((make_aipipeline(cfg, params, max_restarts)?, None)),
         Some(d) => match d.single_pipeline() {
             Some(name) => {
-                let ai = make_aipipeline(cfg, params)?;
+                let ai = make_aipipeline(cfg, params, max_restarts)?;
                 ai.set_property("pipeline", name);
                 Ok((ai, None))
             }
@@ -642,8 +654,10 @@ fn build_graph(daemon: &Arc<Daemon>, req: &StartRequest) -> Result<Built, String
     src.set_property("do-timestamp", false);
     src.set_property("tls-verify", cfg.tls_verify);
     let convert = make("videoconvert", None)?;
+    // The runner's 3 restarts are counted over the daemon's life.
+    let restarts_left = 3u32.saturating_sub(daemon.restart_count());
     let def = stream_graph(daemon, req)?;
-    let (ai, graph) = make_processing(cfg, def.as_ref(), &req.params)?;
+    let (ai, graph) = make_processing(cfg, def.as_ref(), &req.params, restarts_left)?;
     let overlay = make("loadingoverlay", Some("overlay"))?;
     let sink = make("tricklesink", Some("sink"))?;
     sink.set_property("url", &req.publish_url);
@@ -730,10 +744,23 @@ fn link_audio(pipeline: &gst::Pipeline, pad: &gst::Pad, sink: &gst::Element) -> 
     Ok(())
 }
 
-fn make_aipipeline(cfg: &Config, params: &Value) -> Result<gst::Element, String> {
+fn make_aipipeline(
+    cfg: &Config,
+    params: &Value,
+    max_restarts: u32,
+) -> Result<gst::Element, String> {
     let ai = make("aipipeline", Some("ai"))?;
     ai.set_property("pipeline", &cfg.pipeline);
     ai.set_property_from_str("device", &cfg.device);
+    if cfg.isolation {
+        // The child is this executable (main() serves the aipipeline-child argument).
+        let exe = std::env::current_exe().map_err(|e| {
+            format!("cannot find the daemon's executable for the inference child: {e}")
+        })?;
+        ai.set_property_from_str("isolation", "process");
+        ai.set_property("child-path", exe.to_string_lossy().to_string());
+        ai.set_property("max-restarts", max_restarts);
+    }
     if let Some(dir) = &cfg.pipelines_dir {
         ai.set_property("pipelines-dir", dir.to_string_lossy().to_string());
     }
@@ -838,6 +865,10 @@ fn spawn_bus_watch(
                     report_stage_error(&daemon, &msg, &e.error().to_string());
                     if is_from(&msg, &ai_el) {
                         daemon.report_error(&text);
+                        if text.contains("inference child crashed") {
+                            // Restart limit reached: permanent ERROR (runner-compat.md §7.2).
+                            daemon.on_child_limit();
+                        }
                     }
                     let d = daemon.clone();
                     let id = request_id.clone();
@@ -876,6 +907,10 @@ fn spawn_bus_watch(
                                 "stream_trace",
                             );
                         }
+                    } else if s.name() == gstaipipeline::RESTART_MESSAGE && is_from(&msg, &ai_el) {
+                        let reason = s.get::<String>("reason").unwrap_or_default();
+                        let logs = s.get::<String>("logs").unwrap_or_default();
+                        daemon.on_child_restart(&reason, &logs);
                     } else if s.name() == gstaipipeline::STATS_MESSAGE
                         && let Ok(p50) = s.get::<f64>("inference-latency-p50-ms")
                     {
@@ -918,7 +953,7 @@ pub fn warm_up(cfg: &Config, params: &Value) -> Result<(), String> {
             .build(),
     );
     let def = config_graph(cfg)?;
-    let (ai, _graph) = make_processing(cfg, def.as_ref(), params)?;
+    let (ai, _graph) = make_processing(cfg, def.as_ref(), params, 0)?;
     let sink = make("fakesink", None)?;
     pipeline
         .add_many([&src, &caps, &ai, &sink])
