@@ -129,7 +129,8 @@ fn process_command_keeps_every_frame_and_reaches_100_percent() {
 }
 
 /// Reads `/v1/events` until a `progress` event of `job` in a final state; returns every
-/// progress event of that job.
+/// progress event of that job (its `job` object) and its other events as
+/// `{"event": kind, "data": …}`, in order.
 async fn follow_job(
     events: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
     job: &str,
@@ -154,10 +155,14 @@ async fn follow_job(
                     data.push_str(d.trim_start());
                 }
             }
+            let v: Value = serde_json::from_str(&data).unwrap();
             if kind != "progress" {
+                // The graph's own events, tagged with the job.
+                if v["job"] == job {
+                    seen.push(json!({"event": kind, "data": v}));
+                }
                 continue;
             }
-            let v: Value = serde_json::from_str(&data).unwrap();
             if v["job"]["id"] != job {
                 continue;
             }
@@ -214,7 +219,18 @@ async fn api_jobs_report_progress_and_the_failing_stage() {
     let job: Value = r.json().await.unwrap();
     assert_eq!(code, 201, "{job}");
     let id = job["id"].as_str().unwrap().to_owned();
-    let progress = follow_job(&mut events, &id).await;
+    let seen = follow_job(&mut events, &id).await;
+    // Both stages reported their start on the feed.
+    let started: Vec<&Value> = seen
+        .iter()
+        .filter(|e| e["event"] == "stage_start")
+        .map(|e| &e["data"]["stage"])
+        .collect();
+    assert!(
+        started.contains(&&json!("noop")) && started.contains(&&json!("b")),
+        "stage_start events: {started:?}"
+    );
+    let progress: Vec<&Value> = seen.iter().filter(|e| e.get("event").is_none()).collect();
     let last = progress.last().unwrap();
     assert_eq!(last["state"], "done", "{last}");
     assert_eq!(last["percent"], 100.0);
@@ -265,8 +281,8 @@ async fn api_jobs_report_progress_and_the_failing_stage() {
         .as_str()
         .unwrap()
         .into();
-    let progress = follow_job(&mut events, &id).await;
-    let last = progress.last().unwrap();
+    let seen = follow_job(&mut events, &id).await;
+    let last = seen.last().unwrap();
     assert_eq!(last["state"], "failed", "{last}");
     let status: Value = http
         .get(format!("{base}/v1/jobs/{id}"))
