@@ -62,6 +62,47 @@ mod imp {
         pat: Option<Bytes>,
         pmt_pid: Option<u16>,
         pmt: Option<Bytes>,
+        /// Per table (0: PAT, 1: PMT): copies re-inserted so far (mod 16), added to the
+        /// continuity counter of every later packet of that PID.
+        cc_shift: [u8; 2],
+        /// Per table: the continuity counter of the last packet sent.
+        last_cc: [Option<u8>; 2],
+    }
+
+    impl Psi {
+        fn table(&self, pid: Option<u16>) -> Option<usize> {
+            match pid? {
+                0 => Some(0),
+                pid if Some(pid) == self.pmt_pid => Some(1),
+                _ => None,
+            }
+        }
+
+        /// Re-inserted copies of PAT/PMT take the next counter of their PID (a repeated
+        /// counter is a discontinuity to a reader that reads across segments: tsdemux then
+        /// re-reads the PAT as a new one and re-creates its streams); the muxer's later
+        /// packets of that PID are shifted past them.
+        fn number_copies(&mut self, packets: &mut [u8]) {
+            for p in packets.chunks_exact_mut(ts::PACKET) {
+                if let Some(t) = self.table(ts::pid(p)) {
+                    let cc = self.last_cc[t].map_or(0, |c| (c + 1) & 0x0f);
+                    p[3] = (p[3] & 0xf0) | cc;
+                    self.last_cc[t] = Some(cc);
+                    self.cc_shift[t] = (self.cc_shift[t] + 1) & 0x0f;
+                }
+            }
+        }
+
+        /// Shift the counters of the muxer's PAT/PMT packets past the inserted copies.
+        fn renumber(&mut self, packets: &mut [u8]) {
+            for p in packets.chunks_exact_mut(ts::PACKET) {
+                if let Some(t) = self.table(ts::pid(p)) {
+                    let cc = ((p[3] & 0x0f) + self.cc_shift[t]) & 0x0f;
+                    p[3] = (p[3] & 0xf0) | cc;
+                    self.last_cc[t] = Some(cc);
+                }
+            }
+        }
     }
 
     /// Set by the tasks that finish segments in the background.
@@ -385,8 +426,10 @@ mod imp {
                     && let (Some(pat), Some(pmt)) = (&running.psi.pat, &running.psi.pmt)
                 {
                     gst::debug!(CAT, imp = self, "re-inserting PAT/PMT at segment start");
+                    let at = running.pending.len();
                     running.pending.extend_from_slice(pat);
                     running.pending.extend_from_slice(pmt);
+                    running.psi.number_copies(&mut running.pending[at..]);
                 }
             }
             // Remember the PSI tables (whole, aligned packets only).
@@ -414,7 +457,11 @@ mod imp {
                     if ts.is_some() {
                         seg.last_ts = ts;
                     }
+                    let at = running.pending.len();
                     running.pending.extend_from_slice(data);
+                    if data.len() % ts::PACKET == 0 {
+                        running.psi.renumber(&mut running.pending[at..]);
+                    }
                 }
                 None => {
                     if let Some(shared) = self.shared() {
