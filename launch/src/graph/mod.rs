@@ -25,6 +25,7 @@ mod stage;
 pub use build::{BuiltGraph, StageStats, build};
 
 use crate::config::Config;
+use gst::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -783,13 +784,11 @@ pub fn validate(def: &GraphDef, cfg: &Config) -> Result<(), GraphError> {
                         stage: s.id.clone(),
                         msg: format!("cannot create element '{name}': {e}"),
                     })?;
-                    for key in obj.keys() {
-                        if el.find_property(key).is_none() {
-                            return Err(GraphError::Invalid {
-                                stage: s.id.clone(),
-                                msg: format!("element '{name}' has no property '{key}'"),
-                            });
-                        }
+                    for (key, v) in obj {
+                        property_text(&el, key, v).map_err(|msg| GraphError::Invalid {
+                            stage: s.id.clone(),
+                            msg: format!("element '{name}': {msg}"),
+                        })?;
                     }
                 }
                 (
@@ -877,6 +876,33 @@ pub fn validate(def: &GraphDef, cfg: &Config) -> Result<(), GraphError> {
     Ok(())
 }
 
+/// The text form of `v` for property `key` of `el`, checked: the property exists, can be set
+/// after construction, and the value parses for its type.
+pub(crate) fn property_text(el: &gst::Element, key: &str, v: &Value) -> Result<String, String> {
+    let Some(pspec) = el.find_property(key) else {
+        return Err(format!("has no property '{key}'"));
+    };
+    let flags = pspec.flags();
+    if !flags.contains(gst::glib::ParamFlags::WRITABLE)
+        || flags.contains(gst::glib::ParamFlags::CONSTRUCT_ONLY)
+    {
+        return Err(format!("property '{key}' cannot be set"));
+    }
+    let text = match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    // set_property_from_str only logs a bad value: check that it parses first.
+    if pspec.value_type() != gst::glib::Type::STRING
+        && gst::glib::Value::deserialize(&text, pspec.value_type()).is_err()
+    {
+        return Err(format!(
+            "'{text}' is not a valid value for property '{key}'"
+        ));
+    }
+    Ok(text)
+}
+
 /// Decodes a graph event from a bus message (an element message named [`STAGE_MESSAGE`]).
 pub fn stage_event(msg: &gst::Message) -> Option<Value> {
     let gst::MessageView::Element(m) = msg.view() else {
@@ -911,8 +937,6 @@ pub(crate) fn post_event(element: &gst::Element, event: Value) {
         .build();
     let _ = element.post_message(gst::message::Element::builder(s).src(element).build());
 }
-
-use gst::prelude::*;
 
 #[cfg(test)]
 mod tests;

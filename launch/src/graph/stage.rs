@@ -16,12 +16,6 @@ const FAIL_STREAK: u32 = 3;
 /// How often a `stage_stats` event is posted while frames flow.
 const STATS_PERIOD: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum StageKind {
-    Pipeline,
-    Element,
-}
-
 struct Inner {
     provider: usize,
     unit: gst::Bin,
@@ -53,7 +47,6 @@ struct Inner {
 
 pub(super) struct Stage {
     def: StageDef,
-    kind: StageKind,
     cfg: Config,
     providers: Vec<Provider>,
     bin: gst::Bin,
@@ -123,24 +116,7 @@ fn make_unit(
 }
 
 fn set_from_json(el: &gst::Element, key: &str, v: &Value) -> Result<(), String> {
-    if el.find_property(key).is_none() {
-        return Err(format!("element has no property '{key}'"));
-    }
-    let text = match v {
-        Value::String(s) => s.clone(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => n.to_string(),
-        other => other.to_string(),
-    };
-    // set_property_from_str logs instead of failing on a bad value: check it parses first.
-    let pspec = el.find_property(key).ok_or("no such property")?;
-    if gst::glib::Value::deserialize(&text, pspec.value_type()).is_err()
-        && pspec.value_type() != gst::glib::Type::STRING
-    {
-        return Err(format!(
-            "'{text}' is not a valid value for property '{key}'"
-        ));
-    }
+    let text = super::property_text(el, key, v)?;
     el.set_property_from_str(key, &text);
     Ok(())
 }
@@ -217,11 +193,6 @@ impl Stage {
                 failures.join("; ")
             ));
         };
-        let kind = if ai.is_some() {
-            StageKind::Pipeline
-        } else {
-            StageKind::Element
-        };
         let bin = gst::Bin::with_name(&format!("{}{}", super::STAGE_BIN_PREFIX, def.id));
         let queue = make("queue", None)?;
         queue.set_property("max-size-buffers", 3u32);
@@ -246,7 +217,6 @@ impl Stage {
         let now = Instant::now();
         let stage = Arc::new(Stage {
             def: def.clone(),
-            kind,
             cfg: cfg.clone(),
             providers,
             bin,
@@ -286,11 +256,6 @@ impl Stage {
 
     pub(super) fn bin(&self) -> &gst::Bin {
         &self.bin
-    }
-
-    #[allow(dead_code)] // used by tests and for diagnostics
-    pub(super) fn kind(&self) -> StageKind {
-        self.kind
     }
 
     fn install_probes(self: &Arc<Self>, sink: &gst::GhostPad, src: &gst::GhostPad) {

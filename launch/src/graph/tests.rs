@@ -109,7 +109,11 @@ fn validation_messages_name_the_stage() {
         ),
         (
             json!([{"id": "f", "element": "videoflip", "params": {"nosuch": 1}}]),
-            "stage 'f': element 'videoflip' has no property 'nosuch'",
+            "stage 'f': element 'videoflip': has no property 'nosuch'",
+        ),
+        (
+            json!([{"id": "f", "element": "videoflip", "params": {"method": "sideways"}}]),
+            "stage 'f': element 'videoflip': 'sideways' is not a valid value for property 'method'",
         ),
         (
             json!([{"id": "input", "pipeline": "gain"}]),
