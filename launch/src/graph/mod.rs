@@ -552,6 +552,23 @@ pub fn parse_yaml(text: &str) -> Result<GraphDef, GraphError> {
     parse(&value)
 }
 
+/// Reads a definition file: YAML (`.yaml`, `.yml`) or JSON (anything else; JSON is YAML too,
+/// so a file of either kind parses whatever its name).
+pub fn parse_file(path: &std::path::Path) -> Result<GraphDef, GraphError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| GraphError::Syntax(format!("cannot read {}: {e}", path.display())))?;
+    let yaml = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
+    if yaml {
+        return parse_yaml(&text);
+    }
+    match serde_json::from_str::<Value>(&text) {
+        Ok(v) => parse(&v),
+        Err(_) => parse_yaml(&text),
+    }
+}
+
 /// Parses a definition given as text: JSON when it starts with `[`, `{` or `"`, otherwise a
 /// pipeline name (the `MODEL_ID` setting, a start request's `pipeline` string).
 pub fn parse_str(text: &str) -> Result<GraphDef, GraphError> {

@@ -162,3 +162,27 @@ fn parse_str_forms() {
             .contains("not valid JSON")
     );
 }
+
+#[test]
+fn definition_files() {
+    let dir = std::env::temp_dir().join(format!("rivulet-graph-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let yaml = dir.join("g.yaml");
+    std::fs::write(
+        &yaml,
+        "# two looks side by side\nstages:\n  - {id: a, pipeline: gain, params: {gain: 2}}\n  - id: b\n    pipeline: invert\n    inputs: [input]\n    when: params.b == true\n",
+    )
+    .unwrap();
+    let g = parse_file(&yaml).unwrap();
+    assert_eq!(g.outputs(), ["a", "b"]);
+    assert_eq!(g.stages[1].when.as_deref(), Some("params.b == true"));
+    assert_eq!(g.stages[0].params, json!({"gain": 2}));
+    let js = dir.join("g.json");
+    std::fs::write(&js, r#"["gain", "invert"]"#).unwrap();
+    assert_eq!(parse_file(&js).unwrap().stages.len(), 2);
+    let err = parse_file(&dir.join("missing.yaml"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cannot read"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
