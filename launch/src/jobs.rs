@@ -13,6 +13,9 @@
 //! before it has been taken and processed (the drain stops at the encoder's queue, so encoding
 //! still overlaps inference). Every frame in comes out; the counts are reported.
 //!
+//! The daemon runs its jobs one at a time, in order, on one worker thread (a job uses the whole
+//! machine); at most [`MAX_QUEUED`] wait, beyond that `POST /v1/jobs` answers 429.
+//!
 //! MUX follows the output's extension: `.ts` MPEG-TS, `.mkv` Matroska, `.mp4`/`.mov` MP4. Audio
 //! is not carried. When a stage fails, what it already passed on is encoded and the file is
 //! finished (EOS into the encoder's branch), so the partial output is playable; the failing
@@ -713,15 +716,71 @@ fn run_pipeline(
 
 // ---- the daemon's jobs and /v1/jobs ----
 
-#[derive(Debug, Default)]
+/// Jobs waiting for the worker; beyond this a submission is refused (429).
+pub const MAX_QUEUED: usize = 16;
+/// Jobs whose status is kept; beyond this the oldest finished ones are forgotten.
+pub const MAX_KEPT: usize = 256;
+
+struct Work {
+    status: Arc<Mutex<JobStatus>>,
+    spec: JobSpec,
+    graph: GraphDef,
+    feed: crate::feed::Feed,
+    config: Arc<Config>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("{MAX_QUEUED} jobs are already waiting; try again later")]
+    QueueFull,
+    #[error("cannot start the job worker: {0}")]
+    Worker(std::io::Error),
+}
+
+/// The daemon's file jobs: one worker thread runs them one at a time, in order (a job uses the
+/// whole machine), from a bounded queue.
+#[derive(Default)]
 pub struct Jobs {
     next: AtomicU64,
-    jobs: Mutex<BTreeMap<String, Arc<Mutex<JobStatus>>>>,
+    jobs: Mutex<BTreeMap<u64, Arc<Mutex<JobStatus>>>>,
+    queue: Mutex<Option<std::sync::mpsc::SyncSender<Work>>>,
+}
+
+impl std::fmt::Debug for Jobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jobs")
+            .field("jobs", &self.jobs.lock().unwrap().len())
+            .finish()
+    }
+}
+
+fn job_number(id: &str) -> Option<u64> {
+    id.strip_prefix("job-")?.parse().ok()
+}
+
+fn run_work(w: Work) {
+    let id = w.status.lock().unwrap().id.clone();
+    tracing::info!(job = %id, input = %w.spec.input.display(), "file job started");
+    let on_update = |s: &JobStatus| {
+        w.feed
+            .send("progress", json!({"type": "progress", "job": s}));
+    };
+    let on_event = |mut ev: Value| {
+        if let Some(o) = ev.as_object_mut() {
+            o.insert("job".into(), json!(id));
+        }
+        w.feed.send_typed(ev);
+    };
+    run(
+        &w.spec, &w.graph, &w.config, &w.status, &on_update, &on_event,
+    );
+    let s = w.status.lock().unwrap();
+    tracing::info!(job = %id, state = ?s.state, frames = s.frames_out, "file job ended");
 }
 
 impl Jobs {
     pub fn get(&self, id: &str) -> Option<JobStatus> {
-        let j = self.jobs.lock().unwrap().get(id).cloned();
+        let j = self.jobs.lock().unwrap().get(&job_number(id)?).cloned();
         j.map(|j| j.lock().unwrap().clone())
     }
 
@@ -730,39 +789,63 @@ impl Jobs {
         all.iter().map(|j| j.lock().unwrap().clone()).collect()
     }
 
-    /// Queues a prepared job on its own thread; returns its id.
+    /// Queues a prepared job; returns its first status (state `queued`).
     pub fn submit(
         &self,
-        daemon: Arc<Daemon>,
+        feed: crate::feed::Feed,
+        config: Arc<Config>,
         spec: JobSpec,
         graph: GraphDef,
-    ) -> Result<JobStatus, String> {
+    ) -> Result<JobStatus, SubmitError> {
         let n = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let id = format!("job-{n}");
-        let status = Arc::new(Mutex::new(JobStatus::new(&id, &spec, &graph)));
+        let status = Arc::new(Mutex::new(JobStatus::new(
+            &format!("job-{n}"),
+            &spec,
+            &graph,
+        )));
         let first = status.lock().unwrap().clone();
-        self.jobs.lock().unwrap().insert(id.clone(), status.clone());
-        let job_id = id.clone();
-        std::thread::Builder::new()
-            .name(format!("rivulet-{id}"))
-            .spawn(move || {
-                tracing::info!(job = %job_id, input = %spec.input.display(), "file job started");
-                let feed = daemon.feed.clone();
-                let on_update = |s: &JobStatus| {
-                    feed.send("progress", json!({"type": "progress", "job": s}));
-                };
-                let id2 = job_id.clone();
-                let on_event = |mut ev: Value| {
-                    if let Some(o) = ev.as_object_mut() {
-                        o.insert("job".into(), json!(id2));
-                    }
-                    feed.send_typed(ev);
-                };
-                run(&spec, &graph, &daemon.config, &status, &on_update, &on_event);
-                let s = status.lock().unwrap();
-                tracing::info!(job = %job_id, state = ?s.state, frames = s.frames_out, "file job ended");
-            })
-            .map_err(|e| format!("cannot start the job thread: {e}"))?;
+        let work = Work {
+            status: status.clone(),
+            spec,
+            graph,
+            feed,
+            config,
+        };
+        {
+            let mut q = self.queue.lock().unwrap();
+            if q.is_none() {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Work>(MAX_QUEUED);
+                std::thread::Builder::new()
+                    .name("rivulet-jobs".into())
+                    .spawn(move || {
+                        for w in rx {
+                            run_work(w);
+                        }
+                    })
+                    .map_err(SubmitError::Worker)?;
+                *q = Some(tx);
+            }
+            let Some(tx) = q.as_ref() else {
+                unreachable!("the worker was just started");
+            };
+            tx.try_send(work).map_err(|_| SubmitError::QueueFull)?;
+        }
+        let mut jobs = self.jobs.lock().unwrap();
+        jobs.insert(n, status);
+        // Forget the oldest finished jobs beyond MAX_KEPT.
+        if jobs.len() > MAX_KEPT {
+            let finished: Vec<u64> = jobs
+                .iter()
+                .filter(|(_, j)| {
+                    matches!(j.lock().unwrap().state, JobState::Done | JobState::Failed)
+                })
+                .map(|(k, _)| *k)
+                .take(jobs.len() - MAX_KEPT)
+                .collect();
+            for k in finished {
+                jobs.remove(&k);
+            }
+        }
         Ok(first)
     }
 }
@@ -806,15 +889,18 @@ async fn create(
     };
     let d = daemon.clone();
     let submitted = tokio::task::spawn_blocking(move || {
-        let graph = prepare(&spec, &d.templates, &d.config)?;
-        d.jobs.submit(d.clone(), spec, graph)
+        let graph = prepare(&spec, &d.templates, &d.config)
+            .map_err(|m| detail(StatusCode::BAD_REQUEST, m))?;
+        d.jobs
+            .submit(d.feed.clone(), d.config.clone(), spec, graph)
+            .map_err(|e| match e {
+                SubmitError::QueueFull => detail(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
+                SubmitError::Worker(_) => detail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            })
     })
     .await
     .map_err(|e| detail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    match submitted {
-        Ok(s) => Ok((StatusCode::CREATED, axum::Json(s)).into_response()),
-        Err(m) => Err(detail(StatusCode::BAD_REQUEST, m)),
-    }
+    Ok((StatusCode::CREATED, axum::Json(submitted?)).into_response())
 }
 
 async fn list(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
