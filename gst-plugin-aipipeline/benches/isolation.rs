@@ -11,13 +11,24 @@
 //! videotestsrc (rendered once, replayed through appsrc); each is pushed and its output awaited
 //! before the next (no mailbox drops), so the time is the element's full per-frame cost. Medians
 //! after 10 untimed warm-up frames; the two modes alternate over 3 rounds and the best median of
-//! each is kept. "transport" = child − in-process: the shared-memory copies and the control
-//! socket round trip; goal < 0.5 ms per 512² frame.
+//! each is kept.
+//!
+//! Two measurements per case:
+//! - direct: the same conversion + pipeline code called in this process (`model::process`
+//!   between `frame::upload_rgb` and `frame::download_rgb`) against a `ChildProc::frame` round
+//!   trip to a child; the child reports its own processing time, so
+//!   transport = round trip − child processing (shared-memory copies, socket round trip,
+//!   wake-ups) even when the machine's load makes the processing itself noisy. Goal: < 0.5 ms
+//!   per 512² frame.
+//! - element: appsrc ! aipipeline isolation=none|process ! appsink.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use gst::prelude::*;
+use gstaipipeline::child::{ChildCommand, ChildProc, InputLayout, LoadSpec, Spawner};
+use gstaipipeline::pipeline::Registry;
+use gstaipipeline::{device, frame, model};
 
 const WARMUP: usize = 10;
 const ROUNDS: usize = 3;
@@ -117,6 +128,102 @@ fn run_element(
     Ok((median(times), device))
 }
 
+struct Direct {
+    local: Duration,
+    round_trip: Duration,
+    transport: Duration,
+}
+
+/// In-process conversion + identity vs a child round trip, alternating, best medians.
+fn direct(
+    frames: &[gst::Buffer],
+    (w, h): (u32, u32),
+    (ow, oh): (u32, u32),
+) -> anyhow::Result<Direct> {
+    let json = format!(r#"{{"width":{ow},"height":{oh}}}"#);
+    let dev = device::resolve(device::DeviceSpec::Cpu).map_err(anyhow::Error::msg)?;
+    let dir = testdata();
+    let registry = Registry::scan(Some(dir.as_path()));
+    let def = registry
+        .resolve("identity", None)
+        .ok_or_else(|| anyhow::anyhow!("no identity pipeline"))?;
+    let params = def.parse_params(&json)?;
+    let runner = model::Runner::load(&def, &params, dev, false)?;
+    let layout = frame::pixel_layout(gst_video::VideoFormat::Rgb)
+        .ok_or_else(|| anyhow::anyhow!("layout"))?;
+    let crop = frame::cover_crop(w, h, ow, oh);
+    let stride = (w * 3) as usize;
+    let mut out = vec![0u8; (ow * oh * 3) as usize];
+    let spawner = Spawner::new().map_err(anyhow::Error::msg)?;
+    let mut child: ChildProc = spawner
+        .spawn(&ChildCommand::new(env!("CARGO_BIN_EXE_rivulet-inference")))
+        .map_err(anyhow::Error::msg)?;
+    child.load(
+        &LoadSpec {
+            pipeline: "identity".into(),
+            model: None,
+            pipelines_dir: Some(dir.to_string_lossy().into_owned()),
+            device: "cpu".into(),
+            fp16: false,
+            params: json.clone(),
+            resolved: None,
+        },
+        Duration::from_secs(180),
+        &|| false,
+    )?;
+    let _g = tch::no_grad_guard();
+    let mut local_once = |b: &gst::Buffer| -> anyhow::Result<Duration> {
+        let map = b.map_readable()?;
+        let t0 = Instant::now();
+        let rgb = frame::upload_rgb(map.as_slice(), stride, w, h, layout, crop, dev)?;
+        let y = model::process(&runner, rgb, ow, oh)?;
+        frame::download_rgb(&y, &mut out, (ow * 3) as usize, ow, oh, 3)?;
+        Ok(t0.elapsed())
+    };
+    let mut child_once = |b: &gst::Buffer| -> anyhow::Result<(Duration, Duration)> {
+        let map = b.map_readable()?;
+        let t0 = Instant::now();
+        child.frame(
+            &[map.as_slice()],
+            &[stride],
+            w,
+            h,
+            InputLayout::Packed {
+                bpp: 3,
+                first: 0,
+                bgr: false,
+            },
+            ow,
+            oh,
+            Duration::from_secs(10),
+        )?;
+        let rt = t0.elapsed();
+        Ok((rt, rt.saturating_sub(child.last_compute())))
+    };
+    for b in frames.iter().take(WARMUP) {
+        local_once(b)?;
+        child_once(b)?;
+    }
+    let mut best = Direct {
+        local: Duration::MAX,
+        round_trip: Duration::MAX,
+        transport: Duration::MAX,
+    };
+    for _ in 0..ROUNDS {
+        let (mut l, mut rt, mut tr) = (Vec::new(), Vec::new(), Vec::new());
+        for b in frames {
+            l.push(local_once(b)?);
+            let (r, t) = child_once(b)?;
+            rt.push(r);
+            tr.push(t);
+        }
+        best.local = best.local.min(median(l));
+        best.round_trip = best.round_trip.min(median(rt));
+        best.transport = best.transport.min(median(tr));
+    }
+    Ok(best)
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -131,10 +238,12 @@ fn main() -> anyhow::Result<()> {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(100usize);
-    println!("aipipeline isolation=process vs none, model testdata/identity, device cpu, {n} frames, median per frame");
     println!(
-        "{:<24} {:>14} {:>14} {:>14} {:>8}",
-        "case", "in-process ms", "child ms", "transport ms", "ratio"
+        "aipipeline isolation=process vs none, model testdata/identity, device cpu, {n} frames, median per frame (ms)"
+    );
+    println!(
+        "{:<22} {:>9} {:>9} {:>9} | {:>10} {:>10} {:>6}",
+        "case", "direct in", "child rt", "transport", "element in", "element ch", "ratio"
     );
     let cases = [
         ("512x512 -> 512x512", (512, 512), (512, 512)),
@@ -143,23 +252,37 @@ fn main() -> anyhow::Result<()> {
     let mut device = String::new();
     for (name, input, output) in cases {
         let frames = render_frames(n, input.0, input.1)?;
+        // Torch ops on the main thread were erratically slower on the dev machine: own thread.
+        let d = {
+            let frames = frames.clone();
+            std::thread::spawn(move || direct(&frames, input, output))
+                .join()
+                .map_err(|_| anyhow::anyhow!("direct measurement panicked"))??
+        };
         let (mut local, mut child) = (Duration::MAX, Duration::MAX);
         for _ in 0..ROUNDS {
-            let (l, d) = run_element("none", &frames, input, output)?;
+            let (l, dv) = run_element("none", &frames, input, output)?;
             local = local.min(l);
-            device = d;
+            device = dv;
             let (c, _) = run_element("process", &frames, input, output)?;
             child = child.min(c);
         }
         println!(
-            "{:<24} {:>14.3} {:>14.3} {:>14.3} {:>8.2}",
+            "{:<22} {:>9.3} {:>9.3} {:>9.3} | {:>10.3} {:>10.3} {:>6.2}",
             name,
+            ms(d.local),
+            ms(d.round_trip),
+            ms(d.transport),
             ms(local),
             ms(child),
-            ms(child) - ms(local),
             child.as_secs_f64() / local.as_secs_f64().max(1e-9)
         );
     }
     println!("device: {device}");
+    println!(
+        "direct in: conversion + pipeline in this process; child rt: the same in the child as a \
+         round trip; transport: round trip minus the child's own time (median per frame); \
+         element in / ch: the element with isolation none / process; ratio: element ch / in"
+    );
     Ok(())
 }

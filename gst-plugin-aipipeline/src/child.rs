@@ -181,12 +181,24 @@ enum Request {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 enum Reply {
-    Loaded { warmup_us: u64, device: String },
-    LoadFailed { msg: String },
-    FrameDone,
-    FrameError { msg: String },
+    Loaded {
+        warmup_us: u64,
+        device: String,
+    },
+    LoadFailed {
+        msg: String,
+    },
+    /// `compute_us`: the child's time for the frame (conversion, pipeline, output copy).
+    FrameDone {
+        compute_us: u64,
+    },
+    FrameError {
+        msg: String,
+    },
     ParamsDone,
-    ParamsError { msg: String },
+    ParamsError {
+        msg: String,
+    },
 }
 
 /// Why a request to the child failed.
@@ -509,6 +521,8 @@ pub struct ChildProc {
     device: String,
     /// Output slot of the last frame (range in shared memory).
     last_out: std::ops::Range<usize>,
+    /// The child's own time for the last frame.
+    last_compute: Duration,
 }
 
 fn describe_status(st: std::process::ExitStatus) -> String {
@@ -622,6 +636,7 @@ impl ChildProc {
             reaped: false,
             device: String::new(),
             last_out: 0..0,
+            last_compute: Duration::ZERO,
         })
     }
 
@@ -774,13 +789,20 @@ impl ChildProc {
         });
         self.last_out = 0..0;
         match self.call(&req, timeout)? {
-            Reply::FrameDone => {
+            Reply::FrameDone { compute_us } => {
                 self.last_out = out_offset..need;
+                self.last_compute = Duration::from_micros(compute_us);
                 Ok(())
             }
             Reply::FrameError { msg } => Err(ChildError::Failed(msg)),
             other => Err(ChildError::Failed(format!("unexpected reply {other:?}"))),
         }
+    }
+
+    /// The child's own processing time for the last successful frame (the rest of a
+    /// [`ChildProc::frame`] call is transport: copies, socket round trip, wake-ups).
+    pub fn last_compute(&self) -> Duration {
+        self.last_compute
     }
 
     /// The output of the last successful frame.
@@ -860,7 +882,10 @@ struct Loaded {
 }
 
 fn load(spec: &LoadSpec) -> Result<(Loaded, Duration), String> {
-    let dspec = spec.device.parse::<DeviceSpec>().map_err(|e| e.to_string())?;
+    let dspec = spec
+        .device
+        .parse::<DeviceSpec>()
+        .map_err(|e| e.to_string())?;
     let device = device::resolve(dspec)?;
     let half = spec.fp16 && device.is_cuda();
     let dir = spec.pipelines_dir.as_ref().map(PathBuf::from);
@@ -1039,6 +1064,7 @@ pub fn run() -> i32 {
                 return 1;
             }
         };
+        let started = Instant::now();
         let reply = match req {
             Request::Shutdown => return 0,
             Request::Load(spec) => match load(&spec) {
@@ -1060,7 +1086,9 @@ pub fn run() -> i32 {
                     msg: "no pipeline loaded".into(),
                 },
                 Some(l) => match frame_in_child(l, &mut shm, &f) {
-                    Ok(()) => Reply::FrameDone,
+                    Ok(()) => Reply::FrameDone {
+                        compute_us: started.elapsed().as_micros() as u64,
+                    },
                     Err(msg) => Reply::FrameError { msg },
                 },
             },

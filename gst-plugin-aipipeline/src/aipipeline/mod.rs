@@ -8,8 +8,15 @@
 //! with the input timestamps. See the crate README for the element contract, the params and the
 //! loading/online events.
 //!
+//! With `isolation=process` the pipeline runs in a child process (`child-path`, else the
+//! `rivulet-inference` helper found next to the plugin's shared object, next to the running
+//! program, then on `PATH`; see [`crate::child`]): frames cross through shared memory, and a
+//! child that dies or hangs is replaced while frames keep flowing (loading/online events, an
+//! `aipipeline-restart` message; beyond `max-restarts` an element error).
+//!
 //! ```text
 //! gst-launch-1.0 videotestsrc ! videoconvert ! aipipeline pipeline=noop ! videoconvert ! autovideosink
+//! gst-launch-1.0 videotestsrc ! videoconvert ! aipipeline isolation=process pipeline=noop ! videoconvert ! autovideosink
 //! ```
 
 use gst::glib;
