@@ -310,10 +310,11 @@ impl Checks {
 }
 
 /// Every check in the order they run; the ones not reached are reported as skipped.
-pub const CHECKS: [&str; 12] = [
+pub const CHECKS: [&str; 13] = [
     "element",
     "pads",
     "params-property",
+    "status-stats",
     "caps-in",
     "start",
     "caps-out",
@@ -465,6 +466,53 @@ fn run_checks(opts: &Options, c: &mut Checks) {
             )
         }
     };
+
+    // Optional: read-only `status` (an enum) and `stats` (a GstStructure), both with notify.
+    {
+        let mut problems = Vec::new();
+        let mut present = Vec::new();
+        for (name, want_enum) in [("status", true), ("stats", false)] {
+            let Some(p) = element.find_property(name) else {
+                continue;
+            };
+            present.push(name);
+            let ok_type = if want_enum {
+                p.value_type().is_a(gst::glib::Type::ENUM)
+            } else {
+                p.value_type() == gst::Structure::static_type()
+            };
+            if !ok_type {
+                problems.push(format!(
+                    "`{name}` is a {}, not {}",
+                    p.value_type().name(),
+                    if want_enum {
+                        "an enum"
+                    } else {
+                        "a GstStructure"
+                    }
+                ));
+            }
+            if !p.flags().contains(gst::glib::ParamFlags::READABLE) {
+                problems.push(format!("`{name}` is not readable"));
+            }
+        }
+        if !problems.is_empty() {
+            c.fail("status-stats", problems.join("; "));
+        } else if present.is_empty() {
+            c.skip(
+                "status-stats",
+                "optional `status`/`stats` properties not provided",
+            );
+        } else {
+            c.pass(
+                "status-stats",
+                format!(
+                    "{} readable, of the contract's types",
+                    present.join(" and ")
+                ),
+            );
+        }
+    }
 
     let Some((sinkpad, srcpad)) = pads else {
         return;

@@ -88,6 +88,7 @@ fn noop_follows_the_contract() {
     }
     // noop applies a new size at once, without a reload (runner-compat §11).
     assert_eq!(r.result("loading-events"), "SKIP");
+    assert_eq!(r.result("status-stats"), "PASS");
 }
 
 #[test]
@@ -177,6 +178,8 @@ fn external_example_plugin_follows_the_contract() {
         assert_eq!(r.result(c), "PASS", "{c}");
     }
     assert_eq!(r.result("loading-events"), "PASS");
+    // The optional properties are not there: skipped, not failed.
+    assert_eq!(r.result("status-stats"), "SKIP");
 }
 
 /// Runs a launch line to EOS (bounded); panics on an error.
