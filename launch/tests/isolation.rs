@@ -128,11 +128,21 @@ fn output_counter(url: &str) -> (gst::Pipeline, Arc<AtomicU64>) {
     (pipeline, count)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_inference_child_restarts_it_and_the_stream_goes_on() {
+/// A daemon (isolation=process) running a `noop` stream with live input, an output frame
+/// counter and the `restart` events of the events channel.
+struct Running {
+    d: common::DaemonProc,
+    http: reqwest::Client,
+    base: String,
+    input: gst::Pipeline,
+    reader: gst::Pipeline,
+    out_frames: Arc<AtomicU64>,
+    restarts: tokio::sync::mpsc::Receiver<Value>,
+}
+
+async fn start_running(tag: &str, mid: &str) -> Running {
     init();
-    let d = spawn_daemon("isolation", &[("RIVULET_ISOLATION", "process")]);
-    let daemon_pid = d.child.id();
+    let d = spawn_daemon(tag, &[("RIVULET_ISOLATION", "process")]);
     let http = reqwest::Client::new();
     let base = d.base.clone();
     let t = Instant::now();
@@ -144,8 +154,6 @@ async fn killing_the_inference_child_restarts_it_and_the_stream_goes_on() {
         assert!(t.elapsed() < Duration::from_secs(60), "health {v}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-
-    let mid = "iso00001";
     for (suffix, mime) in [
         ("", "video/MP2T"),
         ("-out", "video/MP2T"),
@@ -163,7 +171,7 @@ async fn killing_the_inference_child_restarts_it_and_the_stream_goes_on() {
         },
     )
     .unwrap();
-    let (restart_tx, mut restart_rx) = tokio::sync::mpsc::channel::<Value>(4);
+    let (restart_tx, restarts) = tokio::sync::mpsc::channel::<Value>(8);
     tokio::spawn(async move {
         while let Ok(Some(seg)) = events.next_segment().await {
             if let Ok(body) = seg.read_all(1 << 20).await
@@ -179,7 +187,7 @@ async fn killing_the_inference_child_restarts_it_and_the_stream_goes_on() {
         "subscribe_url": url(""), "publish_url": url("-out"),
         "control_url": url("-control"), "events_url": url("-events"),
         "model_id": "noop", "params": {"width": 384, "height": 384},
-        "gateway_request_id": "req-iso", "manifest_id": mid, "stream_id": "s-iso"
+        "gateway_request_id": format!("req-{mid}"), "manifest_id": mid, "stream_id": "s-iso"
     });
     let r = http
         .post(format!("{base}/live-video-to-video"))
@@ -192,6 +200,36 @@ async fn killing_the_inference_child_restarts_it_and_the_stream_goes_on() {
     set_state(&reader, gst::State::Playing).await;
     let input = input_pipeline(&url(""));
     set_state(&input, gst::State::Playing).await;
+    Running {
+        d,
+        http,
+        base,
+        input,
+        reader,
+        out_frames,
+        restarts,
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_inference_child_restarts_it_and_the_stream_goes_on() {
+    let Running {
+        d,
+        http,
+        base,
+        input,
+        reader,
+        out_frames,
+        restarts: mut restart_rx,
+    } = start_running("isolation", "iso00001").await;
+    let daemon_pid = d.child.id();
 
     // Real output flows from the child.
     let s = wait_status(
@@ -208,10 +246,7 @@ async fn killing_the_inference_child_restarts_it_and_the_stream_goes_on() {
     let victim = children[0];
     // SAFETY: plain syscall on the daemon's child.
     assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
-    let killed_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let killed_ms = now_ms();
     let frames_at_kill = out_frames.load(Ordering::SeqCst);
 
     let ev = tokio::time::timeout(Duration::from_secs(30), restart_rx.recv())
@@ -262,6 +297,81 @@ async fn killing_the_inference_child_restarts_it_and_the_stream_goes_on() {
     let h = get_json(&http, &format!("{base}/health")).await;
     assert_eq!(h["status"], "OK");
 
+    set_state(&input, gst::State::Null).await;
+    set_state(&reader, gst::State::Null).await;
+}
+
+/// Three restarts in the daemon's life, then the fourth loss is a permanent ERROR and the
+/// stream stops (runner-compat.md §7.2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_child_loss_is_a_permanent_error() {
+    let Running {
+        d,
+        http,
+        base,
+        input,
+        reader,
+        restarts: mut restart_rx,
+        ..
+    } = start_running("isolation-limit", "iso00002").await;
+    let daemon_pid = d.child.id();
+    let mut since = 0i64;
+    for n in 1..=4u32 {
+        // Real output from the current child, then kill it.
+        wait_status(
+            &http,
+            &base,
+            Duration::from_secs(60),
+            "no real output",
+            |s| {
+                s["inference_status"]["last_output_time"]
+                    .as_i64()
+                    .is_some_and(|t| t > since)
+            },
+        )
+        .await;
+        let children = inference_children(daemon_pid);
+        assert_eq!(children.len(), 1, "one inference child: {children:?}");
+        since = now_ms();
+        // SAFETY: plain syscall on the daemon's child.
+        assert_eq!(unsafe { libc::kill(children[0] as i32, libc::SIGKILL) }, 0);
+        if n <= 3 {
+            let ev = tokio::time::timeout(Duration::from_secs(30), restart_rx.recv())
+                .await
+                .expect("no restart event")
+                .expect("events channel ended");
+            assert_eq!(ev["restart_count"], n);
+        }
+    }
+    let t = Instant::now();
+    loop {
+        let h = get_json(&http, &format!("{base}/health")).await;
+        if h["status"] == "ERROR" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "health {h}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = get_json(&http, &format!("{base}/api/status")).await;
+    assert_eq!(s["state"], "ERROR");
+    assert_eq!(s["inference_status"]["restart_count"], 3);
+    assert!(
+        s["inference_status"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("inference child crashed")),
+        "{s}"
+    );
+    // No child is left running, and ERROR stays.
+    let t = Instant::now();
+    while !inference_children(daemon_pid).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(10), "a child is left");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        get_json(&http, &format!("{base}/health")).await["status"],
+        "ERROR"
+    );
     set_state(&input, gst::State::Null).await;
     set_state(&reader, gst::State::Null).await;
 }
