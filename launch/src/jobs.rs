@@ -684,12 +684,18 @@ fn run_pipeline(
                     tracing::warn!("job {}: further error: {}", spec.input.display(), err.0);
                     continue;
                 }
-                let Some(qpad) = queue.static_pad("sink").filter(|_| st.is_some()) else {
+                let from_encoder = msg.src().is_some_and(|src| {
+                    [&queue, &enc, &parse, &mux, &sink]
+                        .iter()
+                        .any(|e| src == e.upcast_ref::<gst::Object>())
+                });
+                let Some(qpad) = queue.static_pad("sink").filter(|_| !from_encoder) else {
                     sample(status, &pipeline);
                     return Err(err);
                 };
-                // A stage failed: what it already passed on is encoded and the file finished
-                // (EOS into the encoder's branch), so the partial output is playable.
+                // A stage (or the decoder) failed: what was already processed is encoded and
+                // the file finished (EOS into the encoder's branch), so the partial output is
+                // playable.
                 tracing::warn!(
                     "job {}: {}; finishing the partial output",
                     spec.input.display(),
