@@ -23,7 +23,7 @@
 
 use std::collections::VecDeque;
 use std::ffi::{CStr, OsString};
-use std::io::{BufRead, BufReader};
+use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -525,6 +525,46 @@ pub struct ChildProc {
     last_compute: Duration,
 }
 
+/// Longest log line kept (longer ones are cut).
+const MAX_LINE: usize = 2000;
+
+/// Reads the child's stderr until EOF: every line is logged and the last [`LOG_LINES`] kept.
+/// Reads whatever bytes come (invalid UTF-8 is replaced, overlong lines are cut), so the child
+/// never blocks on a full pipe.
+fn read_logs(mut stderr: impl Read, pid: u32, logs: &Mutex<VecDeque<String>>) {
+    let mut buf = [0u8; 8192];
+    let mut line: Vec<u8> = Vec::new();
+    let keep = |line: &[u8]| {
+        let text = String::from_utf8_lossy(line).trim_end().to_string();
+        crate::aipipeline::log_child_line(pid, &text);
+        let mut l = logs.lock().unwrap();
+        if l.len() >= LOG_LINES {
+            l.pop_front();
+        }
+        l.push_back(text);
+    };
+    loop {
+        let n = match stderr.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        for chunk in buf[..n].split_inclusive(|b| *b == b'\n') {
+            let room = MAX_LINE.saturating_sub(line.len());
+            let body = chunk.strip_suffix(b"\n").unwrap_or(chunk);
+            line.extend_from_slice(&body[..body.len().min(room)]);
+            if chunk.ends_with(b"\n") {
+                keep(&line);
+                line.clear();
+            }
+        }
+    }
+    if !line.is_empty() {
+        keep(&line);
+    }
+}
+
 fn describe_status(st: std::process::ExitStatus) -> String {
     match (st.code(), st.signal()) {
         (Some(c), _) => format!("exited with status {c}"),
@@ -614,17 +654,7 @@ impl ChildProc {
             let pid = child.id();
             std::thread::Builder::new()
                 .name("aipipeline-child-log".into())
-                .spawn(move || {
-                    for line in BufReader::new(stderr).lines() {
-                        let Ok(line) = line else { break };
-                        crate::aipipeline::log_child_line(pid, &line);
-                        let mut l = logs.lock().unwrap();
-                        if l.len() >= LOG_LINES {
-                            l.pop_front();
-                        }
-                        l.push_back(line);
-                    }
-                })
+                .spawn(move || read_logs(stderr, pid, &logs))
                 .ok()
         });
         Ok(ChildProc {
@@ -1106,5 +1136,54 @@ pub fn run() -> i32 {
             say(&format!("cannot reply: {e}"));
             return 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_keep_the_last_lines_cut_long_ones_and_survive_bad_utf8() {
+        let mut input = Vec::new();
+        for i in 0..(LOG_LINES + 10) {
+            input.extend_from_slice(format!("line {i}\n").as_bytes());
+        }
+        input.extend_from_slice(b"bad \xff utf8\n");
+        input.extend_from_slice(&vec![b'x'; MAX_LINE * 3]);
+        input.extend_from_slice(b"\nno newline at the end");
+        let logs = Mutex::new(VecDeque::new());
+        read_logs(std::io::Cursor::new(input), 1, &logs);
+        let logs: Vec<String> = logs.into_inner().unwrap().into_iter().collect();
+        assert_eq!(logs.len(), LOG_LINES);
+        assert_eq!(logs[LOG_LINES - 3], "bad \u{fffd} utf8");
+        assert_eq!(logs[LOG_LINES - 2].len(), MAX_LINE);
+        assert_eq!(logs[LOG_LINES - 1], "no newline at the end");
+        assert_eq!(logs[0], "line 13");
+    }
+
+    #[test]
+    fn params_cross_the_wire_unchanged() {
+        let mut values = std::collections::BTreeMap::new();
+        values.insert("gain".to_string(), Value::Number(0.5));
+        values.insert("bias".to_string(), Value::Vector(vec![0.1, 0.2, 0.3]));
+        values.insert("on".to_string(), Value::Bool(true));
+        values.insert("prompt".to_string(), Value::Text("a cat".into()));
+        let p = Params {
+            width: 512,
+            height: 384,
+            show_reloading_frame: false,
+            model: Some(PathBuf::from("/m.pt")),
+            values,
+        };
+        let wire = serde_json::to_string(&WireParams::from(&p)).unwrap();
+        let back: WireParams = serde_json::from_str(&wire).unwrap();
+        assert_eq!(Params::from(back), p);
+    }
+
+    #[test]
+    fn a_missing_child_path_is_a_clear_error() {
+        let e = ChildCommand::locate(Some("/nonexistent/x")).unwrap_err();
+        assert!(e.contains("child-path /nonexistent/x is not a file"), "{e}");
     }
 }
