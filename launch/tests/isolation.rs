@@ -211,6 +211,23 @@ async fn start_running(tag: &str, mid: &str) -> Running {
     }
 }
 
+/// `rivulet_loading_frames_out_total` from /metrics: frames sent on as loading frames (the
+/// loading picture after loadingoverlay).
+async fn loading_frames(http: &reqwest::Client, base: &str) -> u64 {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("rivulet_loading_frames_out_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("rivulet_loading_frames_out_total in /metrics")
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -244,6 +261,7 @@ async fn killing_the_inference_child_restarts_it_and_the_stream_goes_on() {
     let children = inference_children(daemon_pid);
     assert_eq!(children.len(), 1, "one inference child: {children:?}");
     let victim = children[0];
+    let loading_before = loading_frames(&http, &base).await;
     // SAFETY: plain syscall on the daemon's child.
     assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
     let killed_ms = now_ms();
@@ -296,6 +314,8 @@ async fn killing_the_inference_child_restarts_it_and_the_stream_goes_on() {
     );
     let h = get_json(&http, &format!("{base}/health")).await;
     assert_eq!(h["status"], "OK");
+    // While the child restarted, loading frames went out (the output never stopped).
+    assert!(loading_frames(&http, &base).await > loading_before);
 
     set_state(&input, gst::State::Null).await;
     set_state(&reader, gst::State::Null).await;
