@@ -53,6 +53,8 @@ pub struct Options {
     pub pipelines_dir: Option<PathBuf>,
     /// `aipipeline` device.
     pub device: String,
+    /// `aipipeline`'s `model` property (the TorchScript file of `pipeline=torchscript`).
+    pub model: Option<PathBuf>,
     /// Bound on each wait (first frame, a change taking effect).
     pub timeout: Duration,
 }
@@ -334,6 +336,9 @@ fn make_element(opts: &Options) -> Result<gst::Element, String> {
                 .property("pipeline", name.as_str());
             if let Some(dir) = &opts.pipelines_dir {
                 b = b.property("pipelines-dir", dir.to_string_lossy().to_string());
+            }
+            if let Some(model) = &opts.model {
+                b = b.property("model", model.to_string_lossy().to_string());
             }
             let e = b
                 .build()

@@ -67,6 +67,9 @@ enum Command {
         /// Bound on each wait (first frame, a change taking effect), in seconds.
         #[arg(long, default_value_t = 20)]
         timeout_s: u64,
+        /// TorchScript file for the `torchscript` pipeline (aipipeline's `model` property).
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
     /// Run a local video file through a pipeline (or a saved template) as fast as it can go,
     /// with a progress bar on stderr and a summary; exits non-zero if the job fails.
@@ -160,6 +163,7 @@ fn main() -> anyhow::Result<()> {
         name,
         element,
         timeout_s,
+        model,
     } = &cli.command
     {
         let config = Config::from_env()?;
@@ -170,6 +174,7 @@ fn main() -> anyhow::Result<()> {
             pipelines_dir: config.pipelines_dir.clone(),
             device: config.device.clone(),
             timeout: std::time::Duration::from_secs(*timeout_s),
+            model: model.clone(),
         });
         print!("{}", report.table());
         std::process::exit(if report.passed() { 0 } else { 1 });

@@ -101,6 +101,16 @@ fn testdata_model_follows_the_contract_with_loading_events() {
     }
     // A model reloads for a new size: loading, then online.
     assert_eq!(r.result("loading-events"), "PASS");
+
+    // `torchscript` needs its model file: without it the start fails, named.
+    let r = check_pipeline(&["torchscript"], &[]);
+    assert!(!r.ok);
+    assert_eq!(r.result("start"), "FAIL");
+    assert_eq!(r.result("eos"), "SKIP");
+    let model = dir.join("invert.pt");
+    let r = check_pipeline(&["torchscript", "--model", model.to_str().unwrap()], &[]);
+    assert!(r.ok, "torchscript with a model must pass");
+    assert_eq!(r.result("loading-events"), "PASS");
 }
 
 #[test]
