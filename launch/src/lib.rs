@@ -13,6 +13,7 @@ pub mod graph;
 pub mod health;
 pub mod jobs;
 pub mod nvml;
+pub mod openmp;
 pub mod pyjson;
 pub mod serve;
 pub mod status;

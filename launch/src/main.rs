@@ -151,6 +151,8 @@ fn process(
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before anything else: libgomp's idle threads must sleep, not spin (see openmp.rs).
+    rivulet::openmp::ensure_passive_wait_policy();
     // The inference child of `aipipeline isolation=process` (the daemon points the element's
     // child-path at this executable): not a user command.
     if std::env::args().nth(1).as_deref() == Some(gstaipipeline::child::SUBCOMMAND) {

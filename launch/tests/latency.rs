@@ -198,3 +198,37 @@ fn every_frame_leaves_the_runner_when_complete_even_when_the_next_is_late() {
     reader.set_state(gst::State::Null).unwrap();
     drop(d);
 }
+
+/// The daemon runs libgomp (loaded with libtorch) with idle threads that sleep: it re-executes
+/// itself with `OMP_WAIT_POLICY=PASSIVE` unless the variable is set (an explicit value is kept).
+/// Spinning OpenMP workers were most of the noop runner's CPU (see `src/openmp.rs`).
+#[test]
+fn the_daemon_runs_with_a_passive_openmp_wait_policy() {
+    for (given, want) in [(None, "PASSIVE"), (Some("ACTIVE"), "ACTIVE")] {
+        let dir = common::TempDir::new(&format!("omp-{want}"));
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rivulet"));
+        cmd.args(["serve", "--port", "0"])
+            .env_remove("OMP_WAIT_POLICY")
+            .env_remove("AUTH_TOKEN")
+            .env("MODEL_ID", "noop")
+            .env("RIVULET_STATE_FILE", dir.0.join("last.json"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit());
+        if let Some(v) = given {
+            cmd.env("OMP_WAIT_POLICY", v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let rx = common::watch_for(child.stdout.take().unwrap(), "rivulet", "listening on ");
+        let listening = rx.recv_timeout(Duration::from_secs(60));
+        // The same process (exec keeps the pid) now has the policy in its environment.
+        let environ = std::fs::read(format!("/proc/{}/environ", child.id())).unwrap_or_default();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(listening.is_ok(), "rivulet did not start");
+        let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+        assert!(
+            vars.contains(&format!("OMP_WAIT_POLICY={want}").as_bytes()),
+            "OMP_WAIT_POLICY={want} not in the daemon's environment"
+        );
+    }
+}
