@@ -277,3 +277,83 @@ fn properties_defaults_stats_and_byte_mode_pad() {
     assert!(src.pads().is_empty());
     src.set_state(gst::State::Null).unwrap();
 }
+
+/// A segment whose PAT repeats the previous packet's continuity counter (what tricklesink's
+/// re-inserted PAT/PMT did before it renumbered them): tsdemux re-reads the PAT as new and
+/// re-creates its streams. Video and audio must both go on.
+#[test]
+fn demuxer_streams_recreated_mid_channel_keep_video_and_audio_going() {
+    init();
+    let server = TestServer::start();
+    let src_url = server.channel("av-source");
+    let reader = collect_segments(&server, &src_url, 0, 3);
+    let publ = pipeline(&format!(
+        "videotestsrc num-buffers=45 ! {CAPS} ! tricklesink name=pub url={src_url} delete-on-close=false \
+         min-segment-duration=500000000 idr-interval=500000000 \
+         audiotestsrc num-buffers=45 samplesperbuffer=1600 ! audio/x-raw,rate=48000,channels=2 ! pub."
+    ));
+    publ.set_state(gst::State::Playing).unwrap();
+    wait_eos(&publ.bus().unwrap());
+    stop(&publ);
+    let mut segs: Vec<Vec<u8>> = reader
+        .join()
+        .unwrap()
+        .into_iter()
+        .map(|(_, b)| b.to_vec())
+        .collect();
+    assert_eq!(segs.len(), 3);
+    // The first PAT and PMT of segment 1 repeat the last counters of segment 0.
+    let pmt_pid = segs[0]
+        .chunks_exact(188)
+        .find(|p| pid(p) == 0)
+        .map(pat_pmt_pid)
+        .unwrap();
+    for table in [0, pmt_pid] {
+        let last_cc = segs[0]
+            .chunks_exact(188)
+            .filter(|p| pid(p) == table)
+            .map(|p| p[3] & 0x0f)
+            .last()
+            .unwrap();
+        let first = segs[1]
+            .chunks_exact_mut(188)
+            .find(|p| pid(p) == table)
+            .unwrap();
+        first[3] = (first[3] & 0xf0) | last_cc;
+    }
+
+    let url = server.channel("av");
+    let sub = pipeline(&format!(
+        "tricklesrc name=src url={url} start-seq=0 do-timestamp=false \
+         src. ! videoconvert ! appsink name=out sync=false wait-on-eos=false \
+         src. ! audioconvert ! appsink name=aout sync=false wait-on-eos=false"
+    ));
+    let bus = sub.bus().unwrap();
+    sub.set_state(gst::State::Playing).unwrap();
+    server.rt().block_on(async {
+        let mut publisher = Publisher::new(&url, PublisherConfig::default()).unwrap();
+        for body in segs {
+            publisher.send_message(Bytes::from(body)).await.unwrap();
+        }
+    });
+    wait_for(&bus, "the last segment to be read", |msg| {
+        segment_message(msg).is_some_and(|s| s.get::<i64>("seq").unwrap() == 2)
+    });
+    assert!(server.server.close_channel("av"));
+    wait_eos(&bus);
+    let count = |name: &str| {
+        let sink = appsink(&sub, name);
+        let mut n = 0;
+        while sink.try_pull_sample(gst::ClockTime::ZERO).is_some() {
+            n += 1;
+        }
+        n
+    };
+    let (video, audio) = (count("out"), count("aout"));
+    assert_eq!(
+        video, 45,
+        "every video frame decodes (audio buffers: {audio})"
+    );
+    assert!(audio > 0);
+    stop(&sub);
+}
