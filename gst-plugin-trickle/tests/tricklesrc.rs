@@ -311,9 +311,8 @@ fn demuxer_streams_recreated_mid_channel_keep_video_and_audio_going() {
     for table in [0, pmt_pid] {
         let last_cc = segs[0]
             .chunks_exact(188)
-            .filter(|p| pid(p) == table)
+            .rfind(|p| pid(p) == table)
             .map(|p| p[3] & 0x0f)
-            .last()
             .unwrap();
         let first = segs[1]
             .chunks_exact_mut(188)
