@@ -12,7 +12,7 @@
 //!
 //! - **element**: `appsrc ! aipipeline pipeline=styletransfer ! appsink` with params
 //!   `{"width": S, "height": S, "style": 7}`, one frame in flight (push, wait for its output):
-//!   per-frame latency p50/p95 from push to output, and fps = frames / total time;
+//!   per-frame latency p50/p95 from push to output, fps = frames / their summed latency;
 //! - **bare forward**: `forward(frame, mix, strength)` of the same file through `tch::CModule`
 //!   on the same frames, already on the device as (1, S, S, 3) float [0, 1] (so it excludes the
 //!   element's upload, conversions and download); same statistics;
@@ -20,9 +20,10 @@
 //!   5 s: output frames per second when the element runs free (its mailbox drops the frames it
 //!   cannot take, and conversion overlaps inference).
 //!
-//! Element and bare forward are measured in alternating rounds after 5 untimed warm-up frames
-//! each; the round with the lowest p50 of each is shown. 256² has no element row: the element's
-//! params `width`/`height` are 384..=1024 (runner-compat §8.3), so only the bare forward runs.
+//! Element and bare forward run interleaved frame by frame on one thread after 5 untimed
+//! warm-up frames each, `--rounds` passes over the frames, statistics over all passes; so load
+//! from other processes hits both alike. 256² has no element row: the element's params
+//! `width`/`height` are 384..=1024 (runner-compat §8.3), so only the bare forward runs.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -55,7 +56,7 @@ fn params(s: u32) -> String {
     format!(r#"{{"width":{s},"height":{s},"style":{STYLE}}}"#)
 }
 
-/// Latency statistics of one measured round.
+/// Latency statistics over all measured frames.
 #[derive(Clone, Copy)]
 struct Stats {
     p50: Duration,
@@ -64,24 +65,18 @@ struct Stats {
 }
 
 impl Stats {
-    fn of(mut times: Vec<Duration>, total: Duration) -> Stats {
+    fn of(mut times: Vec<Duration>) -> Stats {
         times.sort();
         let at = |q: f64| {
             let i = ((times.len() as f64 - 1.0) * q).round() as usize;
             times.get(i).copied().unwrap_or_default()
         };
+        let total: Duration = times.iter().sum();
         Stats {
             p50: at(0.5),
             p95: at(0.95),
             fps: times.len() as f64 / total.as_secs_f64().max(1e-9),
         }
-    }
-
-    fn better(a: Option<Stats>, b: Stats) -> Option<Stats> {
-        Some(match a {
-            Some(a) if a.p50 <= b.p50 => a,
-            _ => b,
-        })
     }
 }
 
@@ -109,104 +104,165 @@ fn render_frames(n: usize, s: u32) -> anyhow::Result<Vec<gst::Buffer>> {
     Ok(frames)
 }
 
-/// appsrc ! aipipeline ! appsink, one frame in flight at a time. Also returns the element's
-/// own `inference-latency-p50-ms`.
-fn run_element(dev: &str, frames: &[gst::Buffer], s: u32) -> anyhow::Result<(Stats, f64)> {
-    let pipeline = gst::Pipeline::new();
-    let src = gst_app::AppSrc::builder()
-        .caps(&caps(s))
-        .format(gst::Format::Time)
-        .build();
-    let ai = gst::ElementFactory::make("aipipeline")
-        .property("pipeline", "styletransfer")
-        .property("pipelines-dir", models_dir().to_string_lossy().as_ref())
-        .property("device", dev)
-        .property("params", params(s))
-        .property("max-latency-ms", 0u32)
-        .build()?;
-    let sink = gst_app::AppSink::builder().sync(false).build();
-    pipeline.add_many([src.upcast_ref(), &ai, sink.upcast_ref()])?;
-    gst::Element::link_many([src.upcast_ref(), &ai, sink.upcast_ref()])?;
-    pipeline.set_state(gst::State::Playing)?;
-    let timeout = gst::ClockTime::from_seconds(60);
-    let push_pull = |i: usize, b: &gst::Buffer| -> anyhow::Result<()> {
+/// appsrc ! aipipeline ! appsink, one frame in flight at a time.
+struct ElementRun {
+    pipeline: gst::Pipeline,
+    ai: gst::Element,
+    src: gst_app::AppSrc,
+    sink: gst_app::AppSink,
+    pushed: u64,
+}
+
+impl ElementRun {
+    fn start(dev: &str, s: u32) -> anyhow::Result<ElementRun> {
+        let pipeline = gst::Pipeline::new();
+        let src = gst_app::AppSrc::builder()
+            .caps(&caps(s))
+            .format(gst::Format::Time)
+            .build();
+        let ai = gst::ElementFactory::make("aipipeline")
+            .property("pipeline", "styletransfer")
+            .property("pipelines-dir", models_dir().to_string_lossy().as_ref())
+            .property("device", dev)
+            .property("params", params(s))
+            .property("max-latency-ms", 0u32)
+            .build()?;
+        let sink = gst_app::AppSink::builder().sync(false).build();
+        pipeline.add_many([src.upcast_ref(), &ai, sink.upcast_ref()])?;
+        gst::Element::link_many([src.upcast_ref(), &ai, sink.upcast_ref()])?;
+        pipeline.set_state(gst::State::Playing)?;
+        Ok(ElementRun {
+            pipeline,
+            ai,
+            src,
+            sink,
+            pushed: 0,
+        })
+    }
+
+    /// Pushes one frame and waits for its output: the time from push to output.
+    fn frame(&mut self, b: &gst::Buffer) -> anyhow::Result<Duration> {
         let mut b = b.copy();
         b.get_mut()
             .ok_or_else(|| anyhow::anyhow!("buffer not writable"))?
-            .set_pts(gst::ClockTime::from_mseconds(i as u64 * 41));
-        src.push_buffer(b)?;
-        sink.try_pull_sample(timeout)
-            .ok_or_else(|| anyhow::anyhow!("no output frame"))?;
-        Ok(())
-    };
-    for (i, b) in frames.iter().take(WARMUP).enumerate() {
-        push_pull(i, b)?;
-    }
-    let mut times = Vec::with_capacity(frames.len());
-    let t_all = Instant::now();
-    for (i, b) in frames.iter().enumerate() {
+            .set_pts(gst::ClockTime::from_mseconds(self.pushed * 41));
+        self.pushed += 1;
         let t0 = Instant::now();
-        push_pull(i + WARMUP, b)?;
-        times.push(t0.elapsed());
+        self.src.push_buffer(b)?;
+        self.sink
+            .try_pull_sample(gst::ClockTime::from_seconds(60))
+            .ok_or_else(|| anyhow::anyhow!("no output frame"))?;
+        Ok(t0.elapsed())
     }
-    let total = t_all.elapsed();
-    let stats = ai.property::<gst::Structure>("stats");
-    let p50_ms = stats
-        .get::<f64>("inference-latency-p50-ms")
-        .unwrap_or(f64::NAN);
-    pipeline.set_state(gst::State::Null)?;
-    Ok((Stats::of(times, total), p50_ms))
+
+    /// The element's own `inference-latency-p50-ms`.
+    fn worker_p50_ms(&self) -> f64 {
+        self.ai
+            .property::<gst::Structure>("stats")
+            .get::<f64>("inference-latency-p50-ms")
+            .unwrap_or(f64::NAN)
+    }
 }
 
-/// The bare forward of styletransfer.pt on the same frames (on the device, BHWC [0, 1]).
-fn bare_forward(frames: &[gst::Buffer], s: u32, dev: Device) -> anyhow::Result<Stats> {
-    let _g = tch::no_grad_guard();
-    let inputs = frames
-        .iter()
-        .map(|b| -> anyhow::Result<Tensor> {
-            let map = b.map_readable()?;
-            Ok(Tensor::f_from_slice(map.as_slice())?
-                .f_view([1, s as i64, s as i64, 3])?
-                .f_to_device(dev)?
-                .f_to_kind(Kind::Float)?
-                .f_div_scalar(255.0)?)
+impl Drop for ElementRun {
+    fn drop(&mut self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+/// The bare forward of styletransfer.pt on frames already on the device (BHWC [0, 1]).
+struct Bare {
+    module: tch::CModule,
+    mix: Tensor,
+    strength: Tensor,
+    inputs: Vec<Tensor>,
+    dev: Device,
+}
+
+impl Bare {
+    fn new(frames: &[gst::Buffer], s: u32, dev: Device) -> anyhow::Result<Bare> {
+        let inputs = frames
+            .iter()
+            .map(|b| -> anyhow::Result<Tensor> {
+                let map = b.map_readable()?;
+                Ok(Tensor::f_from_slice(map.as_slice())?
+                    .f_view([1, s as i64, s as i64, 3])?
+                    .f_to_device(dev)?
+                    .f_to_kind(Kind::Float)?
+                    .f_div_scalar(255.0)?)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut module = tch::CModule::load_on_device(models_dir().join("styletransfer.pt"), dev)?;
+        module.f_set_eval()?;
+        let mut mix = [0f32; NUM_STYLES];
+        mix[STYLE] = 1.0;
+        Ok(Bare {
+            module,
+            mix: Tensor::f_from_slice(&mix)?.f_to_device(dev)?,
+            strength: Tensor::from(1f32).f_to_device(dev)?,
+            inputs,
+            dev,
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut m = tch::CModule::load_on_device(models_dir().join("styletransfer.pt"), dev)?;
-    m.f_set_eval()?;
-    let mut mix = [0f32; NUM_STYLES];
-    mix[STYLE] = 1.0;
-    let mix = Tensor::f_from_slice(&mix)?.f_to_device(dev)?;
-    let strength = Tensor::from(1f32).f_to_device(dev)?;
-    let sync = || {
-        if let Device::Cuda(n) = dev {
+    }
+
+    /// One forward of input `i` (synchronised on CUDA): its time.
+    fn frame(&self, i: usize) -> anyhow::Result<Duration> {
+        let _g = tch::no_grad_guard();
+        let f = self
+            .inputs
+            .get(i)
+            .ok_or_else(|| anyhow::anyhow!("no input {i}"))?;
+        let t0 = Instant::now();
+        let _ = self.module.forward_ts(&[
+            f.shallow_clone(),
+            self.mix.shallow_clone(),
+            self.strength.shallow_clone(),
+        ])?;
+        if let Device::Cuda(n) = self.dev {
             tch::Cuda::synchronize(n as i64);
         }
-    };
-    let forward = |f: &Tensor| -> anyhow::Result<()> {
-        let _ = m.forward_ts(&[
-            f.shallow_clone(),
-            mix.shallow_clone(),
-            strength.shallow_clone(),
-        ])?;
-        sync();
-        Ok(())
-    };
-    for f in inputs.iter().take(WARMUP) {
-        forward(f)?;
+        Ok(t0.elapsed())
     }
-    let mut times = Vec::with_capacity(inputs.len());
-    let t_all = Instant::now();
-    for f in &inputs {
-        let t0 = Instant::now();
-        forward(f)?;
-        times.push(t0.elapsed());
+}
+
+/// Element and bare forward interleaved frame by frame on one thread (so that load from other
+/// processes hits both alike), `rounds` passes over the frames after WARMUP untimed frames of
+/// each. Returns (element, worker p50 ms, forward); no element below MIN_SIZE.
+fn measure(
+    dev_prop: &str,
+    dev: Device,
+    frames: &[gst::Buffer],
+    s: u32,
+    rounds: usize,
+) -> anyhow::Result<(Option<(Stats, f64)>, Stats)> {
+    let bare = Bare::new(frames, s, dev)?;
+    let mut el = if s >= gstaipipeline::pipeline::MIN_SIZE {
+        Some(ElementRun::start(dev_prop, s)?)
+    } else {
+        None
+    };
+    let n = frames.len();
+    for i in 0..WARMUP {
+        if let Some(e) = el.as_mut() {
+            e.frame(&frames[i % n])?;
+        }
+        bare.frame(i % n)?;
     }
-    Ok(Stats::of(times, t_all.elapsed()))
+    let (mut t_el, mut t_fwd) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        for (i, b) in frames.iter().enumerate() {
+            if let Some(e) = el.as_mut() {
+                t_el.push(e.frame(b)?);
+            }
+            t_fwd.push(bare.frame(i)?);
+        }
+    }
+    let el = el.map(|e| (Stats::of(t_el), e.worker_p50_ms()));
+    Ok((el, Stats::of(t_fwd)))
 }
 
 /// Free-running live pipeline: output frames per second between the first and last output.
-fn live(dev: &str, s: u32) -> anyhow::Result<(f64, u64, u64)> {
+fn live(dev: &str, s: u32) -> anyhow::Result<(f64, String)> {
     let pipeline = gst::parse::launch(&format!(
         "videotestsrc is-live=true num-buffers={} pattern=smpte horizontal-speed=5 ! \
          video/x-raw,format=RGB,width={s},height={s},framerate={LIVE_FPS}/1 ! \
@@ -246,13 +302,25 @@ fn live(dev: &str, s: u32) -> anyhow::Result<(f64, u64, u64)> {
     let stats = ai.property::<gst::Structure>("stats");
     let out = stats.get::<u64>("frames-out").unwrap_or(0);
     let drops = stats.get::<u64>("queue-drops").unwrap_or(0);
+    let passthrough = stats.get::<u64>("frames-passthrough").unwrap_or(0);
     pipeline.set_state(gst::State::Null)?;
     let times = times.lock().unwrap();
-    let fps = match (times.first(), times.last()) {
-        (Some(a), Some(b)) if times.len() > 1 => (times.len() - 1) as f64 / (*b - *a).as_secs_f64(),
-        _ => 0.0,
+    let span = match (times.first(), times.last()) {
+        (Some(a), Some(b)) => *b - *a,
+        _ => Duration::ZERO,
     };
-    Ok((fps, out, drops))
+    let fps = if times.len() > 1 {
+        (times.len() - 1) as f64 / span.as_secs_f64().max(1e-9)
+    } else {
+        0.0
+    };
+    Ok(format!(
+        "{s}x{s}: {fps:.2} fps ({} frames out over {:.2} s; element: {out} out, {passthrough} passed through, {drops} dropped of {} in)",
+        times.len(),
+        span.as_secs_f64(),
+        LIVE_FPS * LIVE_SECONDS
+    ))
+    .map(|line| (fps, line))
 }
 
 /// Runs `f` on a fresh thread (torch work off the main thread, as in the element).
@@ -332,26 +400,15 @@ fn main() -> anyhow::Result<()> {
         "p50 x",
         "live fps"
     );
+    let mut live_lines = Vec::new();
     for s in SIZES {
         let frames = render_frames(n, s)?;
-        let element_ok = s >= gstaipipeline::pipeline::MIN_SIZE;
-        let mut el: Option<(Stats, f64)> = None;
-        let mut fwd: Option<Stats> = None;
-        for _ in 0..rounds {
-            if element_ok {
-                let r = on_thread(|| run_element(&dev_prop, &frames, s))?;
-                if el.as_ref().is_none_or(|b| r.0.p50 < b.0.p50) {
-                    el = Some(r);
-                }
-            }
-            let f = on_thread(|| bare_forward(&frames, s, dev))?;
-            fwd = Stats::better(fwd, f);
-        }
-        let fwd = fwd.ok_or_else(|| anyhow::anyhow!("no forward run"))?;
+        let (el, fwd) = on_thread(|| measure(&dev_prop, dev, &frames, s, rounds))?;
         let size = format!("{s}x{s}");
         match el {
             Some((e, worker_p50)) => {
-                let (live_fps, _out, _drops) = live(&dev_prop, s)?;
+                let (live_fps, line) = live(&dev_prop, s)?;
+                live_lines.push(line);
                 println!(
                     "{:<8} {:>9.2} {:>9.1} {:>9.1} {:>9.1} {:>9.2} {:>9.1} {:>9.1} {:>8.2} {:>9.2}",
                     size,
@@ -380,6 +437,11 @@ fn main() -> anyhow::Result<()> {
                 "-"
             ),
         }
+    }
+    println!();
+    println!("live runs:");
+    for l in &live_lines {
+        println!("  {l}");
     }
     println!();
     println!(
