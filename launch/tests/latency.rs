@@ -232,3 +232,45 @@ fn the_daemon_runs_with_a_passive_openmp_wait_policy() {
         );
     }
 }
+
+/// Issue 11 bug: `rivulet demo` hosts the input publisher, the daemon and the output reader in
+/// one process; with a picture whose segment-start keyframes come without PAT/PMT (scrolling
+/// bars), the publisher's re-inserted PAT/PMT repeated their continuity counters, tsdemux in
+/// the daemon re-created its streams at a segment start and the input stopped for good (about
+/// 105 of 192 capped frames). Every capped frame must now reach the runner.
+#[test]
+fn demo_in_one_process_keeps_its_input_flowing_across_segments() {
+    let dir = common::TempDir::new("demo-bars");
+    let out = dir.0.join("demo.ts");
+    let seconds = 8u32;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rivulet"))
+        .args(["demo", "--pipeline", "noop", "--port", "0", "--seconds"])
+        .arg(seconds.to_string())
+        .arg("--output")
+        .arg(&out)
+        .env_remove("MODEL_ID")
+        .env_remove("RIVULET_FPS_CAP")
+        .env("RIVULET_DEMO_VIDEO", "pattern=bar horizontal-speed=4")
+        .env("RIVULET_STATE_FILE", dir.0.join("last.json"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let rx = common::watch_for(child.stdout.take().unwrap(), "demo", "Done: ");
+    let done = rx.recv_timeout(Duration::from_secs(120));
+    let _ = child.kill();
+    let _ = child.wait();
+    let done = done.expect("the demo did not finish");
+    let frames_in: u32 = done
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read the frame count in {done:?}"));
+    // 24 fps cap over `seconds` of 30 fps input; a few may be lost while the stream starts.
+    let expected = seconds * 24;
+    assert!(
+        frames_in >= expected * 9 / 10,
+        "the runner got {frames_in} of {expected} frames: its input stalled ({done})"
+    );
+}
