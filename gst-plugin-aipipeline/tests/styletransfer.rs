@@ -122,6 +122,11 @@ struct Element {
 
 impl Element {
     fn start(input: &gst::Buffer, params: &str) -> Element {
+        Self::start_with(input, params, false)
+    }
+
+    /// `isolated`: inference in the `rivulet-inference` child (`isolation=process`).
+    fn start_with(input: &gst::Buffer, params: &str, isolated: bool) -> Element {
         init();
         let pipeline = gst::Pipeline::new();
         let caps = gst::Caps::builder("video/x-raw")
@@ -142,6 +147,10 @@ impl Element {
             .property("params", params)
             .build()
             .unwrap();
+        if isolated {
+            ai.set_property_from_str("isolation", "process");
+            ai.set_property("child-path", env!("CARGO_BIN_EXE_rivulet-inference"));
+        }
         let sink = gst_app::AppSink::builder().sync(false).build();
         pipeline
             .add_many([src.upcast_ref(), &ai, sink.upcast_ref()])
@@ -392,4 +401,23 @@ fn bad_style_warns_and_keeps_the_previous_style() {
         "style 2",
     );
     el.no_warnings();
+}
+
+/// The same through an inference child (`isolation=process`, the daemon's default): the
+/// element resolves `style` and sends the child the resulting `mix`.
+#[test]
+fn style_change_in_an_inference_child() {
+    let input = input_frame();
+    let bare = Bare::new(&input);
+    let style0 = bare.output(&one_hot(0, 1.0), 1.0);
+    let style7 = bare.output(&one_hot(7, 1.0), 1.0);
+    let mut el = Element::start_with(&input, &params(serde_json::json!({ "style": 0 })), true);
+    assert_close(&el.frame(), &style0, "child: style 0");
+    let got = el.set(&params(serde_json::json!({ "style": "style_7" })));
+    assert_close(&got, &style7, "child: style_7 at the next frame");
+    el.no_warnings();
+    let got = el.set(&params(serde_json::json!({ "style": 99 })));
+    let w = el.expect_warning();
+    assert!(w.contains("params.style = 99"), "{w}");
+    assert_close(&got, &style7, "child: bad style keeps style 7");
 }
