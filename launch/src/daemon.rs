@@ -408,10 +408,13 @@ impl Daemon {
             c.current_params = req.params.clone();
             c.machine.on_stream_start(now);
             c.counters.streams_started += 1;
+            // Running from now on, so that a health tick during the (possibly slow: an
+            // inference child loading) start does not see "no stream", go OFFLINE and reset
+            // the params and ids just set. A failed start clears it below.
+            c.stream_running = true;
         }
         match StreamHandle::start(self.clone(), req).await {
             Ok(handle) => {
-                self.core.lock().unwrap().stream_running = true;
                 *slot = Some(handle);
                 drop(slot);
                 self.emit(
