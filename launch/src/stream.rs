@@ -178,9 +178,19 @@ impl FpsCap {
     }
 
     /// Whether the frame with PTS `t` (seconds) passes.
+    ///
+    /// One deliberate difference from the runner: a PTS that goes back by more than one
+    /// interval before the last frame that passed starts a new timeline (the first-frame rule
+    /// again). A publisher that restarts on the same channel counts from zero again; the
+    /// runner's rule would drop every frame until the new PTS caught up with the old ones
+    /// (the stream's video stopped for as long as the first publisher had run).
     pub fn pass(&mut self, t: f64) -> bool {
         match self.next {
             None => {
+                self.next = Some(t + self.interval);
+                true
+            }
+            Some(next) if t < next - 2.0 * self.interval => {
                 self.next = Some(t + self.interval);
                 true
             }
@@ -977,4 +987,29 @@ pub fn warm_up(cfg: &Config, params: &Value) -> Result<(), String> {
     })();
     let _ = pipeline.set_state(gst::State::Null);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FpsCap;
+
+    fn passed(cap: &mut FpsCap, pts: impl Iterator<Item = f64>) -> usize {
+        pts.filter(|t| cap.pass(*t)).count()
+    }
+
+    #[test]
+    fn fps_cap_keeps_24_of_30_and_restarts_when_pts_go_back() {
+        let mut cap = FpsCap::new(24.0);
+        // 3 s at 30 fps: 24 a second pass.
+        let first = passed(&mut cap, (0..90).map(|i| f64::from(i) / 30.0));
+        assert!((71..=73).contains(&first), "{first}");
+        // A restarted publisher counts from zero again: its frames pass at once, 24 a second.
+        let second = passed(&mut cap, (0..90).map(|i| f64::from(i) / 30.0));
+        assert_eq!(second, first);
+        // A duplicate or slightly early PTS is still dropped, a small step back too.
+        let mut cap = FpsCap::new(24.0);
+        assert!(cap.pass(1.0));
+        assert!(!cap.pass(1.0));
+        assert!(!cap.pass(1.0 - 1.0 / 30.0));
+    }
 }

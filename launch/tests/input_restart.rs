@@ -1,0 +1,215 @@
+// SPDX-License-Identifier: MPL-2.0
+//! Issue 11, robustness: the publisher of a stream's input restarts on the same channel (a
+//! new process: new encoder, timestamps from zero again, PAT/PMT counters from zero), so the
+//! daemon's demuxer re-creates its streams in the middle of the channel. The runner's output
+//! must come back with the new publisher's frames, not stall for good.
+
+use gst::prelude::*;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{create_channel, spawn_daemon};
+
+const S: usize = 512;
+const BITS: usize = 16;
+
+/// A 512×512 I420 frame: `n` as 16 black/white 32×32 squares on top, grey below.
+fn frame(n: u32) -> Vec<u8> {
+    let block = S / BITS;
+    let mut f = vec![128u8; S * S * 3 / 2];
+    for bit in 0..BITS {
+        let v = if n >> bit & 1 == 1 { 235 } else { 16 };
+        for y in 0..block {
+            f[y * S + bit * block..y * S + (bit + 1) * block].fill(v);
+        }
+    }
+    f
+}
+
+/// The index drawn by [`frame`] (None: not one of ours, e.g. a loading frame).
+fn stamp(sample: &gst::Sample) -> Option<u32> {
+    let info = gst_video::VideoInfo::from_caps(sample.caps()?).ok()?;
+    if info.width() as usize != S || info.height() as usize != S {
+        return None;
+    }
+    let buf = sample.buffer()?;
+    let map = buf.map_readable().ok()?;
+    let luma = &map[info.offset()[0]..];
+    let stride = info.stride()[0] as usize;
+    let block = S / BITS;
+    let mut n = 0;
+    for bit in 0..BITS {
+        let (cx, cy) = (bit * block + block / 2, block / 2);
+        let mut sum = 0u32;
+        for y in cy - 4..cy + 4 {
+            for x in cx - 4..cx + 4 {
+                sum += u32::from(luma[y * stride + x]);
+            }
+        }
+        let mean = sum / 64;
+        if mean > 160 {
+            n |= 1 << bit;
+        } else if mean > 80 {
+            return None;
+        }
+    }
+    Some(n)
+}
+
+/// A live publisher (x264 through tricklesink) on `url` that leaves the channel open when it
+/// stops, as a crashed or restarted publisher process does.
+fn publisher(url: &str) -> (gst::Pipeline, gst_app::AppSrc) {
+    let p = gst::parse::launch(&format!(
+        "appsrc name=in format=time is-live=true \
+         caps=video/x-raw,format=I420,width={S},height={S},framerate=30/1 \
+         ! tricklesink url={url} delete-on-close=false min-segment-duration=500000000 \
+         idr-interval=500000000"
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let src = p
+        .by_name("in")
+        .unwrap()
+        .downcast::<gst_app::AppSrc>()
+        .unwrap();
+    p.set_state(gst::State::Playing).unwrap();
+    (p, src)
+}
+
+/// Pushes frames `first..first + count` paced at 30 fps, PTS from zero (a fresh process).
+fn publish(src: &gst_app::AppSrc, first: u32, count: u32) {
+    let t0 = Instant::now();
+    for i in 0..count {
+        let mut buf = gst::Buffer::from_mut_slice(frame(first + i));
+        {
+            let b = buf.get_mut().unwrap();
+            b.set_pts(gst::ClockTime::from_nseconds(
+                u64::from(i) * 1_000_000_000 / 30,
+            ));
+            b.set_duration(gst::ClockTime::from_nseconds(1_000_000_000 / 30));
+        }
+        src.push_buffer(buf).unwrap();
+        let due = t0 + Duration::from_millis(u64::from(i + 1) * 1000 / 30);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+    }
+}
+
+/// Pulls stamped output frames for `within`, returning the indices seen.
+fn drain(out: &gst_app::AppSink, within: Duration) -> Vec<u32> {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return seen;
+        }
+        if let Some(s) = out.try_pull_sample(gst::ClockTime::from_nseconds(left.as_nanos() as u64))
+            && let Some(n) = stamp(&s)
+        {
+            seen.push(n);
+        }
+    }
+}
+
+fn restarted_publisher_brings_the_output_back(envs: &[(&str, &str)]) {
+    gst::init().unwrap();
+    gsttrickle::plugin_register_static().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let d = spawn_daemon("input-restart", envs);
+    let base = d.base.clone();
+    let http = reqwest::Client::new();
+    let mid = "rst00001";
+    let url = |s: &str| format!("{base}/trickle/{mid}{s}");
+    rt.block_on(async {
+        let t = Instant::now();
+        loop {
+            let v: serde_json::Value = http
+                .get(format!("{base}/health"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if v["status"] == "IDLE" {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "health is {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        create_channel(&http, &base, mid, "video/MP2T").await;
+        create_channel(&http, &base, &format!("{mid}-out"), "video/MP2T").await;
+        let start = json!({
+            "subscribe_url": url(""), "publish_url": url("-out"),
+            "model_id": "noop", "params": {"width": S, "height": S},
+            "gateway_request_id": "rst-1", "manifest_id": mid, "stream_id": "rst",
+        });
+        let r = http
+            .post(format!("{base}/live-video-to-video"))
+            .json(&start)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "stream start");
+    });
+    let reader = gst::parse::launch(&format!(
+        "tricklesrc url={} start-seq=-2 do-timestamp=false ! videoconvert ! video/x-raw,format=I420 \
+         ! appsink name=out sync=false max-buffers=1000",
+        url("-out")
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let out = reader
+        .by_name("out")
+        .unwrap()
+        .downcast::<gst_app::AppSink>()
+        .unwrap();
+    reader.set_state(gst::State::Playing).unwrap();
+
+    // First publisher: frames 0..90 (3 s), then it goes away without closing the channel.
+    let (p1, src1) = publisher(&url(""));
+    publish(&src1, 0, 90);
+    p1.set_state(gst::State::Null).unwrap();
+    let first = drain(&out, Duration::from_secs(2));
+    assert!(
+        first.len() >= 20,
+        "the first publisher's frames did not come through: {first:?}"
+    );
+    // Second publisher on the same channel, PTS from zero again: frames 128..218 (3 s).
+    let (p2, src2) = publisher(&url(""));
+    publish(&src2, 128, 90);
+    let second = drain(&out, Duration::from_secs(4));
+    p2.set_state(gst::State::Null).unwrap();
+    reader.set_state(gst::State::Null).unwrap();
+    let restarted: Vec<u32> = second.iter().copied().filter(|n| *n >= 128).collect();
+    eprintln!(
+        "first publisher: {} frames out, second: {} frames out ({:?})",
+        first.len(),
+        restarted.len(),
+        second
+    );
+    assert!(
+        restarted.len() >= 20,
+        "after the publisher restarted, {} of its 90 frames came out: the runner's video did \
+         not come back ({second:?})",
+        restarted.len()
+    );
+    assert!(
+        restarted.windows(2).all(|w| w[0] < w[1]),
+        "reordered: {restarted:?}"
+    );
+    drop(d);
+}
+
+#[test]
+fn restarted_publisher_brings_the_output_back_with_the_fps_cap() {
+    restarted_publisher_brings_the_output_back(&[]);
+}
+
+#[test]
+fn restarted_publisher_brings_the_output_back_without_the_fps_cap() {
+    restarted_publisher_brings_the_output_back(&[("RIVULET_FPS_CAP", "0")]);
+}
