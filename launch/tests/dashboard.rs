@@ -205,8 +205,40 @@ fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Result<T, St
     }
 }
 
+/// The tests of this file one at a time (each runs a daemon, a stream and a browser).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Opens the dashboard of the daemon at `base` in headless Chromium; returns once loaded.
+fn open_dashboard(base: &str, get_json: &dyn Fn(String) -> Value) -> (Chromium, Cdp) {
+    let page = format!("{base}/");
+    let chromium = spawn_chromium(&page);
+    let list_url = format!("http://127.0.0.1:{}/json/list", chromium.port);
+    let ws_url = wait_for("the page target", Duration::from_secs(30), || {
+        let v = get_json(list_url.clone());
+        v.as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|t| t["type"] == "page" && t["url"].as_str() == Some(page.as_str()))
+            })
+            .and_then(|t| t["webSocketDebuggerUrl"].as_str().map(String::from))
+            .ok_or_else(|| v.to_string())
+    });
+    let mut cdp = Cdp::connect(&ws_url);
+    wait_for("the page to load", Duration::from_secs(30), || {
+        let v =
+            cdp.eval("document.readyState === 'complete' && !!document.getElementById('state')");
+        if v == true {
+            Ok(())
+        } else {
+            Err(v.to_string())
+        }
+    });
+    (chromium, cdp)
+}
+
 #[test]
 fn dashboard_shows_live_previews_charts_and_state() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     gst::init().unwrap();
     gsttrickle::plugin_register_static().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -236,29 +268,7 @@ fn dashboard_shows_live_previews_charts_and_state() {
     // No stream yet: the previews are a JSON 404.
     assert_eq!(get(format!("{base}/api/preview/output.jpg")).0, 404);
 
-    let page = format!("{base}/");
-    let chromium = spawn_chromium(&page);
-    let list_url = format!("http://127.0.0.1:{}/json/list", chromium.port);
-    let ws_url = wait_for("the page target", Duration::from_secs(30), || {
-        let v = get_json(list_url.clone());
-        v.as_array()
-            .and_then(|a| {
-                a.iter()
-                    .find(|t| t["type"] == "page" && t["url"].as_str() == Some(page.as_str()))
-            })
-            .and_then(|t| t["webSocketDebuggerUrl"].as_str().map(String::from))
-            .ok_or_else(|| v.to_string())
-    });
-    let mut cdp = Cdp::connect(&ws_url);
-    wait_for("the page to load", Duration::from_secs(30), || {
-        let v =
-            cdp.eval("document.readyState === 'complete' && !!document.getElementById('state')");
-        if v == true {
-            Ok(())
-        } else {
-            Err(v.to_string())
-        }
-    });
+    let (chromium, mut cdp) = open_dashboard(&base, &get_json);
 
     // Idle: the page shows the daemon's state and "no stream" in place of both previews.
     wait_for("the idle page", Duration::from_secs(30), || {
@@ -442,6 +452,197 @@ fn dashboard_shows_live_previews_charts_and_state() {
         std::fs::write(&path, &png).unwrap();
         eprintln!("screenshot saved to {}", path.display());
     }
+
+    drop(cdp);
+    drop(chromium);
+    input.set_state(gst::State::Null).unwrap();
+    drop(d);
+}
+
+/// The stage and job tables as the page shows them: one object per row, cell texts by key,
+/// and a job's progress bar width.
+const FEED_TABLES_JS: &str = r#"(() => {
+  const rows = (id) => [...document.querySelectorAll('#' + id + ' tr[data-id]')].map(tr => {
+    const o = { id: tr.dataset.id };
+    tr.querySelectorAll('td[data-k]').forEach(td => { o[td.dataset.k] = td.textContent; });
+    const bar = tr.querySelector('.bar > span');
+    if (bar) o.bar = bar.style.width;
+    return o; });
+  return { feed: document.getElementById('feed').textContent, stages: rows('stages'), jobs: rows('jobs') };
+})()"#;
+
+/// An `n`-frame H.264 MP4 (320×240, 30 fps).
+fn make_input(path: &std::path::Path, n: u32) {
+    let p = gst::parse::launch(&format!(
+        "videotestsrc num-buffers={n} pattern=ball ! \
+         video/x-raw,width=320,height=240,framerate=30/1 ! x264enc ! mp4mux ! filesink location={}",
+        path.display()
+    ))
+    .unwrap();
+    p.set_state(gst::State::Playing).unwrap();
+    let msg = p
+        .bus()
+        .unwrap()
+        .timed_pop_filtered(
+            gst::ClockTime::from_seconds(60),
+            &[gst::MessageType::Eos, gst::MessageType::Error],
+        )
+        .expect("input file: no EOS within 60 s");
+    p.set_state(gst::State::Null).unwrap();
+    assert!(matches!(msg.view(), gst::MessageView::Eos(_)), "{msg:?}");
+}
+
+/// The stage figures of a running graph and a file job's progress reach the page through the
+/// realtime feed (`GET /v1/events`), live: the page fills those tables from feed events only.
+#[test]
+fn dashboard_shows_stage_figures_and_job_progress_from_the_feed() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    gst::init().unwrap();
+    gsttrickle::plugin_register_static().unwrap();
+    const JOB_FRAMES: u32 = 48;
+    let files = TempDir::new("dashboard-feed-files");
+    let input_file = files.0.join("in.mp4");
+    make_input(&input_file, JOB_FRAMES);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let get_json = |url: String| -> Value {
+        rt.block_on(async { http.get(&url).send().await.unwrap().json().await.unwrap() })
+    };
+    let post = |url: String, body: Value| -> (u16, Value) {
+        rt.block_on(async {
+            let r = http.post(&url).json(&body).send().await.unwrap();
+            (r.status().as_u16(), r.json().await.unwrap_or_default())
+        })
+    };
+    let data_dir = files.0.join("data").to_string_lossy().to_string();
+    let d = common::spawn_daemon(
+        "dashboard-feed",
+        &[("RIVULET_DATA_DIR", &data_dir), ("RIVULET_DEVICE", "cpu")],
+    );
+    let base = d.base.clone();
+    let (chromium, mut cdp) = open_dashboard(&base, &get_json);
+    // The page is subscribed before anything happens (the feed does not replay).
+    wait_for("the feed to connect", Duration::from_secs(30), || {
+        let v = cdp.eval(FEED_TABLES_JS);
+        if v["feed"] == "connected" && v["stages"] == json!([]) && v["jobs"] == json!([]) {
+            Ok(())
+        } else {
+            Err(v.to_string())
+        }
+    });
+
+    // A stream through a two-stage graph: an element stage, then a pipeline stage.
+    let mid = "dashfeed";
+    rt.block_on(async {
+        for suffix in ["", "-out"] {
+            common::create_channel(&http, &base, &format!("{mid}{suffix}"), "video/MP2T").await;
+        }
+    });
+    let (code, body) = post(
+        format!("{base}/live-video-to-video"),
+        json!({
+            "subscribe_url": format!("{base}/trickle/{mid}"),
+            "publish_url": format!("{base}/trickle/{mid}-out"),
+            "model_id": "noop", "params": {},
+            "pipeline": [
+                {"id": "flip", "element": "videoflip", "params": {"method": "horizontal-flip"}},
+                {"id": "ai", "pipeline": "noop"}],
+            "gateway_request_id": "req-dash-feed", "manifest_id": mid, "stream_id": "s-dash-feed"
+        }),
+    );
+    assert_eq!(code, 200, "{body}");
+    let input = input_pipeline(&format!("{base}/trickle/{mid}"));
+    input.set_state(gst::State::Playing).unwrap();
+
+    // Both stages' rows: running, frames through, fps, the provider the daemon reports, and the
+    // pipeline stage's latency.
+    let frames_out = |r: &Value| -> u64 {
+        r["frames"]
+            .as_str()
+            .and_then(|f| f.split(" / ").nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let stage_rows = |v: &Value| -> Option<(Value, Value)> {
+        let rows = v["stages"].as_array()?;
+        let find = |id: &str| rows.iter().find(|r| r["id"] == id).cloned();
+        Some((find("flip")?, find("ai")?))
+    };
+    let mut before = wait_for(
+        "both stages' figures on the page",
+        Duration::from_secs(60),
+        || {
+            let v = cdp.eval(FEED_TABLES_JS);
+            let ok = stage_rows(&v).is_some_and(|(flip, ai)| {
+                [&flip, &ai]
+                    .iter()
+                    .all(|r| r["state"] == "running" && num(&r["fps"]) > 0.0 && frames_out(r) > 0)
+                    && num(&ai["latency"]) >= 0.0
+                    && flip["latency"] == "-"
+            });
+            if ok { Ok(v) } else { Err(v.to_string()) }
+        },
+    );
+    eprintln!("stages: {before}");
+    let status = get_json(format!("{base}/api/status"));
+    let (flip, ai) = stage_rows(&before).unwrap();
+    assert_eq!(flip["provider"], status["stages"][0]["provider"], "{status}");
+    assert_eq!(flip["provider"], "element videoflip");
+    assert_eq!(ai["provider"], status["stages"][1]["provider"], "{status}");
+    assert_eq!(flip["errors"], "0");
+    assert_eq!(ai["misses"], "0");
+    // Live: the figures move with each stage_stats event.
+    for round in 1..=2 {
+        let prev = before.clone();
+        before = wait_for("the stage figures to move", Duration::from_secs(30), || {
+            let v = cdp.eval(FEED_TABLES_JS);
+            let (f0, a0) = stage_rows(&prev).unwrap();
+            let ok = stage_rows(&v)
+                .is_some_and(|(f, a)| frames_out(&f) > frames_out(&f0) && frames_out(&a) > frames_out(&a0));
+            if ok { Ok(v) } else { Err(v.to_string()) }
+        });
+        eprintln!("stages {round}: {before}");
+    }
+
+    // A file job: its row shows its progress up to 100 % and done, every frame, stages done.
+    let output = files.0.join("out.ts");
+    let (code, job) = post(
+        format!("{base}/v1/jobs"),
+        json!({"input": input_file, "output": output, "pipeline": "noop"}),
+    );
+    assert_eq!(code, 201, "{job}");
+    let id = job["id"].as_str().unwrap().to_owned();
+    let done = wait_for("the job done on the page", Duration::from_secs(120), || {
+        let v = cdp.eval(FEED_TABLES_JS);
+        let row = v["jobs"]
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["id"] == id.as_str()).cloned());
+        match row {
+            Some(r) if r["state"] == "done" => Ok(r),
+            _ => Err(v.to_string()),
+        }
+    });
+    eprintln!("job: {done}");
+    assert_eq!(done["job"], id.as_str());
+    assert_eq!(done["pipeline"], "noop");
+    assert!(done["progress"].as_str().unwrap().ends_with("100.0%"), "{done}");
+    assert_eq!(done["bar"], "100%");
+    assert_eq!(done["frames"], format!("{JOB_FRAMES} / {JOB_FRAMES}"));
+    assert_eq!(done["stages"], "1 / 1");
+    assert_eq!(done["error"], "");
+    // The job's own stage events did not go into the stream's stage table.
+    let v = cdp.eval(FEED_TABLES_JS);
+    let ids: Vec<&str> = v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["flip", "ai"], "{v}");
 
     drop(cdp);
     drop(chromium);

@@ -610,3 +610,104 @@ async fn daemon_runs_a_graph_from_the_start_request() {
     }
     let _ = tokio::task::spawn_blocking(move || input.set_state(gst::State::Null)).await;
 }
+
+/// Builds the example contract element (`examples/gst-plugin-example-tint`, not a workspace
+/// member, on its own into `target/examples`) and loads it into this process's registry.
+fn load_example_plugin() {
+    static LOADED: Once = Once::new();
+    LOADED.call_once(|| {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+            .join("examples");
+        let status = std::process::Command::new(
+            std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
+        )
+        .args(["build", "--locked", "--manifest-path"])
+        .arg(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../examples/gst-plugin-example-tint/Cargo.toml"),
+        )
+        .env("CARGO_TARGET_DIR", &target)
+        .status()
+        .expect("cannot run cargo");
+        assert!(status.success(), "the example plugin does not build");
+        gst::Plugin::load_file(target.join("debug/libgstrivulettint.so"))
+            .expect("load libgstrivulettint.so");
+    });
+    assert!(gst::ElementFactory::find("rivulettint").is_some());
+}
+
+/// The gains `rivulettint` applied (strength 1): output over input per channel, over the
+/// pixels whose input channel is bright enough to tell.
+fn gains(input: &[u8], out: &[u8]) -> [f64; 3] {
+    let mut g = [0.0; 3];
+    for (c, gain) in g.iter_mut().enumerate() {
+        let (mut i_sum, mut o_sum) = (0.0, 0.0);
+        for (i, o) in input.chunks(3).zip(out.chunks(3)) {
+            if i[c] > 64 {
+                i_sum += i[c] as f64;
+                o_sum += o[c] as f64;
+            }
+        }
+        *gain = o_sum / i_sum.max(1.0);
+    }
+    g
+}
+
+fn near(a: [f64; 3], b: [f64; 3]) -> bool {
+    a.iter().zip(b).all(|(x, y)| (x - y).abs() < 0.03)
+}
+
+/// An element following the element contract (a `params` JSON property) gets the stage's
+/// params as that JSON, and the stream's `params.<id>` live, key by key over them; params it
+/// rejects fail validation naming the stage.
+#[test]
+fn contract_element_stage_gets_params_json_live() {
+    init();
+    load_example_plugin();
+    let def = json!([{"id": "tint", "element": "rivulettint",
+                      "params": {"width": 384, "height": 384, "color": [1.0, 0.0, 0.0]}}]);
+    let (g, _cfg) = built(def, &json!({}));
+    let input = picture(384, 384, 9);
+    let mut rig = Rig::new(g.bin.upcast_ref(), 384, 384);
+    // The first load happens at start: red kept, green and blue gone.
+    let (w, h, out) = rig.run(&input);
+    assert_eq!((w, h), (384, 384), "the params' size (not the 512 default)");
+    let got = gains(&input, &out);
+    assert!(near(got, [1.0, 0.0, 0.0]), "red tint: gains {got:?}");
+
+    // Live: a new colour from the stream's params.tint, the size kept from the definition.
+    g.set_params(&json!({"tint": {"color": [0.0, 1.0, 0.0]}}));
+    let mut last = (0, 0, [0.0; 3]);
+    for _ in 0..100 {
+        let (w, h, out) = rig.run(&input);
+        last = (w, h, gains(&input, &out));
+        if near(last.2, [0.0, 1.0, 0.0]) {
+            break;
+        }
+    }
+    assert!(near(last.2, [0.0, 1.0, 0.0]), "green tint after the update: {last:?}");
+    assert_eq!((last.0, last.1), (384, 384), "width/height kept: {last:?}");
+    assert_eq!(g.stats()[0].provider, "element rivulettint");
+    assert_eq!(g.stats()[0].state, "running");
+    rig.finish();
+
+    // The older form, the params as the element's property, is the same params.
+    let old = json!([{"id": "tint", "element": "rivulettint",
+                      "params": {"params": {"width": 384, "height": 384, "color": [0.0, 0.0, 1.0]}}}]);
+    let (g, _cfg) = built(old, &json!({}));
+    let mut rig = Rig::new(g.bin.upcast_ref(), 384, 384);
+    let (w, h, out) = rig.run(&input);
+    assert_eq!((w, h), (384, 384));
+    let got = gains(&input, &out);
+    assert!(near(got, [0.0, 0.0, 1.0]), "blue tint: gains {got:?}");
+    rig.finish();
+
+    // Params the element rejects: a validation error naming the stage and the reason.
+    let bad = graph::parse(&json!([{"id": "tint", "element": "rivulettint",
+                                    "params": {"strength": 5}}]))
+    .unwrap();
+    let err = graph::validate(&bad, &config()).unwrap_err().to_string();
+    assert!(err.contains("tint") && err.contains("strength must be a number in [0, 1]"), "{err}");
+}

@@ -801,17 +801,27 @@ pub fn validate(def: &GraphDef, cfg: &Config) -> Result<(), GraphError> {
                         stage: s.id.clone(),
                         msg: format!("cannot create element '{name}': {e}"),
                     })?;
-                    for (key, v) in obj {
-                        property_text(&el, key, v).map_err(|msg| GraphError::Invalid {
-                            stage: s.id.clone(),
-                            msg: format!("element '{name}': {msg}"),
-                        })?;
+                    if takes_params_json(&el) {
+                        // The element contract: the stage params are the element's params.
+                        check_contract_params(&el, &contract_params(&s.params)).map_err(
+                            |msg| GraphError::Invalid {
+                                stage: s.id.clone(),
+                                msg: format!("element '{name}' rejects its params: {msg}"),
+                            },
+                        )?;
+                        continue_io(&factory)
+                    } else {
+                        for (key, v) in obj {
+                            property_text(&el, key, v).map_err(|msg| GraphError::Invalid {
+                                stage: s.id.clone(),
+                                msg: format!("element '{name}': {msg}"),
+                            })?;
+                        }
+                        continue_io(&factory)
                     }
+                } else {
+                    continue_io(&factory)
                 }
-                (
-                    template_media(&factory, gst::PadDirection::Sink),
-                    template_media(&factory, gst::PadDirection::Src),
-                )
             } else {
                 return Err(GraphError::Invalid {
                     stage: s.id.clone(),
@@ -891,6 +901,56 @@ pub fn validate(def: &GraphDef, cfg: &Config) -> Result<(), GraphError> {
         }
     }
     Ok(())
+}
+
+/// The media an element stage takes and gives, from its factory's pad templates.
+fn continue_io(factory: &gst::ElementFactory) -> (Media, Media) {
+    (
+        template_media(factory, gst::PadDirection::Sink),
+        template_media(factory, gst::PadDirection::Src),
+    )
+}
+
+/// Whether `el` follows the element contract: a `params` string property (a JSON object,
+/// settable while playing). Such an element stage gets its `params` as that JSON, live.
+pub(crate) fn takes_params_json(el: &gst::Element) -> bool {
+    el.find_property("params").is_some_and(|p| {
+        let f = p.flags();
+        p.value_type() == gst::glib::Type::STRING
+            && f.contains(gst::glib::ParamFlags::WRITABLE)
+            && !f.contains(gst::glib::ParamFlags::CONSTRUCT_ONLY)
+    })
+}
+
+/// A contract element stage's params JSON: the stage's params object, or, in the older form
+/// `{"params": {...}}` (the params as the element's property), the inner object.
+pub(crate) fn contract_params(p: &Value) -> Value {
+    match p.as_object() {
+        Some(o) if o.len() == 1 && o.get("params").is_some_and(Value::is_object) => {
+            o["params"].clone()
+        }
+        _ => p.clone(),
+    }
+}
+
+/// Hands `params` to a contract element in a scratch pipeline: a warning or error it posts
+/// (the contract's way to reject params) is the reason.
+fn check_contract_params(el: &gst::Element, params: &Value) -> Result<(), String> {
+    let scratch = gst::Pipeline::new();
+    scratch.add(el).map_err(|e| e.to_string())?;
+    el.set_property("params", params.to_string());
+    let bus = scratch.bus().ok_or("no bus")?;
+    let msg = bus.pop_filtered(&[gst::MessageType::Warning, gst::MessageType::Error]);
+    let _ = scratch.remove(el);
+    // The reason is in the debug text when there is one (the contract's `[...]` form).
+    let text = |err: gst::glib::Error, debug: Option<gst::glib::GString>| {
+        debug.map(|d| d.to_string()).unwrap_or_else(|| err.to_string())
+    };
+    match msg.as_ref().map(|m| m.view()) {
+        Some(gst::MessageView::Warning(w)) => Err(text(w.error(), w.debug())),
+        Some(gst::MessageView::Error(e)) => Err(text(e.error(), e.debug())),
+        _ => Ok(()),
+    }
 }
 
 /// The text form of `v` for property `key` of `el`, checked: the property exists, can be set

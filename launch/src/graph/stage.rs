@@ -66,6 +66,18 @@ fn merged_params(def: &StageDef, stream: &Value) -> Value {
     p
 }
 
+/// A contract element stage's params JSON: its definition's (see
+/// [`contract_params`](super::contract_params)), overridden by `params.<id>`.
+fn element_params(def: &StageDef, stream: &Value) -> Value {
+    let mut p = super::contract_params(&def.params);
+    if let (Some(map), Some(Value::Object(over))) = (p.as_object_mut(), stream.get(&def.id)) {
+        for (k, v) in over {
+            map.insert(k.clone(), v.clone());
+        }
+    }
+    p
+}
+
 /// Makes the unit of `provider`. With `check`, a pipeline is loaded once first (in a scratch
 /// pipeline, to get the error), so that a provider that cannot load is skipped before the
 /// stream starts; without (no provider after it), a load failure fails the stream's start.
@@ -99,7 +111,11 @@ fn make_unit(
         Ok((unit, Some(ai)))
     } else if let Some(name) = &provider.element {
         let el = make(name, None)?;
-        if let Some(obj) = def.params.as_object() {
+        if super::takes_params_json(&el) {
+            // The element contract: the stage params are its params JSON (live, see
+            // `Stage::set_stream_params`).
+            el.set_property("params", element_params(def, params).to_string());
+        } else if let Some(obj) = def.params.as_object() {
             for (k, v) in obj {
                 set_from_json(&el, k, v)?;
             }
@@ -484,20 +500,40 @@ impl Stage {
         self.inner.lock().unwrap().bypassed = bypassed;
     }
 
-    /// Hands the stage its params from new stream params (pipeline stages only; an element
-    /// stage's params are its properties, fixed at build).
+    /// Hands the stage its params from new stream params: a pipeline stage's `aipipeline`
+    /// and a contract element's `params` (its definition's params overridden by
+    /// `params.<id>`), live. Other element stages' params are properties, fixed at build.
     pub(super) fn set_stream_params(&self, params: &Value) {
         let old = std::mem::replace(&mut *self.stream_params.lock().unwrap(), params.clone());
+        let (ai, unit, provider) = {
+            let i = self.inner.lock().unwrap();
+            (i.ai.clone(), i.unit.clone(), i.provider)
+        };
+        if let Some(ai) = ai {
+            let (new_p, old_p) = (
+                merged_params(&self.def, params),
+                merged_params(&self.def, &old),
+            );
+            if new_p != old_p {
+                ai.set_property("params", new_p.to_string());
+            }
+            return;
+        }
+        let Some(name) = self.providers.get(provider).and_then(|p| p.element.clone()) else {
+            return;
+        };
         let (new_p, old_p) = (
-            merged_params(&self.def, params),
-            merged_params(&self.def, &old),
+            element_params(&self.def, params),
+            element_params(&self.def, &old),
         );
         if new_p == old_p {
             return;
         }
-        let ai = self.inner.lock().unwrap().ai.clone();
-        if let Some(ai) = ai {
-            ai.set_property("params", new_p.to_string());
+        let el = unit.iterate_elements().into_iter().flatten().find(|e| {
+            e.factory().is_some_and(|f| f.name() == name.as_str()) && super::takes_params_json(e)
+        });
+        if let Some(el) = el {
+            el.set_property("params", new_p.to_string());
         }
     }
 
