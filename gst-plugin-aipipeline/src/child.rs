@@ -47,6 +47,11 @@ pub const SUBCOMMAND: &str = "aipipeline-child";
 pub const BIN_NAME: &str = "rivulet-inference";
 /// Environment variable carrying the parent's pid to the child (watchdog).
 const ENV_PARENT: &str = "RIVULET_AIPIPELINE_PARENT_PID";
+/// libgomp's idle policy, read once when the child loads libtorch. Its default lets worker
+/// threads spin between parallel regions, which doubled the CPU of a live stream (one short
+/// region per frame); the child gets `PASSIVE` unless the parent's environment sets it.
+const ENV_OMP_WAIT_POLICY: &str = "OMP_WAIT_POLICY";
+const DEFAULT_OMP_WAIT_POLICY: &str = "PASSIVE";
 const CTRL_FD: RawFd = 3;
 const SHM_FD: RawFd = 4;
 /// Largest control message.
@@ -57,6 +62,8 @@ pub const LOG_LINES: usize = 50;
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 /// Watchdog period in the child.
 const WATCHDOG_PERIOD: Duration = Duration::from_millis(250);
+/// How often a frame's wait checks whether it was cancelled.
+const CANCEL_POLL: Duration = Duration::from_millis(100);
 
 /// What the child loads: the element's settings that select the pipeline, plus params JSON.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -210,6 +217,9 @@ pub enum ChildError {
     /// No reply within the timeout.
     #[error("inference child hung: no reply in {0} ms")]
     Hung(u128),
+    /// The wait was given up on request (the element's `restart-child`): replace the child.
+    #[error("inference child replaced on request (restart-child)")]
+    Cancelled,
     /// The child reported an error for this request (it is still alive).
     #[error("{0}")]
     Failed(String),
@@ -643,6 +653,9 @@ impl ChildProc {
                 Ok(())
             });
         }
+        if std::env::var_os(ENV_OMP_WAIT_POLICY).is_none_or(|v| v.is_empty()) {
+            command.env(ENV_OMP_WAIT_POLICY, DEFAULT_OMP_WAIT_POLICY);
+        }
         let mut child = command
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", cmd.program.display()))?;
@@ -697,19 +710,40 @@ impl ChildProc {
     }
 
     fn call(&mut self, req: &Request, timeout: Duration) -> Result<Reply, ChildError> {
+        self.call_or_cancel(req, timeout, &|| false)
+    }
+
+    /// As `call`, but the wait ends early (`ChildError::Cancelled`) once `cancelled` holds;
+    /// it is checked every 100 ms.
+    fn call_or_cancel(
+        &mut self,
+        req: &Request,
+        timeout: Duration,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Reply, ChildError> {
         let fd = self.ctrl.as_raw_fd();
         if let Err(e) = send_msg(fd, req) {
             return Err(ChildError::Died(
                 self.death_reason(&format!("control socket: {e}")),
             ));
         }
-        match recv_msg::<Reply>(fd, Some(timeout)) {
-            Ok(Recv::Msg(r)) => Ok(r),
-            Ok(Recv::Eof) => Err(ChildError::Died(self.death_reason("control socket closed"))),
-            Ok(Recv::Timeout) => Err(ChildError::Hung(timeout.as_millis())),
-            Err(e) => Err(ChildError::Died(
-                self.death_reason(&format!("control socket: {e}")),
-            )),
+        let deadline = Instant::now() + timeout;
+        loop {
+            if cancelled() {
+                return Err(ChildError::Cancelled);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ChildError::Hung(timeout.as_millis()));
+            }
+            return match recv_msg::<Reply>(fd, Some(left.min(CANCEL_POLL))) {
+                Ok(Recv::Timeout) => continue,
+                Ok(Recv::Msg(r)) => Ok(r),
+                Ok(Recv::Eof) => Err(ChildError::Died(self.death_reason("control socket closed"))),
+                Err(e) => Err(ChildError::Died(
+                    self.death_reason(&format!("control socket: {e}")),
+                )),
+            };
         }
     }
 
@@ -785,6 +819,35 @@ impl ChildProc {
         out_h: u32,
         timeout: Duration,
     ) -> Result<(), ChildError> {
+        self.frame_or_cancel(
+            planes,
+            strides,
+            width,
+            height,
+            layout,
+            out_w,
+            out_h,
+            timeout,
+            &|| false,
+        )
+    }
+
+    /// As [`ChildProc::frame`]; the wait for the reply ends early with
+    /// [`ChildError::Cancelled`] once `cancelled` holds (checked every 100 ms), so a hung child
+    /// can be replaced on request without waiting for the hang timeout.
+    #[allow(clippy::too_many_arguments)] // as frame
+    pub fn frame_or_cancel(
+        &mut self,
+        planes: &[&[u8]],
+        strides: &[usize],
+        width: u32,
+        height: u32,
+        layout: InputLayout,
+        out_w: u32,
+        out_h: u32,
+        timeout: Duration,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(), ChildError> {
         const ALIGN: usize = 64;
         let mut descr = Vec::with_capacity(planes.len());
         let mut off = 0usize;
@@ -818,7 +881,7 @@ impl ChildProc {
             out_offset: out_offset as u64,
         });
         self.last_out = 0..0;
-        match self.call(&req, timeout)? {
+        match self.call_or_cancel(&req, timeout, cancelled)? {
             Reply::FrameDone { compute_us } => {
                 self.last_out = out_offset..need;
                 self.last_compute = Duration::from_micros(compute_us);
@@ -1179,6 +1242,25 @@ mod tests {
         let wire = serde_json::to_string(&WireParams::from(&p)).unwrap();
         let back: WireParams = serde_json::from_str(&wire).unwrap();
         assert_eq!(Params::from(back), p);
+    }
+
+    /// The child runs libgomp with passive waiting unless the parent says otherwise.
+    #[test]
+    fn the_child_gets_a_passive_openmp_wait_policy() {
+        let cmd = ChildCommand {
+            program: PathBuf::from("/bin/sh"),
+            args: vec!["-c".into(), "echo \"omp=$OMP_WAIT_POLICY\" >&2".into()],
+        };
+        let child = ChildProc::spawn_here(&cmd).unwrap();
+        let logs = child.kill();
+        let want = match std::env::var(ENV_OMP_WAIT_POLICY) {
+            Ok(v) if !v.is_empty() => v,
+            _ => DEFAULT_OMP_WAIT_POLICY.to_string(),
+        };
+        assert!(
+            logs.iter().any(|l| l.ends_with(&format!("omp={want}"))),
+            "{logs:?}"
+        );
     }
 
     #[test]

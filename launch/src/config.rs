@@ -41,9 +41,38 @@ pub struct Config {
     /// executable with the `aipipeline-child` argument), restarted on a crash or hang;
     /// `none`: in the daemon's own process.
     pub isolation: bool,
+    /// `RIVULET_RESTART_POLICY`: what an inference restart does to the running stream.
+    pub restart_policy: RestartPolicy,
+    /// `RIVULET_HANG_TIMEOUT_MS`: an inference child that does not answer a frame within this
+    /// time is replaced by `aipipeline` itself (its `hang-timeout-ms`, 5000 by default, the
+    /// runner's "output stalled more than 5 s").
+    pub hang_timeout_ms: u32,
     /// Where pipeline templates are kept (`RIVULET_DATA_DIR`, else `$XDG_DATA_HOME/rivulet`,
     /// else `~/.local/share/rivulet`, else `./data`).
     pub data_dir: PathBuf,
+}
+
+/// What an inference restart (a lost or replaced inference child) does to the running stream
+/// (runner-compat.md §7.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartPolicy {
+    /// `keep-stream` (default, Rivulet's): the stream goes on with loading frames while the
+    /// child restarts; real frames resume after the reload.
+    KeepStream,
+    /// `stop-stream` (the runner's): the stream is stopped first, then the inference side is
+    /// restarted (the gateway fails over at once).
+    StopStream,
+}
+
+impl std::str::FromStr for RestartPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "keep-stream" => Ok(RestartPolicy::KeepStream),
+            "stop-stream" => Ok(RestartPolicy::StopStream),
+            _ => Err("expected keep-stream or stop-stream".into()),
+        }
+    }
 }
 
 fn default_data_dir() -> PathBuf {
@@ -156,6 +185,27 @@ impl Config {
                         reason: "expected process or none".into(),
                     });
                 }
+            },
+            restart_policy: match env("RIVULET_RESTART_POLICY") {
+                None => RestartPolicy::KeepStream,
+                Some(v) => v.parse().map_err(|reason| ConfigError::Invalid {
+                    name: "RIVULET_RESTART_POLICY",
+                    value: v.clone(),
+                    reason,
+                })?,
+            },
+            hang_timeout_ms: match env("RIVULET_HANG_TIMEOUT_MS") {
+                None => 5000,
+                Some(v) => match v.parse::<u32>() {
+                    Ok(ms) if (1..=600_000).contains(&ms) => ms,
+                    _ => {
+                        return Err(ConfigError::Invalid {
+                            name: "RIVULET_HANG_TIMEOUT_MS",
+                            value: v,
+                            reason: "expected milliseconds from 1 to 600000".into(),
+                        });
+                    }
+                },
             },
             data_dir: env("RIVULET_DATA_DIR")
                 .map(PathBuf::from)

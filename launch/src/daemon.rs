@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MPL-2.0
 //! The daemon's core: status, health, params and the one running stream.
 
-use crate::config::Config;
+use crate::config::{Config, RestartPolicy};
 use crate::health::{Action, FpsWindow, Inputs, Machine, State};
 use crate::pyjson::params_hash;
 use crate::status::{InferenceStatus, InputStatus, Status, envelope, ms, ms_opt, now_secs};
@@ -10,6 +10,9 @@ use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
+
+/// Inference restarts allowed in the daemon's life (runner-compat.md §7).
+pub const MAX_RESTARTS: u32 = 3;
 
 /// How long a start waits for the previous stream to stop (runner-compat.md §6.1).
 pub const STOP_WAIT: Duration = Duration::from_secs(10);
@@ -502,8 +505,13 @@ impl Daemon {
                     c.current_params = self.config.initial_params.clone();
                 }
                 Action::ComputedError { fatal } => {
-                    // Isolated inference: replace the child and keep the stream (§7.2).
-                    if !fatal && self.config.isolation && self.request_child_restart().await {
+                    // Isolated inference: replace the child and keep the stream (§7.2), unless
+                    // the runner's behaviour (stop the stream first) is configured.
+                    if !fatal
+                        && self.config.isolation
+                        && self.config.restart_policy == RestartPolicy::KeepStream
+                        && self.request_child_restart().await
+                    {
                         continue;
                     }
                     self.stop_stream("computed ERROR").await;
@@ -519,7 +527,7 @@ impl Daemon {
     /// Restarts the inference side: the runner's pipeline-process restart (§7), in process.
     async fn restart_inference(self: &Arc<Self>, restart_count: u32, why: &str) {
         let logs = vec![format!("inference restarted after: {why}")];
-        self.count_restart(Some(restart_count), logs, false);
+        self.count_restart(Some(restart_count), logs, false, None);
         self.clone().load_pipeline();
     }
 
@@ -533,7 +541,14 @@ impl Daemon {
     /// `restart` event. `from` is the count the decision was taken on (else the current one).
     /// For a child restart the element's loading/online events drive readiness instead (the
     /// bus message may be seen after a quick reload's online event).
-    fn count_restart(&self, from: Option<u32>, logs: Vec<String>, child: bool) -> u32 {
+    /// `stage` names the graph stage whose child restarted (a `stage` field in the event).
+    fn count_restart(
+        &self,
+        from: Option<u32>,
+        logs: Vec<String>,
+        child: bool,
+        stage: Option<&str>,
+    ) -> u32 {
         let now = now_secs();
         let count = {
             let mut c = self.core.lock().unwrap();
@@ -556,23 +571,62 @@ impl Daemon {
             c.machine.on_restart(now);
             count
         };
-        self.emit(
-            json!({"type": "restart", "pipeline": self.config.pipeline,
+        let mut event = json!({"type": "restart", "pipeline": self.config.pipeline,
                    "restart_count": count, "restart_time": now,
-                   "restart_logs": logs, "timestamp": ms(now)}),
-            "ai_stream_events",
-        );
+                   "restart_logs": logs, "timestamp": ms(now)});
+        if let (Some(stage), Some(o)) = (stage, event.as_object_mut()) {
+            o.insert("stage".into(), json!(stage));
+        }
+        self.emit(event, "ai_stream_events");
         count
     }
 
     /// `aipipeline` lost its inference child (isolation=process) and is restarting it while
     /// the stream goes on with loading frames: one runner inference restart (§7.2). The
     /// element's ONLINE event ends the LOADING state.
-    pub fn on_child_restart(&self, reason: &str, child_logs: &str) {
-        let mut logs = vec![format!("inference child restarted: {reason}")];
+    ///
+    /// `stage`: the graph stage whose child it was. Every child (the single pipeline's, each
+    /// stage's) draws on one budget of [`MAX_RESTARTS`] over the daemon's life: a loss beyond
+    /// it is the permanent ERROR. With `RIVULET_RESTART_POLICY=stop-stream` the stream
+    /// (`request_id`) is stopped once the restart is counted, then the pipeline is reloaded,
+    /// as the runner does.
+    pub fn on_child_restart(
+        self: &Arc<Self>,
+        request_id: &str,
+        stage: Option<&str>,
+        reason: &str,
+        child_logs: &str,
+    ) {
+        let whose = match stage {
+            Some(s) => format!("inference child of stage '{s}'"),
+            None => "inference child".to_string(),
+        };
+        if self.restart_count() >= MAX_RESTARTS {
+            // Only a stage's child gets here (each element's own limit is what was left when
+            // the stream started, and several stages share it).
+            self.report_error(&format!(
+                "{whose} crashed after the daemon's {MAX_RESTARTS} inference restarts: {reason}"
+            ));
+            self.on_child_limit();
+            return;
+        }
+        let stop = self.config.restart_policy == RestartPolicy::StopStream;
+        let mut logs = vec![format!("{whose} restarted: {reason}")];
         logs.extend(child_logs.lines().map(str::to_string));
-        let count = self.count_restart(None, logs, true);
-        tracing::warn!(%reason, restart_count = count, "inference child restarted");
+        let count = self.count_restart(None, logs, !stop, stage);
+        tracing::warn!(%reason, ?stage, restart_count = count, "inference child restarted");
+        if stop {
+            let d = self.clone();
+            let id = request_id.to_string();
+            tokio::spawn(async move {
+                d.stream_ended(
+                    &id,
+                    "inference restart (RIVULET_RESTART_POLICY=stop-stream)",
+                )
+                .await;
+                d.load_pipeline();
+            });
+        }
     }
 
     /// `aipipeline` gave up on its inference child (restart limit): inference is dead, so the

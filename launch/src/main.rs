@@ -79,7 +79,8 @@ enum Command {
         /// Output file: .ts, .mkv or .mp4 (H.264).
         #[arg(short, long)]
         output: PathBuf,
-        /// A pipeline name or a template id (templates from RIVULET_DATA_DIR).
+        /// A template id (templates from RIVULET_DATA_DIR), a definition file (FILE.yaml,
+        /// FILE.yml or FILE.json: a stage graph) or a pipeline name.
         #[arg(long, default_value = "noop")]
         pipeline: String,
         /// Stream params as a JSON object.
@@ -158,6 +159,7 @@ fn main() -> anyhow::Result<()> {
     if std::env::args().nth(1).as_deref() == Some(gstaipipeline::child::SUBCOMMAND) {
         std::process::exit(gstaipipeline::child::run());
     }
+    rivulet::stream::serve_inference_children();
     let cli = Cli::parse();
     init_tracing();
     rivulet::init_gstreamer()?;

@@ -646,6 +646,18 @@ fn make_processing(
             }
             None => {
                 let g = graph::build(d, cfg, params)?;
+                // The stages' children share the daemon's restart budget; each element may
+                // use at most what is left (the daemon enforces the shared total).
+                if cfg.isolation {
+                    for ai in g
+                        .bin
+                        .iterate_all_by_element_factory_name("aipipeline")
+                        .into_iter()
+                        .flatten()
+                    {
+                        ai.set_property("max-restarts", max_restarts);
+                    }
+                }
                 Ok((g.bin.clone().upcast(), Some(Arc::new(g))))
             }
         },
@@ -762,13 +774,7 @@ fn make_aipipeline(
     let ai = make("aipipeline", Some("ai"))?;
     ai.set_property("pipeline", &cfg.pipeline);
     ai.set_property_from_str("device", &cfg.device);
-    if cfg.isolation {
-        // The child is this executable (main() serves the aipipeline-child argument).
-        let exe = std::env::current_exe().map_err(|e| {
-            format!("cannot find the daemon's executable for the inference child: {e}")
-        })?;
-        ai.set_property_from_str("isolation", "process");
-        ai.set_property("child-path", exe.to_string_lossy().to_string());
+    if isolate(&ai, cfg)? {
         ai.set_property("max-restarts", max_restarts);
     }
     if let Some(dir) = &cfg.pipelines_dir {
@@ -776,6 +782,32 @@ fn make_aipipeline(
     }
     ai.set_property("params", params.to_string());
     Ok(ai)
+}
+
+/// Set by the `rivulet` binary, whose `main()` serves the `aipipeline-child` argument.
+static CHILD_HOST: AtomicBool = AtomicBool::new(false);
+
+/// Declares that this executable runs the inference child when started with the
+/// `aipipeline-child` argument (the `rivulet` binary), so `aipipeline`s can be isolated.
+pub fn serve_inference_children() {
+    CHILD_HOST.store(true, Ordering::SeqCst);
+}
+
+/// Runs `ai`'s inference in a child process when `RIVULET_ISOLATION=process` (the single
+/// pipeline and every pipeline stage of a graph): the child is this executable, with the
+/// configured hang timeout. True when isolated. A program that does not serve the child
+/// (`serve_inference_children` not called: e.g. a test binary using the library) runs
+/// inference in-process.
+pub(crate) fn isolate(ai: &gst::Element, cfg: &Config) -> Result<bool, String> {
+    if !cfg.isolation || !CHILD_HOST.load(Ordering::SeqCst) {
+        return Ok(false);
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot find the daemon's executable for the inference child: {e}"))?;
+    ai.set_property_from_str("isolation", "process");
+    ai.set_property("child-path", exe.to_string_lossy().to_string());
+    ai.set_property("hang-timeout-ms", cfg.hang_timeout_ms);
+    Ok(true)
 }
 
 /// Frame accounting for the health rules: input after the fps cap, real output frames.
@@ -920,7 +952,9 @@ fn spawn_bus_watch(
                     } else if s.name() == gstaipipeline::RESTART_MESSAGE && is_from(&msg, &ai_el) {
                         let reason = s.get::<String>("reason").unwrap_or_default();
                         let logs = s.get::<String>("logs").unwrap_or_default();
-                        daemon.on_child_restart(&reason, &logs);
+                        // A graph stage's child names its stage.
+                        let stage = msg.src().and_then(graph::stage_of);
+                        daemon.on_child_restart(&request_id, stage.as_deref(), &reason, &logs);
                     } else if s.name() == gstaipipeline::STATS_MESSAGE
                         && let Ok(p50) = s.get::<f64>("inference-latency-p50-ms")
                     {

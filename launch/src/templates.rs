@@ -211,11 +211,29 @@ impl Templates {
     }
 }
 
-/// Resolves what a job or a start names: a template id first, else a definition of its own
-/// (a pipeline name). Validated against `cfg`.
+/// Whether `name` names a definition file (`.yaml`, `.yml`, `.json`) rather than a template
+/// or pipeline.
+pub fn is_definition_file(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    [".yaml", ".yml", ".json"]
+        .iter()
+        .any(|e| lower.ends_with(e))
+}
+
+/// Resolves what a job or a start names: a template id first, else a definition file
+/// (`FILE.yaml`, `FILE.yml`, `FILE.json`, see [`graph::parse_file`]), else a pipeline name.
+/// Validated against `cfg`.
 pub fn resolve(templates: &Templates, name: &str, cfg: &Config) -> Result<GraphDef, GraphError> {
     let graph = match templates.lookup(name) {
         Some(g) => g,
+        None if is_definition_file(name) => {
+            graph::parse_file(std::path::Path::new(name)).map_err(|e| match e {
+                GraphError::Syntax(m) if !m.contains(name) => {
+                    GraphError::Syntax(format!("{name}: {m}"))
+                }
+                e => e,
+            })?
+        }
         None => graph::parse(&Value::String(name.to_owned()))?,
     };
     graph::validate(&graph, cfg)?;

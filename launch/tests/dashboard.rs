@@ -590,7 +590,10 @@ fn dashboard_shows_stage_figures_and_job_progress_from_the_feed() {
     eprintln!("stages: {before}");
     let status = get_json(format!("{base}/api/status"));
     let (flip, ai) = stage_rows(&before).unwrap();
-    assert_eq!(flip["provider"], status["stages"][0]["provider"], "{status}");
+    assert_eq!(
+        flip["provider"], status["stages"][0]["provider"],
+        "{status}"
+    );
     assert_eq!(flip["provider"], "element videoflip");
     assert_eq!(ai["provider"], status["stages"][1]["provider"], "{status}");
     assert_eq!(flip["errors"], "0");
@@ -601,8 +604,9 @@ fn dashboard_shows_stage_figures_and_job_progress_from_the_feed() {
         before = wait_for("the stage figures to move", Duration::from_secs(30), || {
             let v = cdp.eval(FEED_TABLES_JS);
             let (f0, a0) = stage_rows(&prev).unwrap();
-            let ok = stage_rows(&v)
-                .is_some_and(|(f, a)| frames_out(&f) > frames_out(&f0) && frames_out(&a) > frames_out(&a0));
+            let ok = stage_rows(&v).is_some_and(|(f, a)| {
+                frames_out(&f) > frames_out(&f0) && frames_out(&a) > frames_out(&a0)
+            });
             if ok { Ok(v) } else { Err(v.to_string()) }
         });
         eprintln!("stages {round}: {before}");
@@ -629,7 +633,10 @@ fn dashboard_shows_stage_figures_and_job_progress_from_the_feed() {
     eprintln!("job: {done}");
     assert_eq!(done["job"], id.as_str());
     assert_eq!(done["pipeline"], "noop");
-    assert!(done["progress"].as_str().unwrap().ends_with("100.0%"), "{done}");
+    assert!(
+        done["progress"].as_str().unwrap().ends_with("100.0%"),
+        "{done}"
+    );
     assert_eq!(done["bar"], "100%");
     assert_eq!(done["frames"], format!("{JOB_FRAMES} / {JOB_FRAMES}"));
     assert_eq!(done["stages"], "1 / 1");

@@ -21,9 +21,10 @@ const LIBTORCH_WHEELS: &str =
     "torch==2.11.0 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85";
 const IMAGES: [&str; 2] = ["Dockerfile.cpu", "Dockerfile.cuda"];
 /// What the images ship from the build stage's target/release.
-const ARTEFACTS: [&str; 5] = [
+const ARTEFACTS: [&str; 6] = [
     "rivulet",
     "trickle-server",
+    "rivulet-inference",
     "libgsttrickle.so",
     "libgstaipipeline.so",
     "libgstrivuletoverlay.so",
@@ -706,6 +707,8 @@ fn entrypoint_port_env_user_and_plugin_path() {
             ("PIPELINE", "live-video-to-video"),
             ("MODEL_ID", "noop"),
             ("MODEL_DIR", "/models"),
+            // libgomp sleeps between frames instead of spinning (no re-exec of the daemon).
+            ("OMP_WAIT_POLICY", "PASSIVE"),
         ];
         for (k, v) in want {
             assert_eq!(env.get(k).map(String::as_str), Some(v), "{name}: ENV {k}");

@@ -141,8 +141,20 @@ struct Running {
 }
 
 async fn start_running(tag: &str, mid: &str) -> Running {
+    start_running_with(tag, mid, &[], None).await
+}
+
+/// As `start_running`, with more daemon settings and the start request's `pipeline` (a graph).
+async fn start_running_with(
+    tag: &str,
+    mid: &str,
+    envs: &[(&str, &str)],
+    pipeline: Option<Value>,
+) -> Running {
     init();
-    let d = spawn_daemon(tag, &[("RIVULET_ISOLATION", "process")]);
+    let mut all = vec![("RIVULET_ISOLATION", "process")];
+    all.extend_from_slice(envs);
+    let d = spawn_daemon(tag, &all);
     let http = reqwest::Client::new();
     let base = d.base.clone();
     let t = Instant::now();
@@ -183,12 +195,15 @@ async fn start_running(tag: &str, mid: &str) -> Running {
             }
         }
     });
-    let start = json!({
+    let mut start = json!({
         "subscribe_url": url(""), "publish_url": url("-out"),
         "control_url": url("-control"), "events_url": url("-events"),
         "model_id": "noop", "params": {"width": 384, "height": 384},
         "gateway_request_id": format!("req-{mid}"), "manifest_id": mid, "stream_id": "s-iso"
     });
+    if let Some(p) = pipeline {
+        start["pipeline"] = p;
+    }
     let r = http
         .post(format!("{base}/live-video-to-video"))
         .json(&start)
@@ -391,6 +406,245 @@ async fn a_fourth_child_loss_is_a_permanent_error() {
     assert_eq!(
         get_json(&http, &format!("{base}/health")).await["status"],
         "ERROR"
+    );
+    set_state(&input, gst::State::Null).await;
+    set_state(&reader, gst::State::Null).await;
+}
+
+/// `RIVULET_RESTART_POLICY=stop-stream` (the runner's behaviour): a lost child still counts as
+/// one restart with its `restart` event, but the stream is stopped first (its events channel
+/// closes, no child is left), then the pipeline is reloaded and the daemon is IDLE again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_stream_policy_stops_the_stream_on_a_child_loss() {
+    let Running {
+        d,
+        http,
+        base,
+        input,
+        reader,
+        restarts: mut restart_rx,
+        ..
+    } = start_running_with(
+        "isolation-stop",
+        "iso00003",
+        &[("RIVULET_RESTART_POLICY", "stop-stream")],
+        None,
+    )
+    .await;
+    let daemon_pid = d.child.id();
+    wait_status(
+        &http,
+        &base,
+        Duration::from_secs(60),
+        "no real output",
+        |s| s["inference_status"]["last_output_time"].is_i64(),
+    )
+    .await;
+    let children = inference_children(daemon_pid);
+    assert_eq!(children.len(), 1, "one inference child: {children:?}");
+    // SAFETY: plain syscall on the daemon's child.
+    assert_eq!(unsafe { libc::kill(children[0] as i32, libc::SIGKILL) }, 0);
+    let ev = tokio::time::timeout(Duration::from_secs(30), restart_rx.recv())
+        .await
+        .expect("no restart event")
+        .expect("events channel ended before the restart event");
+    assert_eq!(ev["restart_count"], 1);
+    // The stream stops: its events channel is closed (the reader task ends, dropping the
+    // sender), so nothing more arrives.
+    let end = tokio::time::timeout(Duration::from_secs(30), restart_rx.recv())
+        .await
+        .expect("the events channel stayed open: the stream was not stopped");
+    assert!(end.is_none(), "a second restart event: {end:?}");
+    // The inference side is reloaded, no stream runs: IDLE, the restart still counted once.
+    let t = Instant::now();
+    loop {
+        let h = get_json(&http, &format!("{base}/health")).await;
+        if h["status"] == "IDLE" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "health {h}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = get_json(&http, &format!("{base}/api/status")).await;
+    assert_eq!(s["state"], "OFFLINE", "{s}");
+    assert_eq!(s["inference_status"]["restart_count"], 1, "{s}");
+    let t = Instant::now();
+    while !inference_children(daemon_pid).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(10), "a child is left");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    set_state(&input, gst::State::Null).await;
+    set_state(&reader, gst::State::Null).await;
+}
+
+/// The daemon's own health rule replaces a child that stops answering: the child is stopped
+/// with SIGSTOP (alive, silent), the input goes on and the output stalls, so the health
+/// evaluation computes ERROR and the daemon emits `restart-child` on `aipipeline`. The element's
+/// own hang timeout would catch the same child after `hang-timeout-ms`, so it is set to 600 s
+/// here (`RIVULET_HANG_TIMEOUT_MS`): the restart within the bound below can only be the
+/// daemon's, and its reason says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_child_is_replaced_by_the_daemons_health_rule() {
+    let Running {
+        d,
+        http,
+        base,
+        input,
+        reader,
+        out_frames,
+        restarts: mut restart_rx,
+    } = start_running_with(
+        "isolation-hang",
+        "iso00004",
+        &[("RIVULET_HANG_TIMEOUT_MS", "600000")],
+        None,
+    )
+    .await;
+    let daemon_pid = d.child.id();
+    wait_status(
+        &http,
+        &base,
+        Duration::from_secs(60),
+        "no real output",
+        |s| s["inference_status"]["last_output_time"].is_i64(),
+    )
+    .await;
+    let children = inference_children(daemon_pid);
+    assert_eq!(children.len(), 1, "one inference child: {children:?}");
+    let victim = children[0];
+    // SAFETY: plain syscall on the daemon's child.
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGSTOP) }, 0);
+    let stopped_ms = now_ms();
+    let ev = tokio::time::timeout(Duration::from_secs(60), restart_rx.recv())
+        .await
+        .expect("no restart event: the stalled output was not acted on")
+        .expect("events channel ended");
+    assert_eq!(ev["restart_count"], 1);
+    let first = ev["restart_logs"][0]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        first.contains("restart-child"),
+        "the restart came from the daemon's rule: {first}"
+    );
+    // Real output again from a new child, the stopped one gone (killed and reaped).
+    wait_status(
+        &http,
+        &base,
+        Duration::from_secs(60),
+        "no real output after the restart",
+        |s| {
+            s["inference_status"]["restart_count"] == 1
+                && s["inference_status"]["last_output_time"]
+                    .as_i64()
+                    .is_some_and(|t| t > stopped_ms)
+        },
+    )
+    .await;
+    let frames = out_frames.load(Ordering::SeqCst);
+    let t = Instant::now();
+    while out_frames.load(Ordering::SeqCst) < frames + 30 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the output did not go on"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let now = inference_children(daemon_pid);
+    assert!(
+        now.len() == 1 && now[0] != victim,
+        "a new child replaced {victim}: {now:?}"
+    );
+    set_state(&input, gst::State::Null).await;
+    set_state(&reader, gst::State::Null).await;
+}
+
+/// A graph's pipeline stages run their inference in child processes too: killing one stage's
+/// child restarts it (the output goes on), and the daemon counts it as one of its runner
+/// restarts, the `restart` event naming the stage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graph_stage_child_is_restarted_and_counted() {
+    let Running {
+        d,
+        http,
+        base,
+        input,
+        reader,
+        out_frames,
+        restarts: mut restart_rx,
+    } = start_running_with(
+        "isolation-graph",
+        "iso00005",
+        &[],
+        Some(json!([
+            {"id": "first", "pipeline": "noop"},
+            {"id": "second", "pipeline": "noop"},
+        ])),
+    )
+    .await;
+    let daemon_pid = d.child.id();
+    wait_status(
+        &http,
+        &base,
+        Duration::from_secs(90),
+        "no real output from the graph",
+        |s| {
+            s["inference_status"]["last_output_time"].is_i64()
+                && s["stages"].as_array().is_some_and(|a| a.len() == 2)
+        },
+    )
+    .await;
+    let children = inference_children(daemon_pid);
+    assert_eq!(
+        children.len(),
+        2,
+        "one inference child per stage: {children:?}"
+    );
+    let victim = children[0];
+    // SAFETY: plain syscall on the daemon's child.
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    let killed_ms = now_ms();
+    let frames_at_kill = out_frames.load(Ordering::SeqCst);
+    let ev = tokio::time::timeout(Duration::from_secs(30), restart_rx.recv())
+        .await
+        .expect("no restart event")
+        .expect("events channel ended");
+    assert_eq!(ev["restart_count"], 1);
+    let stage = ev["stage"]
+        .as_str()
+        .expect("the restart event names the stage");
+    assert!(["first", "second"].contains(&stage), "{ev}");
+    let first = ev["restart_logs"][0].as_str().unwrap_or_default();
+    assert!(
+        first.contains(&format!("stage '{stage}'")) && first.contains("signal 9"),
+        "{first}"
+    );
+    wait_status(
+        &http,
+        &base,
+        Duration::from_secs(60),
+        "no real output after the stage's restart",
+        |s| {
+            s["inference_status"]["restart_count"] == 1
+                && s["inference_status"]["last_output_time"]
+                    .as_i64()
+                    .is_some_and(|t| t > killed_ms)
+        },
+    )
+    .await;
+    let t = Instant::now();
+    while out_frames.load(Ordering::SeqCst) < frames_at_kill + 30 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the output did not go on"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let now = inference_children(daemon_pid);
+    assert!(
+        now.len() == 2 && !now.contains(&victim),
+        "a new child replaced {victim}: {now:?}"
     );
     set_state(&input, gst::State::Null).await;
     set_state(&reader, gst::State::Null).await;

@@ -128,6 +128,76 @@ fn process_command_keeps_every_frame_and_reaches_100_percent() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("use .ts, .mkv or .mp4"));
 }
 
+/// `--pipeline FILE.yaml` / `FILE.json`: a definition file runs as the graph; a bad file is a
+/// clear error naming it.
+#[test]
+fn process_command_takes_a_definition_file() {
+    let dir = TempDir::new("jobs-cli-file-def");
+    let input = dir.0.join("in.mp4");
+    make_input(&input);
+    let yaml = dir.0.join("two.yaml");
+    std::fs::write(
+        &yaml,
+        "stages:\n  - id: first\n    pipeline: noop\n  - id: flip\n    element: videoflip\n    params:\n      method: vertical-flip\n",
+    )
+    .unwrap();
+    let json_file = dir.0.join("one.JSON");
+    std::fs::write(&json_file, r#"[{"id": "only", "pipeline": "noop"}]"#).unwrap();
+    let process = |def: &Path, output: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_rivulet"))
+            .arg("process")
+            .arg(&input)
+            .arg("-o")
+            .arg(output)
+            .arg("--pipeline")
+            .arg(def)
+            .env("RIVULET_DATA_DIR", dir.0.join("data"))
+            .env("RIVULET_DEVICE", "cpu")
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("{text}");
+        (out.status.success(), text)
+    };
+    let output = dir.0.join("out.mp4");
+    let (ok, text) = process(&yaml, &output);
+    assert!(ok, "{text}");
+    assert!(text.contains("stage first: done"), "{text}");
+    assert!(text.contains("stage flip: done"), "{text}");
+    assert!(
+        text.contains(&format!("{FRAMES} frames in, {FRAMES} frames out")),
+        "{text}"
+    );
+    assert_eq!(count_frames(&output), FRAMES);
+    let output = dir.0.join("out2.ts");
+    let (ok, text) = process(&json_file, &output);
+    assert!(ok && text.contains("stage only: done"), "{text}");
+    assert_eq!(count_frames(&output), FRAMES);
+
+    // A missing file, a file that does not parse, a graph that does not validate.
+    let bad_yaml = dir.0.join("bad.yaml");
+    std::fs::write(&bad_yaml, "stages: [ {id: a, pipeline: noop\n").unwrap();
+    let unknown = dir.0.join("unknown.yml");
+    std::fs::write(&unknown, "- id: a\n  pipeline: no-such-pipeline\n").unwrap();
+    for (def, want) in [
+        (dir.0.join("missing.yaml"), "cannot read"),
+        (bad_yaml, "bad.yaml"),
+        (unknown, "no-such-pipeline"),
+    ] {
+        let (ok, text) = process(&def, &dir.0.join("x.ts"));
+        assert!(!ok, "{def:?} should fail");
+        assert!(
+            text.contains(want),
+            "{def:?}: {text:?} should contain {want:?}"
+        );
+    }
+}
+
 /// Reads `/v1/events` until a `progress` event of `job` in a final state; returns every
 /// progress event of that job (its `job` object) and its other events as
 /// `{"event": kind, "data": …}`, in order.
@@ -347,4 +417,73 @@ async fn api_jobs_report_progress_and_the_failing_stage() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
+}
+
+/// The API takes a definition file where it takes a pipeline name: a job runs it, and a
+/// stream start with a file that cannot be read is a 400 naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_takes_a_definition_file() {
+    let dir = TempDir::new("jobs-api-file-def");
+    let input = dir.0.join("in.mp4");
+    let input2 = input.clone();
+    tokio::task::spawn_blocking(move || make_input(&input2))
+        .await
+        .unwrap();
+    let def = dir.0.join("graph.yml");
+    std::fs::write(&def, "- noop\n- id: second\n  pipeline: noop\n").unwrap();
+    let data_dir = dir.0.join("data").to_string_lossy().to_string();
+    let d = spawn_daemon(
+        "jobs-api-file",
+        &[
+            ("RIVULET_DATA_DIR", data_dir.as_str()),
+            ("RIVULET_DEVICE", "cpu"),
+        ],
+    );
+    let base = &d.base;
+    let http = reqwest::Client::new();
+    let mut events = http
+        .get(format!("{base}/v1/events"))
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+    let output = dir.0.join("out.ts");
+    let r = http
+        .post(format!("{base}/v1/jobs"))
+        .json(&json!({"input": input, "output": output, "pipeline": def}))
+        .send()
+        .await
+        .unwrap();
+    let code = r.status();
+    let job: Value = r.json().await.unwrap();
+    assert_eq!(code, 201, "{job}");
+    let id = job["id"].as_str().unwrap().to_owned();
+    let seen = follow_job(&mut events, &id).await;
+    let last = seen.last().unwrap();
+    assert_eq!(last["state"], "done", "{last}");
+    let ids: Vec<&Value> = last["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| &s["id"])
+        .collect();
+    assert_eq!(ids, [&json!("noop"), &json!("second")], "{last}");
+    assert_eq!(last["frames_out"], FRAMES);
+
+    let missing = dir.0.join("missing.json");
+    let r = http
+        .post(format!("{base}/live-video-to-video"))
+        .json(&json!({
+            "subscribe_url": format!("{base}/trickle/x"), "publish_url": format!("{base}/trickle/x-out"),
+            "model_id": "noop", "params": {}, "pipeline": missing,
+            "gateway_request_id": "r", "manifest_id": "x", "stream_id": "s"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body = r.text().await.unwrap();
+    assert!(
+        body.contains("cannot read") && body.contains("missing.json"),
+        "{body}"
+    );
 }

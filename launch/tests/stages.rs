@@ -620,17 +620,16 @@ fn load_example_plugin() {
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
             .join("examples");
-        let status = std::process::Command::new(
-            std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
-        )
-        .args(["build", "--locked", "--manifest-path"])
-        .arg(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../examples/gst-plugin-example-tint/Cargo.toml"),
-        )
-        .env("CARGO_TARGET_DIR", &target)
-        .status()
-        .expect("cannot run cargo");
+        let status =
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["build", "--locked", "--manifest-path"])
+                .arg(
+                    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("../examples/gst-plugin-example-tint/Cargo.toml"),
+                )
+                .env("CARGO_TARGET_DIR", &target)
+                .status()
+                .expect("cannot run cargo");
         assert!(status.success(), "the example plugin does not build");
         gst::Plugin::load_file(target.join("debug/libgstrivulettint.so"))
             .expect("load libgstrivulettint.so");
@@ -687,7 +686,10 @@ fn contract_element_stage_gets_params_json_live() {
             break;
         }
     }
-    assert!(near(last.2, [0.0, 1.0, 0.0]), "green tint after the update: {last:?}");
+    assert!(
+        near(last.2, [0.0, 1.0, 0.0]),
+        "green tint after the update: {last:?}"
+    );
     assert_eq!((last.0, last.1), (384, 384), "width/height kept: {last:?}");
     assert_eq!(g.stats()[0].provider, "element rivulettint");
     assert_eq!(g.stats()[0].state, "running");
@@ -709,5 +711,8 @@ fn contract_element_stage_gets_params_json_live() {
                                     "params": {"strength": 5}}]))
     .unwrap();
     let err = graph::validate(&bad, &config()).unwrap_err().to_string();
-    assert!(err.contains("tint") && err.contains("strength must be a number in [0, 1]"), "{err}");
+    assert!(
+        err.contains("tint") && err.contains("strength must be a number in [0, 1]"),
+        "{err}"
+    );
 }

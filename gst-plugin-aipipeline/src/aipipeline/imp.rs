@@ -1250,6 +1250,8 @@ impl Worker {
                 (0, Vec::new())
             }
         };
+        // A pending restart-child is served by this restart.
+        self.shared.restart_req.store(false, Ordering::SeqCst);
         self.restarts += 1;
         {
             let mut st = lock(&self.shared.stats);
@@ -1546,7 +1548,19 @@ impl Worker {
                         }
                     }
                 };
-                Produced::Child(c.frame(planes, strides, vw, vh, wire, w, h, hang_timeout))
+                // restart-child also ends the wait for a hung child (no hang timeout to sit out).
+                let restart_req = &self.shared.restart_req;
+                Produced::Child(c.frame_or_cancel(
+                    planes,
+                    strides,
+                    vw,
+                    vh,
+                    wire,
+                    w,
+                    h,
+                    hang_timeout,
+                    &|| restart_req.load(Ordering::SeqCst),
+                ))
             } else {
                 Produced::Tensor(match (layout, planes.first()) {
                     (Some(layout), Some(data)) => frame::upload_rgb(

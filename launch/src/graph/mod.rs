@@ -803,12 +803,12 @@ pub fn validate(def: &GraphDef, cfg: &Config) -> Result<(), GraphError> {
                     })?;
                     if takes_params_json(&el) {
                         // The element contract: the stage params are the element's params.
-                        check_contract_params(&el, &contract_params(&s.params)).map_err(
-                            |msg| GraphError::Invalid {
+                        check_contract_params(&el, &contract_params(&s.params)).map_err(|msg| {
+                            GraphError::Invalid {
                                 stage: s.id.clone(),
                                 msg: format!("element '{name}' rejects its params: {msg}"),
-                            },
-                        )?;
+                            }
+                        })?;
                         continue_io(&factory)
                     } else {
                         for (key, v) in obj {
@@ -944,7 +944,9 @@ fn check_contract_params(el: &gst::Element, params: &Value) -> Result<(), String
     let _ = scratch.remove(el);
     // The reason is in the debug text when there is one (the contract's `[...]` form).
     let text = |err: gst::glib::Error, debug: Option<gst::glib::GString>| {
-        debug.map(|d| d.to_string()).unwrap_or_else(|| err.to_string())
+        debug
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| err.to_string())
     };
     match msg.as_ref().map(|m| m.view()) {
         Some(gst::MessageView::Warning(w)) => Err(text(w.error(), w.debug())),

@@ -97,6 +97,9 @@ fn make_unit(
             ai.set_property("pipelines-dir", dir.to_string_lossy().to_string());
         }
         ai.set_property("params", merged_params(def, params).to_string());
+        // RIVULET_ISOLATION=process: the stage's inference runs in a child process, as the
+        // single pipeline's (its restarts are counted by the daemon).
+        crate::stream::isolate(&ai, cfg)?;
         if let Some(ms) = def.deadline_ms {
             ai.set_property("max-latency-ms", ms);
             if ai.find_property("pass-late-frames").is_some() {
