@@ -385,6 +385,35 @@ fn restart_child_action_signal_replaces_the_child() {
     r.wait_pixel(INVERTED);
 }
 
+/// `restart-child` also ends the wait for a child that stopped answering: a SIGSTOPped child
+/// with a 600 s hang timeout is replaced at once (the daemon's health rule relies on this).
+#[test]
+fn restart_child_replaces_a_hung_child_without_the_hang_timeout() {
+    let r = rig("pipeline=invert hang-timeout-ms=600000");
+    r.play();
+    r.wait_pixel(INVERTED);
+    let pid = r.child_pid();
+    signal(pid, libc::SIGSTOP);
+    // Not a wait for a result: lets a frame (50 fps) reach the stopped child, so the request
+    // has to end a wait in progress.
+    std::thread::sleep(Duration::from_millis(200));
+    r.el.emit_by_name::<()>("restart-child", &[]);
+    let m = r.restart_message();
+    let reason = field_str(&m, "reason");
+    assert!(reason.contains("restart-child"), "{reason}");
+    assert!(
+        wait_gone(pid, TIMEOUT),
+        "the stopped child was not killed and reaped"
+    );
+    loop {
+        if let Rec::Online = r.next() {
+            break;
+        }
+    }
+    r.wait_pixel(INVERTED);
+    assert_ne!(r.child_pid(), pid);
+}
+
 #[test]
 fn params_without_reload_reach_the_child() {
     let r = rig(r#"pipeline=gain"#);
