@@ -1143,3 +1143,76 @@ fn frames_pass_through_unprocessed_at_the_new_size_while_loading() {
     assert_all(data, 1024, 1024, 1, |x, y| pattern(x, y).map(|v| 255 - v));
     let _ = std::fs::remove_file(slow);
 }
+
+/// `noop` at the input's size gives a YUV input back in its own format, the very same memory
+/// (no conversion, no copy: the daemon's decoder output reaches x264 as it is); `noop` at
+/// another size still outputs RGB (as model pipelines always do).
+#[test]
+fn noop_passes_yuv_through_in_its_own_format_without_a_copy() {
+    init();
+    for (format, params, same) in [
+        ("I420", S384, true),
+        ("NV12", S384, true),
+        ("I420", r#"{"width": 448, "height": 448}"#, false),
+    ] {
+        let pipeline = gst::parse::launch(&format!(
+            "appsrc name=src format=time caps=video/x-raw,format={format},width=384,height=384,framerate=24/1 \
+             ! aipipeline pipeline=noop name=ai ! appsink name=out sync=false"
+        ))
+        .unwrap()
+        .downcast::<gst::Pipeline>()
+        .unwrap();
+        pipeline
+            .by_name("ai")
+            .unwrap()
+            .set_property("params", params);
+        let src = pipeline
+            .by_name("src")
+            .unwrap()
+            .downcast::<gst_app::AppSrc>()
+            .unwrap();
+        let out = pipeline
+            .by_name("out")
+            .unwrap()
+            .downcast::<gst_app::AppSink>()
+            .unwrap();
+        if pipeline.set_state(gst::State::Playing).is_err() {
+            let msg = pipeline
+                .bus()
+                .unwrap()
+                .timed_pop_filtered(gst::ClockTime::from_seconds(5), &[gst::MessageType::Error]);
+            let err = msg.map(|m| match m.view() {
+                gst::MessageView::Error(e) => e.error().to_string(),
+                _ => String::new(),
+            });
+            panic!("{format}: cannot start: {err:?}");
+        }
+        let mut data = vec![0u8; 384 * 384 * 3 / 2];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i * 7 % 251) as u8;
+        }
+        let mut buf = gst::Buffer::from_mut_slice(data.clone());
+        buf.get_mut()
+            .unwrap()
+            .set_pts(gst::ClockTime::from_mseconds(500));
+        let ptr = buf.map_readable().unwrap().as_ptr();
+        src.push_buffer(buf).unwrap();
+        let sample = out
+            .try_pull_sample(gst::ClockTime::from_seconds(30))
+            .expect("no output frame");
+        let s = sample.caps().unwrap().structure(0).unwrap().to_owned();
+        let got = sample.buffer().unwrap();
+        assert_eq!(got.pts(), Some(gst::ClockTime::from_mseconds(500)));
+        let map = got.map_readable().unwrap();
+        if same {
+            assert_eq!(s.get::<&str>("format").unwrap(), format, "{s}");
+            assert_eq!(map.as_ptr(), ptr, "{format}: the input's memory goes on");
+            assert_eq!(map.as_slice(), &data[..]);
+        } else {
+            assert_eq!(s.get::<&str>("format").unwrap(), "RGB", "{s}");
+            assert_eq!(s.get::<i32>("width").unwrap(), 448);
+        }
+        drop(map);
+        pipeline.set_state(gst::State::Null).unwrap();
+    }
+}

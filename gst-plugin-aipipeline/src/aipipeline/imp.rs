@@ -463,12 +463,19 @@ impl AiPipeline {
                 true
             }
             QueryViewMut::Caps(q) => {
-                let size = lock(&self.shared.ctrl)
-                    .params
-                    .as_ref()
-                    .map(|p| (p.width, p.height));
+                let (size, noop) = {
+                    let ctrl = lock(&self.shared.ctrl);
+                    let size = ctrl.params.as_ref().map(|p| (p.width, p.height));
+                    let noop = ctrl
+                        .def
+                        .as_ref()
+                        .is_some_and(|d| d.kind == pipeline::Kind::Noop);
+                    (size, noop)
+                };
+                // `noop` also gives a YUV input back as it is (at the input's size).
+                let yuv: &[gst_video::VideoFormat] = if noop { frame::YUV_FORMATS } else { &[] };
                 let mut b = gst_video::VideoCapsBuilder::new()
-                    .format_list(frame::OUTPUT_FORMATS.iter().copied());
+                    .format_list(yuv.iter().chain(frame::OUTPUT_FORMATS).copied());
                 b = match size {
                     Some((w, h)) => b.width(w as i32).height(h as i32),
                     None => b
@@ -891,6 +898,9 @@ struct OutState {
     info: gst_video::VideoInfo,
     pool: gst::BufferPool,
     bpp: i64,
+    /// `noop` at the input's size, in the input's own (YUV) format: each input buffer goes
+    /// on as the output, no conversion or copy.
+    passthrough: bool,
 }
 
 /// State owned by the inference thread.
@@ -1358,9 +1368,17 @@ impl Worker {
             info.height(),
             info.format()
         );
-        let fps_changed = self.in_info.as_ref().is_none_or(|o| o.fps() != info.fps());
+        // A new rate, or a new format or size while the input itself goes on (passthrough),
+        // renegotiates the output.
+        let changed = self.in_info.as_ref().is_none_or(|o| {
+            o.fps() != info.fps()
+                || (self.out.as_ref().is_some_and(|out| out.passthrough)
+                    && (o.format() != info.format()
+                        || o.width() != info.width()
+                        || o.height() != info.height()))
+        });
         self.in_info = Some(info);
-        if fps_changed {
+        if changed {
             self.out = None;
         }
         self.ensure_output()
@@ -1381,8 +1399,19 @@ impl Worker {
         let Some(in_info) = self.in_info.clone() else {
             return Err(gst::FlowError::NotNegotiated);
         };
+        // `noop` leaves the picture alone: at the input's size, a YUV input may go on in its
+        // own format (offered first), so no RGB round trip is needed on either side.
+        let same_yuv = (self.def.kind == pipeline::Kind::Noop
+            && frame::YUV_FORMATS.contains(&in_info.format())
+            && in_info.width() == w
+            && in_info.height() == h)
+            .then_some(in_info.format());
         let templ = gst_video::VideoCapsBuilder::new()
-            .format_list(frame::OUTPUT_FORMATS.iter().copied())
+            .format_list(
+                same_yuv
+                    .into_iter()
+                    .chain(frame::OUTPUT_FORMATS.iter().copied()),
+            )
             .width(w as i32)
             .height(h as i32)
             .framerate(in_info.fps())
@@ -1401,9 +1430,12 @@ impl Worker {
         caps.fixate();
         let info =
             gst_video::VideoInfo::from_caps(&caps).map_err(|_| gst::FlowError::NotNegotiated)?;
-        let bpp = frame::pixel_layout(info.format())
-            .map(|l| l.bpp)
-            .ok_or(gst::FlowError::NotNegotiated)?;
+        let passthrough = same_yuv == Some(info.format());
+        let bpp = match frame::pixel_layout(info.format()) {
+            Some(l) => l.bpp,
+            None if passthrough => 0,
+            None => return Err(gst::FlowError::NotNegotiated),
+        };
         if let Some(old) = self.out.take() {
             let _ = old.pool.set_active(false);
         }
@@ -1417,7 +1449,12 @@ impl Worker {
         }
         let pool = self.make_pool(&srcpad, &caps, &info)?;
         gst::info!(CAT, obj = self.element, "output caps {caps}");
-        self.out = Some(OutState { info, pool, bpp });
+        self.out = Some(OutState {
+            info,
+            pool,
+            bpp,
+            passthrough,
+        });
         Ok(gst::FlowSuccess::Ok)
     }
 
@@ -1494,6 +1531,12 @@ impl Worker {
         let (w, h) = (self.active.width, self.active.height);
         // A late frame with pass-late-frames goes on unchanged (cover-cropped only).
         let real = !late && !self.loading && self.runner.is_some();
+        let passthrough = self.out.as_ref().is_some_and(|o| o.passthrough);
+        // In passthrough only an inference child still sees the frame (its round trip is what
+        // notices a crashed or hung child); its answer is the input anyway.
+        if passthrough && !(real && matches!(self.runner, Some(Engine::Child(_)))) {
+            return self.finish_frame(inbuf, real, late, Instant::now());
+        }
         let device = lock(&self.shared.ctrl).device.unwrap_or(tch::Device::Cpu);
         let hang_timeout = self.hang_timeout();
         let t0 = Instant::now();
@@ -1616,6 +1659,9 @@ impl Worker {
                 }
             }
         };
+        if passthrough {
+            return self.finish_frame(inbuf, real, late, t0);
+        }
         let Some(out) = &self.out else {
             return Err(gst::FlowError::NotNegotiated);
         };
@@ -1655,6 +1701,18 @@ impl Worker {
             }
         }
         drop(out_rgb);
+        self.finish_frame(outbuf, real, late, t0)
+    }
+
+    /// Counts an output frame, announces the pipeline online after its first real frame and
+    /// pushes the frame.
+    fn finish_frame(
+        &mut self,
+        outbuf: gst::Buffer,
+        real: bool,
+        late: bool,
+        t0: Instant,
+    ) -> Result<gst::FlowSuccess, gst::FlowError> {
         let elapsed = t0.elapsed();
         {
             let mut st = lock(&self.shared.stats);
@@ -1688,7 +1746,7 @@ impl Worker {
             CAT,
             obj = self.element,
             "frame {:?} in {elapsed:?}",
-            inbuf.pts()
+            outbuf.pts()
         );
         self.imp().srcpad.push(outbuf)
     }
