@@ -16,20 +16,29 @@
 //! - **bare forward**: `forward(frame, mix, strength)` of the same file through `tch::CModule`
 //!   on the same frames, already on the device as (1, S, S, 3) float [0, 1] (so it excludes the
 //!   element's upload, conversions and download); same statistics;
+//! - **element path**: the element's own per-frame work called as library functions, outside
+//!   GStreamer (`frame::upload_rgb`, `model::process`, `frame::download_rgb`, on a
+//!   `model::Runner` loaded from the manifest as the element loads it): what the element
+//!   computes for a frame, without its thread hand-off, buffer pool and caps. It runs at every
+//!   size, 256² included: its params are built here at the size (`Params` fields set directly),
+//!   which the element itself refuses below 384 (see below);
 //! - **live**: `videotestsrc is-live=true framerate=100/1 ! aipipeline ! fakesink` for about
 //!   5 s: output frames per second when the element runs free (its mailbox drops the frames it
 //!   cannot take, and conversion overlaps inference).
 //!
 //! Element and bare forward run interleaved frame by frame on one thread after 5 untimed
 //! warm-up frames each, `--rounds` passes over the frames, statistics over all passes; so load
-//! from other processes hits both alike. 256² has no element row: the element's params
-//! `width`/`height` are 384..=1024 (runner-compat §8.3), so only the bare forward runs.
+//! from other processes hits all alike. 256² has no element run: the element's params
+//! `width`/`height` are 384..=1024 (runner-compat §8.3), and so are a manifest's
+//! `width`/`height` and the element's src caps, so no params, manifest or caps can make it run
+//! a 256² model; the element-path row stands in for it (element path / forward p50 is given at
+//! every size, element / forward p50 where the element runs).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use gst::prelude::*;
-use gstaipipeline::device;
+use gstaipipeline::{device, frame, model, pipeline};
 use tch::{Device, Kind, Tensor};
 
 const SIZES: [u32; 3] = [256, 384, 512];
@@ -170,6 +179,49 @@ impl Drop for ElementRun {
     }
 }
 
+/// The element's per-frame work as library calls: upload + conversion, model, download.
+struct ElementPath {
+    runner: model::Runner,
+    layout: frame::PixelLayout,
+    s: u32,
+    out: Vec<u8>,
+    dev: Device,
+}
+
+impl ElementPath {
+    fn new(s: u32, dev: Device) -> anyhow::Result<ElementPath> {
+        let def = pipeline::load_manifest(&models_dir().join("styletransfer.toml"))?;
+        let mut params = def.parse_params(&format!(r#"{{"style":{STYLE}}}"#))?;
+        // Set directly: parse_params (like the element) accepts 384..=1024 only.
+        params.width = s;
+        params.height = s;
+        let runner = model::Runner::load(&def, &params, dev, false)?;
+        let layout = frame::pixel_layout(gst_video::VideoFormat::Rgb)
+            .ok_or_else(|| anyhow::anyhow!("no pixel layout for RGB"))?;
+        Ok(ElementPath {
+            runner,
+            layout,
+            s,
+            out: vec![0u8; (s * s * 3) as usize],
+            dev,
+        })
+    }
+
+    /// One frame from its packed RGB bytes to the output bytes: its time.
+    fn frame(&mut self, b: &gst::Buffer) -> anyhow::Result<Duration> {
+        let _g = tch::no_grad_guard();
+        let map = b.map_readable()?;
+        let s = self.s;
+        let stride = s as usize * 3;
+        let t0 = Instant::now();
+        let crop = frame::cover_crop(s, s, s, s);
+        let rgb = frame::upload_rgb(map.as_slice(), stride, s, s, self.layout, crop, self.dev)?;
+        let y = model::process(&self.runner, rgb, s, s)?;
+        frame::download_rgb(&y, &mut self.out, stride, s, s, 3)?;
+        Ok(t0.elapsed())
+    }
+}
+
 /// The bare forward of styletransfer.pt on frames already on the device (BHWC [0, 1]).
 struct Bare {
     module: tch::CModule,
@@ -225,18 +277,27 @@ impl Bare {
     }
 }
 
-/// Element and bare forward interleaved frame by frame on one thread (so that load from other
-/// processes hits both alike), `rounds` passes over the frames after WARMUP untimed frames of
-/// each. Returns (element, worker p50 ms, forward); no element below MIN_SIZE.
+/// What one size gives: the element (with its worker p50 ms) where it can run, the element
+/// path and the bare forward.
+struct Measured {
+    element: Option<(Stats, f64)>,
+    path: Stats,
+    fwd: Stats,
+}
+
+/// Element, element path and bare forward interleaved frame by frame on one thread (so that
+/// load from other processes hits all alike), `rounds` passes over the frames after WARMUP
+/// untimed frames of each. No element below MIN_SIZE.
 fn measure(
     dev_prop: &str,
     dev: Device,
     frames: &[gst::Buffer],
     s: u32,
     rounds: usize,
-) -> anyhow::Result<(Option<(Stats, f64)>, Stats)> {
+) -> anyhow::Result<Measured> {
     let bare = Bare::new(frames, s, dev)?;
-    let mut el = if s >= gstaipipeline::pipeline::MIN_SIZE {
+    let mut path = ElementPath::new(s, dev)?;
+    let mut el = if s >= pipeline::MIN_SIZE {
         Some(ElementRun::start(dev_prop, s)?)
     } else {
         None
@@ -246,19 +307,24 @@ fn measure(
         if let Some(e) = el.as_mut() {
             e.frame(&frames[i % n])?;
         }
+        path.frame(&frames[i % n])?;
         bare.frame(i % n)?;
     }
-    let (mut t_el, mut t_fwd) = (Vec::new(), Vec::new());
+    let (mut t_el, mut t_path, mut t_fwd) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         for (i, b) in frames.iter().enumerate() {
             if let Some(e) = el.as_mut() {
                 t_el.push(e.frame(b)?);
             }
+            t_path.push(path.frame(b)?);
             t_fwd.push(bare.frame(i)?);
         }
     }
-    let el = el.map(|e| (Stats::of(t_el), e.worker_p50_ms()));
-    Ok((el, Stats::of(t_fwd)))
+    Ok(Measured {
+        element: el.map(|e| (Stats::of(t_el), e.worker_p50_ms())),
+        path: Stats::of(t_path),
+        fwd: Stats::of(t_fwd),
+    })
 }
 
 /// Free-running live pipeline: output frames per second between the first and last output.
@@ -384,59 +450,75 @@ fn main() -> anyhow::Result<()> {
     );
     println!(
         "element = appsrc ! aipipeline pipeline=styletransfer ! appsink, one frame in flight; \
+         path = the element's per-frame functions (upload, model, download) outside GStreamer; \
          forward = bare tch forward on frames already on the device; live = free-running {LIVE_FPS} fps source"
     );
     println!();
+    let dev_col = device::describe(dev);
+    let header = [
+        "size", "device", "el fps", "el p50", "el p95", "wk p50", "path fps", "path p50",
+        "fwd fps", "fwd p50", "fwd p95", "el/fwd", "path/fwd", "live fps",
+    ];
+    let w = dev_col.len().max(6);
     println!(
-        "{:<8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9}",
-        "size",
-        "el fps",
-        "el p50",
-        "el p95",
-        "wk p50",
-        "fwd fps",
-        "fwd p50",
-        "fwd p95",
-        "p50 x",
-        "live fps"
+        "{:<8} {:<w$} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8}",
+        header[0],
+        header[1],
+        header[2],
+        header[3],
+        header[4],
+        header[5],
+        header[6],
+        header[7],
+        header[8],
+        header[9],
+        header[10],
+        header[11],
+        header[12],
+        header[13]
     );
     let mut live_lines = Vec::new();
     for s in SIZES {
         let frames = render_frames(n, s)?;
-        let (el, fwd) = on_thread(|| measure(&dev_prop, dev, &frames, s, rounds))?;
+        let m = on_thread(|| measure(&dev_prop, dev, &frames, s, rounds))?;
         let size = format!("{s}x{s}");
-        match el {
+        let (fwd, path) = (m.fwd, m.path);
+        let path_ratio = format!("{:.2}", ms(path.p50) / ms(fwd.p50).max(1e-9));
+        let (el_fps, el_p50, el_p95, wk_p50, el_ratio, live_fps) = match m.element {
             Some((e, worker_p50)) => {
                 let (live_fps, line) = live(&dev_prop, s)?;
                 live_lines.push(line);
-                println!(
-                    "{:<8} {:>9.2} {:>9.1} {:>9.1} {:>9.1} {:>9.2} {:>9.1} {:>9.1} {:>8.2} {:>9.2}",
-                    size,
-                    e.fps,
-                    ms(e.p50),
-                    ms(e.p95),
-                    worker_p50,
-                    fwd.fps,
-                    ms(fwd.p50),
-                    ms(fwd.p95),
-                    ms(e.p50) / ms(fwd.p50).max(1e-9),
-                    live_fps
-                );
+                (
+                    format!("{:.2}", e.fps),
+                    format!("{:.1}", ms(e.p50)),
+                    format!("{:.1}", ms(e.p95)),
+                    format!("{worker_p50:.1}"),
+                    format!("{:.2}", ms(e.p50) / ms(fwd.p50).max(1e-9)),
+                    format!("{live_fps:.2}"),
+                )
             }
-            None => println!(
-                "{:<8} {:>9} {:>9} {:>9} {:>9} {:>9.2} {:>9.1} {:>9.1} {:>8} {:>9}",
-                size,
-                "-",
-                "-",
-                "-",
-                "-",
-                fwd.fps,
-                ms(fwd.p50),
-                ms(fwd.p95),
-                "-",
-                "-"
-            ),
-        }
+            None => {
+                let na = || "n/a".to_string();
+                (na(), na(), na(), na(), na(), na())
+            }
+        };
+        println!(
+            "{:<8} {:<w$} {:>7} {:>7} {:>7} {:>7} {:>8.2} {:>8.1} {:>7.2} {:>7.1} {:>7.1} {:>7} {:>8} {:>8}",
+            size,
+            dev_col,
+            el_fps,
+            el_p50,
+            el_p95,
+            wk_p50,
+            path.fps,
+            ms(path.p50),
+            fwd.fps,
+            ms(fwd.p50),
+            ms(fwd.p95),
+            el_ratio,
+            path_ratio,
+            live_fps
+        );
     }
     println!();
     println!("live runs:");
@@ -446,10 +528,13 @@ fn main() -> anyhow::Result<()> {
     println!();
     println!(
         "ms per frame; el = element (push to output), wk = the element's inference-latency-p50-ms, \
-         fwd = bare forward, p50 x = element p50 / forward p50. 256x256: no element run \
-         (params width/height are {}..={}).",
-        gstaipipeline::pipeline::MIN_SIZE,
-        gstaipipeline::pipeline::MAX_SIZE
+         path = element path, fwd = bare forward; el/fwd and path/fwd = p50 / forward p50. \
+         n/a: the element does not run below {}x{} (params width/height are {}..={}); the \
+         element path runs there with params built directly.",
+        pipeline::MIN_SIZE,
+        pipeline::MIN_SIZE,
+        pipeline::MIN_SIZE,
+        pipeline::MAX_SIZE
     );
     Ok(())
 }
