@@ -649,3 +649,125 @@ async fn a_graph_stage_child_is_restarted_and_counted() {
     set_state(&input, gst::State::Null).await;
     set_state(&reader, gst::State::Null).await;
 }
+
+/// The daemon's 3 restarts are one budget for all of a graph's stage children: two losses in
+/// each of two stages (each element alone would allow 3) make the fourth a permanent ERROR.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graph_stages_share_the_restart_budget() {
+    let Running {
+        d,
+        http,
+        base,
+        input,
+        reader,
+        restarts: mut restart_rx,
+        ..
+    } = start_running_with(
+        "isolation-graph-limit",
+        "iso00006",
+        &[],
+        Some(json!([
+            {"id": "first", "pipeline": "noop"},
+            {"id": "second", "pipeline": "noop"},
+        ])),
+    )
+    .await;
+    let daemon_pid = d.child.id();
+    // Real output from both stages' current children since `since`, and both children up.
+    let settled = |since: i64| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            wait_status(
+                &http,
+                &base,
+                Duration::from_secs(60),
+                "no real output",
+                |s| {
+                    s["inference_status"]["last_output_time"]
+                        .as_i64()
+                        .is_some_and(|t| t > since)
+                },
+            )
+            .await;
+            let t = Instant::now();
+            loop {
+                let c = inference_children(daemon_pid);
+                if c.len() == 2 {
+                    return c;
+                }
+                assert!(t.elapsed() < Duration::from_secs(30), "children {c:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let kill = |pid: u32| {
+        // SAFETY: plain syscall on the daemon's child.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    };
+    // The first loss tells which stage the killed child served.
+    let children = settled(0).await;
+    let mut since = now_ms();
+    kill(children[0]);
+    let ev = tokio::time::timeout(Duration::from_secs(30), restart_rx.recv())
+        .await
+        .expect("no restart event")
+        .expect("events channel ended");
+    assert_eq!(ev["restart_count"], 1);
+    let mut stage_of: std::collections::HashMap<String, u32> = Default::default();
+    let s0 = ev["stage"].as_str().expect("stage").to_string();
+    let s1 = if s0 == "first" { "second" } else { "first" }.to_string();
+    stage_of.insert(s1.clone(), children[1]);
+    let now = settled(since).await;
+    let new0 = *now.iter().find(|p| **p != children[1]).expect("new child");
+    stage_of.insert(s0.clone(), new0);
+    // Then the other stage, the first again, and the other again (its second loss).
+    for (n, stage) in [(2u32, &s1), (3, &s0), (4, &s1)] {
+        let victim = stage_of[stage.as_str()];
+        let before = inference_children(daemon_pid);
+        since = now_ms();
+        kill(victim);
+        if n == 4 {
+            break;
+        }
+        let ev = tokio::time::timeout(Duration::from_secs(30), restart_rx.recv())
+            .await
+            .expect("no restart event")
+            .expect("events channel ended");
+        assert_eq!(ev["restart_count"], n);
+        assert_eq!(ev["stage"], stage.as_str());
+        let now = settled(since).await;
+        let new = *now
+            .iter()
+            .find(|p| !before.contains(p))
+            .expect("a new child");
+        stage_of.insert(stage.clone(), new);
+    }
+    let t = Instant::now();
+    loop {
+        let h = get_json(&http, &format!("{base}/health")).await;
+        if h["status"] == "ERROR" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "health {h}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = get_json(&http, &format!("{base}/api/status")).await;
+    assert_eq!(s["state"], "ERROR");
+    assert_eq!(s["inference_status"]["restart_count"], 3);
+    assert!(
+        s["inference_status"]["last_error"]
+            .as_str()
+            .is_some_and(
+                |e| e.contains(&format!("stage '{s1}'")) && e.contains("3 inference restarts")
+            ),
+        "{s}"
+    );
+    // The stream is stopped: no child is left.
+    let t = Instant::now();
+    while !inference_children(daemon_pid).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(10), "a child is left");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    set_state(&input, gst::State::Null).await;
+    set_state(&reader, gst::State::Null).await;
+}
