@@ -213,3 +213,18 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::RestartPolicy;
+
+    #[test]
+    fn restart_policy_values() {
+        assert_eq!("keep-stream".parse(), Ok(RestartPolicy::KeepStream));
+        assert_eq!("stop-stream".parse(), Ok(RestartPolicy::StopStream));
+        assert_eq!(
+            "restart".parse::<RestartPolicy>(),
+            Err("expected keep-stream or stop-stream".to_string())
+        );
+    }
+}
