@@ -20,6 +20,10 @@
 //! is not carried. When a stage fails, what it already passed on is encoded and the file is
 //! finished (EOS into the encoder's branch), so the partial output is playable; the failing
 //! stage is named.
+//!
+//! `DELETE /v1/jobs/{id}` cancels a job: a queued one never runs; a running one stops taking
+//! frames and its output is finished as after a stage failure (partial output kept, playable);
+//! either ends in state `cancelled`.
 
 use crate::api::ApiError;
 use crate::config::Config;
@@ -37,7 +41,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -66,7 +70,22 @@ pub enum JobState {
     Running,
     Done,
     Failed,
+    /// Cancelled by `DELETE /v1/jobs/{id}` (while queued, or running: partial output kept).
+    Cancelled,
 }
+
+impl JobState {
+    /// Done, failed or cancelled.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Done | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// The error of a cancelled job.
+const CANCELLED: &str = "cancelled";
 
 /// One stage's figures in a job.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -165,6 +184,7 @@ impl JobStatus {
             match self.state {
                 JobState::Done => "done:",
                 JobState::Failed => "FAILED:",
+                JobState::Cancelled => "CANCELLED:",
                 _ => "unfinished:",
             },
             self.input,
@@ -339,16 +359,23 @@ pub fn run(
     status: &Mutex<JobStatus>,
     on_update: &dyn Fn(&JobStatus),
     on_event: &dyn Fn(Value),
+    cancel: &AtomicBool,
 ) {
     let started = Instant::now();
     {
         let mut s = status.lock().unwrap();
+        if s.state == JobState::Cancelled {
+            // Cancelled while queued (under this lock, see `Jobs::cancel`).
+            return;
+        }
         s.state = JobState::Running;
         for st in &mut s.stages {
             st.state = "running".into();
         }
     }
-    let result = run_pipeline(spec, graph, cfg, status, on_update, on_event, started);
+    let result = run_pipeline(
+        spec, graph, cfg, status, on_update, on_event, started, cancel,
+    );
     let mut s = status.lock().unwrap();
     s.elapsed_s = started.elapsed().as_secs_f64();
     s.fps = if s.elapsed_s > 0.0 {
@@ -372,7 +399,11 @@ pub fn run(
             s.stages_done = s.stages.len();
         }
         Err((msg, stage)) => {
-            s.state = JobState::Failed;
+            s.state = if stage.is_none() && msg == CANCELLED && cancel.load(Ordering::SeqCst) {
+                JobState::Cancelled
+            } else {
+                JobState::Failed
+            };
             s.output_kept = spec.output.exists();
             for st in &mut s.stages {
                 if Some(&st.id) == stage.as_ref() {
@@ -392,6 +423,7 @@ pub fn run(
 
 type JobError = (String, Option<String>);
 
+#[allow(clippy::too_many_arguments)]
 fn run_pipeline(
     spec: &JobSpec,
     graph: &GraphDef,
@@ -400,6 +432,7 @@ fn run_pipeline(
     on_update: &dyn Fn(&JobStatus),
     on_event: &dyn Fn(Value),
     started: Instant,
+    cancel: &AtomicBool,
 ) -> Result<(), JobError> {
     let plain = |m: String| (m, None);
     let stage = make_stage(graph, cfg, &spec.params).map_err(|m| {
@@ -502,12 +535,28 @@ fn run_pipeline(
     else {
         return Err(plain("the stage has no sink or src pad".into()));
     };
+    // Set on cancel: no more frames into the stage; the encoder branch gets EOS right after
+    // the last frame processed, so the partial output holds every frame counted out.
+    let stopping = Arc::new(AtomicBool::new(false));
     {
         let n = frames_in.clone();
-        stage_sink.add_probe(gst::PadProbeType::BUFFER, move |pad, _| {
+        let stopping = stopping.clone();
+        let eos_sent = AtomicBool::new(false);
+        let enc_in = queue.static_pad("sink");
+        stage_sink.add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
             // Wait until the frame before has been taken and processed (never replaced).
             let mut q = gst::query::Drain::new();
             let _ = pad.query(&mut q);
+            if stopping.load(Ordering::SeqCst) {
+                if !eos_sent.swap(true, Ordering::SeqCst)
+                    && let Some(p) = &enc_in
+                {
+                    p.send_event(gst::event::Eos::new());
+                }
+                // Upstream stops too (flow EOS), instead of decoding the rest for nothing.
+                info.flow_res = Err(gst::FlowError::Eos);
+                return gst::PadProbeReturn::Drop;
+            }
             n.fetch_add(1, Ordering::Relaxed);
             gst::PadProbeReturn::Ok
         });
@@ -643,6 +692,17 @@ fn run_pipeline(
             sample(status, &pipeline);
             return Err(err);
         }
+        if failure.is_none() && cancel.load(Ordering::SeqCst) {
+            // Cancelled: finish the output with what was done, as after a stage failure (the
+            // stage's input probe sends the encoder branch EOS at the next frame).
+            tracing::info!(
+                "job {}: cancelled; finishing the partial output",
+                spec.input.display()
+            );
+            failure = Some((CANCELLED.to_string(), None));
+            flush_deadline = Some(Instant::now() + FLUSH_WAIT);
+            stopping.store(true, Ordering::SeqCst);
+        }
         let wait = next_sample.saturating_duration_since(Instant::now());
         let msg = bus.timed_pop(gst::ClockTime::from_nseconds(wait.as_nanos() as u64));
         if Instant::now() >= next_sample {
@@ -729,10 +789,20 @@ pub const MAX_KEPT: usize = 256;
 
 struct Work {
     status: Arc<Mutex<JobStatus>>,
+    cancel: Arc<AtomicBool>,
     spec: JobSpec,
     graph: GraphDef,
     feed: crate::feed::Feed,
     config: Arc<Config>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    #[error("no such job")]
+    NotFound,
+    /// The final state, lowercase.
+    #[error("the job has already ended ({0})")]
+    Finished(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -749,6 +819,8 @@ pub enum SubmitError {
 pub struct Jobs {
     next: AtomicU64,
     jobs: Mutex<BTreeMap<u64, Arc<Mutex<JobStatus>>>>,
+    /// Each kept job's cancel flag.
+    cancels: Mutex<BTreeMap<u64, Arc<AtomicBool>>>,
     queue: Mutex<Option<std::sync::mpsc::SyncSender<Work>>>,
 }
 
@@ -778,7 +850,7 @@ fn run_work(w: Work) {
         w.feed.send_typed(ev);
     };
     run(
-        &w.spec, &w.graph, &w.config, &w.status, &on_update, &on_event,
+        &w.spec, &w.graph, &w.config, &w.status, &on_update, &on_event, &w.cancel,
     );
     let s = w.status.lock().unwrap();
     tracing::info!(job = %id, state = ?s.state, frames = s.frames_out, "file job ended");
@@ -793,6 +865,32 @@ impl Jobs {
     pub fn list(&self) -> Vec<JobStatus> {
         let all: Vec<_> = self.jobs.lock().unwrap().values().cloned().collect();
         all.iter().map(|j| j.lock().unwrap().clone()).collect()
+    }
+
+    /// Cancels job `id`: a queued job is `cancelled` at once (it will not run); a running one
+    /// is told to stop and ends `cancelled` once its partial output is finished. Returns the
+    /// status now, or why not.
+    pub fn cancel(&self, id: &str) -> Result<JobStatus, CancelError> {
+        let n = job_number(id).ok_or(CancelError::NotFound)?;
+        let job = self.jobs.lock().unwrap().get(&n).cloned();
+        let flag = self.cancels.lock().unwrap().get(&n).cloned();
+        let (Some(job), Some(flag)) = (job, flag) else {
+            return Err(CancelError::NotFound);
+        };
+        let mut s = job.lock().unwrap();
+        match s.state {
+            JobState::Queued => {
+                s.state = JobState::Cancelled;
+                s.error = Some(CANCELLED.into());
+                for st in &mut s.stages {
+                    st.state = "cancelled".into();
+                }
+            }
+            JobState::Running => {}
+            done => return Err(CancelError::Finished(format!("{done:?}").to_lowercase())),
+        }
+        flag.store(true, Ordering::SeqCst);
+        Ok(s.clone())
     }
 
     /// Queues a prepared job; returns its first status (state `queued`).
@@ -810,8 +908,10 @@ impl Jobs {
             &graph,
         )));
         let first = status.lock().unwrap().clone();
+        let cancel = Arc::new(AtomicBool::new(false));
         let work = Work {
             status: status.clone(),
+            cancel: cancel.clone(),
             spec,
             graph,
             feed,
@@ -837,19 +937,20 @@ impl Jobs {
             tx.try_send(work).map_err(|_| SubmitError::QueueFull)?;
         }
         let mut jobs = self.jobs.lock().unwrap();
+        let mut cancels = self.cancels.lock().unwrap();
         jobs.insert(n, status);
+        cancels.insert(n, cancel);
         // Forget the oldest finished jobs beyond MAX_KEPT.
         if jobs.len() > MAX_KEPT {
             let finished: Vec<u64> = jobs
                 .iter()
-                .filter(|(_, j)| {
-                    matches!(j.lock().unwrap().state, JobState::Done | JobState::Failed)
-                })
+                .filter(|(_, j)| j.lock().unwrap().state.is_final())
                 .map(|(k, _)| *k)
                 .take(jobs.len() - MAX_KEPT)
                 .collect();
             for k in finished {
                 jobs.remove(&k);
+                cancels.remove(&k);
             }
         }
         Ok(first)
@@ -859,7 +960,7 @@ impl Jobs {
 pub fn routes() -> Router<Arc<Daemon>> {
     Router::new()
         .route("/v1/jobs", get(list).post(create))
-        .route("/v1/jobs/{id}", get(show))
+        .route("/v1/jobs/{id}", get(show).delete(remove))
 }
 
 fn detail(code: StatusCode, msg: impl Into<String>) -> ApiError {
@@ -922,4 +1023,28 @@ async fn show(
         .get(&id)
         .map(axum::Json)
         .ok_or_else(|| detail(StatusCode::NOT_FOUND, format!("no job '{id}'")))
+}
+
+/// `DELETE /v1/jobs/{id}`: 200 with the status when a queued job is cancelled, 202 when a
+/// running job is told to stop (it then ends `cancelled`, on the feed and in `GET`), 409 when
+/// the job has already ended, 404 when there is no such job.
+async fn remove(
+    State(daemon): State<Arc<Daemon>>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    crate::templates::check_auth(&daemon, &headers)?;
+    match daemon.jobs.cancel(&id) {
+        Ok(s) if s.state == JobState::Cancelled => {
+            daemon
+                .feed
+                .send("progress", json!({"type": "progress", "job": s}));
+            Ok((StatusCode::OK, axum::Json(s)).into_response())
+        }
+        Ok(s) => Ok((StatusCode::ACCEPTED, axum::Json(s)).into_response()),
+        Err(CancelError::NotFound) => Err(detail(StatusCode::NOT_FOUND, format!("no job '{id}'"))),
+        Err(e @ CancelError::Finished(_)) => {
+            Err(detail(StatusCode::CONFLICT, format!("job '{id}': {e}")))
+        }
+    }
 }

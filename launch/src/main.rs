@@ -144,7 +144,16 @@ fn process(
         let _ = write!(err, "\r{}", s.progress_line());
         let _ = err.flush();
     };
-    rivulet::jobs::run(&spec, &graph, &config, &status, &on_update, &|_| {});
+    let never_cancelled = std::sync::atomic::AtomicBool::new(false);
+    rivulet::jobs::run(
+        &spec,
+        &graph,
+        &config,
+        &status,
+        &on_update,
+        &|_| {},
+        &never_cancelled,
+    );
     eprintln!();
     let s = status.lock().unwrap();
     print!("{}", s.summary());

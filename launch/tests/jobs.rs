@@ -238,7 +238,7 @@ async fn follow_job(
             }
             let state = v["job"]["state"].as_str().unwrap_or_default().to_owned();
             seen.push(v["job"].clone());
-            if state == "done" || state == "failed" {
+            if state == "done" || state == "failed" || state == "cancelled" {
                 return seen;
             }
         }
@@ -486,4 +486,156 @@ async fn api_takes_a_definition_file() {
         body.contains("cannot read") && body.contains("missing.json"),
         "{body}"
     );
+}
+
+/// `DELETE /v1/jobs/{id}`: a queued job is cancelled at once and never runs; a running one
+/// stops, ends `cancelled` with its partial output kept and playable (every frame it passed);
+/// an ended job is a 409, an unknown one a 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_jobs_can_be_cancelled() {
+    let dir = TempDir::new("jobs-api-cancel-files");
+    let input = dir.0.join("in.mp4");
+    let input2 = input.clone();
+    tokio::task::spawn_blocking(move || make_input(&input2))
+        .await
+        .unwrap();
+    let data_dir = dir.0.join("data").to_string_lossy().to_string();
+    let d = spawn_daemon(
+        "jobs-api-cancel",
+        &[
+            ("RIVULET_DATA_DIR", data_dir.as_str()),
+            ("RIVULET_DEVICE", "cpu"),
+        ],
+    );
+    let base = &d.base;
+    let http = reqwest::Client::new();
+    let mut events = http
+        .get(format!("{base}/v1/events"))
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+    // 100 ms a frame: 48 frames take about 5 s, time enough to cancel.
+    let r = http
+        .post(format!("{base}/v1/pipelines"))
+        .json(&json!({"id": "slow", "pipeline": [
+            "noop", {"id": "wait", "element": "identity", "params": {"sleep-time": 100000}}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let submit = |output: std::path::PathBuf| {
+        let http = http.clone();
+        let input = input.clone();
+        async move {
+            let r = http
+                .post(format!("{base}/v1/jobs"))
+                .json(&json!({"input": input, "output": output, "pipeline": "slow"}))
+                .send()
+                .await
+                .unwrap();
+            let code = r.status();
+            let body = r.json::<Value>().await.unwrap();
+            assert_eq!(code, 201, "{body}");
+            body["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let running_out = dir.0.join("running.mp4");
+    let queued_out = dir.0.join("queued.mp4");
+    let running = submit(running_out.clone()).await;
+    let queued = submit(queued_out.clone()).await;
+    let delete = |id: String| {
+        let http = http.clone();
+        async move {
+            let r = http
+                .delete(format!("{base}/v1/jobs/{id}"))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+
+    // The second job waits behind the first: cancelled at once, it never runs.
+    let (code, s) = delete(queued.clone()).await;
+    assert_eq!(code, 200, "{s}");
+    assert_eq!(s["state"], "cancelled", "{s}");
+
+    // The first, once frames flow through it: told to stop (202), it ends cancelled.
+    let mut buf = String::new();
+    loop {
+        let chunk = tokio::time::timeout(Duration::from_secs(60), events.next())
+            .await
+            .expect("no progress within 60 s")
+            .expect("feed ended")
+            .unwrap();
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        if buf.contains(&format!("\"id\":\"{running}\"")) && buf.contains("\"frames_out\":") {
+            let last = buf.rsplit("\"frames_out\":").next().unwrap();
+            let n: u64 = last
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap_or(0);
+            if n >= 5 {
+                break;
+            }
+        }
+    }
+    let (code, s) = delete(running.clone()).await;
+    assert_eq!(code, 202, "{s}");
+    assert_eq!(s["state"], "running");
+    let seen = follow_job(&mut events, &running).await;
+    let last = seen.last().unwrap();
+    assert_eq!(last["state"], "cancelled", "{last}");
+    let status: Value = http
+        .get(format!("{base}/v1/jobs/{running}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["state"], "cancelled", "{status}");
+    assert_eq!(status["error"], "cancelled");
+    assert_eq!(status["failed_stage"], Value::Null);
+    assert_eq!(status["output_kept"], true);
+    let done = status["frames_out"].as_u64().unwrap();
+    assert!((5..FRAMES).contains(&done), "{status}");
+    assert!(status["percent"].as_f64().unwrap() < 100.0);
+    let out = running_out.clone();
+    let n = tokio::task::spawn_blocking(move || count_frames(&out))
+        .await
+        .unwrap();
+    assert_eq!(
+        n, done,
+        "the partial output holds every frame done before the cancel"
+    );
+
+    // The queued job never ran: no output, still cancelled.
+    let status: Value = http
+        .get(format!("{base}/v1/jobs/{queued}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["state"], "cancelled", "{status}");
+    assert_eq!(status["frames_in"], 0);
+    assert!(!queued_out.exists());
+
+    // Ended or unknown jobs.
+    let (code, body) = delete(running.clone()).await;
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        body["detail"]["msg"]
+            .as_str()
+            .unwrap()
+            .contains("already ended (cancelled)"),
+        "{body}"
+    );
+    let (code, _) = delete("job-999".into()).await;
+    assert_eq!(code, 404);
 }
