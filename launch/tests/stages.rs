@@ -716,3 +716,67 @@ fn contract_element_stage_gets_params_json_live() {
         "{err}"
     );
 }
+
+/// An element provider that fails while running (an error on the bus, a flow error) is
+/// replaced live by the next provider: the error does not reach the pipeline, frames keep
+/// coming out, and the switch is reported (`stage_error`, `stage_failover`).
+#[test]
+fn element_provider_fails_over_while_running() {
+    init();
+    // identity fails at its 10th frame; the next provider is a fresh identity (the stage's
+    // params apply to every provider, so it would fail at its own 10th frame too).
+    let (g, _cfg) = built(
+        json!({"stages": [{"id": "fx", "element": "identity", "params": {"error-after": 10},
+                           "providers": [{"element": "identity"}]}]}),
+        &json!({}),
+    );
+    let input = picture(384, 384, 5);
+    let mut rig = Rig::new(g.bin.upcast_ref(), 384, 384);
+    let bus = rig.pipeline.bus().unwrap();
+    let mut failover = None;
+    let mut types = Vec::new();
+    let mut after = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    // Push up to 8 frames past the failover (the second identity fails at its 10th).
+    while after < 5 && std::time::Instant::now() < deadline {
+        rig.push(&input);
+        if let Some(sample) = rig.sink.try_pull_sample(gst::ClockTime::from_mseconds(100)) {
+            let buf = sample.buffer().unwrap().map_readable().unwrap();
+            assert_eq!(
+                buf.as_slice(),
+                input.as_slice(),
+                "identity passes frames as is"
+            );
+            if failover.is_some() {
+                after += 1;
+            }
+        }
+        while let Some(msg) =
+            bus.pop_filtered(&[gst::MessageType::Element, gst::MessageType::Error])
+        {
+            if let gst::MessageView::Error(e) = msg.view() {
+                panic!("the element's error reached the pipeline: {}", e.error());
+            }
+            if let Some(ev) = graph::stage_event(&msg) {
+                types.push(ev["type"].as_str().unwrap_or_default().to_string());
+                if ev["type"] == "stage_failover" {
+                    failover = Some(ev);
+                }
+            }
+        }
+    }
+    let ev = failover.unwrap_or_else(|| panic!("no stage_failover: {types:?} {:?}", g.stats()));
+    assert_eq!(ev["stage"], "fx");
+    assert_eq!(ev["ok"], true, "{ev}");
+    assert_eq!(ev["to"], "element identity");
+    assert!(types.iter().any(|t| t == "stage_error"), "{types:?}");
+    assert!(after >= 5, "frames out after the failover: {after}");
+    let st = &g.stats()[0];
+    assert_eq!(st.state, "running", "{st:?}");
+    assert!(st.errors >= 1, "{st:?}");
+    assert!(
+        st.last_error.as_deref().unwrap_or("").contains("identity"),
+        "{st:?}"
+    );
+    rig.finish();
+}

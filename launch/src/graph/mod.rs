@@ -21,6 +21,7 @@ pub mod cond;
 
 mod build;
 mod stage;
+mod stagebin;
 
 pub use build::{BuiltGraph, StageStats, build};
 

@@ -123,11 +123,29 @@ fn make_unit(
                 set_from_json(&el, k, v)?;
             }
         }
+        // The element runs on its own queue's thread: when it fails (flow error), only that
+        // queue stops, and frames into it are dropped (not refused) until the stage fails over
+        // (`Stage::on_child_message`), so the stream upstream goes on.
+        let q = make("queue", None)?;
+        q.set_property("max-size-buffers", 1u32);
+        q.set_property("max-size-bytes", 0u32);
+        q.set_property("max-size-time", 0u64);
+        if let (Some(sink), Some(src)) = (q.static_pad("sink"), q.static_pad("src")) {
+            sink.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+                match src.last_flow_result() {
+                    Err(gst::FlowError::Eos | gst::FlowError::Flushing) | Ok(_) => {
+                        gst::PadProbeReturn::Ok
+                    }
+                    Err(_) => gst::PadProbeReturn::Drop,
+                }
+            });
+        }
         let c1 = make("videoconvert", None)?;
         let c2 = make("videoconvert", None)?;
-        unit.add_many([&c1, &el, &c2]).map_err(|e| e.to_string())?;
-        gst::Element::link_many([&c1, &el, &c2]).map_err(|e| e.to_string())?;
-        ghost(&unit, &c1, &c2)?;
+        unit.add_many([&q, &c1, &el, &c2])
+            .map_err(|e| e.to_string())?;
+        gst::Element::link_many([&q, &c1, &el, &c2]).map_err(|e| e.to_string())?;
+        ghost(&unit, &q, &c2)?;
         Ok((unit, None))
     } else {
         Err("a provider without pipeline or element".into())
@@ -212,7 +230,9 @@ impl Stage {
                 failures.join("; ")
             ));
         };
-        let bin = gst::Bin::with_name(&format!("{}{}", super::STAGE_BIN_PREFIX, def.id));
+        let stage_bin =
+            super::stagebin::StageBin::new(&format!("{}{}", super::STAGE_BIN_PREFIX, def.id));
+        let bin: gst::Bin = stage_bin.clone().upcast();
         let queue = make("queue", None)?;
         queue.set_property("max-size-buffers", 3u32);
         queue.set_property("max-size-bytes", 0u32);
@@ -269,6 +289,10 @@ impl Stage {
         if let Some(ai) = &ai {
             stage.watch_ai(ai);
         }
+        let weak = Arc::downgrade(&stage);
+        stage_bin.set_filter(Box::new(move |msg| {
+            weak.upgrade().is_some_and(|s| s.on_child_message(msg))
+        }));
         stage.install_probes(&sink, &src);
         Ok(stage)
     }
@@ -389,6 +413,48 @@ impl Stage {
                 .name("stage-failover".into())
                 .spawn(move || stage.fail_over("it keeps failing on frames"));
         }
+    }
+
+    /// A message from inside the stage, in the posting thread: an error from an element
+    /// provider in service, when another provider follows, fails the stage over to it live
+    /// (the error goes no further, so the stream goes on); true when handled so.
+    fn on_child_message(self: &Arc<Self>, msg: &gst::Message) -> bool {
+        let gst::MessageView::Error(e) = msg.view() else {
+            return false;
+        };
+        let Some(src) = msg.src() else { return false };
+        let reason = {
+            let mut i = self.inner.lock().unwrap();
+            let unit: &gst::Object = i.unit.upcast_ref();
+            if i.ai.is_some() || !(src == unit || src.has_as_ancestor(unit)) {
+                return false;
+            }
+            if i.switching {
+                // The unit being replaced: its queue's own flow error after the element's.
+                return true;
+            }
+            if i.provider + 1 >= self.providers.len() {
+                return false;
+            }
+            i.switching = true;
+            i.errors += 1;
+            i.base_errors = i.errors;
+            let reason = format!(
+                "{}: {}",
+                src.name(),
+                e.debug()
+                    .map(|d| d.to_string())
+                    .unwrap_or_else(|| e.error().to_string())
+            );
+            i.last_error = Some(reason.clone());
+            reason
+        };
+        // Not on the failing element's thread: replacing the unit joins it.
+        let stage = self.clone();
+        let _ = std::thread::Builder::new()
+            .name("stage-failover".into())
+            .spawn(move || stage.fail_over(&reason));
+        true
     }
 
     /// Replaces the unit in service by the next provider that loads, while running: the queue
