@@ -641,7 +641,60 @@ fn dashboard_shows_stage_figures_and_job_progress_from_the_feed() {
     assert_eq!(done["frames"], format!("{JOB_FRAMES} / {JOB_FRAMES}"));
     assert_eq!(done["stages"], "1 / 1");
     assert_eq!(done["error"], "");
-    // The job's own stage events did not go into the stream's stage table.
+    // A slow job (100 ms a frame) cancelled from its row's button: the row ends `cancelled`.
+    let (code, t) = post(
+        format!("{base}/v1/pipelines"),
+        json!({"id": "slow", "pipeline": [
+            {"id": "wait", "element": "identity", "params": {"sleep-time": 100000}}]}),
+    );
+    assert_eq!(code, 201, "{t}");
+    let (code, job) = post(
+        format!("{base}/v1/jobs"),
+        json!({"input": input_file, "output": files.0.join("slow.ts"), "pipeline": "slow"}),
+    );
+    assert_eq!(code, 201, "{job}");
+    let slow = job["id"].as_str().unwrap().to_owned();
+    let sel = format!("#jobs tr[data-id=\"{slow}\"] td[data-k=cancel] button");
+    wait_for(
+        "the running job's cancel button",
+        Duration::from_secs(60),
+        || {
+            let v = cdp.eval(&format!(
+                "(() => {{ const b = document.querySelector('{sel}'); \
+               const st = document.querySelector('#jobs tr[data-id=\"{slow}\"] td[data-k=state]'); \
+               if (b && st && st.textContent === 'running') {{ b.click(); return true; }} \
+               return st ? st.textContent : null; }})()"
+            ));
+            if v == true {
+                Ok(())
+            } else {
+                Err(v.to_string())
+            }
+        },
+    );
+    let row = wait_for(
+        "the job cancelled on the page",
+        Duration::from_secs(60),
+        || {
+            let v = cdp.eval(FEED_TABLES_JS);
+            let row = v["jobs"]
+                .as_array()
+                .and_then(|a| a.iter().find(|r| r["id"] == slow.as_str()).cloned());
+            match row {
+                Some(r) if r["state"] == "cancelled" => Ok(r),
+                _ => Err(v.to_string()),
+            }
+        },
+    );
+    eprintln!("cancelled job: {row}");
+    assert_eq!(row["error"], "cancelled");
+    assert_eq!(row["cancel"], "", "no button once ended");
+    assert_eq!(
+        get_json(format!("{base}/v1/jobs/{slow}"))["state"],
+        "cancelled"
+    );
+
+    // The jobs' own stage events did not go into the stream's stage table.
     let v = cdp.eval(FEED_TABLES_JS);
     let ids: Vec<&str> = v["stages"]
         .as_array()
