@@ -38,6 +38,9 @@ pub enum ParamsError {
     ResolutionChange(String),
 }
 
+/// How long the dashboard's preview branches keep running after the last preview fetch.
+pub const PREVIEW_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Counters for `/metrics`.
 #[derive(Debug, Default, Clone)]
 pub struct Counters {
@@ -85,6 +88,8 @@ pub(crate) struct Core {
     pub latency_p50_ms: Option<f64>,
     pub preview_input: Option<bytes::Bytes>,
     pub preview_output: Option<bytes::Bytes>,
+    /// When a preview was last fetched: the preview branches run only while someone looks.
+    pub preview_fetched: Option<std::time::Instant>,
     /// The running stream's stage graph, when it runs one (per-stage status).
     pub graph: Option<Arc<crate::graph::BuiltGraph>>,
     /// A computed ERROR asked `aipipeline` for a child restart that has not happened yet.
@@ -138,6 +143,7 @@ impl Daemon {
                 latency_p50_ms: None,
                 preview_input: None,
                 preview_output: None,
+                preview_fetched: None,
                 graph: None,
                 child_restart_requested: false,
             }),
@@ -241,6 +247,16 @@ impl Daemon {
         self.core.lock().unwrap().latency_p50_ms = Some(latency_ms);
     }
 
+    /// Whether a preview was fetched within [`PREVIEW_IDLE`] (else the preview branches drop
+    /// their frames before any conversion or JPEG encoding).
+    pub fn previews_wanted(&self) -> bool {
+        self.core
+            .lock()
+            .unwrap()
+            .preview_fetched
+            .is_some_and(|t| t.elapsed() < PREVIEW_IDLE)
+    }
+
     pub fn set_preview(&self, input: bool, jpeg: bytes::Bytes) {
         let mut c = self.core.lock().unwrap();
         if input {
@@ -250,8 +266,11 @@ impl Daemon {
         }
     }
 
+    /// The last preview JPEG; fetching one keeps the preview branches running for
+    /// [`PREVIEW_IDLE`].
     pub fn preview(&self, input: bool) -> Option<bytes::Bytes> {
-        let c = self.core.lock().unwrap();
+        let mut c = self.core.lock().unwrap();
+        c.preview_fetched = Some(std::time::Instant::now());
         if input {
             c.preview_input.clone()
         } else {

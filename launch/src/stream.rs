@@ -518,13 +518,26 @@ fn sink_pad(element: &gst::Element, kind: &str) -> Option<gst::Pad> {
         .or_else(|| element.static_pad("sink"))
 }
 
-/// A preview branch: at most 2 JPEG snapshots a second, never blocking the main path.
+/// A preview branch: at most 2 JPEG snapshots a second, never blocking the main path, and
+/// only while someone fetched a preview recently (`Daemon::previews_wanted`): otherwise each
+/// frame is dropped where the branch begins, before any copy, conversion or encoding.
 fn preview_branch(
     pipeline: &gst::Pipeline,
     daemon: &Arc<Daemon>,
     input: bool,
 ) -> Result<gst::Element, String> {
     let queue = make("queue", None)?;
+    if let Some(pad) = queue.static_pad("sink") {
+        let d = daemon.clone();
+        pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+            if d.previews_wanted() {
+                return gst::PadProbeReturn::Ok;
+            }
+            // As in install_probes: take the buffer and report it handled.
+            drop(info.data.take());
+            gst::PadProbeReturn::Handled
+        });
+    }
     queue.set_property_from_str("leaky", "downstream");
     queue.set_property("max-size-buffers", 1u32);
     queue.set_property("max-size-bytes", 0u32);
@@ -566,6 +579,9 @@ fn preview_branch(
             .build(),
     );
     let sink: gst::Element = sink.upcast();
+    // A branch that drops every frame while nobody looks must not hold up the pipeline's
+    // preroll (its sink would wait for a first buffer that never comes).
+    sink.set_property("async", false);
     let chain = [&queue, &rate, &convert, &scale, &caps, &enc, &sink];
     pipeline
         .add_many(chain)

@@ -2,7 +2,8 @@
 //! Issue 11, robustness: the publisher of a stream's input restarts on the same channel (a
 //! new process: new encoder, timestamps from zero again, PAT/PMT counters from zero), so the
 //! daemon's demuxer re-creates its streams in the middle of the channel. The runner's output
-//! must come back with the new publisher's frames, not stall for good.
+//! must come back with the new publisher's frames, not stall for good. Also here: the
+//! dashboard previews are made only on demand.
 
 use gst::prelude::*;
 use serde_json::json;
@@ -113,14 +114,8 @@ fn drain(out: &gst_app::AppSink, within: Duration) -> Vec<u32> {
     }
 }
 
-fn restarted_publisher_brings_the_output_back(envs: &[(&str, &str)]) {
-    gst::init().unwrap();
-    gsttrickle::plugin_register_static().unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let d = spawn_daemon("input-restart", envs);
-    let base = d.base.clone();
-    let http = reqwest::Client::new();
-    let mid = "rst00001";
+/// Waits for the daemon to be IDLE, creates the channels and starts a `noop` stream on `mid`.
+fn start_stream(rt: &tokio::runtime::Runtime, http: &reqwest::Client, base: &str, mid: &str) {
     let url = |s: &str| format!("{base}/trickle/{mid}{s}");
     rt.block_on(async {
         let t = Instant::now();
@@ -139,8 +134,8 @@ fn restarted_publisher_brings_the_output_back(envs: &[(&str, &str)]) {
             assert!(t.elapsed() < Duration::from_secs(60), "health is {v}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        create_channel(&http, &base, mid, "video/MP2T").await;
-        create_channel(&http, &base, &format!("{mid}-out"), "video/MP2T").await;
+        create_channel(http, base, mid, "video/MP2T").await;
+        create_channel(http, base, &format!("{mid}-out"), "video/MP2T").await;
         let start = json!({
             "subscribe_url": url(""), "publish_url": url("-out"),
             "model_id": "noop", "params": {"width": S, "height": S},
@@ -154,6 +149,18 @@ fn restarted_publisher_brings_the_output_back(envs: &[(&str, &str)]) {
             .unwrap();
         assert_eq!(r.status(), 200, "stream start");
     });
+}
+
+fn restarted_publisher_brings_the_output_back(envs: &[(&str, &str)]) {
+    gst::init().unwrap();
+    gsttrickle::plugin_register_static().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let d = spawn_daemon("input-restart", envs);
+    let base = d.base.clone();
+    let http = reqwest::Client::new();
+    let mid = "rst00001";
+    let url = |s: &str| format!("{base}/trickle/{mid}{s}");
+    start_stream(&rt, &http, &base, mid);
     let reader = gst::parse::launch(&format!(
         "tricklesrc url={} start-seq=-2 do-timestamp=false ! videoconvert ! video/x-raw,format=I420 \
          ! appsink name=out sync=false max-buffers=1000",
@@ -212,4 +219,77 @@ fn restarted_publisher_brings_the_output_back_with_the_fps_cap() {
 #[test]
 fn restarted_publisher_brings_the_output_back_without_the_fps_cap() {
     restarted_publisher_brings_the_output_back(&[("RIVULET_FPS_CAP", "0")]);
+}
+
+/// The dashboard's preview branches cost CPU on every frame: they run only while someone
+/// fetched a preview in the last 10 s. A stream that nobody watches makes no preview; the
+/// first fetch (404) opens them and a JPEG follows.
+#[test]
+fn previews_are_made_only_while_someone_fetches_them() {
+    gst::init().unwrap();
+    gsttrickle::plugin_register_static().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let d = spawn_daemon("previews", &[]);
+    let base = d.base.clone();
+    let http = reqwest::Client::new();
+    let mid = "prv00001";
+    start_stream(&rt, &http, &base, mid);
+    let (p, src) = publisher(&format!("{base}/trickle/{mid}"));
+    let feeder = std::thread::spawn(move || {
+        publish(&src, 0, 300);
+        src
+    });
+    let get = |path: &str| {
+        rt.block_on(async {
+            let r = http.get(format!("{base}{path}")).send().await.unwrap();
+            let status = r.status().as_u16();
+            let kind = r
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap_or("").to_string())
+                .unwrap_or_default();
+            let body = r.bytes().await.unwrap();
+            (status, kind, body)
+        })
+    };
+    // Frames go through the runner while nobody looks.
+    let t = Instant::now();
+    loop {
+        let (_, _, body) = get("/api/dashboard");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        if v["frames_out"].as_u64().unwrap_or(0) > 30 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "no frames out: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for which in ["input", "output"] {
+        let (status, _, body) = get(&format!("/api/preview/{which}.jpg"));
+        assert_eq!(
+            status,
+            404,
+            "a {which} preview was made while nobody fetched one ({} bytes)",
+            body.len()
+        );
+    }
+    // Those fetches opened the branches: JPEGs follow while the stream goes on.
+    for which in ["input", "output"] {
+        let t = Instant::now();
+        loop {
+            let (status, kind, body) = get(&format!("/api/preview/{which}.jpg"));
+            if status == 200 {
+                assert_eq!(kind, "image/jpeg");
+                assert_eq!(&body[..2], &[0xff, 0xd8], "{which}: not a JPEG");
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(8),
+                "no {which} preview within 8 s of asking"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let _src = feeder.join().unwrap();
+    p.set_state(gst::State::Null).unwrap();
+    drop(d);
 }

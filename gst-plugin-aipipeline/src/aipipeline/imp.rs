@@ -774,6 +774,7 @@ impl AiPipeline {
             restarts: 0,
             max_restarts: settings.max_restarts,
             restarting: false,
+            child_checked: None,
             lost: None,
             fatal: false,
         };
@@ -933,7 +934,14 @@ struct Worker {
     lost: Option<String>,
     /// The restart limit was hit: every frame is an error.
     fatal: bool,
+    /// Passthrough (`noop`): when the inference child last got a frame.
+    child_checked: Option<Instant>,
 }
+
+/// Passthrough (`noop` in its input's format) hands the inference child a frame at most this
+/// often: the round trip only checks that the child is alive and answering (its answer is
+/// the input), so a crash or hang is still noticed within this bound plus the hang timeout.
+const CHILD_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Copies tightly packed u8 RGB into a packed RGB/RGBx/RGBA plane (fourth byte 255), as
 /// `frame::download_rgb` does for a tensor.
@@ -1532,10 +1540,18 @@ impl Worker {
         // A late frame with pass-late-frames goes on unchanged (cover-cropped only).
         let real = !late && !self.loading && self.runner.is_some();
         let passthrough = self.out.as_ref().is_some_and(|o| o.passthrough);
-        // In passthrough only an inference child still sees the frame (its round trip is what
-        // notices a crashed or hung child); its answer is the input anyway.
-        if passthrough && !(real && matches!(self.runner, Some(Engine::Child(_)))) {
-            return self.finish_frame(inbuf, real, late, Instant::now());
+        // In passthrough only an inference child still sees a frame now and then (its round
+        // trip is what notices a crashed or hung child); its answer is the input anyway.
+        if passthrough {
+            let check_child = real
+                && matches!(self.runner, Some(Engine::Child(_)))
+                && self
+                    .child_checked
+                    .is_none_or(|t| t.elapsed() >= CHILD_CHECK_INTERVAL);
+            if !check_child {
+                return self.finish_frame(inbuf, real, late, Instant::now());
+            }
+            self.child_checked = Some(Instant::now());
         }
         let device = lock(&self.shared.ctrl).device.unwrap_or(tch::Device::Cpu);
         let hang_timeout = self.hang_timeout();
