@@ -1251,7 +1251,9 @@ mod tests {
             program: PathBuf::from("/bin/sh"),
             args: vec!["-c".into(), "echo \"omp=$OMP_WAIT_POLICY\" >&2".into()],
         };
-        let child = ChildProc::spawn_here(&cmd).unwrap();
+        let mut child = ChildProc::spawn_here(&cmd).unwrap();
+        // Let it print and exit by itself (kill would stop it at once), then collect its logs.
+        child.child.wait().unwrap();
         let logs = child.kill();
         let want = match std::env::var(ENV_OMP_WAIT_POLICY) {
             Ok(v) if !v.is_empty() => v,
