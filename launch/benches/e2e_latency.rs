@@ -11,7 +11,8 @@
 //!
 //! Cases: the floor (publisher and reader on the input channel alone, the daemon idle: only its
 //! trickle server works), the daemon running `noop` with the runner's default 24 fps cap, and
-//! with `RIVULET_FPS_CAP=0`. CPU is the daemon's process tree (utime + stime from /proc) over the
+//! with `RIVULET_FPS_CAP=0`, and (d) as the capped case with a dashboard open (both preview
+//! JPEGs fetched every second: the preview branches run only while previews are fetched). CPU is the daemon's process tree (utime + stime from /proc) over the
 //! measured interval, per second of video; the bench process itself (publisher + reader) is shown
 //! beside it.
 //!
@@ -26,7 +27,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,6 +57,8 @@ enum Case {
     Floor,
     Capped,
     Uncapped,
+    /// As `Capped`, with a dashboard open: both previews fetched every second.
+    Previews,
 }
 
 impl Case {
@@ -64,6 +67,7 @@ impl Case {
             Case::Floor => "(a) floor: publisher -> trickle server -> reader, no runner",
             Case::Capped => "(b) daemon, noop, default 24 fps cap",
             Case::Uncapped => "(c) daemon, noop, RIVULET_FPS_CAP=0",
+            Case::Previews => "(d) as (b), dashboard open (previews fetched every second)",
         }
     }
 }
@@ -479,6 +483,33 @@ fn run_case(rt: &tokio::runtime::Runtime, http: &reqwest::Client, case: Case) ->
     pp.set_state(gst::State::Playing)
         .expect("publisher to PLAYING");
 
+    // (d): a dashboard's preview fetches, once a second, on a thread of their own.
+    let stop_fetching = Arc::new(AtomicBool::new(false));
+    let fetcher = (case == Case::Previews).then(|| {
+        let stop = stop_fetching.clone();
+        let base = base.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let http = reqwest::Client::new();
+            rt.block_on(async {
+                while !stop.load(Ordering::SeqCst) {
+                    for which in ["input", "output"] {
+                        if let Ok(r) = http
+                            .get(format!("{base}/api/preview/{which}.jpg"))
+                            .send()
+                            .await
+                        {
+                            let _ = r.bytes().await;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            });
+        })
+    });
     let pushed: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; TOTAL as usize]));
     let cpu: Arc<Mutex<Option<(Cpu, Cpu)>>> = Arc::new(Mutex::new(None));
     let frames: Vec<Vec<u8>> = (0..TOTAL).map(stamped_i420).collect();
@@ -548,6 +579,10 @@ fn run_case(rt: &tokio::runtime::Runtime, http: &reqwest::Client, case: Case) ->
         }
     }
     let _ = feeder.join();
+    stop_fetching.store(true, Ordering::SeqCst);
+    if let Some(f) = fetcher {
+        let _ = f.join();
+    }
     let errors = [bus_error(&pp), bus_error(&rp)];
     let counters = if case == Case::Floor {
         String::new()
@@ -633,7 +668,7 @@ fn run_case(rt: &tokio::runtime::Runtime, http: &reqwest::Client, case: Case) ->
         .map(|(len, count)| format!("{len}x{count}"))
         .collect::<Vec<_>>()
         .join(" ");
-    let expected_out = if case == Case::Capped {
+    let expected_out = if matches!(case, Case::Capped | Case::Previews) {
         // The cap sees every frame from the first; count those it keeps in the measured range.
         let mut cap = rivulet::stream::FpsCap::new(24.0);
         (0..TOTAL)
@@ -696,7 +731,7 @@ fn main() {
         .unwrap();
     let http = reqwest::Client::new();
 
-    let rows: Vec<Row> = [Case::Floor, Case::Capped, Case::Uncapped]
+    let rows: Vec<Row> = [Case::Floor, Case::Capped, Case::Uncapped, Case::Previews]
         .into_iter()
         .map(|c| run_case(&rt, &http, c))
         .collect();
