@@ -19,20 +19,16 @@
 //! - **element path**: the element's own per-frame work called as library functions, outside
 //!   GStreamer (`frame::upload_rgb`, `model::process`, `frame::download_rgb`, on a
 //!   `model::Runner` loaded from the manifest as the element loads it): what the element
-//!   computes for a frame, without its thread hand-off, buffer pool and caps. It runs at every
-//!   size, 256² included: its params are built here at the size (`Params` fields set directly),
-//!   which the element itself refuses below 384 (see below);
+//!   computes for a frame, without its thread hand-off, buffer pool and caps;
 //! - **live**: `videotestsrc is-live=true framerate=100/1 ! aipipeline ! fakesink` for about
 //!   5 s: output frames per second when the element runs free (its mailbox drops the frames it
 //!   cannot take, and conversion overlaps inference).
 //!
 //! Element and bare forward run interleaved frame by frame on one thread after 5 untimed
 //! warm-up frames each, `--rounds` passes over the frames, statistics over all passes; so load
-//! from other processes hits all alike. 256² has no element run: the element's params
-//! `width`/`height` are 384..=1024 (runner-compat §8.3), and so are a manifest's
-//! `width`/`height` and the element's src caps, so no params, manifest or caps can make it run
-//! a 256² model; the element-path row stands in for it (element path / forward p50 is given at
-//! every size, element / forward p50 where the element runs).
+//! from other processes hits all alike. The element runs below the runner's 384..=1024 (its own
+//! params minimum is `pipeline::MIN_SIZE`); a size below that minimum would have no element
+//! run (`n/a`), only the element path.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -192,7 +188,7 @@ impl ElementPath {
     fn new(s: u32, dev: Device) -> anyhow::Result<ElementPath> {
         let def = pipeline::load_manifest(&models_dir().join("styletransfer.toml"))?;
         let mut params = def.parse_params(&format!(r#"{{"style":{STYLE}}}"#))?;
-        // Set directly: parse_params (like the element) accepts 384..=1024 only.
+        // Set directly, so that the path also runs at sizes the element's params refuse.
         params.width = s;
         params.height = s;
         let runner = model::Runner::load(&def, &params, dev, false)?;

@@ -8,8 +8,10 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-/// Smallest, largest and step of the base params `width`/`height` (runner-compat §8.3).
-pub const MIN_SIZE: u32 = 384;
+/// Smallest, largest and step of the base params `width`/`height`. The runner accepts
+/// 384..=1024 (runner-compat §8.3) and the daemon checks that range itself; the element also
+/// runs smaller models (e.g. 256² for a fast preview), so its own minimum is one step.
+pub const MIN_SIZE: u32 = 64;
 pub const MAX_SIZE: u32 = 1024;
 pub const SIZE_STEP: u32 = 64;
 pub const DEFAULT_SIZE: u32 = 512;
