@@ -11,9 +11,8 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-#[allow(dead_code)] // shared with the daemon tests
 mod common;
-use common::{TempDir, spawn_daemon};
+use common::{TempDir, feed, get_json, next_feed_event, run_to_eos, spawn_daemon};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -152,24 +151,10 @@ fn unknown_name_is_a_clear_error() {
 /// `target/examples`, and returns a fresh directory holding only its plugin, for
 /// `GST_PLUGIN_PATH`.
 pub fn build_example_plugin(dir: &Path) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"))
-        .join("examples");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--locked", "--manifest-path"])
-        .arg(workspace().join("examples/gst-plugin-example-tint/Cargo.toml"))
-        .env("CARGO_TARGET_DIR", &target)
-        .status()
-        .expect("cannot run cargo");
-    assert!(status.success(), "the example plugin does not build");
+    let built = common::build_example_tint();
     let plugins = dir.join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
-    std::fs::copy(
-        target.join("debug/libgstrivulettint.so"),
-        plugins.join("libgstrivulettint.so"),
-    )
-    .unwrap();
+    std::fs::copy(built, plugins.join("libgstrivulettint.so")).unwrap();
     plugins
 }
 
@@ -190,23 +175,6 @@ fn external_example_plugin_follows_the_contract() {
     assert_eq!(r.result("loading-events"), "PASS");
     // The optional properties are not there: skipped, not failed.
     assert_eq!(r.result("status-stats"), "SKIP");
-}
-
-/// Runs a launch line to EOS (bounded); panics on an error.
-fn run_to_eos(pipeline: &gst::Element) {
-    pipeline.set_state(gst::State::Playing).unwrap();
-    let msg = pipeline
-        .bus()
-        .unwrap()
-        .timed_pop_filtered(
-            gst::ClockTime::from_seconds(60),
-            &[gst::MessageType::Eos, gst::MessageType::Error],
-        )
-        .expect("no EOS within 60 s");
-    pipeline.set_state(gst::State::Null).unwrap();
-    if let gst::MessageView::Error(e) = msg.view() {
-        panic!("{}: {:?}", e.error(), e.debug());
-    }
 }
 
 /// Frames of `path` decoded to RGB: (count, width, height, mean R, G, B of the last frame).
@@ -254,32 +222,26 @@ fn decode_rgb(path: &Path) -> (u64, i32, i32, [f64; 3]) {
 
 /// Reads the `/v1/events` feed until a `progress` event says `job` ended.
 async fn wait_job_end(
-    events: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    events: &mut futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
     job: &str,
 ) {
-    use futures::StreamExt;
     let mut buf = String::new();
     loop {
-        let chunk = tokio::time::timeout(Duration::from_secs(120), events.next())
-            .await
-            .expect("job did not end within 120 s")
-            .expect("feed ended")
-            .unwrap();
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
-            let Some(data) = block.lines().find_map(|l| l.strip_prefix("data:")) else {
-                continue;
-            };
-            let Ok(v) = serde_json::from_str::<Value>(data.trim()) else {
-                continue;
-            };
-            if v["type"] == "progress"
-                && v["job"]["id"] == job
-                && (v["job"]["state"] == "done" || v["job"]["state"] == "failed")
-            {
-                return;
-            }
+        let (_, data) = next_feed_event(
+            events,
+            &mut buf,
+            Duration::from_secs(120),
+            "job did not end within 120 s",
+        )
+        .await;
+        let Ok(v) = serde_json::from_str::<Value>(&data) else {
+            continue;
+        };
+        if v["type"] == "progress"
+            && v["job"]["id"] == job
+            && (v["job"]["state"] == "done" || v["job"]["state"] == "failed")
+        {
+            return;
         }
     }
 }
@@ -320,12 +282,7 @@ async fn daemon_runs_the_external_element_by_name_in_a_stage() {
         ],
     );
     let http = reqwest::Client::new();
-    let mut events = http
-        .get(format!("{}/v1/events", d.base))
-        .send()
-        .await
-        .unwrap()
-        .bytes_stream();
+    let mut events = feed(&http, &d.base).await;
     // Red only: green and blue gains 0.
     let r = http
         .post(format!("{}/v1/pipelines", d.base))
@@ -351,14 +308,7 @@ async fn daemon_runs_the_external_element_by_name_in_a_stage() {
     assert_eq!(code, 201, "{job}");
     let id = job["id"].as_str().unwrap();
     wait_job_end(&mut events, id).await;
-    let status: Value = http
-        .get(format!("{}/v1/jobs/{id}", d.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = get_json(&http, &format!("{}/v1/jobs/{id}", d.base)).await;
     assert_eq!(status["state"], "done", "{status}");
     assert_eq!(status["frames_out"], FRAMES);
     assert_eq!(status["stages"][1]["provider"], "element rivulettint");

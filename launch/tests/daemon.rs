@@ -4,36 +4,20 @@
 //! the control and events channels, and every class of bad request.
 
 use gst::prelude::*;
-use gsttrickle::protocol::client::{Publisher, PublisherConfig, Subscriber, SubscriberConfig};
 use serde_json::{Value, json};
-use std::sync::Once;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{create_channel, spawn_daemon};
+use common::{
+    control_publisher, create_channel, create_stream_channels, get_json, init_trickle, set_state,
+    spawn_daemon, subscribe_events, wait_health, wait_status,
+};
 
 /// The daemon tests each run a real-time stream (two x264 encoders, two decoders): on a 2-core
 /// machine they run one at a time so that none starves the others.
 async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     LOCK.lock().await
-}
-
-fn init() {
-    static INIT: Once = Once::new();
-    INIT.call_once(|| {
-        gst::init().unwrap();
-        gsttrickle::plugin_register_static().unwrap();
-    });
-}
-
-/// State changes block (the trickle elements wait on their own runtime): never on a tokio worker.
-async fn set_state(p: &gst::Pipeline, state: gst::State) {
-    let p = p.clone();
-    tokio::task::spawn_blocking(move || p.set_state(state))
-        .await
-        .unwrap()
-        .unwrap_or_else(|e| panic!("state change to {state:?} failed: {e}"));
 }
 
 async fn pop(p: &gst::Pipeline, secs: u64) -> Option<gst::Message> {
@@ -48,23 +32,6 @@ async fn pop(p: &gst::Pipeline, secs: u64) -> Option<gst::Message> {
     .unwrap()
 }
 
-async fn get_json(http: &reqwest::Client, url: &str) -> Value {
-    http.get(url).send().await.unwrap().json().await.unwrap()
-}
-
-async fn wait_health(http: &reqwest::Client, base: &str, want: &str, within: Duration) {
-    let t = Instant::now();
-    loop {
-        let v = get_json(http, &format!("{base}/health")).await;
-        if v["status"] == want {
-            return;
-        }
-        assert!(t.elapsed() < within, "health is {v}, expected {want}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// 640×480 RGB: left quarter red, right quarter blue, green between.
 fn banded_frame() -> Vec<u8> {
     let (w, h) = (640usize, 480usize);
     let mut v = vec![0u8; w * h * 3];
@@ -258,52 +225,27 @@ fn close_to(px: [u8; 3], want: [u8; 3], tol: i32) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_end_to_end_like_an_orchestrator() {
     let _serial = serial().await;
-    init();
+    init_trickle();
     let d = spawn_daemon("e2e", &[]);
     let http = reqwest::Client::new();
     let base = d.base.clone();
     wait_health(&http, &base, "IDLE", Duration::from_secs(60)).await;
 
     let mid = "e2e00001";
-    for (suffix, mime) in [
-        ("", "video/MP2T"),
-        ("-out", "video/MP2T"),
-        ("-control", "application/json"),
-        ("-events", "application/json"),
-    ] {
-        create_channel(&http, &base, &format!("{mid}{suffix}"), mime).await;
-    }
+    create_stream_channels(&http, &base, mid).await;
     let url = |s: &str| format!("{base}/trickle/{mid}{s}");
 
-    let mut control = Publisher::new(
-        &url("-control"),
-        PublisherConfig {
-            mime: "application/json".into(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut control = control_publisher(&url("-control"));
     control
         .send_message(json!({"width": 512, "height": 512}).to_string().into())
         .await
         .unwrap();
 
-    let mut events = Subscriber::new(
-        &url("-events"),
-        SubscriberConfig {
-            start_seq: 0,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut events = subscribe_events(&url("-events"));
     let events_task = tokio::spawn(async move {
         let mut seen = Vec::new();
-        while let Ok(Some(seg)) = events.next_segment().await {
-            if let Ok(body) = seg.read_all(1 << 20).await
-                && let Ok(v) = serde_json::from_slice::<Value>(&body)
-            {
-                seen.push(v);
-            }
+        while let Some(v) = events.recv().await {
+            seen.push(v);
         }
         seen
     });
@@ -315,14 +257,7 @@ async fn stream_end_to_end_like_an_orchestrator() {
         "gateway_request_id": "req-1", "manifest_id": mid, "stream_id": "s1",
         "unknown_field": 1
     });
-    let r = http
-        .post(format!("{base}/live-video-to-video"))
-        .json(&start)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let body: Value = r.json().await.unwrap();
+    let body = common::start_stream(&http, &base, &start).await;
     assert_eq!(body["publish_url"], "");
     assert_eq!(body["subscribe_url"], "");
     assert_eq!(body["control_url"], "");
@@ -339,45 +274,38 @@ async fn stream_end_to_end_like_an_orchestrator() {
         .send_message(changed.to_string().into())
         .await
         .unwrap();
-    let t = Instant::now();
-    loop {
-        let s = get_json(&http, &format!("{base}/api/status")).await;
-        if s["inference_status"]["last_params"] == changed {
-            assert_eq!(
-                s["inference_status"]["last_params_hash"],
-                rivulet::pyjson::params_hash(&changed)
-            );
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "params not applied: {s}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let s = wait_status(
+        &http,
+        &base,
+        Duration::from_secs(20),
+        "params not applied",
+        |s| s["inference_status"]["last_params"] == changed,
+    )
+    .await;
+    assert_eq!(
+        s["inference_status"]["last_params_hash"],
+        rivulet::pyjson::params_hash(&changed)
+    );
     // Invalid params on the control channel: an `error` event and `last_error`; the previous
     // params stay.
     control
         .send_message(json!({"width": 500}).to_string().into())
         .await
         .unwrap();
-    let t = Instant::now();
-    loop {
-        let s = get_json(&http, &format!("{base}/api/status")).await;
-        if s["inference_status"]["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("width"))
-        {
-            assert_eq!(s["inference_status"]["last_params"], changed);
-            assert!(s["inference_status"]["last_error_time"].is_i64());
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "no error reported: {s}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let s = wait_status(
+        &http,
+        &base,
+        Duration::from_secs(20),
+        "no error reported",
+        |s| {
+            s["inference_status"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("width"))
+        },
+    )
+    .await;
+    assert_eq!(s["inference_status"]["last_params"], changed);
+    assert!(s["inference_status"]["last_error_time"].is_i64());
     let h = get_json(&http, &format!("{base}/health")).await;
     assert_eq!(h["status"], "OK");
 
@@ -513,7 +441,7 @@ async fn stream_end_to_end_like_an_orchestrator() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_the_runner_error_shapes() {
     let _serial = serial().await;
-    init();
+    init_trickle();
     let d = spawn_daemon("bad", &[("AUTH_TOKEN", "secret"), ("VERSION", "1.2.3")]);
     let http = reqwest::Client::new();
     let base = d.base.clone();
@@ -673,7 +601,7 @@ async fn bad_requests_get_the_runner_error_shapes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_start_stops_the_running_stream_first() {
     let _serial = serial().await;
-    init();
+    init_trickle();
     let d = spawn_daemon("restart", &[]);
     let http = reqwest::Client::new();
     let base = d.base.clone();

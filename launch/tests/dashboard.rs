@@ -205,6 +205,16 @@ fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Result<T, St
     }
 }
 
+/// The tokio runtime the HTTP calls of a test run on (the test itself is not async: the
+/// trickle elements' state changes block).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// The tests of this file one at a time (each runs a daemon, a stream and a browser).
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -239,13 +249,8 @@ fn open_dashboard(base: &str, get_json: &dyn Fn(String) -> Value) -> (Chromium, 
 #[test]
 fn dashboard_shows_live_previews_charts_and_state() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    gst::init().unwrap();
-    gsttrickle::plugin_register_static().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    common::init_trickle();
+    let rt = runtime();
     let http = reqwest::Client::new();
     let get = |url: String| -> (u16, Vec<u8>) {
         rt.block_on(async {
@@ -300,13 +305,7 @@ fn dashboard_shows_live_previews_charts_and_state() {
             "model_id": "noop", "params": {"width": 512, "height": 512},
             "gateway_request_id": "req-dash", "manifest_id": mid, "stream_id": "s-dash"
         });
-        let r = http
-            .post(format!("{base}/live-video-to-video"))
-            .json(&start)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        common::start_stream(&http, &base, &start).await;
     });
     // Not on a tokio worker: the trickle elements' state changes block.
     let input = input_pipeline(&format!("{base}/trickle/{mid}"));
@@ -471,25 +470,18 @@ const FEED_TABLES_JS: &str = r#"(() => {
   return { feed: document.getElementById('feed').textContent, stages: rows('stages'), jobs: rows('jobs') };
 })()"#;
 
-/// An `n`-frame H.264 MP4 (320×240, 30 fps).
-fn make_input(path: &std::path::Path, n: u32) {
-    let p = gst::parse::launch(&format!(
-        "videotestsrc num-buffers={n} pattern=ball ! \
-         video/x-raw,width=320,height=240,framerate=30/1 ! x264enc ! mp4mux ! filesink location={}",
-        path.display()
-    ))
-    .unwrap();
-    p.set_state(gst::State::Playing).unwrap();
-    let msg = p
-        .bus()
-        .unwrap()
-        .timed_pop_filtered(
-            gst::ClockTime::from_seconds(60),
-            &[gst::MessageType::Eos, gst::MessageType::Error],
-        )
-        .expect("input file: no EOS within 60 s");
-    p.set_state(gst::State::Null).unwrap();
-    assert!(matches!(msg.view(), gst::MessageView::Eos(_)), "{msg:?}");
+/// Waits until the page's jobs table shows job `id` in `state`; returns its row.
+fn wait_job_row(cdp: &mut Cdp, id: &str, state: &str, what: &str, within: Duration) -> Value {
+    wait_for(what, within, || {
+        let v = cdp.eval(FEED_TABLES_JS);
+        let row = v["jobs"]
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["id"] == id).cloned());
+        match row {
+            Some(r) if r["state"] == state => Ok(r),
+            _ => Err(v.to_string()),
+        }
+    })
 }
 
 /// The stage figures of a running graph and a file job's progress reach the page through the
@@ -497,17 +489,12 @@ fn make_input(path: &std::path::Path, n: u32) {
 #[test]
 fn dashboard_shows_stage_figures_and_job_progress_from_the_feed() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    gst::init().unwrap();
-    gsttrickle::plugin_register_static().unwrap();
+    common::init_trickle();
     const JOB_FRAMES: u32 = 48;
     let files = TempDir::new("dashboard-feed-files");
     let input_file = files.0.join("in.mp4");
-    make_input(&input_file, JOB_FRAMES);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    common::make_input(&input_file, JOB_FRAMES.into());
+    let rt = runtime();
     let http = reqwest::Client::new();
     let get_json = |url: String| -> Value {
         rt.block_on(async { http.get(&url).send().await.unwrap().json().await.unwrap() })
@@ -620,16 +607,13 @@ fn dashboard_shows_stage_figures_and_job_progress_from_the_feed() {
     );
     assert_eq!(code, 201, "{job}");
     let id = job["id"].as_str().unwrap().to_owned();
-    let done = wait_for("the job done on the page", Duration::from_secs(120), || {
-        let v = cdp.eval(FEED_TABLES_JS);
-        let row = v["jobs"]
-            .as_array()
-            .and_then(|a| a.iter().find(|r| r["id"] == id.as_str()).cloned());
-        match row {
-            Some(r) if r["state"] == "done" => Ok(r),
-            _ => Err(v.to_string()),
-        }
-    });
+    let done = wait_job_row(
+        &mut cdp,
+        &id,
+        "done",
+        "the job done on the page",
+        Duration::from_secs(120),
+    );
     eprintln!("job: {done}");
     assert_eq!(done["job"], id.as_str());
     assert_eq!(done["pipeline"], "noop");
@@ -672,19 +656,12 @@ fn dashboard_shows_stage_figures_and_job_progress_from_the_feed() {
             }
         },
     );
-    let row = wait_for(
+    let row = wait_job_row(
+        &mut cdp,
+        &slow,
+        "cancelled",
         "the job cancelled on the page",
         Duration::from_secs(60),
-        || {
-            let v = cdp.eval(FEED_TABLES_JS);
-            let row = v["jobs"]
-                .as_array()
-                .and_then(|a| a.iter().find(|r| r["id"] == slow.as_str()).cloned());
-            match row {
-                Some(r) if r["state"] == "cancelled" => Ok(r),
-                _ => Err(v.to_string()),
-            }
-        },
     );
     eprintln!("cancelled job: {row}");
     assert_eq!(row["error"], "cancelled");

@@ -4,79 +4,18 @@
 //! (`restart` event, `restart_count` 1 in /api/status) and the output goes on, real frames
 //! again after the reload.
 
-use gsttrickle::protocol::client::{Subscriber, SubscriberConfig};
 use serde_json::{Value, json};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use gst::prelude::*;
 
 mod common;
-use common::{create_channel, spawn_daemon};
-
-fn init() {
-    static INIT: Once = Once::new();
-    INIT.call_once(|| {
-        gst::init().unwrap();
-        gsttrickle::plugin_register_static().unwrap();
-    });
-}
-
-async fn set_state(p: &gst::Pipeline, state: gst::State) {
-    let p = p.clone();
-    tokio::task::spawn_blocking(move || p.set_state(state))
-        .await
-        .unwrap()
-        .unwrap_or_else(|e| panic!("state change to {state:?} failed: {e}"));
-}
-
-async fn get_json(http: &reqwest::Client, url: &str) -> Value {
-    http.get(url).send().await.unwrap().json().await.unwrap()
-}
-
-/// Polls `f` on /api/status every 100 ms until it holds; `within` is the failure bound.
-async fn wait_status(
-    http: &reqwest::Client,
-    base: &str,
-    within: Duration,
-    what: &str,
-    f: impl Fn(&Value) -> bool,
-) -> Value {
-    let t = Instant::now();
-    loop {
-        let s = get_json(http, &format!("{base}/api/status")).await;
-        if f(&s) {
-            return s;
-        }
-        assert!(t.elapsed() < within, "{what}: status {s}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The daemon's inference child: a child process of `daemon` run with `aipipeline-child`.
-fn inference_children(daemon: u32) -> Vec<u32> {
-    let mut found = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for e in dir.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // pid (comm) state ppid ...
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if ppid == Some(daemon) && cmdline.split(|b| *b == 0).any(|a| a == b"aipipeline-child") {
-            found.push(pid);
-        }
-    }
-    found
-}
+use common::{
+    create_stream_channels, get_json, inference_children, now_ms, set_state, signal, spawn_daemon,
+    subscribe_events, wait_frames, wait_health, wait_no_inference_child, wait_status,
+};
 
 /// Live input: videotestsrc at 30 fps plus a tone, into `url`.
 fn input_pipeline(url: &str) -> gst::Pipeline {
@@ -151,45 +90,20 @@ async fn start_running_with(
     envs: &[(&str, &str)],
     pipeline: Option<Value>,
 ) -> Running {
-    init();
+    common::init_trickle();
     let mut all = vec![("RIVULET_ISOLATION", "process")];
     all.extend_from_slice(envs);
     let d = spawn_daemon(tag, &all);
     let http = reqwest::Client::new();
     let base = d.base.clone();
-    let t = Instant::now();
-    loop {
-        let v = get_json(&http, &format!("{base}/health")).await;
-        if v["status"] == "IDLE" {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "health {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    for (suffix, mime) in [
-        ("", "video/MP2T"),
-        ("-out", "video/MP2T"),
-        ("-control", "application/json"),
-        ("-events", "application/json"),
-    ] {
-        create_channel(&http, &base, &format!("{mid}{suffix}"), mime).await;
-    }
+    wait_health(&http, &base, "IDLE", Duration::from_secs(60)).await;
+    create_stream_channels(&http, &base, mid).await;
     let url = |s: &str| format!("{base}/trickle/{mid}{s}");
-    let mut events = Subscriber::new(
-        &url("-events"),
-        SubscriberConfig {
-            start_seq: 0,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut events = subscribe_events(&url("-events"));
     let (restart_tx, restarts) = tokio::sync::mpsc::channel::<Value>(8);
     tokio::spawn(async move {
-        while let Ok(Some(seg)) = events.next_segment().await {
-            if let Ok(body) = seg.read_all(1 << 20).await
-                && let Ok(v) = serde_json::from_slice::<Value>(&body)
-                && v["event"]["type"] == "restart"
-            {
+        while let Some(v) = events.recv().await {
+            if v["event"]["type"] == "restart" {
                 assert_eq!(v["queue_event_type"], "ai_stream_events");
                 let _ = restart_tx.send(v["event"].clone()).await;
             }
@@ -204,13 +118,7 @@ async fn start_running_with(
     if let Some(p) = pipeline {
         start["pipeline"] = p;
     }
-    let r = http
-        .post(format!("{base}/live-video-to-video"))
-        .json(&start)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    common::start_stream(&http, &base, &start).await;
     let (reader, out_frames) = output_counter(&url("-out"));
     set_state(&reader, gst::State::Playing).await;
     let input = input_pipeline(&url(""));
@@ -243,11 +151,50 @@ async fn loading_frames(http: &reqwest::Client, base: &str) -> u64 {
         .expect("rivulet_loading_frames_out_total in /metrics")
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
+/// Waits for real output since `since` (ms) and returns the daemon's one inference child.
+async fn the_one_child(
+    http: &reqwest::Client,
+    base: &str,
+    daemon_pid: u32,
+    since: i64,
+) -> (Value, u32) {
+    let s = wait_status(http, base, Duration::from_secs(60), "no real output", |s| {
+        s["inference_status"]["last_output_time"]
+            .as_i64()
+            .is_some_and(|t| t > since)
+    })
+    .await;
+    let children = inference_children(daemon_pid);
+    assert_eq!(children.len(), 1, "one inference child: {children:?}");
+    (s, children[0])
+}
+
+/// The next `restart` event; `within` bounds the wait, `none` says what its absence means.
+async fn next_restart(
+    restarts: &mut tokio::sync::mpsc::Receiver<Value>,
+    within: Duration,
+    none: &str,
+) -> Value {
+    tokio::time::timeout(within, restarts.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{none}"))
+        .expect("events channel ended")
+}
+
+/// Waits for real output after a restart at `since` (ms), the restart counted once.
+async fn real_output_after_restart(
+    http: &reqwest::Client,
+    base: &str,
+    since: i64,
+    what: &str,
+) -> Value {
+    wait_status(http, base, Duration::from_secs(60), what, |s| {
+        s["inference_status"]["restart_count"] == 1
+            && s["inference_status"]["last_output_time"]
+                .as_i64()
+                .is_some_and(|t| t > since)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,28 +211,14 @@ async fn killing_the_inference_child_restarts_it_and_the_stream_goes_on() {
     let daemon_pid = d.child.id();
 
     // Real output flows from the child.
-    let s = wait_status(
-        &http,
-        &base,
-        Duration::from_secs(60),
-        "no real output",
-        |s| s["inference_status"]["last_output_time"].is_i64(),
-    )
-    .await;
+    let (s, victim) = the_one_child(&http, &base, daemon_pid, i64::MIN).await;
     assert_eq!(s["inference_status"]["restart_count"], 0);
-    let children = inference_children(daemon_pid);
-    assert_eq!(children.len(), 1, "one inference child: {children:?}");
-    let victim = children[0];
     let loading_before = loading_frames(&http, &base).await;
-    // SAFETY: plain syscall on the daemon's child.
-    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    signal(victim, libc::SIGKILL);
     let killed_ms = now_ms();
     let frames_at_kill = out_frames.load(Ordering::SeqCst);
 
-    let ev = tokio::time::timeout(Duration::from_secs(30), restart_rx.recv())
-        .await
-        .expect("no restart event")
-        .expect("events channel ended");
+    let ev = next_restart(&mut restart_rx, Duration::from_secs(30), "no restart event").await;
     assert_eq!(ev["restart_count"], 1);
     let logs = ev["restart_logs"].as_array().expect("restart_logs").clone();
     assert!(
@@ -300,28 +233,10 @@ async fn killing_the_inference_child_restarts_it_and_the_stream_goes_on() {
         "the child's own log lines: {logs:?}"
     );
     // Real frames again after the restart, counted once in /api/status.
-    let s = wait_status(
-        &http,
-        &base,
-        Duration::from_secs(60),
-        "no real output after the restart",
-        |s| {
-            s["inference_status"]["restart_count"] == 1
-                && s["inference_status"]["last_output_time"]
-                    .as_i64()
-                    .is_some_and(|t| t > killed_ms)
-        },
-    )
-    .await;
+    let s = real_output_after_restart(&http, &base, killed_ms, "no real output after the restart")
+        .await;
     assert!(s["inference_status"]["last_restart_time"].as_i64().unwrap() >= killed_ms - 1000);
-    let t = Instant::now();
-    while out_frames.load(Ordering::SeqCst) < frames_at_kill + 30 {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the output did not go on"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_frames(&out_frames, frames_at_kill + 30).await;
     let now = inference_children(daemon_pid);
     assert!(
         now.len() == 1 && now[0] != victim,
@@ -353,40 +268,16 @@ async fn a_fourth_child_loss_is_a_permanent_error() {
     let mut since = 0i64;
     for n in 1..=4u32 {
         // Real output from the current child, then kill it.
-        wait_status(
-            &http,
-            &base,
-            Duration::from_secs(60),
-            "no real output",
-            |s| {
-                s["inference_status"]["last_output_time"]
-                    .as_i64()
-                    .is_some_and(|t| t > since)
-            },
-        )
-        .await;
-        let children = inference_children(daemon_pid);
-        assert_eq!(children.len(), 1, "one inference child: {children:?}");
+        let (_, child) = the_one_child(&http, &base, daemon_pid, since).await;
         since = now_ms();
-        // SAFETY: plain syscall on the daemon's child.
-        assert_eq!(unsafe { libc::kill(children[0] as i32, libc::SIGKILL) }, 0);
+        signal(child, libc::SIGKILL);
         if n <= 3 {
-            let ev = tokio::time::timeout(Duration::from_secs(30), restart_rx.recv())
-                .await
-                .expect("no restart event")
-                .expect("events channel ended");
+            let ev =
+                next_restart(&mut restart_rx, Duration::from_secs(30), "no restart event").await;
             assert_eq!(ev["restart_count"], n);
         }
     }
-    let t = Instant::now();
-    loop {
-        let h = get_json(&http, &format!("{base}/health")).await;
-        if h["status"] == "ERROR" {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(30), "health {h}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_health(&http, &base, "ERROR", Duration::from_secs(30)).await;
     let s = get_json(&http, &format!("{base}/api/status")).await;
     assert_eq!(s["state"], "ERROR");
     assert_eq!(s["inference_status"]["restart_count"], 3);
@@ -397,11 +288,7 @@ async fn a_fourth_child_loss_is_a_permanent_error() {
         "{s}"
     );
     // No child is left running, and ERROR stays.
-    let t = Instant::now();
-    while !inference_children(daemon_pid).is_empty() {
-        assert!(t.elapsed() < Duration::from_secs(10), "a child is left");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_no_inference_child(daemon_pid).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         get_json(&http, &format!("{base}/health")).await["status"],
@@ -432,22 +319,9 @@ async fn stop_stream_policy_stops_the_stream_on_a_child_loss() {
     )
     .await;
     let daemon_pid = d.child.id();
-    wait_status(
-        &http,
-        &base,
-        Duration::from_secs(60),
-        "no real output",
-        |s| s["inference_status"]["last_output_time"].is_i64(),
-    )
-    .await;
-    let children = inference_children(daemon_pid);
-    assert_eq!(children.len(), 1, "one inference child: {children:?}");
-    // SAFETY: plain syscall on the daemon's child.
-    assert_eq!(unsafe { libc::kill(children[0] as i32, libc::SIGKILL) }, 0);
-    let ev = tokio::time::timeout(Duration::from_secs(30), restart_rx.recv())
-        .await
-        .expect("no restart event")
-        .expect("events channel ended before the restart event");
+    let (_, child) = the_one_child(&http, &base, daemon_pid, i64::MIN).await;
+    signal(child, libc::SIGKILL);
+    let ev = next_restart(&mut restart_rx, Duration::from_secs(30), "no restart event").await;
     assert_eq!(ev["restart_count"], 1);
     // The stream stops: its events channel is closed (the reader task ends, dropping the
     // sender), so nothing more arrives.
@@ -456,23 +330,11 @@ async fn stop_stream_policy_stops_the_stream_on_a_child_loss() {
         .expect("the events channel stayed open: the stream was not stopped");
     assert!(end.is_none(), "a second restart event: {end:?}");
     // The inference side is reloaded, no stream runs: IDLE, the restart still counted once.
-    let t = Instant::now();
-    loop {
-        let h = get_json(&http, &format!("{base}/health")).await;
-        if h["status"] == "IDLE" {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "health {h}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_health(&http, &base, "IDLE", Duration::from_secs(60)).await;
     let s = get_json(&http, &format!("{base}/api/status")).await;
     assert_eq!(s["state"], "OFFLINE", "{s}");
     assert_eq!(s["inference_status"]["restart_count"], 1, "{s}");
-    let t = Instant::now();
-    while !inference_children(daemon_pid).is_empty() {
-        assert!(t.elapsed() < Duration::from_secs(10), "a child is left");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_no_inference_child(daemon_pid).await;
     set_state(&input, gst::State::Null).await;
     set_state(&reader, gst::State::Null).await;
 }
@@ -501,24 +363,15 @@ async fn a_silent_child_is_replaced_by_the_daemons_health_rule() {
     )
     .await;
     let daemon_pid = d.child.id();
-    wait_status(
-        &http,
-        &base,
+    let (_, victim) = the_one_child(&http, &base, daemon_pid, i64::MIN).await;
+    signal(victim, libc::SIGSTOP);
+    let stopped_ms = now_ms();
+    let ev = next_restart(
+        &mut restart_rx,
         Duration::from_secs(60),
-        "no real output",
-        |s| s["inference_status"]["last_output_time"].is_i64(),
+        "no restart event: the stalled output was not acted on",
     )
     .await;
-    let children = inference_children(daemon_pid);
-    assert_eq!(children.len(), 1, "one inference child: {children:?}");
-    let victim = children[0];
-    // SAFETY: plain syscall on the daemon's child.
-    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGSTOP) }, 0);
-    let stopped_ms = now_ms();
-    let ev = tokio::time::timeout(Duration::from_secs(60), restart_rx.recv())
-        .await
-        .expect("no restart event: the stalled output was not acted on")
-        .expect("events channel ended");
     assert_eq!(ev["restart_count"], 1);
     let first = ev["restart_logs"][0]
         .as_str()
@@ -529,28 +382,9 @@ async fn a_silent_child_is_replaced_by_the_daemons_health_rule() {
         "the restart came from the daemon's rule: {first}"
     );
     // Real output again from a new child, the stopped one gone (killed and reaped).
-    wait_status(
-        &http,
-        &base,
-        Duration::from_secs(60),
-        "no real output after the restart",
-        |s| {
-            s["inference_status"]["restart_count"] == 1
-                && s["inference_status"]["last_output_time"]
-                    .as_i64()
-                    .is_some_and(|t| t > stopped_ms)
-        },
-    )
-    .await;
+    real_output_after_restart(&http, &base, stopped_ms, "no real output after the restart").await;
     let frames = out_frames.load(Ordering::SeqCst);
-    let t = Instant::now();
-    while out_frames.load(Ordering::SeqCst) < frames + 30 {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the output did not go on"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_frames(&out_frames, frames + 30).await;
     let now = inference_children(daemon_pid);
     assert!(
         now.len() == 1 && now[0] != victim,
@@ -602,14 +436,10 @@ async fn a_graph_stage_child_is_restarted_and_counted() {
         "one inference child per stage: {children:?}"
     );
     let victim = children[0];
-    // SAFETY: plain syscall on the daemon's child.
-    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    signal(victim, libc::SIGKILL);
     let killed_ms = now_ms();
     let frames_at_kill = out_frames.load(Ordering::SeqCst);
-    let ev = tokio::time::timeout(Duration::from_secs(30), restart_rx.recv())
-        .await
-        .expect("no restart event")
-        .expect("events channel ended");
+    let ev = next_restart(&mut restart_rx, Duration::from_secs(30), "no restart event").await;
     assert_eq!(ev["restart_count"], 1);
     let stage = ev["stage"]
         .as_str()
@@ -620,27 +450,14 @@ async fn a_graph_stage_child_is_restarted_and_counted() {
         first.contains(&format!("stage '{stage}'")) && first.contains("signal 9"),
         "{first}"
     );
-    wait_status(
+    real_output_after_restart(
         &http,
         &base,
-        Duration::from_secs(60),
+        killed_ms,
         "no real output after the stage's restart",
-        |s| {
-            s["inference_status"]["restart_count"] == 1
-                && s["inference_status"]["last_output_time"]
-                    .as_i64()
-                    .is_some_and(|t| t > killed_ms)
-        },
     )
     .await;
-    let t = Instant::now();
-    while out_frames.load(Ordering::SeqCst) < frames_at_kill + 30 {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the output did not go on"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_frames(&out_frames, frames_at_kill + 30).await;
     let now = inference_children(daemon_pid);
     assert!(
         now.len() == 2 && !now.contains(&victim),
@@ -700,18 +517,12 @@ async fn graph_stages_share_the_restart_budget() {
             }
         }
     };
-    let kill = |pid: u32| {
-        // SAFETY: plain syscall on the daemon's child.
-        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-    };
+    let kill = |pid: u32| signal(pid, libc::SIGKILL);
     // The first loss tells which stage the killed child served.
     let children = settled(0).await;
     let mut since = now_ms();
     kill(children[0]);
-    let ev = tokio::time::timeout(Duration::from_secs(30), restart_rx.recv())
-        .await
-        .expect("no restart event")
-        .expect("events channel ended");
+    let ev = next_restart(&mut restart_rx, Duration::from_secs(30), "no restart event").await;
     assert_eq!(ev["restart_count"], 1);
     let mut stage_of: std::collections::HashMap<String, u32> = Default::default();
     let s0 = ev["stage"].as_str().expect("stage").to_string();
@@ -729,10 +540,7 @@ async fn graph_stages_share_the_restart_budget() {
         if n == 4 {
             break;
         }
-        let ev = tokio::time::timeout(Duration::from_secs(30), restart_rx.recv())
-            .await
-            .expect("no restart event")
-            .expect("events channel ended");
+        let ev = next_restart(&mut restart_rx, Duration::from_secs(30), "no restart event").await;
         assert_eq!(ev["restart_count"], n);
         assert_eq!(ev["stage"], stage.as_str());
         let now = settled(since).await;
@@ -742,15 +550,7 @@ async fn graph_stages_share_the_restart_budget() {
             .expect("a new child");
         stage_of.insert(stage.clone(), new);
     }
-    let t = Instant::now();
-    loop {
-        let h = get_json(&http, &format!("{base}/health")).await;
-        if h["status"] == "ERROR" {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(30), "health {h}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_health(&http, &base, "ERROR", Duration::from_secs(30)).await;
     let s = get_json(&http, &format!("{base}/api/status")).await;
     assert_eq!(s["state"], "ERROR");
     assert_eq!(s["inference_status"]["restart_count"], 3);
@@ -763,11 +563,7 @@ async fn graph_stages_share_the_restart_budget() {
         "{s}"
     );
     // The stream is stopped: no child is left.
-    let t = Instant::now();
-    while !inference_children(daemon_pid).is_empty() {
-        assert!(t.elapsed() < Duration::from_secs(10), "a child is left");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_no_inference_child(daemon_pid).await;
     set_state(&input, gst::State::Null).await;
     set_state(&reader, gst::State::Null).await;
 }

@@ -7,15 +7,14 @@
 use futures::StreamExt;
 use gst::prelude::*;
 use serde_json::{Value, json};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Once;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-#[allow(dead_code)] // shared with the other daemon tests
 mod common;
-use common::{TempDir, spawn_daemon};
+use common::{DaemonProc, TempDir, get_json, next_feed_event, run_to_eos, spawn_daemon};
 
 const FRAMES: u64 = 48;
 
@@ -24,32 +23,10 @@ fn init() {
     INIT.call_once(|| gst::init().unwrap());
 }
 
-/// Runs a launch line to EOS (bounded); panics on an error.
-fn run_to_eos(pipeline: &gst::Element) {
-    pipeline.set_state(gst::State::Playing).unwrap();
-    let bus = pipeline.bus().unwrap();
-    let msg = bus
-        .timed_pop_filtered(
-            gst::ClockTime::from_seconds(60),
-            &[gst::MessageType::Eos, gst::MessageType::Error],
-        )
-        .expect("no EOS within 60 s");
-    pipeline.set_state(gst::State::Null).unwrap();
-    if let gst::MessageView::Error(e) = msg.view() {
-        panic!("{}: {:?}", e.error(), e.debug());
-    }
-}
-
 /// A `FRAMES`-frame H.264 MP4 (320×240, 30 fps, moving ball).
 fn make_input(path: &Path) {
     init();
-    let p = gst::parse::launch(&format!(
-        "videotestsrc num-buffers={FRAMES} pattern=ball ! \
-         video/x-raw,width=320,height=240,framerate=30/1 ! x264enc ! mp4mux ! filesink location={}",
-        path.display()
-    ))
-    .unwrap();
-    run_to_eos(&p);
+    common::make_input(path, FRAMES);
 }
 
 /// Decoded video frames in a file.
@@ -201,53 +178,51 @@ fn process_command_takes_a_definition_file() {
 /// Reads `/v1/events` until a `progress` event of `job` in a final state; returns every
 /// progress event of that job (its `job` object) and its other events as
 /// `{"event": kind, "data": …}`, in order.
-async fn follow_job(
-    events: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
-    job: &str,
-) -> Vec<Value> {
+async fn follow_job(events: &mut Feed, job: &str) -> Vec<Value> {
     let mut buf = String::new();
     let mut seen = Vec::new();
     loop {
-        let chunk = tokio::time::timeout(Duration::from_secs(120), events.next())
-            .await
-            .expect("no feed event within 120 s")
-            .expect("feed ended")
-            .unwrap();
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
-            let mut kind = "";
-            let mut data = String::new();
-            for line in block.lines() {
-                if let Some(k) = line.strip_prefix("event:") {
-                    kind = k.trim();
-                } else if let Some(d) = line.strip_prefix("data:") {
-                    data.push_str(d.trim_start());
-                }
+        let (kind, data) = next_feed_event(
+            events,
+            &mut buf,
+            Duration::from_secs(120),
+            "no feed event within 120 s",
+        )
+        .await;
+        let v: Value = serde_json::from_str(&data).unwrap();
+        if kind != "progress" {
+            // The graph's own events, tagged with the job.
+            if v["job"] == job {
+                seen.push(json!({"event": kind, "data": v}));
             }
-            let v: Value = serde_json::from_str(&data).unwrap();
-            if kind != "progress" {
-                // The graph's own events, tagged with the job.
-                if v["job"] == job {
-                    seen.push(json!({"event": kind, "data": v}));
-                }
-                continue;
-            }
-            if v["job"]["id"] != job {
-                continue;
-            }
-            let state = v["job"]["state"].as_str().unwrap_or_default().to_owned();
-            seen.push(v["job"].clone());
-            if state == "done" || state == "failed" || state == "cancelled" {
-                return seen;
-            }
+            continue;
+        }
+        if v["job"]["id"] != job {
+            continue;
+        }
+        let state = v["job"]["state"].as_str().unwrap_or_default().to_owned();
+        seen.push(v["job"].clone());
+        if state == "done" || state == "failed" || state == "cancelled" {
+            return seen;
         }
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn api_jobs_report_progress_and_the_failing_stage() {
-    let dir = TempDir::new("jobs-api-files");
+type Feed = futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>;
+
+/// What the API tests start from: a `FRAMES`-frame input file `in.mp4` in `dir`, a daemon on
+/// CPU with its data directory in `dir`, and its `/v1/events` feed, subscribed before
+/// anything runs.
+struct Api {
+    dir: TempDir,
+    input: PathBuf,
+    d: DaemonProc,
+    http: reqwest::Client,
+    events: Feed,
+}
+
+async fn start_api(tag: &str) -> Api {
+    let dir = TempDir::new(&format!("{tag}-files"));
     let input = dir.0.join("in.mp4");
     let input2 = input.clone();
     tokio::task::spawn_blocking(move || make_input(&input2))
@@ -255,40 +230,73 @@ async fn api_jobs_report_progress_and_the_failing_stage() {
         .unwrap();
     let data_dir = dir.0.join("data").to_string_lossy().to_string();
     let d = spawn_daemon(
-        "jobs-api",
+        tag,
         &[
             ("RIVULET_DATA_DIR", data_dir.as_str()),
             ("RIVULET_DEVICE", "cpu"),
         ],
     );
-    let base = &d.base;
     let http = reqwest::Client::new();
-    let mut events = http
-        .get(format!("{base}/v1/events"))
-        .send()
-        .await
-        .unwrap()
-        .bytes_stream();
+    let events = common::feed(&http, &d.base).await;
+    Api {
+        dir,
+        input,
+        d,
+        http,
+        events,
+    }
+}
 
-    // A two-stage chain saved as a template, run as a job.
+/// Saves a template (`201`).
+async fn save_template(http: &reqwest::Client, base: &str, template: Value) {
     let r = http
         .post(format!("{base}/v1/pipelines"))
-        .json(&json!({"id": "two", "pipeline": ["noop", {"id": "b", "pipeline": "noop"}]}))
+        .json(&template)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    let output = dir.0.join("out.ts");
+}
+
+/// Submits a job (`201`); returns its id.
+async fn submit_job(http: &reqwest::Client, base: &str, job: Value) -> String {
     let r = http
         .post(format!("{base}/v1/jobs"))
-        .json(&json!({"input": input, "output": output, "pipeline": "two"}))
+        .json(&job)
         .send()
         .await
         .unwrap();
     let code = r.status();
-    let job: Value = r.json().await.unwrap();
-    assert_eq!(code, 201, "{job}");
-    let id = job["id"].as_str().unwrap().to_owned();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(code, 201, "{body}");
+    body["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_jobs_report_progress_and_the_failing_stage() {
+    let Api {
+        dir,
+        input,
+        d,
+        http,
+        mut events,
+    } = start_api("jobs-api").await;
+    let base = &d.base;
+
+    // A two-stage chain saved as a template, run as a job.
+    save_template(
+        &http,
+        base,
+        json!({"id": "two", "pipeline": ["noop", {"id": "b", "pipeline": "noop"}]}),
+    )
+    .await;
+    let output = dir.0.join("out.ts");
+    let id = submit_job(
+        &http,
+        base,
+        json!({"input": input, "output": output, "pipeline": "two"}),
+    )
+    .await;
     let seen = follow_job(&mut events, &id).await;
     // Both stages reported their start on the feed.
     let started: Vec<&Value> = seen
@@ -310,14 +318,7 @@ async fn api_jobs_report_progress_and_the_failing_stage() {
             .all(|w| w[0]["percent"].as_f64() <= w[1]["percent"].as_f64()),
         "progress never goes back"
     );
-    let status: Value = http
-        .get(format!("{base}/v1/jobs/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = get_json(&http, &format!("{base}/v1/jobs/{id}")).await;
     assert_eq!(status["state"], "done");
     assert_eq!(status["frames_in"], FRAMES);
     assert_eq!(status["frames_out"], FRAMES);
@@ -331,37 +332,24 @@ async fn api_jobs_report_progress_and_the_failing_stage() {
     assert_eq!(n, FRAMES, "every frame in the output");
 
     // The second stage fails at its 20th frame: the job names it and keeps what was done.
-    let r = http
-        .post(format!("{base}/v1/pipelines"))
-        .json(&json!({"id": "failing", "pipeline": [
-            "noop", {"id": "breaks", "element": "identity", "params": {"error-after": 20}}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
+    save_template(
+        &http,
+        base,
+        json!({"id": "failing", "pipeline": [
+            "noop", {"id": "breaks", "element": "identity", "params": {"error-after": 20}}]}),
+    )
+    .await;
     let partial = dir.0.join("partial.ts");
-    let r = http
-        .post(format!("{base}/v1/jobs"))
-        .json(&json!({"input": input, "output": partial, "pipeline": "failing"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let id: String = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .into();
+    let id = submit_job(
+        &http,
+        base,
+        json!({"input": input, "output": partial, "pipeline": "failing"}),
+    )
+    .await;
     let seen = follow_job(&mut events, &id).await;
     let last = seen.last().unwrap();
     assert_eq!(last["state"], "failed", "{last}");
-    let status: Value = http
-        .get(format!("{base}/v1/jobs/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = get_json(&http, &format!("{base}/v1/jobs/{id}")).await;
     assert_eq!(status["failed_stage"], "breaks", "{status}");
     assert_eq!(status["stages"][1]["state"], "failed");
     assert!(
@@ -423,41 +411,23 @@ async fn api_jobs_report_progress_and_the_failing_stage() {
 /// stream start with a file that cannot be read is a 400 naming the file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_takes_a_definition_file() {
-    let dir = TempDir::new("jobs-api-file-def");
-    let input = dir.0.join("in.mp4");
-    let input2 = input.clone();
-    tokio::task::spawn_blocking(move || make_input(&input2))
-        .await
-        .unwrap();
+    let Api {
+        dir,
+        input,
+        d,
+        http,
+        mut events,
+    } = start_api("jobs-api-file").await;
+    let base = &d.base;
     let def = dir.0.join("graph.yml");
     std::fs::write(&def, "- noop\n- id: second\n  pipeline: noop\n").unwrap();
-    let data_dir = dir.0.join("data").to_string_lossy().to_string();
-    let d = spawn_daemon(
-        "jobs-api-file",
-        &[
-            ("RIVULET_DATA_DIR", data_dir.as_str()),
-            ("RIVULET_DEVICE", "cpu"),
-        ],
-    );
-    let base = &d.base;
-    let http = reqwest::Client::new();
-    let mut events = http
-        .get(format!("{base}/v1/events"))
-        .send()
-        .await
-        .unwrap()
-        .bytes_stream();
     let output = dir.0.join("out.ts");
-    let r = http
-        .post(format!("{base}/v1/jobs"))
-        .json(&json!({"input": input, "output": output, "pipeline": def}))
-        .send()
-        .await
-        .unwrap();
-    let code = r.status();
-    let job: Value = r.json().await.unwrap();
-    assert_eq!(code, 201, "{job}");
-    let id = job["id"].as_str().unwrap().to_owned();
+    let id = submit_job(
+        &http,
+        base,
+        json!({"input": input, "output": output, "pipeline": def}),
+    )
+    .await;
     let seen = follow_job(&mut events, &id).await;
     let last = seen.last().unwrap();
     assert_eq!(last["state"], "done", "{last}");
@@ -493,52 +463,28 @@ async fn api_takes_a_definition_file() {
 /// an ended job is a 409, an unknown one a 404.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_jobs_can_be_cancelled() {
-    let dir = TempDir::new("jobs-api-cancel-files");
-    let input = dir.0.join("in.mp4");
-    let input2 = input.clone();
-    tokio::task::spawn_blocking(move || make_input(&input2))
-        .await
-        .unwrap();
-    let data_dir = dir.0.join("data").to_string_lossy().to_string();
-    let d = spawn_daemon(
-        "jobs-api-cancel",
-        &[
-            ("RIVULET_DATA_DIR", data_dir.as_str()),
-            ("RIVULET_DEVICE", "cpu"),
-        ],
-    );
+    let Api {
+        dir,
+        input,
+        d,
+        http,
+        mut events,
+    } = start_api("jobs-api-cancel").await;
     let base = &d.base;
-    let http = reqwest::Client::new();
-    let mut events = http
-        .get(format!("{base}/v1/events"))
-        .send()
-        .await
-        .unwrap()
-        .bytes_stream();
     // 100 ms a frame: 48 frames take about 5 s, time enough to cancel.
-    let r = http
-        .post(format!("{base}/v1/pipelines"))
-        .json(&json!({"id": "slow", "pipeline": [
-            "noop", {"id": "wait", "element": "identity", "params": {"sleep-time": 100000}}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let submit = |output: std::path::PathBuf| {
-        let http = http.clone();
-        let input = input.clone();
-        async move {
-            let r = http
-                .post(format!("{base}/v1/jobs"))
-                .json(&json!({"input": input, "output": output, "pipeline": "slow"}))
-                .send()
-                .await
-                .unwrap();
-            let code = r.status();
-            let body = r.json::<Value>().await.unwrap();
-            assert_eq!(code, 201, "{body}");
-            body["id"].as_str().unwrap().to_owned()
-        }
+    save_template(
+        &http,
+        base,
+        json!({"id": "slow", "pipeline": [
+            "noop", {"id": "wait", "element": "identity", "params": {"sleep-time": 100000}}]}),
+    )
+    .await;
+    let submit = |output: PathBuf| {
+        submit_job(
+            &http,
+            base,
+            json!({"input": input, "output": output, "pipeline": "slow"}),
+        )
     };
     let running_out = dir.0.join("running.mp4");
     let queued_out = dir.0.join("queued.mp4");
@@ -589,14 +535,7 @@ async fn api_jobs_can_be_cancelled() {
     let seen = follow_job(&mut events, &running).await;
     let last = seen.last().unwrap();
     assert_eq!(last["state"], "cancelled", "{last}");
-    let status: Value = http
-        .get(format!("{base}/v1/jobs/{running}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = get_json(&http, &format!("{base}/v1/jobs/{running}")).await;
     assert_eq!(status["state"], "cancelled", "{status}");
     assert_eq!(status["error"], "cancelled");
     assert_eq!(status["failed_stage"], Value::Null);
@@ -614,14 +553,7 @@ async fn api_jobs_can_be_cancelled() {
     );
 
     // The queued job never ran: no output, still cancelled.
-    let status: Value = http
-        .get(format!("{base}/v1/jobs/{queued}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = get_json(&http, &format!("{base}/v1/jobs/{queued}")).await;
     assert_eq!(status["state"], "cancelled", "{status}");
     assert_eq!(status["frames_in"], 0);
     assert!(!queued_out.exists());

@@ -460,7 +460,6 @@ fn failover_while_running_when_frames_keep_failing() {
 /// the control channel, and a bad definition is refused with the stage named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_runs_a_graph_from_the_start_request() {
-    use gsttrickle::protocol::client::{Publisher, PublisherConfig, Subscriber, SubscriberConfig};
     init();
     let dir = config().pipelines_dir.unwrap();
     let d = common::spawn_daemon(
@@ -473,14 +472,7 @@ async fn daemon_runs_a_graph_from_the_start_request() {
     let http = reqwest::Client::new();
     let base = d.base.clone();
     let mid = "stages01";
-    for (suffix, mime) in [
-        ("", "video/MP2T"),
-        ("-out", "video/MP2T"),
-        ("-control", "application/json"),
-        ("-events", "application/json"),
-    ] {
-        common::create_channel(&http, &base, &format!("{mid}{suffix}"), mime).await;
-    }
+    common::create_stream_channels(&http, &base, mid).await;
     let url = |s: &str| format!("{base}/trickle/{mid}{s}");
 
     // A bad definition: 400, naming the stage.
@@ -498,24 +490,7 @@ async fn daemon_runs_a_graph_from_the_start_request() {
     let body = r.text().await.unwrap();
     assert!(body.contains("stage 'fx'"), "{body}");
 
-    let mut events = Subscriber::new(
-        &url("-events"),
-        SubscriberConfig {
-            start_seq: 0,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
-    tokio::spawn(async move {
-        while let Ok(Some(seg)) = events.next_segment().await {
-            if let Ok(body) = seg.read_all(1 << 20).await
-                && let Ok(v) = serde_json::from_slice::<Value>(&body)
-            {
-                let _ = ev_tx.send(v);
-            }
-        }
-    });
+    let mut ev_rx = common::subscribe_events(&url("-events"));
     let start = json!({
         "subscribe_url": url(""), "publish_url": url("-out"),
         "control_url": url("-control"), "events_url": url("-events"),
@@ -525,13 +500,7 @@ async fn daemon_runs_a_graph_from_the_start_request() {
             {"id": "inv", "pipeline": "invert", "when": "params.on == true"},
         ],
     });
-    let r = http
-        .post(format!("{base}/live-video-to-video"))
-        .json(&start)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    common::start_stream(&http, &base, &start).await;
 
     let input = gst::parse::launch(&format!(
         "videotestsrc is-live=true num-buffers=300 ! \
@@ -546,51 +515,23 @@ async fn daemon_runs_a_graph_from_the_start_request() {
         .unwrap()
         .unwrap();
 
-    let status = |http: reqwest::Client, base: String| async move {
-        http.get(format!("{base}/api/status"))
-            .send()
-            .await
-            .unwrap()
-            .json::<Value>()
-            .await
-            .unwrap()
-    };
-    let t = std::time::Instant::now();
-    loop {
-        let s = status(http.clone(), base.clone()).await;
-        if s["stages"][0]["id"] == "gain"
+    common::wait_status(&http, &base, Duration::from_secs(60), "stages", |s| {
+        s["stages"][0]["id"] == "gain"
             && s["stages"][0]["frames_out"].as_u64().unwrap_or(0) > 0
             && s["stages"][1]["state"] == "bypassed"
-        {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "stages: {s}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
     // The control channel turns the condition on: the stage runs, live.
-    let mut control = Publisher::new(
-        &url("-control"),
-        PublisherConfig {
-            mime: "application/json".into(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut control = common::control_publisher(&url("-control"));
     control
         .send_message(json!({"on": true}).to_string().into())
         .await
         .unwrap();
-    let t = std::time::Instant::now();
-    loop {
-        let s = status(http.clone(), base.clone()).await;
-        if s["stages"][1]["state"] == "running"
+    common::wait_status(&http, &base, Duration::from_secs(60), "stages", |s| {
+        s["stages"][1]["state"] == "running"
             && s["stages"][1]["frames_out"].as_u64().unwrap_or(0) > 0
-        {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "stages: {s}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
     // Stage events on the events channel (in the runner's envelope or bare).
     let t = std::time::Instant::now();
     let mut seen = std::collections::HashSet::new();
@@ -616,23 +557,7 @@ async fn daemon_runs_a_graph_from_the_start_request() {
 fn load_example_plugin() {
     static LOADED: Once = Once::new();
     LOADED.call_once(|| {
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
-            .join("examples");
-        let status =
-            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args(["build", "--locked", "--manifest-path"])
-                .arg(
-                    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                        .join("../examples/gst-plugin-example-tint/Cargo.toml"),
-                )
-                .env("CARGO_TARGET_DIR", &target)
-                .status()
-                .expect("cannot run cargo");
-        assert!(status.success(), "the example plugin does not build");
-        gst::Plugin::load_file(target.join("debug/libgstrivulettint.so"))
-            .expect("load libgstrivulettint.so");
+        gst::Plugin::load_file(common::build_example_tint()).expect("load libgstrivulettint.so");
     });
     assert!(gst::ElementFactory::find("rivulettint").is_some());
 }

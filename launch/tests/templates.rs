@@ -5,7 +5,6 @@
 
 use serde_json::{Value, json};
 
-#[allow(dead_code)] // shared with the other daemon tests
 mod common;
 use common::{TempDir, spawn_daemon};
 
@@ -14,6 +13,16 @@ async fn send(req: reqwest::RequestBuilder) -> (u16, Value) {
     let code = r.status().as_u16();
     let body = r.json().await.unwrap_or(Value::Null);
     (code, body)
+}
+
+/// The template ids of a `GET /v1/pipelines` answer, in its order.
+fn template_ids(body: &Value) -> Vec<&str> {
+    body["pipelines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,13 +116,7 @@ async fn templates_are_validated_and_survive_a_restart() {
         let base = &d.base;
         let (code, body) = send(http.get(format!("{base}/v1/pipelines"))).await;
         assert_eq!(code, 200);
-        let ids: Vec<&str> = body["pipelines"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t["id"].as_str().unwrap())
-            .collect();
-        assert_eq!(ids, ["chain", "single"]);
+        assert_eq!(template_ids(&body), ["chain", "single"]);
         let (code, t) = send(http.get(format!("{base}/v1/pipelines/chain"))).await;
         assert_eq!(code, 200);
         assert_eq!(t["definition"], chain);
@@ -131,13 +134,7 @@ async fn templates_are_validated_and_survive_a_restart() {
     // Deletion persists too.
     let d = spawn_daemon("templates-3", &envs);
     let (_, body) = send(http.get(format!("{}/v1/pipelines", d.base))).await;
-    let ids: Vec<&str> = body["pipelines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["single"]);
+    assert_eq!(template_ids(&body), ["single"]);
     // One file per template, no temporary file left behind.
     let mut files: Vec<String> = std::fs::read_dir(data.0.join("pipelines"))
         .unwrap()

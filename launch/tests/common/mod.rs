@@ -1,10 +1,17 @@
 // SPDX-License-Identifier: MPL-2.0
 //! What the daemon's process-level tests share: a `rivulet serve` child process with its own
-//! state directory, and a line watcher for child processes' output.
+//! state directory, a line watcher for child processes' output, and the steps the tests
+//! repeat around it (channels, events, /api/status polling, inference children, input files).
+// Each test binary uses a part of it.
+#![allow(dead_code)]
 
+use gst::prelude::*;
+use gsttrickle::protocol::client::{Publisher, PublisherConfig, Subscriber, SubscriberConfig};
+use serde_json::Value;
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A `rivulet serve` child process, killed on drop.
 pub struct DaemonProc {
@@ -97,4 +104,272 @@ pub async fn create_channel(http: &reqwest::Client, base: &str, name: &str, mime
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "create {name}");
+}
+
+/// GStreamer with the trickle elements registered (once per test binary).
+pub fn init_trickle() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        gst::init().unwrap();
+        gsttrickle::plugin_register_static().unwrap();
+    });
+}
+
+/// State changes block (the trickle elements wait on their own runtime): never on a tokio worker.
+pub async fn set_state(p: &gst::Pipeline, state: gst::State) {
+    let p = p.clone();
+    tokio::task::spawn_blocking(move || p.set_state(state))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("state change to {state:?} failed: {e}"));
+}
+
+pub async fn get_json(http: &reqwest::Client, url: &str) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// Polls /health every 100 ms until its status is `want`; `within` is the failure bound.
+pub async fn wait_health(http: &reqwest::Client, base: &str, want: &str, within: Duration) {
+    let t = Instant::now();
+    loop {
+        let v = get_json(http, &format!("{base}/health")).await;
+        if v["status"] == want {
+            return;
+        }
+        assert!(t.elapsed() < within, "health is {v}, expected {want}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls `f` on /api/status every 100 ms until it holds; `within` is the failure bound.
+pub async fn wait_status(
+    http: &reqwest::Client,
+    base: &str,
+    within: Duration,
+    what: &str,
+    f: impl Fn(&Value) -> bool,
+) -> Value {
+    let t = Instant::now();
+    loop {
+        let s = get_json(http, &format!("{base}/api/status")).await;
+        if f(&s) {
+            return s;
+        }
+        assert!(t.elapsed() < within, "{what}: status {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Creates a stream's four channels (`{mid}`, `-out`, `-control`, `-events`) as an
+/// orchestrator does.
+pub async fn create_stream_channels(http: &reqwest::Client, base: &str, mid: &str) {
+    for (suffix, mime) in [
+        ("", "video/MP2T"),
+        ("-out", "video/MP2T"),
+        ("-control", "application/json"),
+        ("-events", "application/json"),
+    ] {
+        create_channel(http, base, &format!("{mid}{suffix}"), mime).await;
+    }
+}
+
+/// Every JSON message of the events channel at `url`, from its first segment; the receiver
+/// ends when the channel does.
+pub fn subscribe_events(url: &str) -> tokio::sync::mpsc::UnboundedReceiver<Value> {
+    let mut events = Subscriber::new(
+        url,
+        SubscriberConfig {
+            start_seq: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    tokio::spawn(async move {
+        while let Ok(Some(seg)) = events.next_segment().await {
+            if let Ok(body) = seg.read_all(1 << 20).await
+                && let Ok(v) = serde_json::from_slice::<Value>(&body)
+            {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    rx
+}
+
+/// A JSON publisher on the control channel at `url`.
+pub fn control_publisher(url: &str) -> Publisher {
+    Publisher::new(
+        url,
+        PublisherConfig {
+            mime: "application/json".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// The daemon's inference children: child processes of `daemon` run with `aipipeline-child`.
+pub fn inference_children(daemon: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // pid (comm) state ppid ...
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if ppid == Some(daemon) && cmdline.split(|b| *b == 0).any(|a| a == b"aipipeline-child") {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Sends `sig` to the daemon's child `pid`.
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: plain syscall on the daemon's child.
+    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+}
+
+/// Waits until `daemon` has no inference child left (10 s failure bound).
+pub async fn wait_no_inference_child(daemon: u32) {
+    let t = Instant::now();
+    while !inference_children(daemon).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(10), "a child is left");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `count` reaches `at_least` (60 s failure bound).
+pub async fn wait_frames(count: &std::sync::atomic::AtomicU64, at_least: u64) {
+    let t = Instant::now();
+    while count.load(std::sync::atomic::Ordering::SeqCst) < at_least {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the output did not go on"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Runs a launch line to EOS (bounded); panics on an error.
+pub fn run_to_eos(pipeline: &gst::Element) {
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let msg = pipeline
+        .bus()
+        .unwrap()
+        .timed_pop_filtered(
+            gst::ClockTime::from_seconds(60),
+            &[gst::MessageType::Eos, gst::MessageType::Error],
+        )
+        .expect("no EOS within 60 s");
+    pipeline.set_state(gst::State::Null).unwrap();
+    if let gst::MessageView::Error(e) = msg.view() {
+        panic!("{}: {:?}", e.error(), e.debug());
+    }
+}
+
+/// An `n`-frame H.264 MP4 (320×240, 30 fps, moving ball).
+pub fn make_input(path: &Path, n: u64) {
+    let p = gst::parse::launch(&format!(
+        "videotestsrc num-buffers={n} pattern=ball ! \
+         video/x-raw,width=320,height=240,framerate=30/1 ! x264enc ! mp4mux ! filesink location={}",
+        path.display()
+    ))
+    .unwrap();
+    run_to_eos(&p);
+}
+
+/// Builds `examples/gst-plugin-example-tint` on its own (not a workspace member) into
+/// `target/examples`; returns the path of its plugin (`libgstrivulettint.so`).
+pub fn build_example_tint() -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"))
+        .join("examples");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--locked", "--manifest-path"])
+        .arg(workspace.join("examples/gst-plugin-example-tint/Cargo.toml"))
+        .env("CARGO_TARGET_DIR", &target)
+        .status()
+        .expect("cannot run cargo");
+    assert!(status.success(), "the example plugin does not build");
+    target.join("debug/libgstrivulettint.so")
+}
+
+/// The daemon's realtime feed (`GET /v1/events`), as raw bytes.
+pub async fn feed(
+    http: &reqwest::Client,
+    base: &str,
+) -> futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>> {
+    Box::pin(
+        http.get(format!("{base}/v1/events"))
+            .send()
+            .await
+            .unwrap()
+            .bytes_stream(),
+    )
+}
+
+/// The next event of the feed as (`event:` kind, `data:` text), with `buf` holding what was
+/// read past it; `within` bounds the wait for each chunk.
+pub async fn next_feed_event(
+    events: &mut futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buf: &mut String,
+    within: Duration,
+    what: &str,
+) -> (String, String) {
+    use futures::StreamExt;
+    loop {
+        if let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let mut kind = String::new();
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(k) = line.strip_prefix("event:") {
+                    kind = k.trim().to_owned();
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    data.push_str(d.trim_start());
+                }
+            }
+            return (kind, data);
+        }
+        let chunk = tokio::time::timeout(within, events.next())
+            .await
+            .unwrap_or_else(|_| panic!("{what}"))
+            .expect("feed ended")
+            .unwrap();
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+/// `POST /live-video-to-video` with `start`, answered 200; returns the answer's JSON (null if
+/// it is not JSON).
+pub async fn start_stream(http: &reqwest::Client, base: &str, start: &Value) -> Value {
+    let r = http
+        .post(format!("{base}/live-video-to-video"))
+        .json(start)
+        .send()
+        .await
+        .unwrap();
+    let code = r.status();
+    let text = r.text().await.unwrap();
+    assert_eq!(code, 200, "{text}");
+    serde_json::from_str(&text).unwrap_or(Value::Null)
 }
