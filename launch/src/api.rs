@@ -6,7 +6,7 @@ use crate::daemon::{Daemon, LATENCY_BUCKETS_MS, StartError};
 use crate::status::now_secs;
 use crate::stream::StartRequest;
 use axum::Router;
-use axum::body::{Body, to_bytes};
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -97,10 +97,33 @@ fn authorized(daemon: &Daemon, headers: &HeaderMap) -> bool {
         .is_some_and(|t| t == token)
 }
 
-async fn read_body(body: Body) -> Result<bytes::Bytes, String> {
-    to_bytes(body, MAX_BODY_BYTES)
-        .await
-        .map_err(|_| format!("request body larger than {MAX_BODY_BYTES} bytes or unreadable"))
+/// How much of an oversized body is read and thrown away before answering 413: closing the
+/// connection on a client still sending makes its kernel see a reset that can destroy the
+/// 413 response before the client reads it.
+const DRAIN_BYTES: usize = 8 * MAX_BODY_BYTES;
+
+/// A request body of at most [`MAX_BODY_BYTES`]; a larger one is an error (413) after the rest
+/// of it, up to [`DRAIN_BYTES`], has been read and dropped.
+pub(crate) async fn read_body(body: Body) -> Result<bytes::Bytes, String> {
+    use futures::StreamExt;
+    let too_large = || format!("request body larger than {MAX_BODY_BYTES} bytes");
+    let mut stream = body.into_data_stream();
+    let mut buf = bytes::BytesMut::new();
+    let mut total = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| format!("request body unreadable: {e}"))?;
+        total += chunk.len();
+        if total > DRAIN_BYTES {
+            return Err(too_large());
+        }
+        if total <= MAX_BODY_BYTES {
+            buf.extend_from_slice(&chunk);
+        }
+    }
+    if total > MAX_BODY_BYTES {
+        return Err(too_large());
+    }
+    Ok(buf.freeze())
 }
 
 /// Parses a start body, reporting every problem in FastAPI's shape.

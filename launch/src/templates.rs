@@ -272,17 +272,9 @@ pub(crate) fn check_auth(daemon: &Daemon, headers: &HeaderMap) -> Result<(), Api
 
 /// A JSON body, or YAML when the content type says so (`application/yaml`, `text/yaml`).
 pub(crate) async fn read_document(headers: &HeaderMap, body: Body) -> Result<Value, ApiError> {
-    let bytes = axum::body::to_bytes(body, crate::api::MAX_BODY_BYTES)
+    let bytes = crate::api::read_body(body)
         .await
-        .map_err(|_| {
-            detail(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "request body larger than {} bytes or unreadable",
-                    crate::api::MAX_BODY_BYTES
-                ),
-            )
-        })?;
+        .map_err(|m| detail(StatusCode::PAYLOAD_TOO_LARGE, m))?;
     let yaml = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -311,18 +311,36 @@ fn condition_switches_live() {
 #[test]
 fn deadline_miss_passes_frame_unchanged_and_counts() {
     init();
-    let (g, cfg) = built(
+    let input = picture(512, 512, 5);
+    let cfg = config();
+    let processed = apply(&cfg, "convnet", &json!({}), &input, 512, 512);
+    assert_ne!(diff(&processed, &input), 0, "convnet changed nothing");
+    // Which frames of a burst miss depends on scheduling (the ones that wait behind a frame
+    // being processed, which takes well over 1 ms); on a loaded machine a burst can go through
+    // without a miss, so a few bursts, each on a fresh graph, are the bound. Every burst must
+    // give only unchanged or processed frames, and count its misses exactly.
+    let mut misses = 0;
+    for _ in 0..5 {
+        let (unchanged, _model) = deadline_burst(&input, &processed);
+        misses += unchanged;
+        if misses > 0 {
+            break;
+        }
+    }
+    assert!(misses >= 1, "no frame missed a 1 ms deadline in 5 bursts");
+}
+
+/// One burst of frames through a fresh `convnet` stage with a 1 ms deadline: (unchanged
+/// frames, processed frames), after checking the stage counted exactly the unchanged ones.
+fn deadline_burst(input: &[u8], processed: &[u8]) -> (u64, u64) {
+    let (g, _cfg) = built(
         json!({"stages": [{"id": "slow", "pipeline": "convnet", "deadline_ms": 1}]}),
         &json!({}),
     );
-    let input = picture(512, 512, 5);
-    let processed = apply(&cfg, "convnet", &json!({}), &input, 512, 512);
-    assert_ne!(diff(&processed, &input), 0, "convnet changed nothing");
     let mut rig = Rig::new(g.bin.upcast_ref(), 512, 512);
-    // A burst: the frames that wait behind one being processed miss the 1 ms deadline.
     let n = 12;
     for _ in 0..n {
-        rig.push(&input);
+        rig.push(input);
     }
     let _ = rig.src.end_of_stream();
     let (mut unchanged, mut model) = (0u64, 0u64);
@@ -346,17 +364,12 @@ fn deadline_miss_passes_frame_unchanged_and_counts() {
     }
     assert!(rig.sink.is_eos(), "no EOS");
     let stats = g.stats();
-    // Which frames miss depends on scheduling; that at least one does does not (the last of
-    // the burst waits behind a frame being processed, which takes well over 1 ms).
-    assert!(
-        unchanged >= 1,
-        "no frame missed a 1 ms deadline ({model} processed)"
-    );
     assert_eq!(
         stats[0].deadline_misses, unchanged,
-        "misses counted {stats:?}"
+        "misses counted {stats:?} ({model} processed)"
     );
     rig.finish();
+    (unchanged, model)
 }
 
 #[test]
@@ -662,10 +675,13 @@ fn element_provider_fails_over_while_running() {
     let mut types = Vec::new();
     let mut after = 0;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    // Push up to 8 frames past the failover (the second identity fails at its 10th).
+    // Lock-step, so that few frames are in flight: the second identity fails at its own 10th
+    // frame, and 5 outputs after the failover are needed. A frame lost in the switch costs one
+    // pull timeout; the timeout is long enough that a loaded machine does not let frames pile
+    // up behind slow pulls (which would bring the second identity to its 10th frame early).
     while after < 5 && std::time::Instant::now() < deadline {
         rig.push(&input);
-        if let Some(sample) = rig.sink.try_pull_sample(gst::ClockTime::from_mseconds(100)) {
+        if let Some(sample) = rig.sink.try_pull_sample(gst::ClockTime::from_seconds(1)) {
             let buf = sample.buffer().unwrap().map_readable().unwrap();
             assert_eq!(
                 buf.as_slice(),
