@@ -14,9 +14,11 @@
 //! alternating rounds and the best median of each is shown. A last row runs the
 //! plain `videotestsrc ! aipipeline ! fakesink` pipeline for throughput.
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{caps, median, ms, render_frames, render_frames_as, testdata};
 use gst::prelude::*;
 use gst_video::prelude::*;
 use gstaipipeline::{device, frame};
@@ -27,52 +29,6 @@ const SIZE: u32 = 512;
 const WARMUP: usize = 10;
 /// Alternating measurement rounds per pipeline (best median kept).
 const ROUNDS: usize = 3;
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v.get(v.len() / 2).copied().unwrap_or_default()
-}
-
-fn testdata() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/pipelines")
-}
-
-fn caps(w: u32, h: u32) -> gst::Caps {
-    gst::Caps::builder("video/x-raw")
-        .field("format", "RGB")
-        .field("width", w as i32)
-        .field("height", h as i32)
-        .field("framerate", gst::Fraction::new(24, 1))
-        .build()
-}
-
-/// Renders `n` frames of videotestsrc's "smpte" pattern (moving ball overlay for variety).
-fn render_frames(n: usize, w: u32, h: u32) -> anyhow::Result<Vec<gst::Buffer>> {
-    render_frames_as(n, w, h, "RGB")
-}
-
-fn render_frames_as(n: usize, w: u32, h: u32, format: &str) -> anyhow::Result<Vec<gst::Buffer>> {
-    let pipeline = gst::parse::launch(&format!(
-        "videotestsrc num-buffers={n} pattern=smpte horizontal-speed=5 ! \
-         video/x-raw,format={format},width={w},height={h},framerate=24/1 ! appsink name=sink sync=false"
-    ))?
-    .downcast::<gst::Pipeline>()
-    .map_err(|_| anyhow::anyhow!("not a pipeline"))?;
-    let sink = pipeline
-        .by_name("sink")
-        .ok_or_else(|| anyhow::anyhow!("no sink"))?
-        .downcast::<gst_app::AppSink>()
-        .map_err(|_| anyhow::anyhow!("not an appsink"))?;
-    pipeline.set_state(gst::State::Playing)?;
-    let mut frames = Vec::with_capacity(n);
-    while let Ok(sample) = sink.pull_sample() {
-        if let Some(b) = sample.buffer_owned() {
-            frames.push(b);
-        }
-    }
-    pipeline.set_state(gst::State::Null)?;
-    Ok(frames)
-}
 
 struct ElementRun {
     per_frame: Duration,
@@ -87,11 +43,6 @@ fn run_element(
     w: u32,
     h: u32,
 ) -> anyhow::Result<ElementRun> {
-    let pipeline = gst::Pipeline::new();
-    let src = gst_app::AppSrc::builder()
-        .caps(&caps(w, h))
-        .format(gst::Format::Time)
-        .build();
     let ai = gst::ElementFactory::make("aipipeline")
         .property("pipeline", pipeline_name)
         .property("pipelines-dir", testdata().to_string_lossy().as_ref())
@@ -99,36 +50,22 @@ fn run_element(
         .property("params", format!(r#"{{"width":{SIZE},"height":{SIZE}}}"#))
         .property("max-latency-ms", 0u32)
         .build()?;
-    let sink = gst_app::AppSink::builder().sync(false).build();
-    pipeline.add_many([src.upcast_ref(), &ai, sink.upcast_ref()])?;
-    gst::Element::link_many([src.upcast_ref(), &ai, sink.upcast_ref()])?;
-    pipeline.set_state(gst::State::Playing)?;
-    let timeout = gst::ClockTime::from_seconds(60);
-    let push_pull = |i: usize, b: &gst::Buffer| -> anyhow::Result<()> {
-        let mut b = b.copy();
-        b.get_mut()
-            .ok_or_else(|| anyhow::anyhow!("buffer not writable"))?
-            .set_pts(gst::ClockTime::from_mseconds(i as u64 * 41));
-        src.push_buffer(b)?;
-        sink.try_pull_sample(timeout)
-            .ok_or_else(|| anyhow::anyhow!("no output frame"))?;
-        Ok(())
-    };
+    let rig = common::Rig::start(ai, &caps(w, h))?;
     // Warm-up.
     for (i, b) in frames.iter().take(WARMUP).enumerate() {
-        push_pull(i, b)?;
+        rig.push_pull(i as u64, b)?;
     }
     let mut times = Vec::with_capacity(frames.len());
     for (i, b) in frames.iter().enumerate() {
         let t0 = Instant::now();
-        push_pull(i + WARMUP, b)?;
+        rig.push_pull((i + WARMUP) as u64, b)?;
         times.push(t0.elapsed());
     }
-    let stats = ai.property::<gst::Structure>("stats");
-    let p50_ms = stats
+    let p50_ms = rig
+        .stats()
         .get::<f64>("inference-latency-p50-ms")
         .unwrap_or(f64::NAN);
-    pipeline.set_state(gst::State::Null)?;
+    rig.stop()?;
     Ok(ElementRun {
         per_frame: median(times),
         p50_ms,
@@ -173,7 +110,7 @@ fn conversion(
     let crop = frame::cover_crop(w, h, SIZE, SIZE);
     let mut out = vec![0u8; (SIZE * SIZE * 3) as usize];
     let _g = tch::no_grad_guard();
-    let mut once = |b: &gst::Buffer| -> anyhow::Result<()> {
+    let once = |b: &gst::Buffer| -> anyhow::Result<()> {
         let map = b.map_readable()?;
         let rgb = frame::upload_rgb(map.as_slice(), (w * 3) as usize, w, h, layout, crop, dev)?;
         let u8_out = if float {
@@ -185,16 +122,7 @@ fn conversion(
         frame::download_rgb(&u8_out, &mut out, (SIZE * 3) as usize, SIZE, SIZE, 3)?;
         Ok(())
     };
-    for b in frames.iter().take(WARMUP) {
-        once(b)?;
-    }
-    let mut times = Vec::with_capacity(frames.len());
-    for b in frames {
-        let t0 = Instant::now();
-        once(b)?;
-        times.push(t0.elapsed());
-    }
-    Ok(median(times))
+    Ok(median(common::timed(frames, WARMUP, once)?))
 }
 
 /// I420 upload + conversion to RGB + cover/crop + download, as the element does it.
@@ -208,7 +136,7 @@ fn conversion_i420(
     let crop = frame::cover_crop(w, h, SIZE, SIZE);
     let mut out = vec![0u8; (SIZE * SIZE * 3) as usize];
     let _g = tch::no_grad_guard();
-    let mut once = |b: &gst::Buffer| -> anyhow::Result<()> {
+    let once = |b: &gst::Buffer| -> anyhow::Result<()> {
         let vf = gst_video::VideoFrameRef::from_buffer_ref_readable(b.as_ref(), &info)?;
         let planes = [vf.plane_data(0)?, vf.plane_data(1)?, vf.plane_data(2)?];
         let strides: Vec<usize> = vf.plane_stride().iter().map(|s| *s as usize).collect();
@@ -219,16 +147,7 @@ fn conversion_i420(
         frame::download_rgb(&u8_out, &mut out, (SIZE * 3) as usize, SIZE, SIZE, 3)?;
         Ok(())
     };
-    for b in frames.iter().take(WARMUP) {
-        once(b)?;
-    }
-    let mut times = Vec::with_capacity(frames.len());
-    for b in frames {
-        let t0 = Instant::now();
-        once(b)?;
-        times.push(t0.elapsed());
-    }
-    Ok(median(times))
+    Ok(median(common::timed(frames, WARMUP, once)?))
 }
 
 /// Frame rate of the live source in the throughput rows.
@@ -238,42 +157,17 @@ const LIVE_FPS: u32 = 200;
 /// between the first and the last output frame (start-up excluded). When the element cannot
 /// keep up, the mailbox drops frames and the output rate shows its capacity.
 fn throughput(pipeline_name: &str, device: &str, n: usize) -> anyhow::Result<(f64, u64, u64)> {
-    let pipeline = gst::parse::launch(&format!(
+    let pipeline = common::launch(&format!(
         "videotestsrc is-live=true num-buffers={} ! \
          video/x-raw,format=RGB,width={SIZE},height={SIZE},framerate={LIVE_FPS}/1 ! \
          aipipeline name=ai pipeline={pipeline_name} device={device} pipelines-dir=\"{}\" max-latency-ms=0 ! \
          fakesink name=sink sync=false",
         n * 2,
         testdata().display()
-    ))?
-    .downcast::<gst::Pipeline>()
-    .map_err(|_| anyhow::anyhow!("not a pipeline"))?;
-    let ai = pipeline
-        .by_name("ai")
-        .ok_or_else(|| anyhow::anyhow!("no ai"))?;
+    ))?;
+    let ai = common::by_name(&pipeline, "ai")?;
     ai.set_property("params", format!(r#"{{"width":{SIZE},"height":{SIZE}}}"#));
-    let sink = pipeline
-        .by_name("sink")
-        .ok_or_else(|| anyhow::anyhow!("no sink"))?;
-    let times = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
-    let t = times.clone();
-    sink.static_pad("sink")
-        .ok_or_else(|| anyhow::anyhow!("no sink pad"))?
-        .add_probe(gst::PadProbeType::BUFFER, move |_, _| {
-            t.lock().unwrap().push(Instant::now());
-            gst::PadProbeReturn::Ok
-        });
-    pipeline.set_state(gst::State::Playing)?;
-    let bus = pipeline.bus().ok_or_else(|| anyhow::anyhow!("no bus"))?;
-    let msg = bus.timed_pop_filtered(
-        gst::ClockTime::from_seconds(300),
-        &[gst::MessageType::Eos, gst::MessageType::Error],
-    );
-    if let Some(m) = &msg
-        && let gst::MessageView::Error(e) = m.view()
-    {
-        anyhow::bail!("{} {:?}", e.error(), e.debug());
-    }
+    let times = common::play_to_eos(&pipeline, gst::ClockTime::from_seconds(300))?;
     let stats = ai.property::<gst::Structure>("stats");
     let out = stats.get::<u64>("frames-out").unwrap_or(0);
     let drops = stats.get::<u64>("queue-drops").unwrap_or(0);
@@ -310,10 +204,6 @@ fn best_of(f: impl Fn() -> anyhow::Result<Duration> + Sync) -> anyhow::Result<Du
         best = Some(best.map_or(d, |b| b.min(d)));
     }
     best.ok_or_else(|| anyhow::anyhow!("no measurement"))
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 fn main() -> anyhow::Result<()> {

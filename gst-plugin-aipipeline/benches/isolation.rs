@@ -22,57 +22,17 @@
 //!   per 512² frame.
 //! - element: appsrc ! aipipeline isolation=none|process ! appsink.
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use gst::prelude::*;
+use common::{caps, median, ms, render_frames, testdata};
 use gstaipipeline::child::{ChildCommand, ChildProc, InputLayout, LoadSpec, Spawner};
 use gstaipipeline::pipeline::Registry;
 use gstaipipeline::{device, frame, model};
 
 const WARMUP: usize = 10;
 const ROUNDS: usize = 3;
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v.get(v.len() / 2).copied().unwrap_or_default()
-}
-
-fn testdata() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/pipelines")
-}
-
-fn caps(w: u32, h: u32) -> gst::Caps {
-    gst::Caps::builder("video/x-raw")
-        .field("format", "RGB")
-        .field("width", w as i32)
-        .field("height", h as i32)
-        .field("framerate", gst::Fraction::new(24, 1))
-        .build()
-}
-
-fn render_frames(n: usize, w: u32, h: u32) -> anyhow::Result<Vec<gst::Buffer>> {
-    let pipeline = gst::parse::launch(&format!(
-        "videotestsrc num-buffers={n} pattern=smpte horizontal-speed=5 ! \
-         video/x-raw,format=RGB,width={w},height={h},framerate=24/1 ! appsink name=sink sync=false"
-    ))?
-    .downcast::<gst::Pipeline>()
-    .map_err(|_| anyhow::anyhow!("not a pipeline"))?;
-    let sink = pipeline
-        .by_name("sink")
-        .ok_or_else(|| anyhow::anyhow!("no sink"))?
-        .downcast::<gst_app::AppSink>()
-        .map_err(|_| anyhow::anyhow!("not an appsink"))?;
-    pipeline.set_state(gst::State::Playing)?;
-    let mut frames = Vec::with_capacity(n);
-    while let Ok(sample) = sink.pull_sample() {
-        if let Some(b) = sample.buffer_owned() {
-            frames.push(b);
-        }
-    }
-    pipeline.set_state(gst::State::Null)?;
-    Ok(frames)
-}
 
 /// appsrc ! aipipeline ! appsink, one frame in flight; returns the median per-frame time and
 /// the device the model ran on.
@@ -82,11 +42,6 @@ fn run_element(
     (w, h): (u32, u32),
     (ow, oh): (u32, u32),
 ) -> anyhow::Result<(Duration, String)> {
-    let pipeline = gst::Pipeline::new();
-    let src = gst_app::AppSrc::builder()
-        .caps(&caps(w, h))
-        .format(gst::Format::Time)
-        .build();
     let ai = gst::ElementFactory::make("aipipeline")
         .property("pipeline", "identity")
         .property("pipelines-dir", testdata().to_string_lossy().as_ref())
@@ -96,35 +51,18 @@ fn run_element(
         .property_from_str("isolation", isolation)
         .property("child-path", env!("CARGO_BIN_EXE_rivulet-inference"))
         .build()?;
-    let sink = gst_app::AppSink::builder().sync(false).build();
-    pipeline.add_many([src.upcast_ref(), &ai, sink.upcast_ref()])?;
-    gst::Element::link_many([src.upcast_ref(), &ai, sink.upcast_ref()])?;
-    pipeline.set_state(gst::State::Playing)?;
-    let timeout = gst::ClockTime::from_seconds(60);
-    let push_pull = |i: usize, b: &gst::Buffer| -> anyhow::Result<()> {
-        let mut b = b.copy();
-        b.get_mut()
-            .ok_or_else(|| anyhow::anyhow!("buffer not writable"))?
-            .set_pts(gst::ClockTime::from_mseconds(i as u64 * 41));
-        src.push_buffer(b)?;
-        sink.try_pull_sample(timeout)
-            .ok_or_else(|| anyhow::anyhow!("no output frame"))?;
-        Ok(())
-    };
+    let rig = common::Rig::start(ai, &caps(w, h))?;
     for (i, b) in frames.iter().take(WARMUP).enumerate() {
-        push_pull(i, b)?;
+        rig.push_pull(i as u64, b)?;
     }
     let mut times = Vec::with_capacity(frames.len());
     for (i, b) in frames.iter().enumerate() {
         let t0 = Instant::now();
-        push_pull(i + WARMUP, b)?;
+        rig.push_pull((i + WARMUP) as u64, b)?;
         times.push(t0.elapsed());
     }
-    let device = ai
-        .property::<gst::Structure>("stats")
-        .get::<String>("device")
-        .unwrap_or_default();
-    pipeline.set_state(gst::State::Null)?;
+    let device = rig.stats().get::<String>("device").unwrap_or_default();
+    rig.stop()?;
     Ok((median(times), device))
 }
 
@@ -222,10 +160,6 @@ fn direct(
         best.transport = best.transport.min(median(tr));
     }
     Ok(best)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 fn main() -> anyhow::Result<()> {

@@ -30,9 +30,12 @@
 //! params minimum is `pipeline::MIN_SIZE`); a size below that minimum would have no element
 //! run (`n/a`), only the element path.
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::ms;
 use gst::prelude::*;
 use gstaipipeline::{device, frame, model, pipeline};
 use tch::{Device, Kind, Tensor};
@@ -46,15 +49,6 @@ const LIVE_SECONDS: u32 = 5;
 
 fn models_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/styletransfer")
-}
-
-fn caps(s: u32) -> gst::Caps {
-    gst::Caps::builder("video/x-raw")
-        .field("format", "RGB")
-        .field("width", s as i32)
-        .field("height", s as i32)
-        .field("framerate", gst::Fraction::new(24, 1))
-        .build()
 }
 
 fn params(s: u32) -> String {
@@ -86,45 +80,19 @@ impl Stats {
 }
 
 fn render_frames(n: usize, s: u32) -> anyhow::Result<Vec<gst::Buffer>> {
-    let pipeline = gst::parse::launch(&format!(
-        "videotestsrc num-buffers={n} pattern=smpte horizontal-speed=5 ! \
-         video/x-raw,format=RGB,width={s},height={s},framerate=24/1 ! appsink name=sink sync=false"
-    ))?
-    .downcast::<gst::Pipeline>()
-    .map_err(|_| anyhow::anyhow!("not a pipeline"))?;
-    let sink = pipeline
-        .by_name("sink")
-        .ok_or_else(|| anyhow::anyhow!("no sink"))?
-        .downcast::<gst_app::AppSink>()
-        .map_err(|_| anyhow::anyhow!("not an appsink"))?;
-    pipeline.set_state(gst::State::Playing)?;
-    let mut frames = Vec::with_capacity(n);
-    while let Ok(sample) = sink.pull_sample() {
-        if let Some(b) = sample.buffer_owned() {
-            frames.push(b);
-        }
-    }
-    pipeline.set_state(gst::State::Null)?;
+    let frames = common::render_frames(n, s, s)?;
     anyhow::ensure!(frames.len() == n, "rendered {} of {n} frames", frames.len());
     Ok(frames)
 }
 
 /// appsrc ! aipipeline ! appsink, one frame in flight at a time.
 struct ElementRun {
-    pipeline: gst::Pipeline,
-    ai: gst::Element,
-    src: gst_app::AppSrc,
-    sink: gst_app::AppSink,
+    rig: common::Rig,
     pushed: u64,
 }
 
 impl ElementRun {
     fn start(dev: &str, s: u32) -> anyhow::Result<ElementRun> {
-        let pipeline = gst::Pipeline::new();
-        let src = gst_app::AppSrc::builder()
-            .caps(&caps(s))
-            .format(gst::Format::Time)
-            .build();
         let ai = gst::ElementFactory::make("aipipeline")
             .property("pipeline", "styletransfer")
             .property("pipelines-dir", models_dir().to_string_lossy().as_ref())
@@ -132,46 +100,25 @@ impl ElementRun {
             .property("params", params(s))
             .property("max-latency-ms", 0u32)
             .build()?;
-        let sink = gst_app::AppSink::builder().sync(false).build();
-        pipeline.add_many([src.upcast_ref(), &ai, sink.upcast_ref()])?;
-        gst::Element::link_many([src.upcast_ref(), &ai, sink.upcast_ref()])?;
-        pipeline.set_state(gst::State::Playing)?;
         Ok(ElementRun {
-            pipeline,
-            ai,
-            src,
-            sink,
+            rig: common::Rig::start(ai, &common::caps(s, s))?,
             pushed: 0,
         })
     }
 
     /// Pushes one frame and waits for its output: the time from push to output.
     fn frame(&mut self, b: &gst::Buffer) -> anyhow::Result<Duration> {
-        let mut b = b.copy();
-        b.get_mut()
-            .ok_or_else(|| anyhow::anyhow!("buffer not writable"))?
-            .set_pts(gst::ClockTime::from_mseconds(self.pushed * 41));
+        let i = self.pushed;
         self.pushed += 1;
-        let t0 = Instant::now();
-        self.src.push_buffer(b)?;
-        self.sink
-            .try_pull_sample(gst::ClockTime::from_seconds(60))
-            .ok_or_else(|| anyhow::anyhow!("no output frame"))?;
-        Ok(t0.elapsed())
+        self.rig.push_pull(i, b)
     }
 
     /// The element's own `inference-latency-p50-ms`.
     fn worker_p50_ms(&self) -> f64 {
-        self.ai
-            .property::<gst::Structure>("stats")
+        self.rig
+            .stats()
             .get::<f64>("inference-latency-p50-ms")
             .unwrap_or(f64::NAN)
-    }
-}
-
-impl Drop for ElementRun {
-    fn drop(&mut self) {
-        let _ = self.pipeline.set_state(gst::State::Null);
     }
 }
 
@@ -325,42 +272,17 @@ fn measure(
 
 /// Free-running live pipeline: output frames per second between the first and last output.
 fn live(dev: &str, s: u32) -> anyhow::Result<(f64, String)> {
-    let pipeline = gst::parse::launch(&format!(
+    let pipeline = common::launch(&format!(
         "videotestsrc is-live=true num-buffers={} pattern=smpte horizontal-speed=5 ! \
          video/x-raw,format=RGB,width={s},height={s},framerate={LIVE_FPS}/1 ! \
          aipipeline name=ai pipeline=styletransfer device={dev} max-latency-ms=0 ! \
          fakesink name=sink sync=false",
         LIVE_FPS * LIVE_SECONDS
-    ))?
-    .downcast::<gst::Pipeline>()
-    .map_err(|_| anyhow::anyhow!("not a pipeline"))?;
-    let ai = pipeline
-        .by_name("ai")
-        .ok_or_else(|| anyhow::anyhow!("no ai"))?;
+    ))?;
+    let ai = common::by_name(&pipeline, "ai")?;
     ai.set_property("pipelines-dir", models_dir().to_string_lossy().as_ref());
     ai.set_property("params", params(s));
-    let sink = pipeline
-        .by_name("sink")
-        .ok_or_else(|| anyhow::anyhow!("no sink"))?;
-    let times = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
-    let t = times.clone();
-    sink.static_pad("sink")
-        .ok_or_else(|| anyhow::anyhow!("no sink pad"))?
-        .add_probe(gst::PadProbeType::BUFFER, move |_, _| {
-            t.lock().unwrap().push(Instant::now());
-            gst::PadProbeReturn::Ok
-        });
-    pipeline.set_state(gst::State::Playing)?;
-    let bus = pipeline.bus().ok_or_else(|| anyhow::anyhow!("no bus"))?;
-    let msg = bus.timed_pop_filtered(
-        gst::ClockTime::from_seconds(120),
-        &[gst::MessageType::Eos, gst::MessageType::Error],
-    );
-    if let Some(m) = &msg
-        && let gst::MessageView::Error(e) = m.view()
-    {
-        anyhow::bail!("{} {:?}", e.error(), e.debug());
-    }
+    let times = common::play_to_eos(&pipeline, gst::ClockTime::from_seconds(120))?;
     let stats = ai.property::<gst::Structure>("stats");
     let out = stats.get::<u64>("frames-out").unwrap_or(0);
     let drops = stats.get::<u64>("queue-drops").unwrap_or(0);
@@ -389,10 +311,6 @@ fn live(dev: &str, s: u32) -> anyhow::Result<(f64, String)> {
 fn on_thread<T: Send>(f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
     std::thread::scope(|sc| sc.spawn(f).join())
         .map_err(|_| anyhow::anyhow!("measurement thread panicked"))?
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 fn cpu_name() -> String {

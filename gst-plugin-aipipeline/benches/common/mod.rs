@@ -1,0 +1,182 @@
+// SPDX-License-Identifier: MPL-2.0
+//! Code shared by the aipipeline benches: frame rendering, the `appsrc ! aipipeline ! appsink`
+//! push/pull rig, the live-pipeline output clock and median statistics.
+#![allow(dead_code)] // each bench uses a different subset
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gst::prelude::*;
+
+pub fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Runs `once` untimed on the first `warmup` items, then timed on every item: the times.
+pub fn timed<T>(
+    items: &[T],
+    warmup: usize,
+    mut once: impl FnMut(&T) -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<Duration>> {
+    for b in items.iter().take(warmup) {
+        once(b)?;
+    }
+    let mut times = Vec::with_capacity(items.len());
+    for b in items {
+        let t0 = Instant::now();
+        once(b)?;
+        times.push(t0.elapsed());
+    }
+    Ok(times)
+}
+
+pub fn testdata() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/pipelines")
+}
+
+pub fn caps(w: u32, h: u32) -> gst::Caps {
+    gst::Caps::builder("video/x-raw")
+        .field("format", "RGB")
+        .field("width", w as i32)
+        .field("height", h as i32)
+        .field("framerate", gst::Fraction::new(24, 1))
+        .build()
+}
+
+/// `gst::parse::launch` of a whole pipeline.
+pub fn launch(desc: &str) -> anyhow::Result<gst::Pipeline> {
+    gst::parse::launch(desc)?
+        .downcast::<gst::Pipeline>()
+        .map_err(|_| anyhow::anyhow!("not a pipeline"))
+}
+
+/// The element called `name` in `pipeline`.
+pub fn by_name(pipeline: &gst::Pipeline, name: &str) -> anyhow::Result<gst::Element> {
+    pipeline
+        .by_name(name)
+        .ok_or_else(|| anyhow::anyhow!("no {name}"))
+}
+
+/// Renders `n` RGB frames of videotestsrc's "smpte" pattern (moving ball overlay for variety).
+pub fn render_frames(n: usize, w: u32, h: u32) -> anyhow::Result<Vec<gst::Buffer>> {
+    render_frames_as(n, w, h, "RGB")
+}
+
+/// [`render_frames`] in another raw video `format`.
+pub fn render_frames_as(
+    n: usize,
+    w: u32,
+    h: u32,
+    format: &str,
+) -> anyhow::Result<Vec<gst::Buffer>> {
+    let pipeline = launch(&format!(
+        "videotestsrc num-buffers={n} pattern=smpte horizontal-speed=5 ! \
+         video/x-raw,format={format},width={w},height={h},framerate=24/1 ! appsink name=sink sync=false"
+    ))?;
+    let sink = by_name(&pipeline, "sink")?
+        .downcast::<gst_app::AppSink>()
+        .map_err(|_| anyhow::anyhow!("not an appsink"))?;
+    pipeline.set_state(gst::State::Playing)?;
+    let mut frames = Vec::with_capacity(n);
+    while let Ok(sample) = sink.pull_sample() {
+        if let Some(b) = sample.buffer_owned() {
+            frames.push(b);
+        }
+    }
+    pipeline.set_state(gst::State::Null)?;
+    Ok(frames)
+}
+
+/// `appsrc ! ai ! appsink`, playing, one frame in flight at a time. Set to NULL when dropped.
+pub struct Rig {
+    pub pipeline: gst::Pipeline,
+    pub ai: gst::Element,
+    src: gst_app::AppSrc,
+    sink: gst_app::AppSink,
+}
+
+impl Rig {
+    /// Links `ai` (an `aipipeline` built by the caller) between an appsrc with `caps` and an
+    /// appsink, and sets the pipeline to PLAYING.
+    pub fn start(ai: gst::Element, caps: &gst::Caps) -> anyhow::Result<Rig> {
+        let pipeline = gst::Pipeline::new();
+        let src = gst_app::AppSrc::builder()
+            .caps(caps)
+            .format(gst::Format::Time)
+            .build();
+        let sink = gst_app::AppSink::builder().sync(false).build();
+        pipeline.add_many([src.upcast_ref(), &ai, sink.upcast_ref()])?;
+        gst::Element::link_many([src.upcast_ref(), &ai, sink.upcast_ref()])?;
+        pipeline.set_state(gst::State::Playing)?;
+        Ok(Rig {
+            pipeline,
+            ai,
+            src,
+            sink,
+        })
+    }
+
+    /// Pushes a copy of `b` with PTS `i` × 41 ms and waits (60 s at most) for one output
+    /// frame: the time from push to output.
+    pub fn push_pull(&self, i: u64, b: &gst::Buffer) -> anyhow::Result<Duration> {
+        let mut b = b.copy();
+        b.get_mut()
+            .ok_or_else(|| anyhow::anyhow!("buffer not writable"))?
+            .set_pts(gst::ClockTime::from_mseconds(i * 41));
+        let t0 = Instant::now();
+        self.src.push_buffer(b)?;
+        self.sink
+            .try_pull_sample(gst::ClockTime::from_seconds(60))
+            .ok_or_else(|| anyhow::anyhow!("no output frame"))?;
+        Ok(t0.elapsed())
+    }
+
+    /// The element's `stats` structure.
+    pub fn stats(&self) -> gst::Structure {
+        self.ai.property::<gst::Structure>("stats")
+    }
+
+    /// Sets the pipeline to NULL.
+    pub fn stop(self) -> anyhow::Result<()> {
+        self.pipeline.set_state(gst::State::Null)?;
+        Ok(())
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+/// Times at which buffers reach the sink pad of the element `sink` in `pipeline`.
+pub type Arrivals = Arc<Mutex<Vec<Instant>>>;
+
+/// Records buffer arrivals at the element `sink`, plays `pipeline` and waits (at most
+/// `timeout`) for EOS; an error message is returned as an error. The pipeline is left playing.
+pub fn play_to_eos(pipeline: &gst::Pipeline, timeout: gst::ClockTime) -> anyhow::Result<Arrivals> {
+    let sink = by_name(pipeline, "sink")?;
+    let times: Arrivals = Arc::new(Mutex::new(Vec::new()));
+    let t = times.clone();
+    sink.static_pad("sink")
+        .ok_or_else(|| anyhow::anyhow!("no sink pad"))?
+        .add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+            t.lock().unwrap().push(Instant::now());
+            gst::PadProbeReturn::Ok
+        });
+    pipeline.set_state(gst::State::Playing)?;
+    let bus = pipeline.bus().ok_or_else(|| anyhow::anyhow!("no bus"))?;
+    let msg = bus.timed_pop_filtered(timeout, &[gst::MessageType::Eos, gst::MessageType::Error]);
+    if let Some(m) = &msg
+        && let gst::MessageView::Error(e) = m.view()
+    {
+        anyhow::bail!("{} {:?}", e.error(), e.debug());
+    }
+    Ok(times)
+}
