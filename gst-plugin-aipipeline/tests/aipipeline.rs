@@ -3,26 +3,17 @@
 //! probe, videotestsrc ! videoconvert ! aipipeline ! fakesink), the committed TorchScript test
 //! models and manifests (testdata/pipelines), exact or ±1 pixel checks.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Once, mpsc};
+use std::sync::mpsc;
 use std::time::Duration;
 
+use common::{Announcement, caps, init, testdata};
 use gst::prelude::*;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-fn init() {
-    static INIT: Once = Once::new();
-    INIT.call_once(|| {
-        gst::init().unwrap();
-        gstaipipeline::plugin_register_static().unwrap();
-    });
-}
-
-fn testdata() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/pipelines")
-}
 
 fn model(name: &str) -> String {
     testdata().join(name).to_string_lossy().into_owned()
@@ -70,16 +61,6 @@ struct Rig {
     el: gst::Element,
     rx: mpsc::Receiver<Rec>,
     bus: gst::Bus,
-}
-
-fn caps(format: &str, w: u32, h: u32) -> gst::Caps {
-    init();
-    gst::Caps::builder("video/x-raw")
-        .field("format", format)
-        .field("width", w as i32)
-        .field("height", h as i32)
-        .field("framerate", gst::Fraction::new(24, 1))
-        .build()
 }
 
 /// appsrc ! aipipeline (props) ! fakesink, recording caps, buffers and our events in order.
@@ -135,17 +116,10 @@ fn rig_with(props: &[(&str, &str)], in_caps: &gst::Caps, convert: Option<&str>) 
                 Some(gst::PadProbeData::Event(e)) => match e.view() {
                     gst::EventView::Caps(c) => Some(Rec::Caps(c.caps_owned())),
                     gst::EventView::Eos(_) => Some(Rec::Eos),
-                    gst::EventView::CustomDownstream(c) => {
-                        let s = c.structure().unwrap().to_owned();
-                        if s.name() == gstaipipeline::LOADING_EVENT {
-                            Some(Rec::Loading(s))
-                        } else if s.name() == gstaipipeline::ONLINE_EVENT {
-                            Some(Rec::Online(s))
-                        } else {
-                            None
-                        }
-                    }
-                    _ => None,
+                    _ => common::announcement(e).map(|a| match a {
+                        Announcement::Loading(s) => Rec::Loading(s),
+                        Announcement::Online(s) => Rec::Online(s),
+                    }),
                 },
                 _ => None,
             };
@@ -801,13 +775,10 @@ fn latency_query_adds_processing_latency() {
 #[test]
 fn real_pipeline_posts_stats_and_reaches_eos() {
     init();
-    let pipeline = gst::parse::launch(
+    let pipeline = common::launch(
         "videotestsrc num-buffers=12 ! video/x-raw,width=320,height=240,framerate=24/1 ! videoconvert \
          ! aipipeline name=ai stats-interval-ms=50 ! videoconvert ! fakesink",
-    )
-    .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap();
+    );
     let ai = pipeline.by_name("ai").unwrap();
     ai.set_property("params", S384);
     let (tx, rx) = mpsc::channel();
@@ -1155,27 +1126,16 @@ fn noop_passes_yuv_through_in_its_own_format_without_a_copy() {
         ("NV12", S384, true),
         ("I420", r#"{"width": 448, "height": 448}"#, false),
     ] {
-        let pipeline = gst::parse::launch(&format!(
+        let pipeline = common::launch(&format!(
             "appsrc name=src format=time caps=video/x-raw,format={format},width=384,height=384,framerate=24/1 \
              ! aipipeline pipeline=noop name=ai ! appsink name=out sync=false"
-        ))
-        .unwrap()
-        .downcast::<gst::Pipeline>()
-        .unwrap();
+        ));
         pipeline
             .by_name("ai")
             .unwrap()
             .set_property("params", params);
-        let src = pipeline
-            .by_name("src")
-            .unwrap()
-            .downcast::<gst_app::AppSrc>()
-            .unwrap();
-        let out = pipeline
-            .by_name("out")
-            .unwrap()
-            .downcast::<gst_app::AppSink>()
-            .unwrap();
+        let src = common::app_src(&pipeline, "src");
+        let out = common::app_sink(&pipeline, "out");
         if pipeline.set_state(gst::State::Playing).is_err() {
             let msg = pipeline
                 .bus()

@@ -4,34 +4,21 @@
 //! frames (the colour itself) are told apart by one pixel), real child processes killed with
 //! SIGKILL / stopped with SIGSTOP, the committed TorchScript test models.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::{Once, mpsc};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::{Announcement, child_bin, init, testdata};
 use gst::prelude::*;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 /// Solid input colour (R, G, B) and what the invert model makes of it.
 const COLOUR: [u8; 3] = [0x20, 0x40, 0x80];
 const INVERTED: [u8; 3] = [0xdf, 0xbf, 0x7f];
-
-fn init() {
-    static INIT: Once = Once::new();
-    INIT.call_once(|| {
-        gst::init().unwrap();
-        gstaipipeline::plugin_register_static().unwrap();
-    });
-}
-
-fn testdata() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/pipelines")
-}
-
-fn child_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_rivulet-inference")
-}
 
 #[derive(Debug)]
 enum Rec {
@@ -67,10 +54,7 @@ fn rig(props: &str) -> Rig {
         child_bin(),
         testdata().display()
     );
-    let pipeline = gst::parse::launch(&desc)
-        .unwrap()
-        .downcast::<gst::Pipeline>()
-        .unwrap();
+    let pipeline = common::launch(&desc);
     let el = pipeline.by_name("ai").unwrap();
     let sink = pipeline.by_name("sink").unwrap();
     let (tx, rx) = mpsc::channel();
@@ -82,19 +66,10 @@ fn rig(props: &str) -> Rig {
                     let m = b.map_readable().unwrap();
                     Some(Rec::Buffer([m[0], m[1], m[2]], Instant::now()))
                 }
-                Some(gst::PadProbeData::Event(e)) => match e.view() {
-                    gst::EventView::CustomDownstream(c) => {
-                        let s = c.structure().unwrap().to_owned();
-                        if s.name() == gstaipipeline::LOADING_EVENT {
-                            Some(Rec::Loading(s))
-                        } else if s.name() == gstaipipeline::ONLINE_EVENT {
-                            Some(Rec::Online)
-                        } else {
-                            None
-                        }
-                    }
-                    _ => None,
-                },
+                Some(gst::PadProbeData::Event(e)) => common::announcement(e).map(|a| match a {
+                    Announcement::Loading(s) => Rec::Loading(s),
+                    Announcement::Online(_) => Rec::Online,
+                }),
                 _ => None,
             };
             if let Some(r) = rec {
@@ -294,11 +269,7 @@ fn sigkill_mid_stream_gives_loading_frames_then_real_frames_again() {
     let logs = field_str(&m, "logs");
     assert!(logs.contains("loaded"), "child logs: {logs}");
     // Real frames resume after the online event.
-    loop {
-        if let Rec::Online = r.next() {
-            break;
-        }
-    }
+    r.wait_online();
     r.wait_pixel(INVERTED);
     let new_pid = r.child_pid();
     assert!(new_pid > 0 && new_pid != pid);
@@ -358,11 +329,7 @@ fn a_hung_child_is_killed_and_replaced() {
         wait_gone(pid, TIMEOUT),
         "the stopped child was not killed and reaped"
     );
-    loop {
-        if let Rec::Online = r.next() {
-            break;
-        }
-    }
+    r.wait_online();
     r.wait_pixel(INVERTED);
     assert_ne!(r.child_pid(), pid);
 }
@@ -377,11 +344,7 @@ fn restart_child_action_signal_replaces_the_child() {
     let m = r.restart_message();
     assert!(field_str(&m, "reason").contains("restart requested"));
     assert!(wait_gone(pid, TIMEOUT));
-    loop {
-        if let Rec::Online = r.next() {
-            break;
-        }
-    }
+    r.wait_online();
     r.wait_pixel(INVERTED);
 }
 
@@ -405,11 +368,7 @@ fn restart_child_replaces_a_hung_child_without_the_hang_timeout() {
         wait_gone(pid, TIMEOUT),
         "the stopped child was not killed and reaped"
     );
-    loop {
-        if let Rec::Online = r.next() {
-            break;
-        }
-    }
+    r.wait_online();
     r.wait_pixel(INVERTED);
     assert_ne!(r.child_pid(), pid);
 }
@@ -439,11 +398,7 @@ fn a_reload_starts_a_new_child_and_the_old_one_exits() {
             testdata().join("identity.pt").display()
         ),
     );
-    loop {
-        if let Rec::Online = r.next() {
-            break;
-        }
-    }
+    r.wait_online();
     r.wait_pixel(COLOUR);
     assert_ne!(r.child_pid(), pid);
     assert!(wait_gone(pid, TIMEOUT), "the replaced child did not exit");
@@ -454,27 +409,10 @@ fn a_reload_starts_a_new_child_and_the_old_one_exits() {
 #[test]
 fn results_are_identical_to_in_process() {
     init();
-    let frames: Vec<gst::Buffer> = {
-        let p = gst::parse::launch(
-            "videotestsrc num-buffers=4 pattern=smpte horizontal-speed=7 ! \
-             video/x-raw,format=I420,width=640,height=480,framerate=24/1 ! appsink name=sink sync=false",
-        )
-        .unwrap()
-        .downcast::<gst::Pipeline>()
-        .unwrap();
-        let sink = p
-            .by_name("sink")
-            .unwrap()
-            .downcast::<gst_app::AppSink>()
-            .unwrap();
-        p.set_state(gst::State::Playing).unwrap();
-        let mut v = Vec::new();
-        while let Ok(s) = sink.pull_sample() {
-            v.push(s.buffer_owned().unwrap());
-        }
-        p.set_state(gst::State::Null).unwrap();
-        v
-    };
+    let frames = common::render(
+        "videotestsrc num-buffers=4 pattern=smpte horizontal-speed=7 ! \
+         video/x-raw,format=I420,width=640,height=480,framerate=24/1 ! appsink name=sink sync=false",
+    );
     assert_eq!(frames.len(), 4);
     let run = |isolation: &str| -> Vec<Vec<u8>> {
         let desc = format!(
@@ -484,20 +422,9 @@ fn results_are_identical_to_in_process() {
             child_bin(),
             testdata().display()
         );
-        let p = gst::parse::launch(&desc)
-            .unwrap()
-            .downcast::<gst::Pipeline>()
-            .unwrap();
-        let src = p
-            .by_name("src")
-            .unwrap()
-            .downcast::<gst_app::AppSrc>()
-            .unwrap();
-        let sink = p
-            .by_name("sink")
-            .unwrap()
-            .downcast::<gst_app::AppSink>()
-            .unwrap();
+        let p = common::launch(&desc);
+        let src = common::app_src(&p, "src");
+        let sink = common::app_sink(&p, "sink");
         p.set_state(gst::State::Playing).unwrap();
         let mut out = Vec::new();
         for f in &frames {

@@ -15,9 +15,11 @@
 //! and `frame::frame_to_u8`) may differ by 1 of 255 per byte (rounding of floats summed in
 //! another order by other threads); they are compared with max abs diff <= 1.
 
-use std::path::PathBuf;
-use std::sync::Once;
+mod common;
 
+use std::path::PathBuf;
+
+use common::init;
 use gst::prelude::*;
 use gstaipipeline::frame;
 use tch::Tensor;
@@ -27,14 +29,6 @@ use tch::Tensor;
 const SIZE: u32 = 256;
 const NUM_STYLES: usize = 26;
 const TOL: u8 = 1;
-
-fn init() {
-    static INIT: Once = Once::new();
-    INIT.call_once(|| {
-        gst::init().unwrap();
-        gstaipipeline::plugin_register_static().unwrap();
-    });
-}
 
 fn models_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/styletransfer")
@@ -58,23 +52,14 @@ fn one_hot(style: usize, weight: f64) -> Vec<f64> {
 /// One static SMPTE 75 % bars frame, SIZE² RGB.
 fn input_frame() -> gst::Buffer {
     init();
-    let p = gst::parse::launch(&format!(
+    common::render(&format!(
         "videotestsrc num-buffers=1 pattern=smpte75 ! \
          video/x-raw,format=RGB,width={SIZE},height={SIZE},framerate=24/1 ! \
          appsink name=sink sync=false"
     ))
+    .into_iter()
+    .next()
     .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap();
-    let sink = p
-        .by_name("sink")
-        .unwrap()
-        .downcast::<gst_app::AppSink>()
-        .unwrap();
-    p.set_state(gst::State::Playing).unwrap();
-    let b = sink.pull_sample().unwrap().buffer_owned().unwrap();
-    p.set_state(gst::State::Null).unwrap();
-    b
 }
 
 /// The bare TorchScript forward of styletransfer.pt on `input`, with the element's own
@@ -130,12 +115,7 @@ impl Element {
     fn start_with(input: &gst::Buffer, params: &str, isolated: bool) -> Element {
         init();
         let pipeline = gst::Pipeline::new();
-        let caps = gst::Caps::builder("video/x-raw")
-            .field("format", "RGB")
-            .field("width", SIZE as i32)
-            .field("height", SIZE as i32)
-            .field("framerate", gst::Fraction::new(24, 1))
-            .build();
+        let caps = common::caps("RGB", SIZE, SIZE);
         let src = gst_app::AppSrc::builder()
             .caps(&caps)
             .format(gst::Format::Time)
@@ -150,7 +130,7 @@ impl Element {
             .unwrap();
         if isolated {
             ai.set_property_from_str("isolation", "process");
-            ai.set_property("child-path", env!("CARGO_BIN_EXE_rivulet-inference"));
+            ai.set_property("child-path", common::child_bin());
         }
         let sink = gst_app::AppSink::builder().sync(false).build();
         pipeline
