@@ -18,7 +18,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{caps, median, ms, render_frames, render_frames_as, testdata};
+use common::{arg, caps, median, ms, render_frames, render_frames_as, testdata};
 use gst::prelude::*;
 use gst_video::prelude::*;
 use gstaipipeline::{device, frame};
@@ -51,16 +51,7 @@ fn run_element(
         .property("max-latency-ms", 0u32)
         .build()?;
     let rig = common::Rig::start(ai, &caps(w, h))?;
-    // Warm-up.
-    for (i, b) in frames.iter().take(WARMUP).enumerate() {
-        rig.push_pull(i as u64, b)?;
-    }
-    let mut times = Vec::with_capacity(frames.len());
-    for (i, b) in frames.iter().enumerate() {
-        let t0 = Instant::now();
-        rig.push_pull((i + WARMUP) as u64, b)?;
-        times.push(t0.elapsed());
-    }
+    let times = rig.timed_frames(frames, WARMUP)?;
     let p50_ms = rig
         .stats()
         .get::<f64>("inference-latency-p50-ms")
@@ -209,12 +200,6 @@ fn best_of(f: impl Fn() -> anyhow::Result<Duration> + Sync) -> anyhow::Result<Du
 fn main() -> anyhow::Result<()> {
     gst::init()?;
     gstaipipeline::plugin_register_static()?;
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1).cloned())
-    };
     let device_arg = arg("--device")
         .or_else(|| std::env::var("RIVULET_BENCH_DEVICE").ok())
         .unwrap_or_else(|| "auto".into());

@@ -52,15 +52,7 @@ fn run_element(
         .property("child-path", env!("CARGO_BIN_EXE_rivulet-inference"))
         .build()?;
     let rig = common::Rig::start(ai, &caps(w, h))?;
-    for (i, b) in frames.iter().take(WARMUP).enumerate() {
-        rig.push_pull(i as u64, b)?;
-    }
-    let mut times = Vec::with_capacity(frames.len());
-    for (i, b) in frames.iter().enumerate() {
-        let t0 = Instant::now();
-        rig.push_pull((i + WARMUP) as u64, b)?;
-        times.push(t0.elapsed());
-    }
+    let times = rig.timed_frames(frames, WARMUP)?;
     let device = rig.stats().get::<String>("device").unwrap_or_default();
     rig.stop()?;
     Ok((median(times), device))
@@ -165,11 +157,7 @@ fn direct(
 fn main() -> anyhow::Result<()> {
     gst::init()?;
     gstaipipeline::plugin_register_static()?;
-    let args: Vec<String> = std::env::args().collect();
-    let n = args
-        .iter()
-        .position(|a| a == "--frames")
-        .and_then(|i| args.get(i + 1))
+    let n = common::arg("--frames")
         .and_then(|v| v.parse().ok())
         .unwrap_or(100usize);
     println!(

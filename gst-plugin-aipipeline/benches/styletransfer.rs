@@ -35,7 +35,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::ms;
+use common::{arg, ms};
 use gst::prelude::*;
 use gstaipipeline::{device, frame, model, pipeline};
 use tch::{Device, Kind, Tensor};
@@ -332,12 +332,6 @@ fn cpu_name() -> String {
 fn main() -> anyhow::Result<()> {
     gst::init()?;
     gstaipipeline::plugin_register_static()?;
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1).cloned())
-    };
     let device_arg = arg("--device")
         .or_else(|| std::env::var("RIVULET_BENCH_DEVICE").ok())
         .unwrap_or_else(|| "cpu".into());

@@ -36,6 +36,14 @@ pub fn timed<T>(
     Ok(times)
 }
 
+/// The value after `name` on the command line (`--frames 40`).
+pub fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
 pub fn testdata() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/pipelines")
 }
@@ -135,6 +143,26 @@ impl Rig {
             .try_pull_sample(gst::ClockTime::from_seconds(60))
             .ok_or_else(|| anyhow::anyhow!("no output frame"))?;
         Ok(t0.elapsed())
+    }
+
+    /// Pushes the first `warmup` frames untimed, then every frame timed, one at a time, PTS
+    /// numbered from 0 (the timed frames from `warmup` on): the time of each timed frame,
+    /// copy and push to output.
+    pub fn timed_frames(
+        &self,
+        frames: &[gst::Buffer],
+        warmup: usize,
+    ) -> anyhow::Result<Vec<Duration>> {
+        for (i, b) in frames.iter().take(warmup).enumerate() {
+            self.push_pull(i as u64, b)?;
+        }
+        let mut times = Vec::with_capacity(frames.len());
+        for (i, b) in frames.iter().enumerate() {
+            let t0 = Instant::now();
+            self.push_pull((i + warmup) as u64, b)?;
+            times.push(t0.elapsed());
+        }
+        Ok(times)
     }
 
     /// The element's `stats` structure.
