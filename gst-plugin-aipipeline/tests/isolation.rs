@@ -505,10 +505,16 @@ fn a_missing_child_binary_is_a_clear_error() {
 /// SIGKILL: its inference child must not survive it.
 #[test]
 fn killing_the_parent_leaves_no_child_behind() {
-    let plugin_dir = PathBuf::from(child_bin()).parent().unwrap().to_path_buf();
-    if !plugin_dir.join("libgstaipipeline.so").is_file() {
-        panic!("{} has no libgstaipipeline.so", plugin_dir.display());
-    }
+    // `cargo test` builds the cdylib beside this test binary (target/<profile>/deps) and copies
+    // it up to target/<profile> only on `cargo build`; pointing GST_PLUGIN_PATH at deps/ would
+    // make GStreamer try every library there, so this build's plugin gets a folder of its own.
+    let exe = std::env::current_exe().unwrap();
+    let built = exe.parent().unwrap().join("libgstaipipeline.so");
+    assert!(built.is_file(), "{} not found", built.display());
+    let plugin_dir =
+        std::env::temp_dir().join(format!("aipipeline-launch-{}", std::process::id()));
+    std::fs::create_dir_all(&plugin_dir).unwrap();
+    std::fs::copy(&built, plugin_dir.join("libgstaipipeline.so")).unwrap();
     let mut launch = Command::new("gst-launch-1.0")
         .args([
             "-m",
@@ -527,6 +533,7 @@ fn killing_the_parent_leaves_no_child_behind() {
             "fakesink",
         ])
         .env("GST_PLUGIN_PATH", &plugin_dir)
+        .env("GST_REGISTRY", plugin_dir.join("registry.bin"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -557,4 +564,5 @@ fn killing_the_parent_leaves_no_child_behind() {
         wait_exit(pid, Duration::from_secs(5), false),
         "inference child {pid} survived its parent"
     );
+    let _ = std::fs::remove_dir_all(&plugin_dir);
 }
