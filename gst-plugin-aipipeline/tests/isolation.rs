@@ -7,7 +7,6 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -511,8 +510,7 @@ fn killing_the_parent_leaves_no_child_behind() {
     let exe = std::env::current_exe().unwrap();
     let built = exe.parent().unwrap().join("libgstaipipeline.so");
     assert!(built.is_file(), "{} not found", built.display());
-    let plugin_dir =
-        std::env::temp_dir().join(format!("aipipeline-launch-{}", std::process::id()));
+    let plugin_dir = std::env::temp_dir().join(format!("aipipeline-launch-{}", std::process::id()));
     std::fs::create_dir_all(&plugin_dir).unwrap();
     std::fs::copy(&built, plugin_dir.join("libgstaipipeline.so")).unwrap();
     let mut launch = Command::new("gst-launch-1.0")
