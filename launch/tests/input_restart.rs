@@ -10,53 +10,9 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{create_channel, spawn_daemon};
+use common::{create_channel, read_stamp, spawn_daemon, stamped_frame};
 
-const S: usize = 512;
-const BITS: usize = 16;
-
-/// A 512×512 I420 frame: `n` as 16 black/white 32×32 squares on top, grey below.
-fn frame(n: u32) -> Vec<u8> {
-    let block = S / BITS;
-    let mut f = vec![128u8; S * S * 3 / 2];
-    for bit in 0..BITS {
-        let v = if n >> bit & 1 == 1 { 235 } else { 16 };
-        for y in 0..block {
-            f[y * S + bit * block..y * S + (bit + 1) * block].fill(v);
-        }
-    }
-    f
-}
-
-/// The index drawn by [`frame`] (None: not one of ours, e.g. a loading frame).
-fn stamp(sample: &gst::Sample) -> Option<u32> {
-    let info = gst_video::VideoInfo::from_caps(sample.caps()?).ok()?;
-    if info.width() as usize != S || info.height() as usize != S {
-        return None;
-    }
-    let buf = sample.buffer()?;
-    let map = buf.map_readable().ok()?;
-    let luma = &map[info.offset()[0]..];
-    let stride = info.stride()[0] as usize;
-    let block = S / BITS;
-    let mut n = 0;
-    for bit in 0..BITS {
-        let (cx, cy) = (bit * block + block / 2, block / 2);
-        let mut sum = 0u32;
-        for y in cy - 4..cy + 4 {
-            for x in cx - 4..cx + 4 {
-                sum += u32::from(luma[y * stride + x]);
-            }
-        }
-        let mean = sum / 64;
-        if mean > 160 {
-            n |= 1 << bit;
-        } else if mean > 80 {
-            return None;
-        }
-    }
-    Some(n)
-}
+const S: usize = common::STAMP_SIZE;
 
 /// A live publisher (x264 through tricklesink) on `url` that leaves the channel open when it
 /// stops, as a crashed or restarted publisher process does.
@@ -83,7 +39,7 @@ fn publisher(url: &str) -> (gst::Pipeline, gst_app::AppSrc) {
 fn publish(src: &gst_app::AppSrc, first: u32, count: u32) {
     let t0 = Instant::now();
     for i in 0..count {
-        let mut buf = gst::Buffer::from_mut_slice(frame(first + i));
+        let mut buf = gst::Buffer::from_mut_slice(stamped_frame(first + i, false));
         {
             let b = buf.get_mut().unwrap();
             b.set_pts(gst::ClockTime::from_nseconds(
@@ -107,7 +63,7 @@ fn drain(out: &gst_app::AppSink, within: Duration) -> Vec<u32> {
             return seen;
         }
         if let Some(s) = out.try_pull_sample(gst::ClockTime::from_nseconds(left.as_nanos() as u64))
-            && let Some(n) = stamp(&s)
+            && let Some(n) = read_stamp(&s)
         {
             seen.push(n);
         }

@@ -11,62 +11,11 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{create_channel, spawn_daemon};
+use common::{create_channel, read_stamp, spawn_daemon, stamped_frame};
 
-const S: usize = 512;
-const BITS: usize = 16;
+const S: usize = common::STAMP_SIZE;
 /// Far above any processing time of one frame, far below the 2 s pause.
 const BOUND: Duration = Duration::from_millis(1500);
-
-/// A 512×512 I420 frame: `n` as 16 black/white 32×32 squares on top, fresh noise below.
-fn frame(n: u32) -> Vec<u8> {
-    let block = S / BITS;
-    let mut f = vec![128u8; S * S * 3 / 2];
-    for bit in 0..BITS {
-        let v = if n >> bit & 1 == 1 { 235 } else { 16 };
-        for y in 0..block {
-            f[y * S + bit * block..y * S + (bit + 1) * block].fill(v);
-        }
-    }
-    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(n).wrapping_mul(0x2545_f491_4f6c_dd1d);
-    for px in &mut f[(block + 2) * S..S * S] {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *px = 32 + (x % 192) as u8;
-    }
-    f
-}
-
-/// The index drawn by [`frame`], read back from a decoded I420 sample (None: not one of ours).
-fn stamp(sample: &gst::Sample) -> Option<u32> {
-    let info = gst_video::VideoInfo::from_caps(sample.caps()?).ok()?;
-    if info.width() as usize != S || info.height() as usize != S {
-        return None;
-    }
-    let buf = sample.buffer()?;
-    let map = buf.map_readable().ok()?;
-    let luma = &map[info.offset()[0]..];
-    let stride = info.stride()[0] as usize;
-    let block = S / BITS;
-    let mut n = 0;
-    for bit in 0..BITS {
-        let (cx, cy) = (bit * block + block / 2, block / 2);
-        let mut sum = 0u32;
-        for y in cy - 4..cy + 4 {
-            for x in cx - 4..cx + 4 {
-                sum += u32::from(luma[y * stride + x]);
-            }
-        }
-        let mean = sum / 64;
-        if mean > 160 {
-            n |= 1 << bit;
-        } else if mean > 80 {
-            return None; // neither black nor white: not a stamped frame (e.g. loading frame)
-        }
-    }
-    Some(n)
-}
 
 #[test]
 fn every_frame_leaves_the_runner_when_complete_even_when_the_next_is_late() {
@@ -144,7 +93,7 @@ fn every_frame_leaves_the_runner_when_complete_even_when_the_next_is_late() {
     let frames = 24u32;
     let mut pts = Vec::new();
     for n in 0..frames {
-        let mut buf = gst::Buffer::from_mut_slice(frame(n));
+        let mut buf = gst::Buffer::from_mut_slice(stamped_frame(n, true));
         {
             let b = buf.get_mut().unwrap();
             b.set_pts(gst::ClockTime::from_nseconds(
@@ -167,7 +116,7 @@ fn every_frame_leaves_the_runner_when_complete_even_when_the_next_is_late() {
                 .unwrap_or_else(|| {
                     panic!("frame {n} did not come out within {bound:?} while the publisher waited")
                 });
-            match stamp(&sample) {
+            match read_stamp(&sample) {
                 Some(got) if got == n => {
                     pts.push(sample.buffer().unwrap().pts().unwrap());
                     break;

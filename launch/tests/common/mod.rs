@@ -373,3 +373,64 @@ pub async fn start_stream(http: &reqwest::Client, base: &str, start: &Value) -> 
     assert_eq!(code, 200, "{text}");
     serde_json::from_str(&text).unwrap_or(Value::Null)
 }
+
+/// Side of the index-stamped I420 test frames ([`stamped_frame`], [`read_stamp`]).
+pub const STAMP_SIZE: usize = 512;
+/// Bits of the index, drawn as black/white squares along the top of the frame.
+pub const STAMP_BITS: usize = 16;
+
+/// A 512×512 I420 frame: `n` as 16 black/white 32×32 squares on top; below them grey, or
+/// fresh noise (`noise`: large encoded frames, well over 64 KiB).
+pub fn stamped_frame(n: u32, noise: bool) -> Vec<u8> {
+    const S: usize = STAMP_SIZE;
+    let block = S / STAMP_BITS;
+    let mut f = vec![128u8; S * S * 3 / 2];
+    for bit in 0..STAMP_BITS {
+        let v = if n >> bit & 1 == 1 { 235 } else { 16 };
+        for y in 0..block {
+            f[y * S + bit * block..y * S + (bit + 1) * block].fill(v);
+        }
+    }
+    if noise {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(n).wrapping_mul(0x2545_f491_4f6c_dd1d);
+        for px in &mut f[(block + 2) * S..S * S] {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *px = 32 + (x % 192) as u8;
+        }
+    }
+    f
+}
+
+/// The index drawn by [`stamped_frame`], read back from a decoded I420 sample (None: not one
+/// of ours, e.g. a loading frame).
+pub fn read_stamp(sample: &gst::Sample) -> Option<u32> {
+    const S: usize = STAMP_SIZE;
+    let info = gst_video::VideoInfo::from_caps(sample.caps()?).ok()?;
+    if info.width() as usize != S || info.height() as usize != S {
+        return None;
+    }
+    let buf = sample.buffer()?;
+    let map = buf.map_readable().ok()?;
+    let luma = &map[info.offset()[0]..];
+    let stride = info.stride()[0] as usize;
+    let block = S / STAMP_BITS;
+    let mut n = 0;
+    for bit in 0..STAMP_BITS {
+        let (cx, cy) = (bit * block + block / 2, block / 2);
+        let mut sum = 0u32;
+        for y in cy - 4..cy + 4 {
+            for x in cx - 4..cx + 4 {
+                sum += u32::from(luma[y * stride + x]);
+            }
+        }
+        let mean = sum / 64;
+        if mean > 160 {
+            n |= 1 << bit;
+        } else if mean > 80 {
+            return None; // neither black nor white: not a stamped frame
+        }
+    }
+    Some(n)
+}
