@@ -10,7 +10,7 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{create_channel, read_stamp, spawn_daemon, stamped_frame};
+use common::{create_channel, read_stamp, spawn_daemon, stamped_frame, wait_health};
 
 const S: usize = common::STAMP_SIZE;
 
@@ -74,22 +74,7 @@ fn drain(out: &gst_app::AppSink, within: Duration) -> Vec<u32> {
 fn start_stream(rt: &tokio::runtime::Runtime, http: &reqwest::Client, base: &str, mid: &str) {
     let url = |s: &str| format!("{base}/trickle/{mid}{s}");
     rt.block_on(async {
-        let t = Instant::now();
-        loop {
-            let v: serde_json::Value = http
-                .get(format!("{base}/health"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if v["status"] == "IDLE" {
-                break;
-            }
-            assert!(t.elapsed() < Duration::from_secs(60), "health is {v}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_health(http, base, "IDLE", Duration::from_secs(60)).await;
         create_channel(http, base, mid, "video/MP2T").await;
         create_channel(http, base, &format!("{mid}-out"), "video/MP2T").await;
         let start = json!({
@@ -97,19 +82,12 @@ fn start_stream(rt: &tokio::runtime::Runtime, http: &reqwest::Client, base: &str
             "model_id": "noop", "params": {"width": S, "height": S},
             "gateway_request_id": "rst-1", "manifest_id": mid, "stream_id": "rst",
         });
-        let r = http
-            .post(format!("{base}/live-video-to-video"))
-            .json(&start)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "stream start");
+        common::start_stream(http, base, &start).await;
     });
 }
 
 fn restarted_publisher_brings_the_output_back(envs: &[(&str, &str)]) {
-    gst::init().unwrap();
-    gsttrickle::plugin_register_static().unwrap();
+    common::init_trickle();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let d = spawn_daemon("input-restart", envs);
     let base = d.base.clone();
@@ -182,8 +160,7 @@ fn restarted_publisher_brings_the_output_back_without_the_fps_cap() {
 /// first fetch (404) opens them and a JPEG follows.
 #[test]
 fn previews_are_made_only_while_someone_fetches_them() {
-    gst::init().unwrap();
-    gsttrickle::plugin_register_static().unwrap();
+    common::init_trickle();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let d = spawn_daemon("previews", &[]);
     let base = d.base.clone();

@@ -11,7 +11,7 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{create_channel, read_stamp, spawn_daemon, stamped_frame};
+use common::{create_channel, read_stamp, spawn_daemon, stamped_frame, start_stream, wait_health};
 
 const S: usize = common::STAMP_SIZE;
 /// Far above any processing time of one frame, far below the 2 s pause.
@@ -19,8 +19,7 @@ const BOUND: Duration = Duration::from_millis(1500);
 
 #[test]
 fn every_frame_leaves_the_runner_when_complete_even_when_the_next_is_late() {
-    gst::init().unwrap();
-    gsttrickle::plugin_register_static().unwrap();
+    common::init_trickle();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let d = spawn_daemon("latency", &[("RIVULET_FPS_CAP", "0")]);
     let base = d.base.clone();
@@ -29,22 +28,7 @@ fn every_frame_leaves_the_runner_when_complete_even_when_the_next_is_late() {
     let url = |s: &str| format!("{base}/trickle/{mid}{s}");
     rt.block_on(async {
         // The pipeline loads before the daemon reports IDLE.
-        let t = Instant::now();
-        loop {
-            let v: serde_json::Value = http
-                .get(format!("{base}/health"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if v["status"] == "IDLE" {
-                break;
-            }
-            assert!(t.elapsed() < Duration::from_secs(60), "health is {v}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_health(&http, &base, "IDLE", Duration::from_secs(60)).await;
         create_channel(&http, &base, mid, "video/MP2T").await;
         create_channel(&http, &base, &format!("{mid}-out"), "video/MP2T").await;
         let start = json!({
@@ -52,13 +36,7 @@ fn every_frame_leaves_the_runner_when_complete_even_when_the_next_is_late() {
             "model_id": "noop", "params": {"width": S, "height": S},
             "gateway_request_id": "lat-1", "manifest_id": mid, "stream_id": "lat",
         });
-        let r = http
-            .post(format!("{base}/live-video-to-video"))
-            .json(&start)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "stream start");
+        start_stream(&http, &base, &start).await;
     });
 
     let reader = gst::parse::launch(&format!(
