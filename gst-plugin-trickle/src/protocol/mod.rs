@@ -14,6 +14,10 @@
 //! - the server refuses channel names outside `[A-Za-z0-9_-]{1,256}` with 400, caps segments
 //!   (413) and channels (503), and answers 400 to negative seqs other than -1/-2 (spec §2.5,
 //!   §3, §6: these are Rivulet's own rules);
+//! - the server bounds connections (503 + close), request heads (408), idle POST bodies (408,
+//!   the segment closed), stuck response writes (dropped) and waiting subscribers (503), and
+//!   closes a segment whose POST body failed mid-way once it has been idle that long (§7.7
+//!   leaves it open); see "Limits" in [`server`];
 //! - the publisher re-POSTs an untouched segment at most [`client::MAX_UNTOUCHED_RETRIES`]
 //!   times (the gateway retries "while the next segment has not started"); the writer then
 //!   fails, its unsent data is dropped and the next segment is sent under that seq (P5);

@@ -27,9 +27,71 @@
 //! this server does not send the keepalive. The POST simply keeps waiting without limit; clients
 //! do not need the keepalive (it exists for intermediaries that cut silent connections).
 //!
+//! # Limits: the server holds under abuse
+//!
 //! Memory is bounded by the ring of 5 segments per channel, the per-segment size cap
 //! ([`ServerConfig::max_segment_bytes`]) and the channel cap ([`ServerConfig::max_channels`]).
-//! There are no whole-request timeouts.
+//! Connections, waiting requests and stalled transfers are bounded by the limits below, each a
+//! [`ServerConfig`] field (zero turns it off). The connection-level ones are applied by
+//! [`serve_router`], the one serving function that [`serve`] and the daemon's port both use, so
+//! where the router is mounted in a host's app they cover the host's whole port.
+//!
+//! | limit | default | beyond it |
+//! |---|---|---|
+//! | `max_connections` (connection level) | 4096 | the connection is accepted, answered `503 Service Unavailable` with `Connection: close` and a text body, and closed |
+//! | `header_read_timeout` (connection level) | 10 s | `408 Request Timeout` + close if part of a head arrived, else closed silently |
+//! | `body_idle_timeout` (POST: handler; responses: connection level) | 30 s | POST: segment closed, `408` + `Connection: close`; response: connection dropped |
+//! | `max_waiting_subscribers_per_channel` | 128 | `503` with a text body |
+//! | `max_waiting_subscribers` (all channels) | 2048 | `503` with a text body |
+//!
+//! None of them is a whole-request timeout (§9.4): a request that is legitimately waiting (a
+//! preconnected POST before its first byte, a GET before its segment has data) is never timed.
+//! The exact rules:
+//!
+//! - **Connections.** Over the cap a refused connection gets its 503 at once (one non-blocking
+//!   write), a FIN, and its request is drained for at most 0.5 s so that closing does not reset
+//!   the answer away before the client reads it; at most [`REFUSAL_SLOTS`] refusals linger at
+//!   once, beyond that a connection is closed without an answer. Open sockets therefore stay
+//!   below `max_connections + REFUSAL_SLOTS + 1`. [`serve_router`] warns at start when
+//!   `RLIMIT_NOFILE` is lower than `max_connections + 256` ([`raise_fd_limit`] raises it).
+//! - **Request head** (`header_read_timeout`): hyper 1's `http1::Builder::header_read_timeout`
+//!   with a tokio timer. hyper starts the clock when it begins reading a request head: at
+//!   accept, and again when a keep-alive connection has finished its previous response (so it
+//!   is also the keep-alive idle limit). It is one fixed deadline, not reset by partial bytes
+//!   (a slowloris drip does not extend it), and stops once the head is complete (a request
+//!   waiting in its handler is never affected). When it fires, hyper only ends the connection
+//!   future with an error (`Error::is_timeout`): it writes no response (its automatic
+//!   400/431/414 answers are for parse errors) and would just drop the socket. [`serve_router`]
+//!   takes the socket back (`into_parts`): when hyper holds part of a request head
+//!   (`Parts::read_buf` not empty) it writes `408 Request Timeout` with `Connection: close` and
+//!   closes; a connection that sent nothing (fresh, or idle between keep-alive requests) is
+//!   closed silently, as Go's net/http and nginx do, because a 408 there can cross a request
+//!   the client is sending at that moment and be taken for its answer.
+//! - **POST body** (`body_idle_timeout`): the wait for the first body byte is never timed (a
+//!   preconnected POST legitimately waits for the publisher's next keyframe, §7.3). From the
+//!   first non-empty chunk on, each next chunk (or the end of the body) must arrive within the
+//!   timeout; if not, the segment is closed (its subscribers get the bytes so far and a clean
+//!   end of their chunked body) and the POST is answered `408 Request Timeout` with
+//!   `Connection: close`.
+//! - **Abandoned segment** (`body_idle_timeout`; a deviation from §7.7): when a POST body fails
+//!   after the segment has bytes (the publisher disconnects mid-body, a bad chunk), the POST is
+//!   answered 500 and the segment stays open as in the reference, so that a re-POST can append
+//!   to it (§7.8) or a DELETE end it; but once no byte has arrived for the timeout while no POST
+//!   is attached, it is closed, so its subscribers get the bytes so far and a clean end instead
+//!   of hanging until the ring slot is reused.
+//! - **Response write** (`body_idle_timeout`, connection level): a socket write that cannot
+//!   make progress (the peer stopped reading and the socket buffers are full) for the timeout
+//!   drops the connection, and with it the response body: for a subscriber, its place in the
+//!   segment. Waiting for data to send (a GET waiting for its segment or its next chunk) is not
+//!   a stuck write and is never timed; a slow reader that takes some bytes at least once per
+//!   timeout is never dropped.
+//! - **Waiting subscribers** (`max_waiting_subscribers_per_channel`, `max_waiting_subscribers`):
+//!   a GET counts as waiting from the moment it finds its segment without data (a precreated
+//!   future segment, or one whose publisher has sent no byte yet) until the first byte arrives,
+//!   the segment closes or the client goes away: the time during which it has been sent no
+//!   response headers. One beyond either cap is answered `503 Service Unavailable` with a text
+//!   body naming the cap (clients retry, S3.5). A subscriber already streaming is not counted
+//!   (the connection cap bounds those).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -51,6 +113,9 @@ use super::{
     HEADER_EXPECT_CONTENT, HEADER_RESET, RING_SIZE, STATUS_SEGMENT_NOT_FOUND,
     is_reserved_channel_name, is_valid_channel_name,
 };
+
+mod conn;
+pub use conn::{ConnectionLimits, ConnectionStats, REFUSAL_SLOTS, raise_fd_limit, serve_router};
 
 /// Name of the changefeed channel (§9.3).
 pub const CHANGEFEED_CHANNEL: &str = "_changes";
@@ -76,6 +141,29 @@ pub struct ServerConfig {
     pub max_segment_bytes: u64,
     /// Maximum number of channels (internal `_` channels not counted); beyond it 503.
     pub max_channels: usize,
+    /// Most connections served at once on the port (connection level: where the router is
+    /// mounted in a host's app, the whole port). One more is accepted, answered 503 with
+    /// `Connection: close` and closed. 0: no limit.
+    pub max_connections: usize,
+    /// A connection must deliver a complete request head within this time of being accepted
+    /// or of finishing its previous response (so it also closes idle keep-alive connections);
+    /// partial bytes do not extend it. A connection holding part of a head is answered 408, an
+    /// idle one is closed silently. Zero: no timeout.
+    pub header_read_timeout: Duration,
+    /// Idle-body timeout, both directions. POST: once the body has delivered its first byte,
+    /// no further byte for this long closes the segment (readers get the bytes so far and a
+    /// clean end) and answers 408; the wait for the first byte is never timed (preconnect).
+    /// A segment whose POST body failed after some bytes (§7.7) is closed once no byte has
+    /// arrived for this long and no other POST is attached. Responses (connection level): a
+    /// write that makes no progress for this long (the peer stopped reading) drops the
+    /// connection; waiting for data to send is never timed. Zero: no timeout.
+    pub body_idle_timeout: Duration,
+    /// Most GETs per channel waiting for the first byte of a segment (no response sent yet);
+    /// one more is answered 503. 0: no limit.
+    pub max_waiting_subscribers_per_channel: usize,
+    /// Most GETs waiting for a first byte over all channels; one more is answered 503.
+    /// 0: no limit.
+    pub max_waiting_subscribers: usize,
 }
 
 impl Default for ServerConfig {
@@ -88,6 +176,11 @@ impl Default for ServerConfig {
             sweep_interval: Duration::from_secs(60),
             max_segment_bytes: 64 * 1024 * 1024,
             max_channels: 10_000,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
+            max_waiting_subscribers_per_channel: DEFAULT_MAX_WAITING_SUBSCRIBERS_PER_CHANNEL,
+            max_waiting_subscribers: DEFAULT_MAX_WAITING_SUBSCRIBERS,
         }
     }
 }
@@ -101,7 +194,28 @@ impl ServerConfig {
             ..Self::default()
         }
     }
+
+    /// The connection-level limits for [`serve_router`]: `max_connections`,
+    /// `header_read_timeout`, and `body_idle_timeout` as the response write idle timeout.
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.max_connections,
+            header_read_timeout: self.header_read_timeout,
+            write_idle_timeout: self.body_idle_timeout,
+        }
+    }
 }
+
+/// Default [`ServerConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default [`ServerConfig::header_read_timeout`].
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default [`ServerConfig::body_idle_timeout`].
+pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default [`ServerConfig::max_waiting_subscribers_per_channel`].
+pub const DEFAULT_MAX_WAITING_SUBSCRIBERS_PER_CHANNEL: usize = 128;
+/// Default [`ServerConfig::max_waiting_subscribers`].
+pub const DEFAULT_MAX_WAITING_SUBSCRIBERS: usize = 2048;
 
 /// Errors of the in-process server API.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -131,6 +245,8 @@ struct SegState {
     tail: BytesMut,
     len: u64,
     closed: bool,
+    /// When the last byte arrived (for closing abandoned segments).
+    last_append: Option<Instant>,
 }
 
 impl SegState {
@@ -167,6 +283,7 @@ impl Segment {
         {
             let mut st = self.state.lock().unwrap();
             st.len += chunk.len() as u64;
+            st.last_append = Some(Instant::now());
             if chunk.len() >= SMALL_CHUNK {
                 st.seal_tail();
                 st.chunks.push(chunk);
@@ -297,6 +414,8 @@ pub struct ChannelInfo {
     pub closed: bool,
     /// Time since the last write (or creation).
     pub idle: Duration,
+    /// GETs waiting for the first byte of a segment of this channel.
+    pub waiting_subscribers: usize,
     /// The segments in the ring, by seq.
     pub segments: Vec<SegmentInfo>,
 }
@@ -314,6 +433,8 @@ struct ChanState {
 struct Channel {
     mime: String,
     state: Mutex<ChanState>,
+    /// GETs waiting for the first byte of a segment ([`WaitSlot`]).
+    waiting: AtomicUsize,
 }
 
 fn slot_of(seq: i64) -> usize {
@@ -336,6 +457,7 @@ impl Channel {
                 write_time: Instant::now(),
                 closed: false,
             }),
+            waiting: AtomicUsize::new(0),
         })
     }
 
@@ -457,6 +579,55 @@ struct Inner {
     config: ServerConfig,
     base: String,
     channels: Mutex<HashMap<String, Arc<Channel>>>,
+    /// GETs waiting for a first byte, all channels together ([`WaitSlot`]).
+    waiting: AtomicUsize,
+}
+
+/// Increments `counter` unless it has reached `cap` (0: no cap).
+fn try_increment(counter: &AtomicUsize, cap: usize) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (cap == 0 || n < cap).then_some(n + 1)
+        })
+        .is_ok()
+}
+
+/// A GET's place among the subscribers waiting for a first byte; given back on drop (the
+/// first byte arrived, the segment closed, or the client went away).
+struct WaitSlot {
+    inner: Arc<Inner>,
+    channel: Arc<Channel>,
+}
+
+/// Which waiting-subscriber cap refused a GET.
+enum WaitFull {
+    Channel(usize),
+    Total(usize),
+}
+
+impl WaitSlot {
+    fn acquire(inner: &Arc<Inner>, channel: &Arc<Channel>) -> Result<Self, WaitFull> {
+        let per_channel = inner.config.max_waiting_subscribers_per_channel;
+        let total = inner.config.max_waiting_subscribers;
+        if !try_increment(&channel.waiting, per_channel) {
+            return Err(WaitFull::Channel(per_channel));
+        }
+        if !try_increment(&inner.waiting, total) {
+            channel.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(WaitFull::Total(total));
+        }
+        Ok(Self {
+            inner: inner.clone(),
+            channel: channel.clone(),
+        })
+    }
+}
+
+impl Drop for WaitSlot {
+    fn drop(&mut self) {
+        self.channel.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.inner.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The trickle server: channels plus the HTTP routes serving them. Cheap to clone (an `Arc`).
@@ -504,6 +675,7 @@ impl TrickleServer {
                 config,
                 base,
                 channels: Mutex::new(HashMap::new()),
+                waiting: AtomicUsize::new(0),
             }),
         };
         if server.inner.config.changefeed {
@@ -535,9 +707,10 @@ impl TrickleServer {
     }
 
     /// All routes under the base path, to serve alone or mount in a host's own router
-    /// (`Router::merge`). A host serving it itself should set `TCP_NODELAY` on accepted
-    /// connections, as [`serve`] does (`ListenerExt::tap_io`): without it, Nagle's algorithm
-    /// and delayed ACKs can hold small chunks back for tens of milliseconds.
+    /// (`Router::merge`). A host serving it itself should do so with [`serve_router`] and
+    /// [`ServerConfig::connection_limits`], as [`serve`] does: that applies the connection cap,
+    /// the header and write timeouts, and sets `TCP_NODELAY` (without it, Nagle's algorithm
+    /// and delayed ACKs can hold small chunks back for tens of milliseconds).
     pub fn router(&self) -> Router {
         let base = &self.inner.base;
         Router::new()
@@ -590,6 +763,7 @@ impl TrickleServer {
             next_write: st.next_write,
             closed: st.closed,
             idle: st.write_time.elapsed(),
+            waiting_subscribers: ch.waiting.load(Ordering::Acquire),
             segments,
         })
     }
@@ -607,6 +781,12 @@ impl TrickleServer {
             }
             None => false,
         }
+    }
+
+    /// GETs waiting for the first byte of a segment, over all channels (capped by
+    /// [`ServerConfig::max_waiting_subscribers`]).
+    pub fn waiting_subscribers(&self) -> usize {
+        self.inner.waiting.load(Ordering::Acquire)
     }
 
     /// Names of all channels (including internal ones such as `_changes`).
@@ -729,6 +909,40 @@ fn text(status: StatusCode, body: &'static str) -> Response {
         body,
     )
         .into_response()
+}
+
+fn text_owned(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"))],
+        body,
+    )
+        .into_response()
+}
+
+fn too_many_waiting(full: WaitFull) -> Response {
+    let body = match full {
+        WaitFull::Channel(cap) => format!(
+            "Service Unavailable: too many subscribers waiting on this channel (the server's \
+             limit of {cap} per channel is reached); retry later"
+        ),
+        WaitFull::Total(cap) => format!(
+            "Service Unavailable: too many subscribers waiting (the server's limit of {cap} \
+             is reached); retry later"
+        ),
+    };
+    text_owned(StatusCode::SERVICE_UNAVAILABLE, body)
+}
+
+fn body_idle(timeout: Duration) -> Response {
+    connection_close(text_owned(
+        StatusCode::REQUEST_TIMEOUT,
+        format!(
+            "Request Timeout: no body data for {} ms; the segment was closed with the bytes \
+             received so far",
+            timeout.as_millis()
+        ),
+    ))
 }
 
 const H_SEQ: HeaderName = HeaderName::from_static("lp-trickle-seq");
@@ -903,9 +1117,25 @@ async fn get_segment(
             return resp;
         }
     };
+    // A GET that is going to wait for the first byte takes a waiting slot, kept until the first
+    // chunk (or the end) arrives.
+    let slot = {
+        let st = seg.state.lock().unwrap();
+        st.len == 0 && !st.closed
+    }
+    .then(|| WaitSlot::acquire(&server.inner, &ch))
+    .transpose();
+    let slot = match slot {
+        Ok(slot) => slot,
+        Err(full) => {
+            tracing::debug!(channel, seq, "subscriber refused: waiting cap reached");
+            return too_many_waiting(full);
+        }
+    };
     let mut reader = seg.reader();
     // Nothing at all (not even headers) goes out until the first chunk exists.
     let first = reader.next_chunk().await;
+    drop(slot);
     let (latest, closed) = {
         let st = ch.state.lock().unwrap();
         (st.next_write, st.closed)
@@ -1011,14 +1241,13 @@ async fn post_segment(
             }
         }
     };
+    // Once the body flows, each further chunk must come within the idle-body timeout.
+    let idle = Some(server.inner.config.body_idle_timeout).filter(|d| !d.is_zero());
     let mut next = first;
     loop {
         match next {
+            Some(Ok(chunk)) if chunk.is_empty() => {}
             Some(Ok(chunk)) => {
-                if chunk.is_empty() {
-                    next = stream.next().await;
-                    continue;
-                }
                 if already + written + chunk.len() as u64 > cap {
                     tracing::warn!(channel, seq, cap, "segment cut: body over the size cap");
                     seg.close();
@@ -1033,13 +1262,35 @@ async fn post_segment(
                 seg.append(chunk);
             }
             Some(Err(err)) => {
-                // §7.7: the segment stays open; a DELETE, overwrite, reset or close ends it.
+                // §7.7: the segment stays open; a DELETE, overwrite, reset or close ends it,
+                // and (Rivulet) the idle-body timeout once no byte has come for that long.
                 tracing::debug!(channel, seq, %err, "publisher body read error");
+                if let Some(limit) = idle
+                    && already + written > 0
+                {
+                    close_when_abandoned(&seg, limit);
+                }
                 return text(StatusCode::INTERNAL_SERVER_ERROR, "Server error");
             }
             None => break,
         }
-        next = stream.next().await;
+        next = match idle {
+            None => stream.next().await,
+            Some(limit) => match tokio::time::timeout(limit, stream.next()).await {
+                Ok(item) => item,
+                Err(_) => {
+                    tracing::info!(
+                        channel,
+                        seq,
+                        bytes = written,
+                        timeout_ms = limit.as_millis() as u64,
+                        "publisher body idle: segment closed, answering 408"
+                    );
+                    seg.close();
+                    return body_idle(limit);
+                }
+            },
+        };
     }
     let mut resp = with_header(StatusCode::OK.into_response(), H_SEQ, hv_i64(seq));
     if written == 0 {
@@ -1058,6 +1309,39 @@ async fn post_segment(
     resp
 }
 
+/// Closes `seg` once no byte has arrived for `limit` and no POST is attached to it, unless
+/// something else closes it first (its POST body failed after some bytes, §7.7).
+fn close_when_abandoned(seg: &Arc<Segment>, limit: Duration) {
+    let weak = Arc::downgrade(seg);
+    tokio::spawn(async move {
+        loop {
+            let Some(seg) = weak.upgrade() else {
+                return; // gone from the ring and from every reader
+            };
+            let last = {
+                let st = seg.state.lock().unwrap();
+                if st.closed {
+                    return;
+                }
+                st.last_append.unwrap_or_else(Instant::now)
+            };
+            let due = last + limit;
+            let wait = if Instant::now() < due {
+                due
+            } else if seg.writers.load(Ordering::Relaxed) == 0 {
+                tracing::debug!(seq = seg.seq, "abandoned segment closed");
+                seg.close();
+                return;
+            } else {
+                // A re-POST is attached (§7.8): its own rules apply; look again later.
+                Instant::now() + limit
+            };
+            drop(seg);
+            tokio::time::sleep_until(wait.into()).await;
+        }
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Serving
 
@@ -1066,6 +1350,7 @@ async fn post_segment(
 pub struct ServerHandle {
     addr: SocketAddr,
     server: TrickleServer,
+    connections: ConnectionStats,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -1084,6 +1369,11 @@ impl ServerHandle {
     /// The server (for in-process channel management).
     pub fn server(&self) -> &TrickleServer {
         &self.server
+    }
+
+    /// The port's connection counters (open, refused, timeouts).
+    pub fn connections(&self) -> &ConnectionStats {
+        &self.connections
     }
 
     /// Closes every channel (releasing waiting requests), stops accepting, and waits (at most
@@ -1106,31 +1396,31 @@ impl ServerHandle {
     }
 }
 
-/// Serves `server.router()` on `listener` in a spawned task (TCP_NODELAY on every connection).
+/// Serves `server.router()` on `listener` in a spawned task, through [`serve_router`] with the
+/// server's [`ServerConfig::connection_limits`] (TCP_NODELAY on every connection).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     server: TrickleServer,
 ) -> std::io::Result<ServerHandle> {
-    use axum::serve::ListenerExt;
     let addr = listener.local_addr()?;
     let (tx, rx) = oneshot::channel::<()>();
-    let listener = listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(%err, "cannot set TCP_NODELAY");
-        }
-    });
     let router = server.router();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = rx.await;
-            })
-            .await
-    });
+    let limits = server.config().connection_limits();
+    let connections = ConnectionStats::default();
+    let task = tokio::spawn(serve_router(
+        listener,
+        router,
+        limits,
+        connections.clone(),
+        async move {
+            let _ = rx.await;
+        },
+    ));
     tracing::info!(%addr, base = server.base_path(), "trickle server listening");
     Ok(ServerHandle {
         addr,
         server,
+        connections,
         shutdown: Some(tx),
         task,
     })
