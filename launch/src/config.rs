@@ -2,6 +2,7 @@
 //! Daemon configuration: the runner's environment variables (runner-compat.md §16) and
 //! Rivulet's own settings.
 
+use gsttrickle::protocol::server as trickle;
 use serde_json::Value;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,6 +22,23 @@ pub struct Config {
     /// Serve an embedded trickle server on the API port under `trickle_base`.
     pub embedded_trickle: bool,
     pub trickle_base: String,
+    /// `RIVULET_TRICKLE_MAX_CONNECTIONS`: most connections served at once on the daemon's port
+    /// (API and embedded trickle server together); one more is answered 503 and closed.
+    /// 0: no limit.
+    pub trickle_max_connections: usize,
+    /// `RIVULET_TRICKLE_HEADER_READ_TIMEOUT_MS`: time a connection on the daemon's port has to
+    /// send a complete request head (from accept, or from the end of its previous response);
+    /// a partial head is answered 408. 0: no timeout.
+    pub trickle_header_read_timeout: Duration,
+    /// `RIVULET_TRICKLE_BODY_IDLE_TIMEOUT_MS`: a trickle POST body that has started and then
+    /// sends nothing for this long closes its segment (408); a response write on the daemon's
+    /// port stuck this long drops the connection. 0: no timeout.
+    pub trickle_body_idle_timeout: Duration,
+    /// `RIVULET_TRICKLE_MAX_WAITING_SUBSCRIBERS`: most GETs waiting for a segment's first byte
+    /// on the embedded trickle server; one more is answered 503. 0: no limit.
+    pub trickle_max_waiting_subscribers: usize,
+    /// `RIVULET_TRICKLE_MAX_WAITING_SUBSCRIBERS_PER_CHANNEL`: the same, per channel.
+    pub trickle_max_waiting_subscribers_per_channel: usize,
     /// Period of `status` events (10 s in the runner).
     pub status_period: Duration,
     /// Period of the health evaluation (1 s in the runner).
@@ -117,6 +135,17 @@ fn env_ms(name: &'static str, default: Duration) -> Result<Duration, ConfigError
     }
 }
 
+fn env_count(name: &'static str, default: usize) -> Result<usize, ConfigError> {
+    match env(name) {
+        None => Ok(default),
+        Some(v) => v.parse::<usize>().map_err(|e| ConfigError::Invalid {
+            name,
+            value: v,
+            reason: e.to_string(),
+        }),
+    }
+}
+
 impl Config {
     /// Reads the environment. `HOST`/`PORT` default to 127.0.0.1:8000 for a plain
     /// `rivulet serve` (the images set `HOST=0.0.0.0`).
@@ -163,6 +192,26 @@ impl Config {
             initial_params: Value::Object(Default::default()),
             embedded_trickle: env("RIVULET_EMBEDDED_TRICKLE").is_none_or(|v| v != "0"),
             trickle_base: "/trickle/".into(),
+            trickle_max_connections: env_count(
+                "RIVULET_TRICKLE_MAX_CONNECTIONS",
+                trickle::DEFAULT_MAX_CONNECTIONS,
+            )?,
+            trickle_header_read_timeout: env_ms(
+                "RIVULET_TRICKLE_HEADER_READ_TIMEOUT_MS",
+                trickle::DEFAULT_HEADER_READ_TIMEOUT,
+            )?,
+            trickle_body_idle_timeout: env_ms(
+                "RIVULET_TRICKLE_BODY_IDLE_TIMEOUT_MS",
+                trickle::DEFAULT_BODY_IDLE_TIMEOUT,
+            )?,
+            trickle_max_waiting_subscribers: env_count(
+                "RIVULET_TRICKLE_MAX_WAITING_SUBSCRIBERS",
+                trickle::DEFAULT_MAX_WAITING_SUBSCRIBERS,
+            )?,
+            trickle_max_waiting_subscribers_per_channel: env_count(
+                "RIVULET_TRICKLE_MAX_WAITING_SUBSCRIBERS_PER_CHANNEL",
+                trickle::DEFAULT_MAX_WAITING_SUBSCRIBERS_PER_CHANNEL,
+            )?,
             status_period: env_ms("RIVULET_STATUS_PERIOD_MS", Duration::from_secs(10))?,
             health_period: env_ms("RIVULET_HEALTH_PERIOD_MS", Duration::from_secs(1))?,
             fps_window: env_ms("RIVULET_FPS_WINDOW_MS", Duration::from_secs(10))?,

@@ -1,9 +1,17 @@
 // SPDX-License-Identifier: MPL-2.0
 //! `rivulet serve`: the API, the embedded trickle server and the supervisor's timers.
+//!
+//! The port is served by the trickle library's bounded serving code
+//! ([`gsttrickle::protocol::server::serve_router`]), so its connection-level limits (the
+//! connection cap, the request-head timeout, the response write idle timeout; the
+//! `RIVULET_TRICKLE_*` settings) apply to the whole port: the API and the embedded trickle
+//! server alike, also with the embedded server off.
 
 use crate::config::Config;
 use crate::daemon::Daemon;
-use gsttrickle::protocol::server::{ServerConfig, TrickleServer};
+use gsttrickle::protocol::server::{
+    ConnectionLimits, ConnectionStats, ServerConfig, TrickleServer, raise_fd_limit, serve_router,
+};
 use std::sync::Arc;
 
 /// A started daemon: its address, its core and its embedded trickle server.
@@ -11,6 +19,8 @@ pub struct Running {
     pub addr: std::net::SocketAddr,
     pub daemon: Arc<Daemon>,
     pub trickle: Option<TrickleServer>,
+    /// The port's connection counters (open, refused, timeouts).
+    pub connections: ConnectionStats,
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -39,17 +49,29 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let addr = listener.local_addr()?;
     let daemon = Daemon::new(config);
     let mut app = crate::api::router(daemon.clone());
-    let trickle = if daemon.config.embedded_trickle {
-        let cfg = ServerConfig {
-            base_path: daemon.config.trickle_base.clone(),
-            ..ServerConfig::development()
-        };
-        let server = TrickleServer::new(cfg);
+    let c = &daemon.config;
+    let trickle_config = ServerConfig {
+        base_path: c.trickle_base.clone(),
+        max_connections: c.trickle_max_connections,
+        header_read_timeout: c.trickle_header_read_timeout,
+        body_idle_timeout: c.trickle_body_idle_timeout,
+        max_waiting_subscribers: c.trickle_max_waiting_subscribers,
+        max_waiting_subscribers_per_channel: c.trickle_max_waiting_subscribers_per_channel,
+        ..ServerConfig::development()
+    };
+    let limits: ConnectionLimits = trickle_config.connection_limits();
+    let trickle = if c.embedded_trickle {
+        let server = TrickleServer::new(trickle_config);
         app = app.merge(server.router());
         Some(server)
     } else {
         None
     };
+    if limits.max_connections > 0
+        && let Err(err) = raise_fd_limit(limits.max_connections as u64 + 256)
+    {
+        tracing::warn!(%err, "cannot raise RLIMIT_NOFILE");
+    }
     crash_cleanup(&daemon).await;
     daemon.clone().load_pipeline();
     let d = daemon.clone();
@@ -61,12 +83,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             d.health_tick().await;
         }
     });
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let connections = ConnectionStats::default();
+    let server = tokio::spawn(serve_router(
+        listener,
+        app,
+        limits,
+        connections.clone(),
+        std::future::pending(),
+    ));
+    tracing::info!(
+        max_connections = limits.max_connections,
+        header_read_timeout_ms = limits.header_read_timeout.as_millis() as u64,
+        write_idle_timeout_ms = limits.write_idle_timeout.as_millis() as u64,
+        "connection limits"
+    );
+    // Tests read the address from the end of this line: no fields after it.
     tracing::info!("rivulet listening on http://{addr}");
     Ok(Running {
         addr,
         daemon,
         trickle,
+        connections,
         server,
     })
 }
