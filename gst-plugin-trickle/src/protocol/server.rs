@@ -64,9 +64,10 @@
 //!   400/431/414 answers are for parse errors) and would just drop the socket. [`serve_router`]
 //!   takes the socket back (`into_parts`): when hyper holds part of a request head
 //!   (`Parts::read_buf` not empty) it writes `408 Request Timeout` with `Connection: close` and
-//!   closes; a connection that sent nothing (fresh, or idle between keep-alive requests) is
-//!   closed silently, as Go's net/http and nginx do, because a 408 there can cross a request
-//!   the client is sending at that moment and be taken for its answer.
+//!   closes (the client is mid-request, so the answer cannot be mistaken); a connection that
+//!   sent nothing (fresh, or idle between keep-alive requests) is closed silently, because a
+//!   408 there can cross a request the client is sending at that moment and be taken for its
+//!   answer. (Go's net/http and nginx close every such connection silently.)
 //! - **POST body** (`body_idle_timeout`): the wait for the first body byte is never timed (a
 //!   preconnected POST legitimately waits for the publisher's next keyframe, §7.3). From the
 //!   first non-empty chunk on, each next chunk (or the end of the body) must arrive within the

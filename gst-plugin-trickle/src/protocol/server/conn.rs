@@ -279,8 +279,8 @@ async fn serve_connection(
         stats.inner.header_timeouts.fetch_add(1, Ordering::Relaxed);
         // hyper closes the connection without an answer. A client that sent part of a request
         // head gets a 408; an idle one (nothing sent, or an idle keep-alive connection) is
-        // closed silently, as Go's net/http and nginx do: a 408 there could be read as the
-        // answer to a request the client sends at the same moment.
+        // closed silently: a 408 there could be read as the answer to a request the client
+        // sends at the same moment.
         let partial = !parts.read_buf.is_empty();
         tracing::debug!(partial, "request head timeout");
         if partial {
