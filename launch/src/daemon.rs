@@ -114,7 +114,7 @@ impl Daemon {
         let now = now_secs();
         Arc::new(Daemon {
             core: Mutex::new(Core {
-                machine: Machine::new(),
+                machine: Machine::with_idle_stop(config.input_idle_stop.as_secs_f64()),
                 process_start_time: now,
                 pipeline_ready: false,
                 pipeline_ready_time: None,
@@ -515,7 +515,10 @@ impl Daemon {
         };
         for action in actions {
             match action {
-                Action::StopStreamIdle => self.stop_stream("no input for 60 s").await,
+                Action::StopStreamIdle => {
+                    let idle = self.config.input_idle_stop.as_secs_f64();
+                    self.stop_stream(&format!("no input for {idle} s")).await
+                }
                 Action::BecameOffline => {
                     let mut c = self.core.lock().unwrap();
                     c.request_id.clear();
