@@ -325,6 +325,17 @@ impl Daemon {
             c.inference.last_error = Some(message.to_string());
         }
         tracing::warn!(%message, "inference error");
+        self.emit_error(message, now);
+    }
+
+    /// An error that ends the stream outside inference (the input channel gone with a 404, an
+    /// output that cannot be published): an `error` event, so the gateway sees why the stream
+    /// stopped; `last_error` stays about inference (runner-compat.md §15).
+    pub fn report_stream_error(&self, message: &str) {
+        self.emit_error(message, now_secs());
+    }
+
+    fn emit_error(&self, message: &str, now: f64) {
         self.emit(
             json!({"type": "error", "pipeline": self.config.pipeline, "message": message,
                    "time": now, "timestamp": ms(now)}),

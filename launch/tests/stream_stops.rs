@@ -72,11 +72,14 @@ async fn start_live(tag: &str, mid: &'static str, envs: &[(&str, &str)]) -> Live
         "model_id": "noop", "params": params,
         "gateway_request_id": format!("req-{mid}"), "manifest_id": mid, "stream_id": "s-stops"
     });
+    // The publisher runs before the start, as a gateway's does: input is there as soon as the
+    // daemon subscribes (a short idle time then counts from the first frames, not from a
+    // publisher still starting on a loaded machine).
+    let input = common::live_input(&url(""));
+    set_state(&input, gst::State::Playing).await;
     common::start_stream(&http, &base, &start).await;
     let (reader, out_frames) = common::output_counter(&url("-out"));
     set_state(&reader, gst::State::Playing).await;
-    let input = common::live_input(&url(""));
-    set_state(&input, gst::State::Playing).await;
     wait_frames(&out_frames, 30).await;
     let status = wait_status(
         &http,
@@ -279,15 +282,15 @@ async fn the_input_channel_gone_stops_the_stream() {
 }
 
 /// The input goes silent (the publisher pauses: no EOS, the channel stays): DEGRADED_INPUT,
-/// then the idle rule stops the stream once the idle time (here 4 s instead of the runner's
+/// then the idle rule stops the stream once the idle time (here 8 s instead of the runner's
 /// 60 s, `RIVULET_INPUT_IDLE_STOP_MS`) has passed, and the state is IDLE, never ERROR.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_input_stops_the_stream_after_the_idle_time() {
-    const IDLE: Duration = Duration::from_secs(4);
+    const IDLE: Duration = Duration::from_secs(8);
     let live = start_live(
         "stops-idle",
         "stops004",
-        &[("RIVULET_INPUT_IDLE_STOP_MS", "4000")],
+        &[("RIVULET_INPUT_IDLE_STOP_MS", "8000")],
     )
     .await;
     set_state(&live.input, gst::State::Paused).await;
@@ -322,4 +325,53 @@ async fn idle_input_stops_the_stream_after_the_idle_time() {
         "stopped after {since_pause:?}, before the idle time {IDLE:?}"
     );
     live.stop().await;
+}
+
+/// A start whose input channel does not exist: the subscriber's first GET is a 404, which is
+/// fatal for the input, so the stream stops at once (its output and events channels are
+/// closed) and an `error` event says why; the daemon is IDLE again, ready for the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_404_stops_the_stream() {
+    common::init_trickle();
+    let d = spawn_daemon("stops-404", &[("RIVULET_ISOLATION", "none")]);
+    let http = reqwest::Client::new();
+    let base = d.base.clone();
+    wait_health(&http, &base, "IDLE", Duration::from_secs(60)).await;
+    let mid = "stops005";
+    create_stream_channels(&http, &base, mid).await;
+    let url = |s: &str| format!("{base}/trickle/{mid}{s}");
+    let start = json!({
+        "subscribe_url": url("-missing"), "publish_url": url("-out"),
+        "control_url": url("-control"), "events_url": url("-events"),
+        "model_id": "noop", "params": {"width": 384, "height": 384},
+        "gateway_request_id": "req-404", "manifest_id": mid, "stream_id": "s-404"
+    });
+    let mut events = common::subscribe_events(&url("-events"));
+    common::start_stream(&http, &base, &start).await;
+    let t = Instant::now();
+    wait_health(&http, &base, "IDLE", Duration::from_secs(20)).await;
+    eprintln!("IDLE {:?} after the start", t.elapsed());
+    let r = http
+        .get(format!("{}/next", url("-out")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "the output channel was closed");
+    // The events channel carried the error, then was closed.
+    let mut error = None;
+    while let Some(v) = tokio::time::timeout(Duration::from_secs(20), events.recv())
+        .await
+        .expect("the events channel was not closed")
+    {
+        if v["event"]["type"] == "error" {
+            error = Some(v);
+        }
+    }
+    let error = error.expect("an error event");
+    assert!(
+        error["event"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("404")),
+        "{error}"
+    );
 }
