@@ -23,6 +23,10 @@ use gst::glib;
 use gst::prelude::*;
 
 mod imp;
+mod loader;
+mod mailbox;
+mod stats;
+mod worker;
 
 pub(crate) use imp::log_child_line;
 

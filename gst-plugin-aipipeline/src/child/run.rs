@@ -1,0 +1,256 @@
+// SPDX-License-Identifier: MPL-2.0
+//! The child side: the child's main loop ([`run`]), loading the pipeline and running frames
+//! out of shared memory.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::shm::Shm;
+use super::wire::{FrameReq, InputLayout, LoadSpec, Recv, Reply, Request, recv_msg, send_msg};
+use super::{BIN_NAME, CTRL_FD, ENV_PARENT, SHM_FD};
+use crate::device::{self, DeviceSpec};
+use crate::frame::{self, PixelLayout, YuvMatrix};
+use crate::model::{self, Runner};
+use crate::pipeline::{Params, PipelineDef, Registry};
+
+/// Watchdog period in the child.
+const WATCHDOG_PERIOD: Duration = Duration::from_millis(250);
+
+fn say(msg: &str) {
+    eprintln!("{BIN_NAME}[{}]: {msg}", std::process::id());
+}
+
+struct Loaded {
+    def: PipelineDef,
+    runner: Runner,
+    device: tch::Device,
+}
+
+fn load(spec: &LoadSpec) -> Result<(Loaded, Duration), String> {
+    let dspec = spec
+        .device
+        .parse::<DeviceSpec>()
+        .map_err(|e| e.to_string())?;
+    let device = device::resolve(dspec)?;
+    let half = spec.fp16 && device.is_cuda();
+    let dir = spec.pipelines_dir.as_ref().map(PathBuf::from);
+    let registry = Registry::scan(dir.as_deref());
+    let def = registry
+        .resolve(&spec.pipeline, spec.model.as_ref().map(PathBuf::from))
+        .ok_or_else(|| {
+            format!(
+                "Unknown pipeline '{}'. Known pipelines: {}",
+                spec.pipeline,
+                registry.names().join(", ")
+            )
+        })?;
+    let params = match &spec.resolved {
+        Some(w) => Params::from(w.clone()),
+        None => def.parse_params(&spec.params).map_err(|e| {
+            format!(
+                "Invalid params {} for pipeline '{}': {e}",
+                spec.params, def.name
+            )
+        })?,
+    };
+    say(&format!(
+        "loading pipeline '{}' on {} ({}x{})",
+        def.name,
+        device::describe(device),
+        params.width,
+        params.height
+    ));
+    let t0 = Instant::now();
+    let runner = Runner::load(&def, &params, device, half).map_err(|e| e.to_string())?;
+    say(&format!(
+        "pipeline '{}' loaded in {:?}",
+        def.name,
+        t0.elapsed()
+    ));
+    let warm = runner.warmup_time();
+    Ok((
+        Loaded {
+            def,
+            runner,
+            device,
+        },
+        warm,
+    ))
+}
+
+fn frame_in_child(loaded: &Loaded, shm: &mut Shm, req: &FrameReq) -> Result<(), String> {
+    if req.shm_size as usize != shm.len {
+        shm.map(req.shm_size as usize)
+            .map_err(|e| format!("cannot map shared memory: {e}"))?;
+    }
+    let mem = shm.bytes_mut();
+    let out_len = req.out_w as usize * req.out_h as usize * 3;
+    let out_end = (req.out_offset as usize)
+        .checked_add(out_len)
+        .filter(|e| *e <= mem.len())
+        .ok_or("output slot outside shared memory")?;
+    if req.planes.len() > 3 || req.planes.is_empty() {
+        return Err("1 to 3 planes expected".into());
+    }
+    if req.planes.iter().any(|(o, l, _)| o + l > req.out_offset) {
+        return Err("input plane overlaps the output slot".into());
+    }
+    let (input, output) = mem.split_at_mut(req.out_offset as usize);
+    let output = &mut output[..out_end - req.out_offset as usize];
+    let mut planes: [&[u8]; 3] = [&[]; 3];
+    let mut strides = [0usize; 3];
+    for (i, (o, l, s)) in req.planes.iter().enumerate() {
+        planes[i] = &input[*o as usize..(*o + *l) as usize];
+        strides[i] = *s as usize;
+    }
+    let n = req.planes.len();
+    let crop = frame::cover_crop(req.width, req.height, req.out_w, req.out_h);
+    let rgb = match req.layout {
+        InputLayout::Packed { bpp, first, bgr } => frame::upload_rgb(
+            planes[0],
+            strides[0],
+            req.width,
+            req.height,
+            PixelLayout { bpp, first, bgr },
+            crop,
+            loaded.device,
+        ),
+        InputLayout::Yuv420 {
+            nv12,
+            kr,
+            kb,
+            full_range,
+        } => frame::upload_yuv420(
+            &planes[..n],
+            &strides[..n],
+            req.width,
+            req.height,
+            nv12,
+            YuvMatrix { kr, kb, full_range },
+            crop,
+            loaded.device,
+        ),
+    }
+    .map_err(|e| e.to_string())?;
+    let out = model::process(&loaded.runner, rgb, req.out_w, req.out_h)
+        .map_err(|e| format!("Pipeline '{}' failed on a frame: {e}", loaded.def.name))?;
+    frame::download_rgb(
+        &out,
+        output,
+        req.out_w as usize * 3,
+        req.out_w,
+        req.out_h,
+        3,
+    )
+    .map_err(|e| format!("Cannot write an output frame: {e}"))
+}
+
+/// The child's main function: serves requests on fd 3 until `shutdown` or EOF. Returns the
+/// exit status.
+pub fn run() -> i32 {
+    let parent: Option<u32> = std::env::var(ENV_PARENT).ok().and_then(|p| p.parse().ok());
+    let Some(parent) = parent else {
+        eprintln!(
+            "{BIN_NAME} is started by the aipipeline element (isolation=process), not by hand"
+        );
+        return 2;
+    };
+    // SAFETY: plain syscalls. PDEATHSIG is also set before exec; setting it again is harmless.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        if libc::getppid() as u32 != parent {
+            return 1;
+        }
+    }
+    for fd in [CTRL_FD, SHM_FD] {
+        // SAFETY: F_GETFD only queries the fd.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            eprintln!("{BIN_NAME}: fd {fd} is not open: started without the aipipeline element?");
+            return 2;
+        }
+    }
+    let watchdog = std::thread::Builder::new()
+        .name("watchdog".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(WATCHDOG_PERIOD);
+                // SAFETY: getppid has no preconditions.
+                if unsafe { libc::getppid() } as u32 != parent {
+                    say("parent process gone: exiting");
+                    // SAFETY: immediate exit without running destructors (the main thread may
+                    // be inside libtorch).
+                    unsafe { libc::_exit(1) };
+                }
+            }
+        });
+    if let Err(e) = watchdog {
+        say(&format!("cannot start the watchdog: {e}"));
+        return 1;
+    }
+    // SAFETY: fds 3 and 4 were set up by the parent for us (checked open above) and nothing
+    // else in this process owns them.
+    let ctrl = unsafe { OwnedFd::from_raw_fd(CTRL_FD) };
+    let mut shm = Shm {
+        // SAFETY: as above.
+        fd: unsafe { OwnedFd::from_raw_fd(SHM_FD) },
+        ptr: std::ptr::null_mut(),
+        len: 0,
+    };
+    let _no_grad = tch::no_grad_guard();
+    let fd = ctrl.as_raw_fd();
+    let mut loaded: Option<Loaded> = None;
+    loop {
+        let req = match recv_msg::<Request>(fd, None) {
+            Ok(Recv::Msg(r)) => r,
+            Ok(Recv::Eof) => return 0,
+            Ok(Recv::Timeout) => continue,
+            Err(e) => {
+                say(&format!("bad control message: {e}"));
+                return 1;
+            }
+        };
+        let started = Instant::now();
+        let reply = match req {
+            Request::Shutdown => return 0,
+            Request::Load(spec) => match load(&spec) {
+                Ok((l, warm)) => {
+                    let device = device::describe(l.device);
+                    loaded = Some(l);
+                    Reply::Loaded {
+                        warmup_us: warm.as_micros() as u64,
+                        device,
+                    }
+                }
+                Err(msg) => {
+                    say(&format!("load failed: {msg}"));
+                    Reply::LoadFailed { msg }
+                }
+            },
+            Request::Frame(f) => match &loaded {
+                None => Reply::FrameError {
+                    msg: "no pipeline loaded".into(),
+                },
+                Some(l) => match frame_in_child(l, &mut shm, &f) {
+                    Ok(()) => Reply::FrameDone {
+                        compute_us: started.elapsed().as_micros() as u64,
+                    },
+                    Err(msg) => Reply::FrameError { msg },
+                },
+            },
+            Request::Params { params } => match loaded.as_mut() {
+                None => Reply::ParamsError {
+                    msg: "no pipeline loaded".into(),
+                },
+                Some(l) => match l.runner.set_params(&Params::from(params)) {
+                    Ok(()) => Reply::ParamsDone,
+                    Err(msg) => Reply::ParamsError { msg },
+                },
+            },
+        };
+        if let Err(e) = send_msg(fd, &reply) {
+            say(&format!("cannot reply: {e}"));
+            return 1;
+        }
+    }
+}
