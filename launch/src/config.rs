@@ -43,6 +43,9 @@ pub struct Config {
     pub status_period: Duration,
     /// Period of the health evaluation (1 s in the runner).
     pub health_period: Duration,
+    /// `RIVULET_INPUT_IDLE_STOP_MS`: a stream whose input has been idle this long is stopped
+    /// (health rule 5; 60 s in the runner); still running 30 s later is a computed ERROR.
+    pub input_idle_stop: Duration,
     /// Length of the FPS window (10 s in the runner).
     pub fps_window: Duration,
     /// The input frame-rate cap (24 fps); `None` disables it.
@@ -214,6 +217,7 @@ impl Config {
             )?,
             status_period: env_ms("RIVULET_STATUS_PERIOD_MS", Duration::from_secs(10))?,
             health_period: env_ms("RIVULET_HEALTH_PERIOD_MS", Duration::from_secs(1))?,
+            input_idle_stop: env_ms("RIVULET_INPUT_IDLE_STOP_MS", Duration::from_secs(60))?,
             fps_window: env_ms("RIVULET_FPS_WINDOW_MS", Duration::from_secs(10))?,
             fps_cap,
             pipelines_dir: env("RIVULET_PIPELINES")

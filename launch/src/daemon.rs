@@ -114,7 +114,7 @@ impl Daemon {
         let now = now_secs();
         Arc::new(Daemon {
             core: Mutex::new(Core {
-                machine: Machine::new(),
+                machine: Machine::with_idle_stop(config.input_idle_stop.as_secs_f64()),
                 process_start_time: now,
                 pipeline_ready: false,
                 pipeline_ready_time: None,
@@ -325,6 +325,17 @@ impl Daemon {
             c.inference.last_error = Some(message.to_string());
         }
         tracing::warn!(%message, "inference error");
+        self.emit_error(message, now);
+    }
+
+    /// An error that ends the stream outside inference (the input channel gone with a 404, an
+    /// output that cannot be published): an `error` event, so the gateway sees why the stream
+    /// stopped; `last_error` stays about inference (runner-compat.md §15).
+    pub fn report_stream_error(&self, message: &str) {
+        self.emit_error(message, now_secs());
+    }
+
+    fn emit_error(&self, message: &str, now: f64) {
         self.emit(
             json!({"type": "error", "pipeline": self.config.pipeline, "message": message,
                    "time": now, "timestamp": ms(now)}),
@@ -515,7 +526,10 @@ impl Daemon {
         };
         for action in actions {
             match action {
-                Action::StopStreamIdle => self.stop_stream("no input for 60 s").await,
+                Action::StopStreamIdle => {
+                    let idle = self.config.input_idle_stop.as_secs_f64();
+                    self.stop_stream(&format!("no input for {idle} s")).await
+                }
                 Action::BecameOffline => {
                     let mut c = self.core.lock().unwrap();
                     c.request_id.clear();

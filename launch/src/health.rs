@@ -64,7 +64,8 @@ pub struct Inputs {
 /// What the supervisor must do after an evaluation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Rule 5: the input has been idle for 60 s: stop the stream (asked once).
+    /// Rule 5: the input has been idle for 60 s (the machine's `idle_stop`): stop the stream
+    /// (asked once).
     StopStreamIdle,
     /// Computed ERROR: stop the stream, then restart inference (or store ERROR, see `fatal`).
     ComputedError { fatal: bool },
@@ -78,6 +79,8 @@ pub struct Machine {
     pub state: State,
     pub last_state_update_time: Option<f64>,
     idle_stop_requested: bool,
+    /// Rule 5's idle time in seconds (60 in the runner); ERROR 30 s after it.
+    idle_stop: f64,
 }
 
 impl Default for Machine {
@@ -87,12 +90,19 @@ impl Default for Machine {
 }
 
 impl Machine {
-    /// The state starts as LOADING.
+    /// The state starts as LOADING; rule 5 stops a stream after 60 s without input.
     pub fn new() -> Self {
+        Self::with_idle_stop(60.0)
+    }
+
+    /// As [`Machine::new`], with rule 5's idle time in seconds (the runner's is 60; a shorter
+    /// one lets tests see the rule act).
+    pub fn with_idle_stop(idle_stop: f64) -> Self {
         Machine {
             state: State::Loading,
             last_state_update_time: None,
             idle_stop_requested: false,
+            idle_stop,
         }
     }
 
@@ -184,12 +194,12 @@ impl Machine {
             };
         }
         // 5. Input idle for 60 s.
-        if since_in > 60.0 {
+        if since_in > self.idle_stop {
             if !self.idle_stop_requested {
                 self.idle_stop_requested = true;
                 actions.push(Action::StopStreamIdle);
             }
-            return if since_in < 90.0 {
+            return if since_in < self.idle_stop + 30.0 {
                 State::DegradedInput
             } else {
                 State::Error
@@ -406,6 +416,20 @@ mod tests {
         // asked only once
         assert_eq!(m.evaluate(&i, now + 1.0, 0), vec![]);
         // still running at 90 s -> computed error
+        let a = m.evaluate(&i, now + 30.0, 0);
+        assert_eq!(a, vec![Action::ComputedError { fatal: false }]);
+    }
+
+    #[test]
+    fn rule5_with_a_shorter_idle_time() {
+        let now = T0 + 200.0;
+        let mut i = healthy(now);
+        i.last_input_time = Some(now - 2.5);
+        let mut m = Machine::with_idle_stop(2.0);
+        m.state = State::Online;
+        assert_eq!(m.evaluate(&i, now, 0), vec![Action::StopStreamIdle]);
+        assert_eq!(m.state, State::DegradedInput);
+        assert_eq!(m.evaluate(&i, now + 1.0, 0), vec![]);
         let a = m.evaluate(&i, now + 30.0, 0);
         assert_eq!(a, vec![Action::ComputedError { fatal: false }]);
     }

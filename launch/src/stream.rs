@@ -927,6 +927,15 @@ fn spawn_bus_watch(
                             // Restart limit reached: permanent ERROR (runner-compat.md §7.2).
                             daemon.on_child_limit();
                         }
+                    } else {
+                        // The elements' own words are in the debug text's last line.
+                        let detail = e
+                            .debug()
+                            .and_then(|d| d.rsplit(":\n").next().map(str::to_owned));
+                        daemon.report_stream_error(&match detail {
+                            Some(d) => format!("{text}: {d}"),
+                            None => text.clone(),
+                        });
                     }
                     let d = daemon.clone();
                     let id = request_id.clone();

@@ -41,8 +41,21 @@ fn docker_dir() -> PathBuf {
     repo().join("docker")
 }
 
-fn skip(why: &str) {
-    println!("SKIPPED: {why}");
+/// What these checks need from the host; `scripts/setup` (run by `make test`) installs it.
+/// A missing piece is a failure that says what to install, never a silent skip.
+fn require(ok: bool, what: &str) {
+    assert!(
+        ok,
+        "{what}: run `scripts/setup` (as root) on a Debian 12 host, as `make test` does"
+    );
+}
+
+/// A tool on PATH, from the Debian package `package`.
+fn require_tool(tool: &str, package: &str) {
+    require(
+        have(tool),
+        &format!("{tool} not found (Debian package {package})"),
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -516,14 +529,11 @@ fn apt_packages_exist_in_debian_12() {
         all.extend(build);
         all.extend(runtime);
     }
-    if !have("apt-cache") {
-        return skip("apt-cache not found: cannot check the Debian package names");
-    }
-    if !host_is_bookworm() {
-        return skip(
-            "this host is not Debian 12 (bookworm): its apt index says nothing about the images",
-        );
-    }
+    require_tool("apt-cache", "apt");
+    require(
+        host_is_bookworm(),
+        "this host is not Debian 12 (bookworm): its apt index says nothing about the images",
+    );
     let known = |p: &str| {
         run_ok(Command::new("apt-cache").args(["show", "--no-all-versions", p]))
             .is_some_and(|text| text.contains(&format!("Package: {p}\n")))
@@ -533,11 +543,10 @@ fn apt_packages_exist_in_debian_12() {
             .is_some_and(|s| s.ends_with(" installed"))
     };
     let missing: Vec<&String> = all.iter().filter(|p| !known(p) && !installed(p)).collect();
-    if !missing.is_empty() && !known("gstreamer1.0-plugins-bad") && !known("python3-pip") {
-        return skip(&format!(
-            "the apt index is empty here (no apt-get update): cannot check {missing:?}"
-        ));
-    }
+    require(
+        missing.is_empty() || known("gstreamer1.0-plugins-bad") || known("python3-pip"),
+        &format!("the apt index is empty here (no apt-get update): cannot check {missing:?}"),
+    );
     assert!(
         missing.is_empty(),
         "neither in this Debian 12 apt index nor installed: {missing:?}"
@@ -634,14 +643,14 @@ fn copy_sources_exist_or_are_built() {
                     );
                     shipped.insert(file.to_owned());
                 } else if s.starts_with(LIBTORCH) {
-                    if Path::new(LIBTORCH_LIB).join("libtorch_cpu.so").exists() {
-                        assert!(
-                            Path::new(&s).exists(),
-                            "{name} line {line}: {s} is not in the libtorch install"
-                        );
-                    } else {
-                        skip(&format!("{LIBTORCH} not installed here: cannot check {s}"));
-                    }
+                    require(
+                        Path::new(LIBTORCH_LIB).join("libtorch_cpu.so").exists(),
+                        &format!("{LIBTORCH} not installed here: cannot check {s}"),
+                    );
+                    assert!(
+                        Path::new(&s).exists(),
+                        "{name} line {line}: {s} is not in the libtorch install"
+                    );
                     assert!(
                         dest.starts_with(LIBTORCH),
                         "{name} line {line}: libtorch files keep their absolute path, not {dest}"
@@ -824,9 +833,7 @@ fn libtorch_as_conventions_say() {
         }
     }
     // The absolute rpath of the binary that was built is the path the images use.
-    if !have("readelf") {
-        return skip("readelf not found: cannot read the rpath of rivulet");
-    }
+    require_tool("readelf", "binutils");
     let dynamic = run_ok(Command::new("readelf").args(["-d", env!("CARGO_BIN_EXE_rivulet")]))
         .expect("readelf -d rivulet");
     let rpath = dynamic
@@ -844,9 +851,11 @@ fn libtorch_as_conventions_say() {
 /// their dependencies).
 #[test]
 fn cpu_image_has_what_rivulet_loads() {
-    if !have("ldd") || !Path::new(LIBTORCH_LIB).join("libtorch_cpu.so").exists() {
-        return skip("ldd or libtorch missing: cannot resolve rivulet's libraries");
-    }
+    require_tool("ldd", "libc-bin");
+    require(
+        Path::new(LIBTORCH_LIB).join("libtorch_cpu.so").exists(),
+        &format!("{LIBTORCH} not installed: cannot resolve rivulet's libraries"),
+    );
     let df = Dockerfile::load("Dockerfile.cpu");
     let rt = df.runtime();
     let mut in_image = BTreeSet::new();
@@ -887,9 +896,12 @@ fn cpu_image_has_what_rivulet_loads() {
     );
     println!("libtorch files rivulet loads, all in the CPU image: {torch:?}");
 
-    if !have("dpkg") || !have("apt-cache") || !host_is_bookworm() {
-        return skip("not a Debian 12 host: cannot map system libraries to packages");
-    }
+    require_tool("dpkg", "dpkg");
+    require_tool("apt-cache", "apt");
+    require(
+        host_is_bookworm(),
+        "not a Debian 12 host: cannot map system libraries to packages",
+    );
     let runtime_pkgs: Vec<String> = rt.runs().iter().flat_map(|r| apt_packages(r)).collect();
     let mut args = vec![
         "depends",
@@ -1011,10 +1023,7 @@ fn healthcheck_probes_health() {
             hc.contains("--start-period=180s"),
             "{name}: loading may take 180 s (runner-compat §17)"
         );
-        if !have("curl") {
-            skip("curl not found here: cannot run the health check command");
-            continue;
-        }
+        require_tool("curl", "curl");
         for (status, healthy) in [
             ("IDLE", true),
             ("OK", true),
@@ -1185,11 +1194,12 @@ fn hadolint_passes() {
             .filter(|p| p.exists())
             .map(|p| p.to_string_lossy().into_owned()),
     ];
-    let Some(hl) = candidates.into_iter().flatten().next() else {
-        return skip(
-            "hadolint not installed (scripts/lint-docker installs it and `make test` runs it)",
-        );
-    };
+    let hl = candidates.into_iter().flatten().next().unwrap_or_else(|| {
+        panic!(
+            "hadolint 2.15.1 not installed: run `bash scripts/lint-docker` once (it installs it \
+             into target/tools; `make test` runs it before the tests)"
+        )
+    });
     let config = docker_dir().join("hadolint.yaml");
     let out = Command::new(&hl)
         .arg("--config")

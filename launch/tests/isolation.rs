@@ -9,63 +9,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use gst::prelude::*;
-
 mod common;
 use common::{
-    create_stream_channels, get_json, inference_children, now_ms, set_state, signal, spawn_daemon,
-    subscribe_events, wait_frames, wait_health, wait_no_inference_child, wait_status,
+    create_stream_channels, get_json, health_stays, inference_children, now_ms, set_state, signal,
+    spawn_daemon, subscribe_events, wait_frames, wait_health, wait_no_inference_child, wait_status,
 };
-
-/// Live input: videotestsrc at 30 fps plus a tone, into `url`.
-fn input_pipeline(url: &str) -> gst::Pipeline {
-    gst::parse::launch(&format!(
-        "videotestsrc is-live=true pattern=ball ! \
-           video/x-raw,format=I420,width=640,height=480,framerate=30/1 ! \
-         tricklesink name=pub url={url} min-segment-duration=500000000 \
-         audiotestsrc is-live=true samplesperbuffer=1600 ! audio/x-raw,rate=48000,channels=2 ! pub."
-    ))
-    .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap()
-}
-
-/// Counts the video frames of the output channel.
-fn output_counter(url: &str) -> (gst::Pipeline, Arc<AtomicU64>) {
-    let pipeline = gst::Pipeline::new();
-    let src = gst::ElementFactory::make("tricklesrc")
-        .property("url", url)
-        .property("start-seq", 0i64)
-        .build()
-        .unwrap();
-    pipeline.add(&src).unwrap();
-    let count = Arc::new(AtomicU64::new(0));
-    let c = count.clone();
-    let weak = pipeline.downgrade();
-    src.connect_pad_added(move |_, pad| {
-        let Some(pipeline) = weak.upgrade() else {
-            return;
-        };
-        let sink = gst_app::AppSink::builder().sync(false).build();
-        if pad.name().starts_with("video") {
-            let c = c.clone();
-            sink.set_callbacks(
-                gst_app::AppSinkCallbacks::builder()
-                    .new_sample(move |s| {
-                        let _ = s.pull_sample();
-                        c.fetch_add(1, Ordering::SeqCst);
-                        Ok(gst::FlowSuccess::Ok)
-                    })
-                    .build(),
-            );
-        }
-        let sink: gst::Element = sink.upcast();
-        pipeline.add(&sink).unwrap();
-        sink.sync_state_with_parent().unwrap();
-        pad.link(&sink.static_pad("sink").unwrap()).unwrap();
-    });
-    (pipeline, count)
-}
 
 /// A daemon (isolation=process) running a `noop` stream with live input, an output frame
 /// counter and the `restart` events of the events channel.
@@ -119,9 +67,9 @@ async fn start_running_with(
         start["pipeline"] = p;
     }
     common::start_stream(&http, &base, &start).await;
-    let (reader, out_frames) = output_counter(&url("-out"));
+    let (reader, out_frames) = common::output_counter(&url("-out"));
     set_state(&reader, gst::State::Playing).await;
-    let input = input_pipeline(&url(""));
+    let input = common::live_input(&url(""));
     set_state(&input, gst::State::Playing).await;
     Running {
         d,
@@ -242,8 +190,8 @@ async fn killing_the_inference_child_restarts_it_and_the_stream_goes_on() {
         now.len() == 1 && now[0] != victim,
         "a new child replaced {victim}: {now:?}"
     );
-    let h = get_json(&http, &format!("{base}/health")).await;
-    assert_eq!(h["status"], "OK");
+    // Health is evaluated once a second (the runner's timer): OK at the next evaluation.
+    wait_health(&http, &base, "OK", Duration::from_secs(10)).await;
     // While the child restarted, loading frames went out (the output never stopped).
     assert!(loading_frames(&http, &base).await > loading_before);
 
@@ -289,11 +237,7 @@ async fn a_fourth_child_loss_is_a_permanent_error() {
     );
     // No child is left running, and ERROR stays.
     wait_no_inference_child(daemon_pid).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(
-        get_json(&http, &format!("{base}/health")).await["status"],
-        "ERROR"
-    );
+    health_stays(&http, &base, "ERROR", Duration::from_millis(2500)).await;
     set_state(&input, gst::State::Null).await;
     set_state(&reader, gst::State::Null).await;
 }

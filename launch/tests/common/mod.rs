@@ -141,6 +141,17 @@ pub async fn wait_health(http: &reqwest::Client, base: &str, want: &str, within:
     }
 }
 
+/// Polls /health every 100 ms for `during` (over several health evaluations) and fails on the
+/// first reading that is not `want`: a state that must stay, read more than once.
+pub async fn health_stays(http: &reqwest::Client, base: &str, want: &str, during: Duration) {
+    let t = Instant::now();
+    while t.elapsed() < during {
+        let v = get_json(http, &format!("{base}/health")).await;
+        assert_eq!(v["status"], want, "health left {want}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Polls `f` on /api/status every 100 ms until it holds; `within` is the failure bound.
 pub async fn wait_status(
     http: &reqwest::Client,
@@ -231,6 +242,57 @@ pub fn inference_children(daemon: u32) -> Vec<u32> {
         }
     }
     found
+}
+
+/// Live input: videotestsrc at 30 fps (640×480, moving ball) plus a tone, into `url`.
+pub fn live_input(url: &str) -> gst::Pipeline {
+    gst::parse::launch(&format!(
+        "videotestsrc is-live=true pattern=ball ! \
+           video/x-raw,format=I420,width=640,height=480,framerate=30/1 ! \
+         tricklesink name=pub url={url} min-segment-duration=500000000 \
+         audiotestsrc is-live=true samplesperbuffer=1600 ! audio/x-raw,rate=48000,channels=2 ! pub."
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap()
+}
+
+/// Counts the video frames of the output channel at `url`, read from its first segment.
+pub fn output_counter(url: &str) -> (gst::Pipeline, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let pipeline = gst::Pipeline::new();
+    let src = gst::ElementFactory::make("tricklesrc")
+        .property("url", url)
+        .property("start-seq", 0i64)
+        .build()
+        .unwrap();
+    pipeline.add(&src).unwrap();
+    let count = std::sync::Arc::new(AtomicU64::new(0));
+    let c = count.clone();
+    let weak = pipeline.downgrade();
+    src.connect_pad_added(move |_, pad| {
+        let Some(pipeline) = weak.upgrade() else {
+            return;
+        };
+        let sink = gst_app::AppSink::builder().sync(false).build();
+        if pad.name().starts_with("video") {
+            let c = c.clone();
+            sink.set_callbacks(
+                gst_app::AppSinkCallbacks::builder()
+                    .new_sample(move |s| {
+                        let _ = s.pull_sample();
+                        c.fetch_add(1, Ordering::SeqCst);
+                        Ok(gst::FlowSuccess::Ok)
+                    })
+                    .build(),
+            );
+        }
+        let sink: gst::Element = sink.upcast();
+        pipeline.add(&sink).unwrap();
+        sink.sync_state_with_parent().unwrap();
+        pad.link(&sink.static_pad("sink").unwrap()).unwrap();
+    });
+    (pipeline, count)
 }
 
 /// Sends `sig` to the daemon's child `pid`.
