@@ -320,9 +320,12 @@ fn dashboard_shows_live_previews_charts_and_state() {
     });
 
     // The state the daemon reports, the figures and both previews. (The page refreshes every
-    // second; the state may move between ONLINE and DEGRADED_* while the stream warms up.)
+    // second; the state may move between ONLINE and DEGRADED_* while the stream warms up, and
+    // on a loaded machine the first input frames can arrive as a burst that a first window
+    // counts above 30 fps: the page must settle on a plausible input rate within the bound.)
     let first = wait_for(
-        "a page showing the daemon's state and both previews",
+        "a page showing the daemon's state, both previews and an input rate of 5-40 fps for \
+         the 30 fps stream",
         Duration::from_secs(30),
         || {
             let daemon_state = get_json(format!("{base}/api/status"))["state"].clone();
@@ -331,7 +334,8 @@ fn dashboard_shows_live_previews_charts_and_state() {
                 && RUNNING.contains(&s["state"].as_str().unwrap_or(""))
                 && s["input"]["w"].as_u64() > Some(0)
                 && s["output"]["w"].as_u64() > Some(0)
-                && num(&s["fps_out"]) > 0.0;
+                && num(&s["fps_out"]) > 0.0
+                && (5.0..=40.0).contains(&num(&s["fps_in"]));
             if ok { Ok(s) } else { Err(s.to_string()) }
         },
     );
@@ -345,11 +349,7 @@ fn dashboard_shows_live_previews_charts_and_state() {
             "{p} preview is blank: {first}"
         );
     }
-    let fps_in = num(&first["fps_in"]);
-    assert!(
-        (5.0..=40.0).contains(&fps_in),
-        "input fps {fps_in} for a 30 fps stream: {first}"
-    );
+
     let frames: Vec<f64> = first["frames"]
         .as_str()
         .unwrap()
