@@ -673,30 +673,37 @@ fn element_provider_fails_over_while_running() {
     let bus = rig.pipeline.bus().unwrap();
     let mut failover = None;
     let mut types = Vec::new();
-    let mut after = 0;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    // Lock-step, so that few frames are in flight: the second identity fails at its own 10th
-    // frame, and 5 outputs after the failover are needed. A frame lost in the switch costs one
-    // pull timeout; the timeout is long enough that a loaded machine does not let frames pile
-    // up behind slow pulls (which would bring the second identity to its 10th frame early).
-    while after < 5 && std::time::Instant::now() < deadline {
+    // The first identity passes 9 frames and fails on its 10th (lost); every output after
+    // those 9 came through the second one. 5 of those are needed, before it reaches its own
+    // 10th frame.
+    const FIRST_PASSES: u32 = 9;
+    let mut outputs = 0u32;
+    let after = |outputs: u32| outputs.saturating_sub(FIRST_PASSES);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    // Lock-step, so that few frames are in flight: push one frame, wait for it. A frame lost
+    // in the switch (the failing one) costs one pull timeout, and only then is the next frame
+    // pushed; the timeout is long (5 s) so that a loaded machine, where the switch itself may
+    // take seconds, does not pile frames up behind slow pulls (they would all reach the second
+    // identity and bring it to its 10th frame before 5 of its outputs are counted).
+    while (after(outputs) < 5 || failover.is_none()) && std::time::Instant::now() < deadline {
         rig.push(&input);
-        if let Some(sample) = rig.sink.try_pull_sample(gst::ClockTime::from_seconds(1)) {
+        if let Some(sample) = rig.sink.try_pull_sample(gst::ClockTime::from_seconds(5)) {
             let buf = sample.buffer().unwrap().map_readable().unwrap();
             assert_eq!(
                 buf.as_slice(),
                 input.as_slice(),
                 "identity passes frames as is"
             );
-            if failover.is_some() {
-                after += 1;
-            }
+            outputs += 1;
         }
         while let Some(msg) =
             bus.pop_filtered(&[gst::MessageType::Element, gst::MessageType::Error])
         {
             if let gst::MessageView::Error(e) = msg.view() {
-                panic!("the element's error reached the pipeline: {}", e.error());
+                panic!(
+                    "the element's error reached the pipeline after {outputs} outputs: {}",
+                    e.error()
+                );
             }
             if let Some(ev) = graph::stage_event(&msg) {
                 types.push(ev["type"].as_str().unwrap_or_default().to_string());
@@ -706,6 +713,7 @@ fn element_provider_fails_over_while_running() {
             }
         }
     }
+    let after = after(outputs);
     let ev = failover.unwrap_or_else(|| panic!("no stage_failover: {types:?} {:?}", g.stats()));
     assert_eq!(ev["stage"], "fx");
     assert_eq!(ev["ok"], true, "{ev}");
