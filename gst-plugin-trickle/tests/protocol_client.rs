@@ -826,3 +826,177 @@ async fn next_segment_takes_over_a_seq_that_never_got_a_byte() {
     drop(publisher);
     fake.abort();
 }
+
+// ---- go-livepeer 2026 wire (docs/trickle.md) ------------------------------------------------
+
+#[tokio::test]
+async fn publisher_records_the_seq_the_server_wrote() {
+    let h = start(ServerConfig::default()).await;
+    h.server().create_channel("ws", "application/json").unwrap();
+    let mut publisher = Publisher::new(
+        &h.url("ws"),
+        PublisherConfig {
+            delete_on_close: false,
+            ..pub_config()
+        },
+    )
+    .unwrap();
+    assert_eq!(publisher.last_written_seq(), None);
+    for i in 0..3 {
+        let outcome = bounded("send", publisher.send_message(Bytes::from_static(b"{}")))
+            .await
+            .unwrap();
+        assert_eq!(outcome, SegmentOutcome::Done);
+        assert_eq!(publisher.last_written_seq(), Some(i));
+    }
+    // An empty segment (a finish without data) is a write too: it consumes seq 3.
+    let w = bounded("begin", publisher.begin_segment()).await.unwrap();
+    assert_eq!(w.seq(), 3);
+    assert_eq!(
+        bounded("finish", w.finish()).await.unwrap(),
+        SegmentOutcome::Done
+    );
+    assert_eq!(publisher.last_written_seq(), Some(3));
+    assert_eq!(h.server().channel_info("ws").unwrap().next_write, 4);
+    assert_eq!(publisher.next_seq(), 4);
+    bounded("close", publisher.close()).await.unwrap();
+    // close() ended the preconnect of seq 4 as the final empty segment.
+    assert_eq!(h.server().channel_info("ws").unwrap().next_write, 5);
+}
+
+#[tokio::test]
+async fn publisher_keeps_its_numbering_whatever_seq_the_server_reports() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/odd", listener.local_addr().unwrap());
+    // A fake server: seq 0 answered like an older server (no Lp-Trickle-Seq), seq 1 with a
+    // seq other than the one posted; later preconnects are held open. One task per
+    // connection, since preconnects arrive before the segment before them is done.
+    let fake = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        loop {
+            let (mut c, _) = listener.accept().await.unwrap();
+            conns.push(tokio::spawn(async move {
+                let got = read_until(&mut c, Vec::new(), b"\r\n\r\n").await;
+                let head = String::from_utf8_lossy(&got).to_string();
+                let extra = if head.starts_with("POST /odd/0 ") {
+                    ""
+                } else if head.starts_with("POST /odd/1 ") {
+                    "Lp-Trickle-Seq: 7\r\n"
+                } else {
+                    return c; // held open
+                };
+                read_until(&mut c, got, b"\r\n0\r\n\r\n").await;
+                c.write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
+                    )
+                    .as_bytes(),
+                )
+                .await
+                .unwrap();
+                c
+            }));
+        }
+    });
+    let mut publisher = Publisher::new(&url, pub_config()).unwrap();
+    assert_eq!(
+        bounded("seq 0", publisher.send_message(Bytes::from_static(b"a")))
+            .await
+            .unwrap(),
+        SegmentOutcome::Done
+    );
+    assert_eq!(
+        publisher.last_written_seq(),
+        None,
+        "no header: nothing known"
+    );
+    assert_eq!(
+        bounded("seq 1", publisher.send_message(Bytes::from_static(b"b")))
+            .await
+            .unwrap(),
+        SegmentOutcome::Done
+    );
+    // The server's word is recorded (and logged), but the publisher's own numbering goes on.
+    assert_eq!(publisher.last_written_seq(), Some(7));
+    assert_eq!(publisher.next_seq(), 2);
+    drop(publisher);
+    fake.abort();
+}
+
+#[tokio::test]
+async fn subscriber_moves_on_past_a_live_empty_write() {
+    let h = start(ServerConfig::default()).await;
+    h.server().create_channel("le", "video/MP2T").unwrap();
+    let url = h.url("le");
+    let mut publisher = Publisher::new(&url, pub_config()).unwrap();
+    assert_eq!(
+        publisher
+            .send_message(Bytes::from_static(b"zero"))
+            .await
+            .unwrap(),
+        SegmentOutcome::Done
+    );
+    let mut sub = Subscriber::new(&url, sub_config(0)).unwrap();
+    let s0 = next(&mut sub).await;
+    assert_eq!(body(s0).await, b"zero");
+    // The subscriber's preconnect for seq 1 is waiting when seq 1 is written empty.
+    let reader = tokio::spawn(async move {
+        let seg = next(&mut sub).await;
+        (seg.seq(), seg.discont(), body(seg).await)
+    });
+    wait_attached(h.server(), "le", 1, 1, 1).await;
+    let empty = bounded("begin 1", publisher.begin_segment()).await.unwrap();
+    assert_eq!(empty.seq(), 1);
+    assert_eq!(
+        bounded("empty 1", empty.finish()).await.unwrap(),
+        SegmentOutcome::Done
+    );
+    // The next segment (seq 2) is what the subscriber gets, flagged as a discontinuity.
+    assert_eq!(
+        publisher
+            .send_message(Bytes::from_static(b"two"))
+            .await
+            .unwrap(),
+        SegmentOutcome::Done
+    );
+    let (seq, discont, data) = bounded("reader", reader).await.unwrap();
+    assert_eq!((seq, discont), (2, true));
+    assert_eq!(data, b"two");
+}
+
+#[tokio::test]
+async fn reattach_after_an_empty_write_continues_after_it_with_reset() {
+    let h = start(ServerConfig::default()).await;
+    h.server().create_channel("rae", "video/MP2T").unwrap();
+    let url = h.url("rae");
+    // A first publisher writes seq 0 and closes without DELETE: its final empty segment
+    // consumes seq 1.
+    let mut first = Publisher::new(
+        &url,
+        PublisherConfig {
+            delete_on_close: false,
+            ..pub_config()
+        },
+    )
+    .unwrap();
+    first.send_message(Bytes::from_static(b"a")).await.unwrap();
+    bounded("close", first.close()).await.unwrap();
+    // A subscriber waits at the write head (seq 2).
+    let mut sub = Subscriber::new(&url, sub_config(-1)).unwrap();
+    let reader = tokio::spawn(async move {
+        let seg = next(&mut sub).await;
+        (seg.seq(), body(seg).await)
+    });
+    wait_attached(h.server(), "rae", 2, 1, 0).await;
+    // The restarted publisher learns seq 2 from /next and sends it with Lp-Trickle-Reset.
+    let mut p = bounded("reattach", Publisher::reattach(&url, pub_config()))
+        .await
+        .unwrap();
+    assert_eq!(p.next_seq(), 2);
+    assert_eq!(
+        p.send_message(Bytes::from_static(b"c")).await.unwrap(),
+        SegmentOutcome::Done
+    );
+    assert_eq!(p.last_written_seq(), Some(2));
+    assert_eq!(bounded("reader", reader).await.unwrap(), (2, b"c".to_vec()));
+}

@@ -821,3 +821,206 @@ async fn mixed_tiny_and_large_chunks_reach_every_reader_intact() {
     let info = h.server().channel_info("mix").unwrap();
     assert_eq!(info.segments[0].bytes, expected.len() as u64);
 }
+
+// ---- go-livepeer 2026 wire (docs/trickle.md) ------------------------------------------------
+
+#[tokio::test]
+async fn next_endpoint_is_plain_text_and_read_only() {
+    let h = start(ServerConfig::default()).await;
+    h.server().create_channel("ro", "video/MP2T").unwrap();
+    let url = h.url("ro");
+    for _ in 0..3 {
+        let r = get(&format!("{url}/next")).await;
+        assert_eq!(r.status(), 200);
+        let ct = hdr(&r, "content-type").unwrap_or_default();
+        assert!(ct.starts_with("text/plain"), "{ct}");
+        assert_eq!(hdr(&r, "lp-trickle-latest").as_deref(), Some("0"));
+        assert_eq!(hdr(&r, "lp-trickle-seq"), None);
+        assert_eq!(r.text().await.unwrap(), "0");
+    }
+    // Asking created no segment and moved nothing.
+    let info = h.server().channel_info("ro").unwrap();
+    assert_eq!(info.next_write, 0);
+    assert!(info.segments.is_empty(), "{:?}", info.segments);
+    // A GET of /next on a channel whose segments are being written follows nextWrite as soon
+    // as a first byte arrives (not when the segment ends).
+    let mut s = raw(h.local_addr(), &chunked_post("/ro/0", "")).await;
+    s.write_all(&chunk(b"first")).await.unwrap();
+    wait_until("nextWrite 1", || {
+        h.server().channel_info("ro").unwrap().next_write == 1
+    })
+    .await;
+    let r = get(&format!("{url}/next")).await;
+    assert_eq!(r.text().await.unwrap(), "1");
+    s.write_all(b"0\r\n\r\n").await.unwrap();
+    assert_eq!(bounded("POST 0", read_head(&mut s)).await.status, 200);
+    // Unknown channel: 404; a deleted channel: 404 too.
+    assert_eq!(get(&h.url("nope/next")).await.status(), 404);
+    assert!(h.server().close_channel("ro"));
+    assert_eq!(get(&format!("{url}/next")).await.status(), 404);
+}
+
+#[tokio::test]
+async fn post_answers_carry_the_seq_written() {
+    let h = start_dev().await;
+    let url = h.url("sq");
+    // Explicit seqs are echoed; -1 reports the seq it resolved to.
+    for (path, want) in [("0", "0"), ("1", "1"), ("-1", "2"), ("-1", "3")] {
+        let r = post(&format!("{url}/{path}"), b"data").await;
+        assert_eq!(r.status(), 200, "POST {path}");
+        assert_eq!(
+            hdr(&r, "lp-trickle-seq").as_deref(),
+            Some(want),
+            "POST {path}"
+        );
+        assert_eq!(hdr(&r, "lp-trickle-closed"), None);
+    }
+    // An empty body under -1 still consumes (and reports) a seq.
+    let r = post(&format!("{url}/-1"), b"").await;
+    assert_eq!(hdr(&r, "lp-trickle-seq").as_deref(), Some("4"));
+    assert_eq!(hdr(&r, "connection").as_deref(), Some("close"));
+    assert_eq!(get(&format!("{url}/next")).await.text().await.unwrap(), "5");
+    // Error answers carry no seq.
+    let r = post(&format!("{url}/-3"), b"x").await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(hdr(&r, "lp-trickle-seq"), None);
+}
+
+#[tokio::test]
+async fn reset_on_minus_one_closes_older_segments_and_spares_preconnects() {
+    let h = start_dev().await;
+    h.server().create_channel("rs1", "video/MP2T").unwrap();
+    let url = h.url("rs1");
+    // Seq 0 was written, seq 1 is stuck half-way (its publisher died) with a reader on it.
+    assert_eq!(post(&format!("{url}/0"), b"zero").await.status(), 200);
+    let mut dead = raw(h.local_addr(), &chunked_post("/rs1/1", "")).await;
+    dead.write_all(&chunk(b"half")).await.unwrap();
+    wait_until("nextWrite 2", || {
+        h.server().channel_info("rs1").unwrap().next_write == 2
+    })
+    .await;
+    let stuck = get(&format!("{url}/1")).await;
+    assert_eq!(stuck.status(), 200);
+    let stuck = tokio::spawn(stuck.bytes());
+    // A preconnect ahead of the restart point (seq 3), with a subscriber waiting on it.
+    let mut ahead = raw(h.local_addr(), &chunked_post("/rs1/3", "")).await;
+    let ahead_reader = spawn_get(format!("{url}/3"));
+    wait_attached(h.server(), "rs1", 3, 1, 1).await;
+
+    // The restarted publisher posts -1 (= nextWrite 2) with Lp-Trickle-Reset.
+    let r = http()
+        .post(format!("{url}/-1"))
+        .header("Lp-Trickle-Reset", "1")
+        .body("two")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(hdr(&r, "lp-trickle-seq").as_deref(), Some("2"));
+    // The stuck reader is released with what it had; seq 3 is untouched and still waiting.
+    let body = bounded("released reader", stuck).await.unwrap().unwrap();
+    assert_eq!(&body[..], b"half");
+    let info = h.server().channel_info("rs1").unwrap();
+    let seg = |n: i64| info.segments.iter().find(|s| s.seq == n).cloned();
+    assert!(seg(0).unwrap().closed && seg(1).unwrap().closed);
+    let s3 = seg(3).expect("seq 3 kept");
+    assert!(!s3.closed && s3.writers == 1 && s3.readers == 1, "{s3:?}");
+    // The preconnect of seq 3 then delivers normally.
+    ahead.write_all(&chunk(b"three")).await.unwrap();
+    ahead.write_all(b"0\r\n\r\n").await.unwrap();
+    let head = bounded("POST 3", read_head(&mut ahead)).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("lp-trickle-seq"), Some("3"));
+    let r = bounded("reader of 3", ahead_reader).await.unwrap();
+    assert_eq!(&r.bytes().await.unwrap()[..], b"three");
+    drop(dead);
+}
+
+#[tokio::test]
+async fn reset_releases_an_older_preconnect_as_an_empty_segment() {
+    let h = start_dev().await;
+    h.server().create_channel("rs2", "video/MP2T").unwrap();
+    // A preconnected POST for seq 0 that never sends a byte, and a subscriber waiting on it.
+    let mut old = raw(h.local_addr(), &chunked_post("/rs2/0", "")).await;
+    let waiting = spawn_get(h.url("rs2/0"));
+    wait_attached(h.server(), "rs2", 0, 1, 1).await;
+    // A reset POST at seq 1 closes seq 0: its POST is answered as an empty write.
+    let r = http()
+        .post(h.url("rs2/1"))
+        .header("Lp-Trickle-Reset", "yes")
+        .body("one")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(hdr(&r, "lp-trickle-seq").as_deref(), Some("1"));
+    let head = bounded("released preconnect", read_head(&mut old)).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("lp-trickle-seq"), Some("0"));
+    assert_eq!(head.header("connection"), Some("close"));
+    assert_eq!(head.header("lp-trickle-closed"), None);
+    // Its subscriber gets an empty 200 and can move on.
+    let r = bounded("released GET", waiting).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(hdr(&r, "lp-trickle-seq").as_deref(), Some("0"));
+    assert!(r.bytes().await.unwrap().is_empty());
+    assert_eq!(
+        &get(&h.url("rs2/1")).await.bytes().await.unwrap()[..],
+        b"one"
+    );
+    // The late release of seq 0 did not pull the write head back behind seq 1.
+    assert_eq!(h.server().channel_info("rs2").unwrap().next_write, 2);
+}
+
+#[tokio::test]
+async fn preconnect_released_by_a_ring_overwrite_does_not_rewind_next_write() {
+    let h = start_dev().await;
+    h.server().create_channel("ov", "video/MP2T").unwrap();
+    // A preconnect for seq 0 that never sends a byte...
+    let mut idle = raw(h.local_addr(), &chunked_post("/ov/0", "")).await;
+    wait_attached(h.server(), "ov", 0, 0, 1).await;
+    // ...while the publisher goes on to seq 5, which takes over slot 0.
+    for i in 1..=5 {
+        assert_eq!(post(&h.url(&format!("ov/{i}")), b"x").await.status(), 200);
+    }
+    let head = bounded("released preconnect", read_head(&mut idle)).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("lp-trickle-seq"), Some("0"));
+    assert_eq!(h.server().channel_info("ov").unwrap().next_write, 6);
+    assert_eq!(get(&h.url("ov/next")).await.text().await.unwrap(), "6");
+}
+
+#[tokio::test]
+async fn empty_write_releases_waiting_subscriber_and_the_next_seq_waits() {
+    let h = start(ServerConfig::default()).await;
+    h.server().create_channel("ew", "video/MP2T").unwrap();
+    let url = h.url("ew");
+    // A subscriber is waiting on seq 0 of a fresh channel.
+    let waiting = spawn_get(format!("{url}/0"));
+    wait_attached(h.server(), "ew", 0, 1, 0).await;
+    // The publisher sends an empty body for seq 0.
+    let r = post(&format!("{url}/0"), b"").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(hdr(&r, "lp-trickle-seq").as_deref(), Some("0"));
+    // The subscriber gets an empty segment, told that the next write is seq 1.
+    let r = bounded("released GET", waiting).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(hdr(&r, "lp-trickle-seq").as_deref(), Some("0"));
+    assert_eq!(hdr(&r, "lp-trickle-latest").as_deref(), Some("1"));
+    assert_eq!(hdr(&r, "lp-trickle-closed"), None);
+    assert!(r.bytes().await.unwrap().is_empty());
+    // Its next request, seq 1, is the write head: it waits (no 470) and gets the data.
+    let next = spawn_get(format!("{url}/1"));
+    wait_attached(h.server(), "ew", 1, 1, 0).await;
+    assert_eq!(post(&format!("{url}/1"), b"one").await.status(), 200);
+    let r = bounded("GET 1", next).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(&r.bytes().await.unwrap()[..], b"one");
+    // Two empty writes in a row each consume a seq; seq 4 is then the write head.
+    post(&format!("{url}/2"), b"").await;
+    post(&format!("{url}/3"), b"").await;
+    assert_eq!(get(&format!("{url}/next")).await.text().await.unwrap(), "4");
+    let r = get(&format!("{url}/6")).await;
+    assert_eq!(r.status(), 470);
+    assert_eq!(hdr(&r, "lp-trickle-latest").as_deref(), Some("4"));
+}

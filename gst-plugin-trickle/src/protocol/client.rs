@@ -22,7 +22,7 @@
 //! ```
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -584,6 +584,8 @@ struct PubShared {
     closed: AtomicBool,
     /// A seq that a failed writer never wrote a byte to: the next segment takes it over (P5).
     unused_seq: std::sync::Mutex<Option<i64>>,
+    /// Highest seq the server confirmed with `Lp-Trickle-Seq` on a 2xx POST answer; -1: none.
+    written: AtomicI64,
 }
 
 impl PubShared {
@@ -622,6 +624,25 @@ impl PubShared {
         }
     }
 
+    /// Notes the `Lp-Trickle-Seq` of a 2xx answer to the POST of `seq` (go-livepeer 2026
+    /// servers send the seq they wrote; older ones send nothing, which is not an error). The
+    /// publisher numbers its segments itself and keeps doing so; a different number means the
+    /// server put the bytes elsewhere (a server or proxy that rewrote the path), which is
+    /// logged as a warning. See `docs/trickle.md`, "Publishing a segment".
+    fn note_written(&self, seq: i64, resp: &reqwest::Response) {
+        let Some(written) = header_i64(resp, HEADER_SEQ) else {
+            return;
+        };
+        if written != seq {
+            tracing::warn!(
+                url = %self.seg_url(seq),
+                written,
+                "the server reports it wrote another seq than the one posted"
+            );
+        }
+        self.written.fetch_max(written, Ordering::SeqCst);
+    }
+
     /// `DELETE U/{seq}` (P5), logged on failure.
     async fn delete_seq(&self, seq: i64) {
         let url = self.seg_url(seq);
@@ -657,7 +678,10 @@ impl PubShared {
                     404 => Err(Failure::Fatal(ClientError::NotFound {
                         url: self.url.clone(),
                     })),
-                    200..=299 => Ok(SegmentOutcome::Done),
+                    200..=299 => {
+                        self.note_written(seq, &resp);
+                        Ok(SegmentOutcome::Done)
+                    }
                     _ => Err(Failure::Retryable(ClientError::Http {
                         url,
                         status,
@@ -740,6 +764,7 @@ impl Publisher {
             config,
             closed: AtomicBool::new(false),
             unused_seq: std::sync::Mutex::new(None),
+            written: AtomicI64::new(-1),
         });
         let mut p = Self {
             shared,
@@ -810,6 +835,15 @@ impl Publisher {
     /// The seq the next `begin_segment` will hand out.
     pub fn next_seq(&self) -> i64 {
         self.next_seq
+    }
+
+    /// The highest seq the server has confirmed writing (`Lp-Trickle-Seq` on a successful POST
+    /// answer, empty segments included), or `None` before the first confirmation and with
+    /// servers older than go-livepeer 2026, which do not send it. For observability: the
+    /// publisher's own numbering (P1) is what drives the next seq.
+    pub fn last_written_seq(&self) -> Option<i64> {
+        let w = self.shared.written.load(Ordering::SeqCst);
+        (w >= 0).then_some(w)
     }
 
     /// Hands out the preconnected POST for the next seq and immediately preconnects seq+1.
@@ -885,10 +919,15 @@ impl Publisher {
             drop(tx);
             match tokio::time::timeout(Duration::from_secs(10), task).await {
                 Ok(r) => match joined(&self.shared.url, r) {
-                    Ok(resp) => tracing::debug!(
-                        url = %self.shared.url, seq, status = resp.status().as_u16(),
-                        "final empty segment sent"
-                    ),
+                    Ok(resp) => {
+                        if resp.status().is_success() {
+                            self.shared.note_written(seq, &resp);
+                        }
+                        tracing::debug!(
+                            url = %self.shared.url, seq, status = resp.status().as_u16(),
+                            "final empty segment sent"
+                        )
+                    }
                     Err(e) => {
                         tracing::debug!(url = %self.shared.url, seq, error = %e, "final empty segment failed")
                     }

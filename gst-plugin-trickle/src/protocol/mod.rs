@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: MPL-2.0
-//! The trickle protocol (`/work/shared/trickle-protocol.md`): an async server ([`server`],
-//! axum/hyper) and an async client ([`client`], reqwest).
+//! The trickle protocol as Rivulet speaks it (`docs/trickle.md`, which also marks the go-livepeer
+//! 2026 additions: `GET /{channel}/next`, `Lp-Trickle-Seq` on POST answers, `Lp-Trickle-Reset`,
+//! empty writes consuming a seq): an async server ([`server`], axum/hyper) and an async client
+//! ([`client`], reqwest).
 //!
 //! A *channel* is a named publish/subscribe topic; its data is cut into numbered *segments*
 //! (seq 0, 1, 2, …), one HTTP request per segment. The server keeps a ring of the last
@@ -18,6 +20,9 @@
 //!   the segment closed), stuck response writes (dropped) and waiting subscribers (503), and
 //!   closes a segment whose POST body failed mid-way once it has been idle that long (§7.7
 //!   leaves it open); see "Limits" in [`server`];
+//! - an empty write (an empty body, or a preconnect released by a close) moves `nextWrite` to
+//!   seq + 1 but never backwards, so a preconnect released late cannot pull the write head
+//!   back behind segments already written (`docs/trickle.md`, "Empty writes");
 //! - the publisher re-POSTs an untouched segment at most [`client::MAX_UNTOUCHED_RETRIES`]
 //!   times (the gateway retries "while the next segment has not started"); the writer then
 //!   fails, its unsent data is dropped and the next segment is sent under that seq (P5);

@@ -462,19 +462,19 @@ impl Channel {
         })
     }
 
-    fn next_write(&self) -> i64 {
-        self.state.lock().unwrap().next_write
-    }
-
     fn is_closed(&self) -> bool {
         self.state.lock().unwrap().closed
     }
 
-    /// §7.1: the segment a POST to `seq` writes into (reused, or a new one replacing and
-    /// closing whatever older segment held the slot). §7.2: with `reset`, close every ring
-    /// segment with a lower seq.
-    fn segment_for_post(&self, seq: i64, reset: bool) -> Arc<Segment> {
+    /// The segment a POST to `seq` writes into, and its seq (`-1` resolved to `nextWrite`):
+    /// reused, or a new one replacing and closing whatever older segment held the slot. With
+    /// `reset` (`Lp-Trickle-Reset`), every ring segment with a lower seq is closed; segments
+    /// ahead of it (preconnects) are left alone. Resolution, slot and reset happen under one
+    /// lock, as in the reference, so a concurrent write cannot slip between them. See
+    /// `docs/trickle.md`, "Publishing a segment".
+    fn segment_for_post(&self, seq: i64, reset: bool) -> (i64, Arc<Segment>) {
         let mut st = self.state.lock().unwrap();
+        let seq = if seq == -1 { st.next_write } else { seq };
         let slot = slot_of(seq);
         let seg = match &st.ring[slot] {
             Some(seg) if seg.seq == seq => seg.clone(),
@@ -494,7 +494,7 @@ impl Channel {
                 }
             }
         }
-        seg
+        (seq, seg)
     }
 
     /// §8.1-8.2: resolve a GET's seq and apply the precreate rule.
@@ -528,10 +528,21 @@ impl Channel {
         )
     }
 
-    /// Data arrived for `seq` (first byte, or an empty EOF): `nextWrite = seq + 1`.
+    /// The first byte arrived for `seq`: `nextWrite = seq + 1` (also backwards: a publisher
+    /// that restarts at a lower seq moves the write head back, as in the reference).
     fn mark_written(&self, seq: i64) {
         let mut st = self.state.lock().unwrap();
         st.next_write = seq.saturating_add(1);
+        st.write_time = Instant::now();
+    }
+
+    /// `seq` ended with zero bytes (an empty body, or a preconnect released by a close): it
+    /// consumes its seq, `nextWrite = seq + 1`, but (a Rivulet refinement) never backwards: a
+    /// preconnect released late, by a reset or a ring overwrite, must not pull the write head
+    /// back behind segments already written. See `docs/trickle.md`, "Empty writes".
+    fn mark_written_empty(&self, seq: i64) {
+        let mut st = self.state.lock().unwrap();
+        st.next_write = st.next_write.max(seq.saturating_add(1));
         st.write_time = Instant::now();
     }
 
@@ -565,8 +576,7 @@ impl Channel {
 
     /// Publish one whole in-process message as the next segment.
     fn publish_message(&self, body: Bytes) {
-        let seq = self.next_write();
-        let seg = self.segment_for_post(seq, false);
+        let (seq, seg) = self.segment_for_post(-1, false);
         seg.append(body);
         self.mark_written(seq);
         seg.close();
@@ -1075,6 +1085,22 @@ async fn delete_segment(
     }
 }
 
+/// `GET {base}{channel}/next` (go-livepeer 2026): 200 with the channel's `nextWrite` as the
+/// plain-text body and in `Lp-Trickle-Latest`, plus `Lp-Trickle-Closed` when the channel is
+/// closed. Read only: it creates no segment and moves no counter. See `docs/trickle.md`,
+/// "The next seq".
+fn next_response(ch: &Channel) -> Response {
+    let (next, closed) = {
+        let st = ch.state.lock().unwrap();
+        (st.next_write, st.closed)
+    };
+    let mut resp = with_header(next.to_string().into_response(), H_LATEST, hv_i64(next));
+    if closed {
+        resp = with_header(resp, H_CLOSED, closed_value());
+    }
+    resp
+}
+
 /// `GET {base}{channel}/next` and `GET {base}{channel}/{seq}`.
 async fn get_segment(
     State(server): State<TrickleServer>,
@@ -1084,15 +1110,7 @@ async fn get_segment(
         return stream_not_found();
     };
     if seq == "next" {
-        let (next, closed) = {
-            let st = ch.state.lock().unwrap();
-            (st.next_write, st.closed)
-        };
-        let mut resp = with_header(next.to_string().into_response(), H_LATEST, hv_i64(next));
-        if closed {
-            resp = with_header(resp, H_CLOSED, closed_value());
-        }
-        return resp;
+        return next_response(&ch);
     }
     let seq = match parse_seq(&seq, -2) {
         Ok(s) => s,
@@ -1214,9 +1232,11 @@ async fn post_segment(
             closed_value(),
         );
     }
-    let seq = if seq == -1 { ch.next_write() } else { seq };
     let reset = header_str(&headers, HEADER_RESET).is_some();
-    let seg = ch.segment_for_post(seq, reset);
+    let (seq, seg) = ch.segment_for_post(seq, reset);
+    if reset {
+        tracing::debug!(channel, seq, "Lp-Trickle-Reset: older segments closed");
+    }
     let _writer = WriterGuard::new(&seg);
     let mut changed = seg.changed.subscribe();
     // A re-POST to an already closed segment appends (§7.8); only a close that happens while
@@ -1295,8 +1315,8 @@ async fn post_segment(
     }
     let mut resp = with_header(StatusCode::OK.into_response(), H_SEQ, hv_i64(seq));
     if written == 0 {
-        // §7.5: empty EOF (or released preconnect).
-        ch.mark_written(seq);
+        // Empty EOF (or a released preconnect): the seq is consumed all the same.
+        ch.mark_written_empty(seq);
         seg.close();
         resp = connection_close(resp);
         if ch.is_closed() {
@@ -1467,6 +1487,44 @@ mod tests {
         assert_eq!(st.len, want.len() as u64);
         assert!(st.tail.is_empty(), "close seals the tail");
         assert_eq!(st.chunks.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn next_on_a_closed_channel_says_so() {
+        let ch = Channel::new("video/MP2T");
+        let (seq, seg) = ch.segment_for_post(-1, false);
+        assert_eq!(seq, 0);
+        seg.append(Bytes::from_static(b"x"));
+        ch.mark_written(seq);
+        // Open: no Lp-Trickle-Closed.
+        let open = next_response(&ch);
+        assert_eq!(open.status(), StatusCode::OK);
+        assert!(open.headers().get(H_CLOSED).is_none());
+        // Closed (the race window before the channel leaves the map): the same answer plus
+        // Lp-Trickle-Closed.
+        ch.close();
+        let closed = next_response(&ch);
+        assert_eq!(closed.status(), StatusCode::OK);
+        assert_eq!(closed.headers()[H_LATEST], "1");
+        assert_eq!(closed.headers()[H_CLOSED], "terminated");
+        let body = axum::body::to_bytes(closed.into_body(), 64).await.unwrap();
+        assert_eq!(&body[..], b"1");
+    }
+
+    #[test]
+    fn reset_closes_lower_segments_only_and_resolves_minus_one() {
+        let ch = Channel::new("video/MP2T");
+        let (_, s0) = ch.segment_for_post(0, false);
+        s0.append(Bytes::from_static(b"a"));
+        ch.mark_written(0);
+        let (_, s2) = ch.segment_for_post(2, false); // a preconnect ahead
+        let (seq, s1) = ch.segment_for_post(-1, true);
+        assert_eq!(seq, 1, "-1 resolves to nextWrite");
+        assert!(s0.is_closed(), "older segment closed by the reset");
+        assert!(
+            !s1.is_closed() && !s2.is_closed(),
+            "target and ahead left open"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MPL-2.0
-//! `tricklesink`: publishes MPEG-TS to a trickle channel (trickle-protocol.md §10, §13).
+//! `tricklesink`: publishes MPEG-TS to a trickle channel (`docs/trickle.md`,
+//! "Publisher (Rivulet's client)").
 //!
 //! It is a bin with request sink pads; which pads you request decides what it does:
 //!

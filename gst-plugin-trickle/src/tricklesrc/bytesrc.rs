@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MPL-2.0
 //! The byte source inside `tricklesrc`: a live `GstPushSrc` whose `create()` hands out each HTTP
-//! chunk of the subscribed segments as one buffer, as soon as it arrives (trickle-protocol.md
-//! S6/S7). Not registered as an element of its own; `tricklesrc` creates it.
+//! chunk of the subscribed segments as one buffer, as soon as it arrives (`docs/trickle.md`,
+//! "Subscriber (Rivulet's client)": bodies concatenated, bytes passed on as they come). Not registered as an element of its own; `tricklesrc` creates it.
 
 use gst::glib;
 use gst::subclass::prelude::*;

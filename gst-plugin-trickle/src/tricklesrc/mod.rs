@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MPL-2.0
-//! `tricklesrc`: subscribes to a trickle channel (trickle-protocol.md §11) and outputs its
-//! MPEG-TS, decoded by default.
+//! `tricklesrc`: subscribes to a trickle channel (`docs/trickle.md`, "Subscriber (Rivulet's
+//! client)") and outputs its MPEG-TS, decoded by default.
 //!
 //! It is a bin. Inside, a byte source (`bytesrc.rs`) follows the subscriber rules (start at
 //! `start-seq`, preconnect, resync on 470 and mark the next buffer DISCONT, EOS on
