@@ -73,7 +73,7 @@ fn direct(
     let json = format!(r#"{{"width":{ow},"height":{oh}}}"#);
     let dev = device::resolve(device::DeviceSpec::Cpu).map_err(anyhow::Error::msg)?;
     let dir = testdata();
-    let registry = Registry::scan(Some(dir.as_path()));
+    let registry = Registry::scan_dir(dir.as_path());
     let def = registry
         .resolve("identity", None)
         .ok_or_else(|| anyhow::anyhow!("no identity pipeline"))?;

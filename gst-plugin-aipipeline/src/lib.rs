@@ -17,9 +17,14 @@ pub mod pipeline;
 
 pub use aipipeline::{
     Isolation, LOADING_EVENT, ONLINE_EVENT, Precision, RESTART_MESSAGE, STATS_MESSAGE, Status,
+    UNKNOWN_PARAMS_WARNING,
 };
 
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
+    // Loaded from a file (not registered statically): the search path includes its folder.
+    if let Some(file) = plugin.filename() {
+        pipeline::set_plugin_file(file);
+    }
     aipipeline::register(plugin)
 }
 

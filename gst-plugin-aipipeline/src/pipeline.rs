@@ -16,8 +16,195 @@ pub const MAX_SIZE: u32 = 1024;
 pub const SIZE_STEP: u32 = 64;
 pub const DEFAULT_SIZE: u32 = 512;
 
-/// Environment variable naming a pipelines directory (used when `pipelines-dir` is unset).
+/// Environment variable holding pipelines directories, colon-separated like `PATH`: the first
+/// entries of the default search path ([`SearchPath::from_env`]).
 pub const PIPELINES_ENV: &str = "RIVULET_PIPELINES";
+/// The runner's model directory (one directory), searched after [`PIPELINES_ENV`].
+pub const MODEL_DIR_ENV: &str = "MODEL_DIR";
+
+/// Params keys that are never unknown, whatever the pipeline: the runner's base params
+/// (runner-compat §8.3) and the logging ids the runner hands its inference side through the
+/// params queue (§6.1, §8.2).
+pub const DAEMON_KEYS: [&str; 6] = [
+    "width",
+    "height",
+    "show_reloading_frame",
+    "request_id",
+    "manifest_id",
+    "stream_id",
+];
+
+// ---- the search path ----
+
+/// Where the pipeline registry looks for model manifests: directories in order, like `PATH`
+/// (the first manifest of a name wins). In each directory, its `*.toml` files and the `*.toml`
+/// files of its immediate subdirectories (one folder per model, as `models/styletransfer/`)
+/// are manifests. A directory that does not exist is skipped (and named as missing in the
+/// error for an unknown pipeline).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SearchPath {
+    dirs: Vec<PathBuf>,
+}
+
+/// What the default search path is made of ([`SearchPath::from_sources`]); from the process
+/// by [`Sources::from_process`].
+#[derive(Clone, Debug, Default)]
+pub struct Sources {
+    /// `RIVULET_PIPELINES`: directories, colon-separated.
+    pub rivulet_pipelines: Option<String>,
+    /// `MODEL_DIR`: one directory.
+    pub model_dir: Option<String>,
+    /// `XDG_DATA_DIRS` (unset or empty: `/usr/local/share:/usr/share`).
+    pub xdg_data_dirs: Option<String>,
+    /// The running executable.
+    pub exe: Option<PathBuf>,
+    /// The plugin file this crate was loaded from (`None` when registered statically).
+    pub plugin_file: Option<PathBuf>,
+    /// The repository's `models/` in a build tree (only when it exists).
+    pub build_tree: Option<PathBuf>,
+}
+
+/// The plugin file `libgstaipipeline.so` was loaded from, set by `plugin_init`.
+static PLUGIN_FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+pub(crate) fn set_plugin_file(path: PathBuf) {
+    let _ = PLUGIN_FILE.set(path);
+}
+
+/// The repository's `models/` folder at build time.
+const BUILD_TREE_MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models");
+
+fn non_empty(v: Option<std::ffi::OsString>) -> Option<String> {
+    v.map(|s| s.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty())
+}
+
+impl Sources {
+    /// The process's environment, executable, plugin file and build tree.
+    pub fn from_process() -> Sources {
+        let build_tree = Path::new(BUILD_TREE_MODELS);
+        Sources {
+            rivulet_pipelines: non_empty(std::env::var_os(PIPELINES_ENV)),
+            model_dir: non_empty(std::env::var_os(MODEL_DIR_ENV)),
+            xdg_data_dirs: non_empty(std::env::var_os("XDG_DATA_DIRS")),
+            exe: std::env::current_exe().ok(),
+            plugin_file: PLUGIN_FILE.get().cloned(),
+            build_tree: build_tree.is_dir().then(|| {
+                build_tree
+                    .canonicalize()
+                    .unwrap_or_else(|_| build_tree.into())
+            }),
+        }
+    }
+}
+
+impl SearchPath {
+    /// Exactly these directories, in this order (duplicates dropped).
+    pub fn new(dirs: impl IntoIterator<Item = PathBuf>) -> SearchPath {
+        let mut v: Vec<PathBuf> = Vec::new();
+        for d in dirs {
+            if !d.as_os_str().is_empty() && !v.contains(&d) {
+                v.push(d);
+            }
+        }
+        SearchPath { dirs: v }
+    }
+
+    /// One directory.
+    pub fn dir(dir: impl Into<PathBuf>) -> SearchPath {
+        SearchPath::new([dir.into()])
+    }
+
+    /// A colon-separated list (as `PATH`; empty entries are skipped).
+    pub fn parse(list: &str) -> SearchPath {
+        SearchPath::new(list.split(':').map(PathBuf::from))
+    }
+
+    /// The default search path, from the process ([`Sources::from_process`]).
+    pub fn from_env() -> SearchPath {
+        SearchPath::from_sources(&Sources::from_process())
+    }
+
+    /// The default search path, in this order:
+    /// 1. each directory of `RIVULET_PIPELINES` (colon-separated);
+    /// 2. `MODEL_DIR`;
+    /// 3. `<d>/rivulet/pipelines` for each `<d>` of `XDG_DATA_DIRS` (default
+    ///    `/usr/local/share:/usr/share`): the installed data directories;
+    /// 4. beside the running executable: `<bin>/pipelines`, `<bin>/models`,
+    ///    `<bin>/../share/rivulet/pipelines`;
+    /// 5. beside the plugin file: `<plugin dir>/pipelines`, `<plugin dir>/models`;
+    /// 6. the repository's `models/` in a build tree (when it exists at run time).
+    pub fn from_sources(s: &Sources) -> SearchPath {
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        if let Some(list) = &s.rivulet_pipelines {
+            dirs.extend(SearchPath::parse(list).dirs);
+        }
+        if let Some(d) = &s.model_dir {
+            dirs.push(d.into());
+        }
+        let xdg = s
+            .xdg_data_dirs
+            .as_deref()
+            .filter(|x| !x.is_empty())
+            .unwrap_or("/usr/local/share:/usr/share");
+        dirs.extend(
+            xdg.split(':')
+                .filter(|d| !d.is_empty())
+                .map(|d| Path::new(d).join("rivulet/pipelines")),
+        );
+        if let Some(bin) = s.exe.as_deref().and_then(Path::parent) {
+            dirs.push(bin.join("pipelines"));
+            dirs.push(bin.join("models"));
+            // `<prefix>/bin/rivulet` → `<prefix>/share/rivulet/pipelines`.
+            if let Some(prefix) = bin.parent() {
+                dirs.push(prefix.join("share/rivulet/pipelines"));
+            }
+        }
+        if let Some(dir) = s.plugin_file.as_deref().and_then(Path::parent) {
+            dirs.push(dir.join("pipelines"));
+            dirs.push(dir.join("models"));
+        }
+        if let Some(d) = &s.build_tree {
+            dirs.push(d.clone());
+        }
+        SearchPath::new(dirs)
+    }
+
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.dirs.is_empty()
+    }
+
+    /// The colon-separated form ([`SearchPath::parse`] reads it back).
+    pub fn to_list(&self) -> String {
+        self.dirs
+            .iter()
+            .map(|d| d.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+
+    /// The directories for a message, in order, those missing marked so.
+    pub fn describe(&self) -> String {
+        if self.dirs.is_empty() {
+            return "none".into();
+        }
+        self.dirs
+            .iter()
+            .map(|d| {
+                if d.is_dir() {
+                    d.display().to_string()
+                } else {
+                    format!("{} (missing)", d.display())
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
 
 /// Tensor layout a model expects and returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
@@ -218,11 +405,15 @@ pub struct Params {
     pub values: BTreeMap<String, Value>,
 }
 
-/// Parsed params and the warnings of the selectors that selected nothing.
+/// Parsed params, the warnings of the selectors that selected nothing, and the keys the
+/// pipeline does not know (ignored, as the runner does).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Update {
     pub params: Params,
     pub warnings: Vec<String>,
+    /// Keys of the update that are neither [`DAEMON_KEYS`] nor the pipeline's own
+    /// ([`PipelineDef::known_keys`]), sorted.
+    pub unknown: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -343,6 +534,7 @@ impl PipelineDef {
             return Ok(Update {
                 params: self.initial_params(),
                 warnings: Vec::new(),
+                unknown: Vec::new(),
             });
         }
         let v: serde_json::Value =
@@ -411,10 +603,46 @@ impl PipelineDef {
                 }
             }
         }
+        let known = self.known_keys();
+        let unknown = obj
+            .keys()
+            .filter(|k| !known.iter().any(|n| n == *k))
+            .cloned()
+            .collect();
         Ok(Update {
             params: p,
             warnings,
+            unknown,
         })
+    }
+
+    /// The params keys this pipeline takes: [`DAEMON_KEYS`], `model` for `torchscript`, the
+    /// manifest's declared params and its selectors.
+    pub fn known_keys(&self) -> Vec<String> {
+        let mut v: Vec<String> = DAEMON_KEYS.iter().map(|k| k.to_string()).collect();
+        if self.kind == Kind::TorchScript {
+            v.push("model".into());
+        }
+        v.extend(self.params.keys().cloned());
+        v.extend(self.selectors.iter().map(|s| s.param.clone()));
+        v
+    }
+
+    /// The warning for `unknown` keys (see [`Update::unknown`]).
+    pub fn unknown_keys_message(&self, unknown: &[String]) -> String {
+        let quoted = |v: &[String]| {
+            v.iter()
+                .map(|k| format!("'{k}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "Params for pipeline '{}': unknown key{} {} ignored (this pipeline takes {})",
+            self.name,
+            if unknown.len() == 1 { "" } else { "s" },
+            quoted(unknown),
+            quoted(&self.known_keys())
+        )
     }
 
     /// Whether going from `old` to `new` needs the model reloaded (in the background).
@@ -606,52 +834,102 @@ pub fn load_manifest(path: &Path) -> Result<PipelineDef, ManifestError> {
     })
 }
 
-/// The pipelines known to an element: built-ins plus the manifests of a directory.
+/// The pipelines known to an element: built-ins plus the manifests found on a search path.
 #[derive(Debug, Default)]
 pub struct Registry {
     manifests: BTreeMap<String, Arc<PipelineDef>>,
+    /// Where the manifests were looked for.
+    searched: SearchPath,
     /// Problems met while scanning (bad manifests are skipped and reported).
     pub warnings: Vec<String>,
 }
 
-impl Registry {
-    /// Scans `dir` (`*.toml`, not recursive). A missing directory is a warning.
-    pub fn scan(dir: Option<&Path>) -> Registry {
-        let mut r = Registry::default();
-        let Some(dir) = dir else { return r };
-        let entries = match std::fs::read_dir(dir) {
-            Ok(e) => e,
-            Err(e) => {
-                r.warnings.push(format!(
-                    "cannot read pipelines directory {}: {e}",
-                    dir.display()
-                ));
-                return r;
-            }
+/// The manifests of one directory: its `*.toml` and those of its immediate subdirectories,
+/// sorted. A directory that does not exist gives none; one that cannot be read, a warning.
+fn manifest_files(dir: &Path, warnings: &mut Vec<String>) -> Vec<PathBuf> {
+    let toml = |p: &Path| p.is_file() && p.extension().is_some_and(|e| e == "toml");
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            warnings.push(format!(
+                "cannot read pipelines directory {}: {e}",
+                dir.display()
+            ));
+            return Vec::new();
+        }
+    };
+    let mut entries: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    entries.sort();
+    let mut files: Vec<PathBuf> = entries.iter().filter(|p| toml(p)).cloned().collect();
+    for sub in entries.iter().filter(|p| p.is_dir()) {
+        let Ok(inner) = std::fs::read_dir(sub) else {
+            continue;
         };
-        let mut paths: Vec<PathBuf> = entries
+        let mut inner: Vec<PathBuf> = inner
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .filter(|p| toml(p))
             .collect();
-        paths.sort();
-        for p in paths {
-            match load_manifest(&p) {
-                Ok(def) => {
-                    if let Some(prev) = r.manifests.get(&def.name) {
-                        r.warnings.push(format!(
-                            "manifest {} names pipeline '{}' already defined by {}; ignored",
-                            p.display(),
-                            def.name,
-                            prev.source.as_deref().unwrap_or(Path::new("?")).display()
-                        ));
-                    } else {
-                        r.manifests.insert(def.name.clone(), Arc::new(def));
+        inner.sort();
+        files.extend(inner);
+    }
+    files
+}
+
+impl Registry {
+    /// Scans the directories of `path` in order. The first manifest of a name wins; a later
+    /// one of the same name in another directory is shadowed (as in `PATH`), one in the same
+    /// directory is a warning. Bad manifests are skipped with a warning.
+    pub fn scan(path: &SearchPath) -> Registry {
+        let mut r = Registry {
+            searched: path.clone(),
+            ..Registry::default()
+        };
+        for dir in path.dirs() {
+            let mut here: BTreeMap<String, PathBuf> = BTreeMap::new();
+            for p in manifest_files(dir, &mut r.warnings) {
+                match load_manifest(&p) {
+                    Ok(def) => {
+                        if let Some(prev) = here.get(&def.name) {
+                            r.warnings.push(format!(
+                                "manifest {} names pipeline '{}' already defined by {}; ignored",
+                                p.display(),
+                                def.name,
+                                prev.display()
+                            ));
+                        } else {
+                            here.insert(def.name.clone(), p.clone());
+                            r.manifests
+                                .entry(def.name.clone())
+                                .or_insert_with(|| Arc::new(def));
+                        }
                     }
+                    Err(e) => r.warnings.push(e.to_string()),
                 }
-                Err(e) => r.warnings.push(e.to_string()),
             }
         }
         r
+    }
+
+    /// Scans one directory.
+    pub fn scan_dir(dir: &Path) -> Registry {
+        Registry::scan(&SearchPath::dir(dir))
+    }
+
+    /// The search path this registry was scanned from.
+    pub fn searched(&self) -> &SearchPath {
+        &self.searched
+    }
+
+    /// The message for a pipeline name that is not known: the known names and every
+    /// directory searched.
+    pub fn unknown_message(&self, name: &str) -> String {
+        format!(
+            "Unknown pipeline '{name}'. Known pipelines: {}. Directories searched, in order: {} \
+             (add directories with {PIPELINES_ENV}=dir1:dir2 or the pipelines-dir property)",
+            self.names().join(", "),
+            self.searched.describe()
+        )
     }
 
     /// All pipeline names, built-ins first.
@@ -695,6 +973,32 @@ mod tests {
         assert_eq!(p2.width, 384);
         assert!(d.needs_reload(&p, &p2));
         assert!(!d.needs_reload(&p, &d.initial_params()));
+    }
+
+    #[test]
+    fn unknown_keys_are_named_not_rejected() {
+        let d = gain_def();
+        let u = d
+            .parse_update(
+                None,
+                r#"{"gain": 2, "zeta": 1, "alpha": {"x": 1}, "width": 384, "height": 384,
+                    "show_reloading_frame": false, "request_id": "r", "manifest_id": "m",
+                    "stream_id": "s"}"#,
+            )
+            .unwrap();
+        assert_eq!(u.unknown, ["alpha", "zeta"]);
+        assert_eq!(u.params.values["gain"], Value::Number(2.0));
+        let msg = d.unknown_keys_message(&u.unknown);
+        assert!(
+            msg.contains("unknown keys 'alpha', 'zeta' ignored") && msg.contains("'gain'"),
+            "{msg}"
+        );
+        // `model` is torchscript's own; for noop it is unknown.
+        let ts = PipelineDef::torchscript(None).parse_update(None, r#"{"model": "x.pt"}"#);
+        assert!(ts.unwrap().unknown.is_empty());
+        let noop = PipelineDef::noop().parse_update(None, r#"{"model": "x.pt"}"#);
+        assert_eq!(noop.unwrap().unknown, ["model"]);
+        assert!(d.parse_update(None, "").unwrap().unknown.is_empty());
     }
 
     #[test]
@@ -940,10 +1244,114 @@ names = ["ink", "oil", "pastel"]
         assert_eq!(mix(&d.initial_params()), sel.one_hot(0));
     }
 
+    fn sources() -> Sources {
+        Sources {
+            rivulet_pipelines: Some("/a::/b/c".into()),
+            model_dir: Some("/models".into()),
+            xdg_data_dirs: None,
+            exe: Some("/opt/riv/bin/rivulet".into()),
+            plugin_file: Some("/usr/lib/gstreamer-1.0/libgstaipipeline.so".into()),
+            build_tree: Some("/src/models".into()),
+        }
+    }
+
+    #[test]
+    fn search_path_order_and_colon_separated_list() {
+        let want = [
+            "/a",
+            "/b/c",
+            "/models",
+            "/usr/local/share/rivulet/pipelines",
+            "/usr/share/rivulet/pipelines",
+            "/opt/riv/bin/pipelines",
+            "/opt/riv/bin/models",
+            "/opt/riv/share/rivulet/pipelines",
+            "/usr/lib/gstreamer-1.0/pipelines",
+            "/usr/lib/gstreamer-1.0/models",
+            "/src/models",
+        ];
+        let p = SearchPath::from_sources(&sources());
+        assert_eq!(p.dirs(), want.map(PathBuf::from));
+        // The list form reads back the same (the element's pipelines-dir, the child's spec).
+        assert_eq!(SearchPath::parse(&p.to_list()), p);
+        // XDG_DATA_DIRS replaces the default data dirs; a directory given twice is kept once,
+        // at its first place.
+        let s = Sources {
+            rivulet_pipelines: Some("/usr/share/rivulet/pipelines".into()),
+            model_dir: None,
+            xdg_data_dirs: Some("/x:/usr/share".into()),
+            exe: None,
+            plugin_file: None,
+            build_tree: None,
+        };
+        assert_eq!(
+            SearchPath::from_sources(&s).dirs(),
+            ["/usr/share/rivulet/pipelines", "/x/rivulet/pipelines"].map(PathBuf::from)
+        );
+        assert!(SearchPath::parse(":").is_empty());
+    }
+
+    #[test]
+    fn scan_follows_the_order_and_looks_one_level_down() {
+        let root = std::env::temp_dir().join(format!("aipipeline-search-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let write = |rel: &str, name: &str| {
+            let p = root.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, format!("name = \"{name}\"\nmodel = \"m.pt\"\n")).unwrap();
+        };
+        write("a/one/dup.toml", "dup");
+        write("b/dup.toml", "dup");
+        write("b/other.toml", "other");
+        write("b/x/y/deep.toml", "deep"); // two levels down: not a manifest of b
+        let (a, b, missing) = (root.join("a"), root.join("b"), root.join("nope"));
+        let r = Registry::scan(&SearchPath::new([missing.clone(), a.clone(), b.clone()]));
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        let dup = r.resolve("dup", None).unwrap();
+        assert_eq!(
+            dup.source.as_deref(),
+            Some(a.join("one/dup.toml").as_path())
+        );
+        assert_eq!(dup.model.as_deref(), Some(a.join("one/m.pt").as_path()));
+        assert!(r.resolve("other", None).is_some());
+        assert!(r.resolve("deep", None).is_none());
+        let msg = r.unknown_message("nosuch");
+        let (im, ia, ib) = (
+            msg.find(&format!("{} (missing)", missing.display()))
+                .unwrap(),
+            msg.find(&a.display().to_string()).unwrap(),
+            msg.find(&format!("{}", b.display())).unwrap(),
+        );
+        assert!(im < ia && ia < ib, "{msg}");
+        assert!(msg.contains("Unknown pipeline 'nosuch'") && msg.contains("dup, other"));
+        // The other order: b's manifest wins.
+        let r = Registry::scan(&SearchPath::new([b.clone(), a]));
+        let dup = r.resolve("dup", None).unwrap();
+        assert_eq!(dup.source.as_deref(), Some(b.join("dup.toml").as_path()));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn the_build_tree_has_styletransfer_on_the_default_path() {
+        let s = Sources::from_process();
+        let bt = s
+            .build_tree
+            .clone()
+            .expect("the repository's models/ exists here");
+        let p = SearchPath::from_sources(&Sources {
+            rivulet_pipelines: None,
+            model_dir: None,
+            ..s
+        });
+        assert!(p.dirs().contains(&bt));
+        let d = Registry::scan(&p).resolve("styletransfer", None).unwrap();
+        assert!(d.model.unwrap().is_file());
+    }
+
     #[test]
     fn committed_manifests_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/pipelines");
-        let r = Registry::scan(Some(&dir));
+        let r = Registry::scan_dir(&dir);
         assert!(r.warnings.is_empty(), "{:?}", r.warnings);
         for name in ["identity", "invert", "convnet", "gain"] {
             let d = r

@@ -10,6 +10,7 @@
 //! full replacement as the size going back to its default, a rejected params string as a bus
 //! warning with the old params still in force and frames still flowing.
 
+use gstaipipeline::pipeline::SearchPath;
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
@@ -49,8 +50,8 @@ impl std::fmt::Display for Target {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub target: Target,
-    /// Model manifests directory for `aipipeline` (`RIVULET_PIPELINES`).
-    pub pipelines_dir: Option<PathBuf>,
+    /// Where `aipipeline` looks for model manifests (the daemon's search path).
+    pub pipelines: SearchPath,
     /// `aipipeline` device.
     pub device: String,
     /// `aipipeline`'s `model` property (the TorchScript file of `pipeline=torchscript`).
@@ -60,31 +61,22 @@ pub struct Options {
 }
 
 /// Decides what NAME means: an `aipipeline` pipeline (`noop`, `torchscript`, a manifest in
-/// `pipelines_dir`) unless `force_element`, else a GStreamer element factory.
-pub fn resolve(
-    name: &str,
-    force_element: bool,
-    pipelines_dir: Option<&std::path::Path>,
-) -> Result<Target, String> {
+/// `pipelines`) unless `force_element`, else a GStreamer element factory.
+pub fn resolve(name: &str, force_element: bool, pipelines: &SearchPath) -> Result<Target, String> {
     if name.is_empty() {
         return Err("empty pipeline name".into());
     }
-    if !force_element
-        && gstaipipeline::pipeline::Registry::scan(pipelines_dir)
-            .resolve(name, None)
-            .is_some()
-    {
+    let registry = gstaipipeline::pipeline::Registry::scan(pipelines);
+    if !force_element && registry.resolve(name, None).is_some() {
         return Ok(Target::Pipeline(name.to_owned()));
     }
     if gst::ElementFactory::find(name).is_some() {
         return Ok(Target::Element(name.to_owned()));
     }
-    let dir = pipelines_dir
-        .map(|d| d.display().to_string())
-        .unwrap_or_else(|| "none (set RIVULET_PIPELINES)".into());
     Err(format!(
-        "'{name}' is neither an aipipeline pipeline (pipelines directory: {dir}) nor a \
-         GStreamer element (GST_PLUGIN_PATH: {})",
+        "'{name}' is neither an aipipeline pipeline ({}) nor a GStreamer element \
+         (GST_PLUGIN_PATH: {})",
+        registry.unknown_message(name),
         std::env::var("GST_PLUGIN_PATH").unwrap_or_default()
     ))
 }
@@ -334,9 +326,7 @@ fn make_element(opts: &Options) -> Result<gst::Element, String> {
             let mut b = gst::ElementFactory::make("aipipeline")
                 .name("checked")
                 .property("pipeline", name.as_str());
-            if let Some(dir) = &opts.pipelines_dir {
-                b = b.property("pipelines-dir", dir.to_string_lossy().to_string());
-            }
+            b = b.property("pipelines-dir", opts.pipelines.to_list());
             if let Some(model) = &opts.model {
                 b = b.property("model", model.to_string_lossy().to_string());
             }
@@ -381,15 +371,13 @@ pub fn run(opts: &Options) -> Report {
 /// `aipipeline` manifest's own.
 fn default_size(opts: &Options) -> (i32, i32) {
     match &opts.target {
-        Target::Pipeline(name) => {
-            gstaipipeline::pipeline::Registry::scan(opts.pipelines_dir.as_deref())
-                .resolve(name, None)
-                .map(|d| {
-                    let p = d.initial_params();
-                    (p.width as i32, p.height as i32)
-                })
-                .unwrap_or(CONTRACT_DEFAULT_SIZE)
-        }
+        Target::Pipeline(name) => gstaipipeline::pipeline::Registry::scan(&opts.pipelines)
+            .resolve(name, None)
+            .map(|d| {
+                let p = d.initial_params();
+                (p.width as i32, p.height as i32)
+            })
+            .unwrap_or(CONTRACT_DEFAULT_SIZE),
         Target::Element(_) => CONTRACT_DEFAULT_SIZE,
     }
 }

@@ -2,6 +2,7 @@
 //! Daemon configuration: the runner's environment variables (runner-compat.md §16) and
 //! Rivulet's own settings.
 
+use gstaipipeline::pipeline::SearchPath;
 use gsttrickle::protocol::server as trickle;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -50,8 +51,11 @@ pub struct Config {
     pub fps_window: Duration,
     /// The input frame-rate cap (24 fps); `None` disables it.
     pub fps_cap: Option<f64>,
-    /// Where model manifests live (`RIVULET_PIPELINES`, else `MODEL_DIR`).
-    pub pipelines_dir: Option<PathBuf>,
+    /// Where model manifests are looked for: the pipeline registry's default search path
+    /// (`RIVULET_PIPELINES`, `MODEL_DIR`, the data dirs, beside the binary, the build tree;
+    /// `gstaipipeline::pipeline::SearchPath::from_env`). Every `aipipeline` the daemon makes
+    /// gets it as its `pipelines-dir`.
+    pub pipelines: SearchPath,
     /// `aipipeline` device (`auto` by default).
     pub device: String,
     /// Where the last start request is kept for crash cleanup.
@@ -220,9 +224,7 @@ impl Config {
             input_idle_stop: env_ms("RIVULET_INPUT_IDLE_STOP_MS", Duration::from_secs(60))?,
             fps_window: env_ms("RIVULET_FPS_WINDOW_MS", Duration::from_secs(10))?,
             fps_cap,
-            pipelines_dir: env("RIVULET_PIPELINES")
-                .or_else(|| env("MODEL_DIR"))
-                .map(PathBuf::from),
+            pipelines: SearchPath::from_env(),
             device: env("RIVULET_DEVICE").unwrap_or_else(|| "auto".into()),
             state_file: env("RIVULET_STATE_FILE")
                 .map(PathBuf::from)

@@ -328,6 +328,17 @@ impl Daemon {
         self.emit_error(message, now);
     }
 
+    /// A warning that is not an error (accepted params with unknown keys): `last_warning` in
+    /// the status, logged; no `error` event and no effect on the health rules.
+    pub fn report_warning(&self, message: &str) {
+        {
+            let mut c = self.core.lock().unwrap();
+            c.inference.last_warning_time = Some(ms(now_secs()));
+            c.inference.last_warning = Some(message.to_string());
+        }
+        tracing::warn!(%message, "pipeline warning");
+    }
+
     /// An error that ends the stream outside inference (the input channel gone with a 404, an
     /// output that cannot be published): an `error` event, so the gateway sees why the stream
     /// stopped; `last_error` stays about inference (runner-compat.md §15).

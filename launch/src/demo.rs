@@ -24,18 +24,19 @@ async fn set_state(p: &gst::Pipeline, state: gst::State) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The restyling model shipped in the repository (issue 8).
-const STYLE_PIPELINES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/styletransfer");
-
-/// The demo's default: the `styletransfer` model (26 styles; the midway params change switches
-/// style), or `noop` when the model is not there (and it says so).
+/// The demo's default: the shipped `styletransfer` model (issue 8; 26 styles; the midway params
+/// change switches style) when the pipeline search path finds it (the repository's `models/`
+/// in a build tree, an installed data dir, …), or `noop` when it does not (and it says so).
 pub fn default_pipeline(config: &mut Config) {
-    let dir = Path::new(STYLE_PIPELINES);
-    if dir.join("styletransfer.toml").is_file() && dir.join("styletransfer.pt").is_file() {
-        config.pipeline = "styletransfer".into();
-        config.pipelines_dir = Some(dir.to_path_buf());
-    } else {
-        println!("(the styletransfer model is missing at {STYLE_PIPELINES}: the demo runs noop)");
+    let registry = gstaipipeline::pipeline::Registry::scan(&config.pipelines);
+    match registry.resolve("styletransfer", None) {
+        Some(d) if d.model.as_deref().is_some_and(Path::is_file) => {
+            config.pipeline = "styletransfer".into();
+        }
+        _ => println!(
+            "(the styletransfer model is not on the pipeline search path ({}): the demo runs noop)",
+            config.pipelines.describe()
+        ),
     }
 }
 

@@ -294,9 +294,7 @@ fn make_stage(graph: &GraphDef, cfg: &Config, params: &Value) -> Result<Stage, S
         let ai = make("aipipeline", "ai")?;
         ai.set_property("pipeline", name);
         ai.set_property_from_str("device", &cfg.device);
-        if let Some(dir) = &cfg.pipelines_dir {
-            ai.set_property("pipelines-dir", dir.to_string_lossy().to_string());
-        }
+        ai.set_property("pipelines-dir", cfg.pipelines.to_list());
         // Frames never wait long here (one at a time), and none may be dropped for age.
         ai.set_property("max-latency-ms", 0u32);
         if params.as_object().is_some_and(|o| !o.is_empty()) {

@@ -180,11 +180,11 @@ fn main() -> anyhow::Result<()> {
     } = &cli.command
     {
         let config = Config::from_env()?;
-        let target = rivulet::check::resolve(name, *element, config.pipelines_dir.as_deref())
+        let target = rivulet::check::resolve(name, *element, &config.pipelines)
             .map_err(|e| anyhow::anyhow!(e))?;
         let report = rivulet::check::run(&rivulet::check::Options {
             target,
-            pipelines_dir: config.pipelines_dir.clone(),
+            pipelines: config.pipelines.clone(),
             device: config.device.clone(),
             timeout: std::time::Duration::from_secs(*timeout_s),
             model: model.clone(),

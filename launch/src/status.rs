@@ -40,6 +40,12 @@ pub struct InferenceStatus {
     pub last_restart_time: Option<i64>,
     pub last_restart_logs: Option<Vec<String>>,
     pub restart_count: u32,
+    /// Rivulet's: the last pipeline warning that is not an error (params keys the pipeline
+    /// does not know), and when; absent until there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_warning: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_warning_time: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

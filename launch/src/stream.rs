@@ -793,9 +793,7 @@ fn make_aipipeline(
     if isolate(&ai, cfg)? {
         ai.set_property("max-restarts", max_restarts);
     }
-    if let Some(dir) = &cfg.pipelines_dir {
-        ai.set_property("pipelines-dir", dir.to_string_lossy().to_string());
-    }
+    ai.set_property("pipelines-dir", cfg.pipelines.to_list());
     ai.set_property("params", params.to_string());
     Ok(ai)
 }
@@ -945,6 +943,18 @@ fn spawn_bus_watch(
                 gst::MessageView::Warning(w) => {
                     let text = w.error().to_string();
                     tracing::warn!("{from}: {text} ({:?})", w.debug());
+                    if w.details()
+                        .is_some_and(|d| d.name() == gstaipipeline::UNKNOWN_PARAMS_WARNING)
+                    {
+                        // Accepted params with keys the pipeline ignores: the last warning in
+                        // the status, not an error (no `error` event, no effect on health).
+                        let text = match msg.src().and_then(graph::stage_of) {
+                            Some(stage) => format!("stage {stage}: {text}"),
+                            None => text,
+                        };
+                        daemon.report_warning(&text);
+                        continue;
+                    }
                     report_stage_error(&daemon, &msg, &text);
                     if is_from(&msg, &ai_el) {
                         daemon.report_error(&text);

@@ -286,6 +286,22 @@ async fn stream_end_to_end_like_an_orchestrator() {
         s["inference_status"]["last_params_hash"],
         rivulet::pyjson::params_hash(&changed)
     );
+    // `changed` is no key of `noop`: accepted as the runner does, named as the last warning
+    // (aipipeline's bus warning), not an error.
+    let s = wait_status(
+        &http,
+        &base,
+        Duration::from_secs(20),
+        "no warning about the unknown key",
+        |s| {
+            s["inference_status"]["last_warning"]
+                .as_str()
+                .is_some_and(|w| w.contains("unknown key 'changed' ignored"))
+        },
+    )
+    .await;
+    assert!(s["inference_status"]["last_warning_time"].is_i64(), "{s}");
+    assert!(s["inference_status"]["last_error"].is_null(), "{s}");
     // Invalid params on the control channel: an `error` event and `last_error`; the previous
     // params stay.
     control
@@ -412,6 +428,13 @@ async fn stream_end_to_end_like_an_orchestrator() {
         );
         assert!(e["event"]["timestamp"].is_i64(), "{e}");
     }
+    assert!(
+        !events.iter().any(|e| e["event"]["type"] == "error"
+            && e["event"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("unknown key"))),
+        "an unknown key is no error event"
+    );
     let error = events
         .iter()
         .find(|e| e["event"]["type"] == "error")

@@ -5,7 +5,9 @@
 //! image cover what the built `rivulet` binary loads, the entry point, port, environment, user and
 //! health check are what the Livepeer worker expects (runner-compat.md §1, §16, §17), the
 //! HEALTHCHECK command itself works against a live `/health`, the compose file and the README's
-//! `aiModels.json` are consistent, and hadolint passes.
+//! `aiModels.json` are consistent, the shipped `styletransfer` model lands where the pipeline
+//! search path looks (replayed in a scratch root with the registry itself) and templates sit on
+//! compose's named volume, and hadolint passes.
 
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -633,7 +635,23 @@ fn copy_sources_exist_or_are_built() {
         let produced = cargo_artefacts(&pkgs);
         let release = format!("{}/target/release/", workdir.trim_end_matches('/'));
         let mut shipped = BTreeSet::new();
-        for (_, srcs, dest, line) in df.runtime().copies() {
+        for (flags, srcs, dest, line) in df.runtime().copies() {
+            if !flags.iter().any(|f| f.starts_with("--from=")) {
+                // From the build context: the shipped model files.
+                for s in srcs {
+                    assert!(
+                        s.starts_with("models/") && repo().join(&s).is_file(),
+                        "{name} line {line}: context COPY source {s} must be a file under models/"
+                    );
+                    assert!(
+                        !ignored
+                            .iter()
+                            .any(|i| s.starts_with(i.trim_end_matches('/'))),
+                        "{name} line {line}: COPY source {s} is excluded by the dockerignore"
+                    );
+                }
+                continue;
+            }
             for s in srcs {
                 if let Some(file) = s.strip_prefix(&release) {
                     assert!(
@@ -716,6 +734,8 @@ fn entrypoint_port_env_user_and_plugin_path() {
             ("PIPELINE", "live-video-to-video"),
             ("MODEL_ID", "noop"),
             ("MODEL_DIR", "/models"),
+            // Templates on a volume (compose names it).
+            ("RIVULET_DATA_DIR", "/var/lib/rivulet"),
             // libgomp sleeps between frames instead of spinning (no re-exec of the daemon).
             ("OMP_WAIT_POLICY", "PASSIVE"),
         ];
@@ -771,8 +791,8 @@ fn entrypoint_port_env_user_and_plugin_path() {
             "{name}: the image creates user rivulet as {uid}:{gid}"
         );
         assert!(
-            runs.contains("install -d -o rivulet -g rivulet /models"),
-            "{name}: /models mount point"
+            runs.contains("install -d -o rivulet -g rivulet /models /var/lib/rivulet"),
+            "{name}: /models mount point and the data dir, owned by the runtime user"
         );
 
         // The ENTRYPOINT's subcommand exists in the binary that was built.
@@ -1111,22 +1131,38 @@ fn compose_file() {
         text.contains("- \"127.0.0.1:8000:8000\""),
         "CPU service on port 8000"
     );
-    // The default models directory mounted at /models exists (relative to docker/).
-    let mounts: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("- ${MODELS:-"))
-        .collect();
-    assert_eq!(mounts.len(), 2);
-    for m in mounts {
-        let (host, rest) = m.split_once('}').expect("${MODELS:-dir}");
-        assert_eq!(rest, ":/models:ro");
-        let dir = docker_dir().join(host);
+    // No test models mounted: the images carry the shipped model. Templates and job outputs
+    // (RIVULET_DATA_DIR, the images' /var/lib/rivulet) persist on a named volume.
+    assert!(
+        !text.contains("testdata"),
+        "compose must not mount the test pipelines"
+    );
+    let yaml: serde_norway::Value = serde_norway::from_str(&text).expect("compose.yaml parses");
+    let data_dir = Dockerfile::load("Dockerfile.cpu").runtime().env()["RIVULET_DATA_DIR"].clone();
+    let services = yaml["services"].as_mapping().expect("services");
+    assert_eq!(services.len(), 2);
+    for (svc, def) in services {
+        let mounts: Vec<&str> = def["volumes"]
+            .as_sequence()
+            .unwrap_or_else(|| panic!("{svc:?}: volumes"))
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert_eq!(
+            mounts,
+            [format!("rivulet-data:{data_dir}")],
+            "{svc:?}: the named data volume at RIVULET_DATA_DIR"
+        );
         assert!(
-            dir.join("gain.toml").exists(),
-            "{} has the test pipelines",
-            dir.display()
+            def["environment"].get("RIVULET_DATA_DIR").is_none(),
+            "{svc:?}: RIVULET_DATA_DIR is the image's"
         );
     }
+    let volumes = yaml["volumes"].as_mapping().expect("top-level volumes");
+    assert!(
+        volumes.contains_key("rivulet-data"),
+        "rivulet-data is a named volume"
+    );
     assert_eq!(values("stop_signal"), ["SIGINT", "SIGINT"]);
 }
 
@@ -1256,5 +1292,90 @@ fn dockerfile_text_names_no_other_libtorch() {
                 "{name}: libtorch path other than {LIBTORCH}"
             );
         }
+    }
+}
+
+/// The runtime stage's COPYs of the shipped model, replayed into a scratch root: the pipeline
+/// registry, scanning the search path the image's environment gives (`SearchPath::from_sources`
+/// with the image's ENV, `rivulet` in /usr/local/bin and the plugin in GST_PLUGIN_PATH; no
+/// build tree), finds `styletransfer` there, with its model file beside the manifest.
+#[test]
+fn shipped_model_is_on_the_search_path() {
+    use gstaipipeline::pipeline::{Registry, SearchPath, Sources};
+    for name in IMAGES {
+        let df = Dockerfile::load(name);
+        let rt = df.runtime();
+        let root = std::env::temp_dir().join(format!(
+            "rivulet-image-{}-{}",
+            name.replace('.', "-"),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+        let mut copied = Vec::new();
+        for (flags, srcs, dest, line) in rt.copies() {
+            if flags.iter().any(|f| f.starts_with("--from=")) {
+                continue;
+            }
+            assert!(
+                dest.ends_with('/'),
+                "{name} line {line}: COPY of several files into a folder ({dest})"
+            );
+            let into = root.join(dest.trim_start_matches('/'));
+            std::fs::create_dir_all(&into).unwrap();
+            for s in srcs {
+                let file = Path::new(&s).file_name().unwrap();
+                std::fs::copy(repo().join(&s), into.join(file)).unwrap();
+                copied.push(format!("{dest}{}", file.to_string_lossy()));
+            }
+        }
+        for f in ["styletransfer.toml", "styletransfer.pt", "LICENSES.md"] {
+            assert!(
+                copied
+                    .iter()
+                    .any(|c| c.ends_with(&format!("/styletransfer/{f}"))),
+                "{name}: the image carries models/styletransfer/{f} ({copied:?})"
+            );
+        }
+        let env = rt.env();
+        let get = |k: &str| env.get(k).cloned();
+        let plugin_dir = get("GST_PLUGIN_PATH").expect("GST_PLUGIN_PATH");
+        let in_image = SearchPath::from_sources(&Sources {
+            rivulet_pipelines: get("RIVULET_PIPELINES"),
+            model_dir: get("MODEL_DIR"),
+            xdg_data_dirs: get("XDG_DATA_DIRS"),
+            exe: Some("/usr/local/bin/rivulet".into()),
+            plugin_file: Some(Path::new(&plugin_dir).join("libgstaipipeline.so")),
+            build_tree: None,
+        });
+        assert!(
+            in_image
+                .dirs()
+                .contains(&PathBuf::from("/usr/share/rivulet/pipelines")),
+            "{name}: {in_image:?}"
+        );
+        let scratch = SearchPath::new(
+            in_image
+                .dirs()
+                .iter()
+                .map(|d| root.join(d.strip_prefix("/").unwrap_or(d))),
+        );
+        let registry = Registry::scan(&scratch);
+        assert!(registry.warnings.is_empty(), "{:?}", registry.warnings);
+        let def = registry
+            .resolve("styletransfer", None)
+            .unwrap_or_else(|| panic!("{name}: {}", registry.unknown_message("styletransfer")));
+        let model = def.model.expect("a model file");
+        assert!(model.is_file(), "{name}: {}", model.display());
+        assert_eq!(
+            model,
+            root.join("usr/share/rivulet/pipelines/styletransfer/styletransfer.pt")
+        );
+        // The build-time smoke test runs it by name, with no configuration.
+        let runs = rt.runs().join("\n");
+        assert!(
+            runs.contains("aipipeline device=cpu pipeline=styletransfer"),
+            "{name}: the smoke test runs styletransfer"
+        );
+        let _ = std::fs::remove_dir_all(&root);
     }
 }

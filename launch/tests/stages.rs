@@ -24,7 +24,7 @@ fn init() {
 
 fn config() -> Config {
     let mut cfg = Config::from_env().expect("config from the environment");
-    cfg.pipelines_dir = Some(
+    cfg.pipelines = gstaipipeline::pipeline::SearchPath::dir(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../gst-plugin-aipipeline/testdata/pipelines"),
     );
@@ -145,14 +145,7 @@ fn single(cfg: &Config, pipeline: &str, params: &Value) -> gst::Element {
     let ai = gst::ElementFactory::make("aipipeline")
         .property("pipeline", pipeline)
         .property("params", params.to_string())
-        .property(
-            "pipelines-dir",
-            cfg.pipelines_dir
-                .as_ref()
-                .unwrap()
-                .to_string_lossy()
-                .to_string(),
-        )
+        .property("pipelines-dir", cfg.pipelines.to_list())
         .build()
         .unwrap();
     ai.set_property_from_str("device", "cpu");
@@ -474,7 +467,7 @@ fn failover_while_running_when_frames_keep_failing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_runs_a_graph_from_the_start_request() {
     init();
-    let dir = config().pipelines_dir.unwrap();
+    let dir = config().pipelines.dirs()[0].clone();
     let d = common::spawn_daemon(
         "stages",
         &[

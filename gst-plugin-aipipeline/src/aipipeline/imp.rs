@@ -133,6 +133,8 @@ pub struct AiPipeline {
     pub(super) settings: Mutex<Settings>,
     pub(super) shared: Arc<Shared>,
     worker: Mutex<Option<JoinHandle<()>>>,
+    /// The unknown params keys last warned about (see `note_unknown_keys`).
+    unknown_keys: Mutex<Vec<String>>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -155,6 +157,38 @@ impl AiPipeline {
     pub(super) fn post_warning(&self, msg: &str) {
         gst::warning!(CAT, imp = self, "{msg}");
         gst::element_imp_warning!(self, gst::StreamError::Failed, ("{}", msg));
+    }
+
+    /// Accepted params with keys the pipeline does not know: a bus warning naming them (its
+    /// details a [`super::UNKNOWN_PARAMS_WARNING`] structure with `pipeline` and `keys`), once
+    /// per new set of unknown keys (an update with the same set as the one before says
+    /// nothing; `start` begins afresh).
+    fn note_unknown_keys(&self, def: &PipelineDef, unknown: Vec<String>, start: bool) {
+        {
+            let mut last = lock(&self.unknown_keys);
+            if start {
+                last.clear();
+            }
+            if *last == unknown {
+                return;
+            }
+            *last = unknown.clone();
+        }
+        if unknown.is_empty() {
+            return;
+        }
+        let msg = def.unknown_keys_message(&unknown);
+        gst::warning!(CAT, imp = self, "{msg}");
+        let details = gst::Structure::builder(super::UNKNOWN_PARAMS_WARNING)
+            .field("pipeline", def.name.as_str())
+            .field("keys", gst::Array::new(unknown.iter().map(String::as_str)))
+            .build();
+        gst::element_imp_warning!(
+            self,
+            gst::StreamError::Failed,
+            ("{}", msg),
+            details: details
+        );
     }
 
     // ---- streaming thread: sink pad ----
@@ -352,12 +386,12 @@ impl AiPipeline {
             return;
         };
         // Selectors that select nothing keep their target's value in force (`ctrl.params`).
-        let (p, selector_warnings) = match def.parse_update(ctrl.params.as_ref(), &json) {
+        let (p, selector_warnings, unknown) = match def.parse_update(ctrl.params.as_ref(), &json) {
             Ok(u) => {
                 let warnings: Vec<String> = (u.warnings.iter())
                     .map(|w| format!("Params for pipeline '{}': {w}", def.name))
                     .collect();
-                (u.params, warnings)
+                (u.params, warnings, u.unknown)
             }
             Err(e) => {
                 drop(ctrl);
@@ -388,6 +422,7 @@ impl AiPipeline {
                 let device = ctrl.device.unwrap_or(tch::Device::Cpu);
                 let half = ctrl.half;
                 let iso = ctrl.iso.clone();
+                let def = def.clone();
                 let spawned = std::thread::Builder::new()
                     .name("aipipeline-loader".into())
                     .spawn(move || loader(shared, session, def, device, half, iso));
@@ -414,6 +449,7 @@ impl AiPipeline {
         for w in &selector_warnings {
             self.post_warning(w);
         }
+        self.note_unknown_keys(&def, unknown, false);
         gst::info!(CAT, imp = self, "params accepted (reload: {reload})");
         if reload {
             self.set_status(Status::Loading);
@@ -442,28 +478,24 @@ impl AiPipeline {
                 "precision=fp16 is CUDA-only; using fp32 on {device:?}"
             );
         }
-        let dir = settings
-            .pipelines_dir
-            .clone()
-            .or_else(|| std::env::var(pipeline::PIPELINES_ENV).ok())
-            .filter(|d| !d.is_empty())
-            .map(PathBuf::from);
-        let registry = Registry::scan(dir.as_deref());
+        // `pipelines-dir` (a colon-separated list) replaces the default search path.
+        let search = match settings.pipelines_dir.as_deref().filter(|d| !d.is_empty()) {
+            Some(list) => pipeline::SearchPath::parse(list),
+            None => pipeline::SearchPath::from_env(),
+        };
+        let registry = Registry::scan(&search);
         for w in &registry.warnings {
             self.post_warning(w);
         }
         let def = registry
-            .resolve(&settings.pipeline, settings.model.as_ref().map(PathBuf::from))
+            .resolve(
+                &settings.pipeline,
+                settings.model.as_ref().map(PathBuf::from),
+            )
             .ok_or_else(|| {
                 gst::error_msg!(
                     gst::ResourceError::NotFound,
-                    (
-                        "Unknown pipeline '{}'. Known pipelines: {} (pipelines directory: {}; set pipelines-dir or {})",
-                        settings.pipeline,
-                        registry.names().join(", "),
-                        dir.as_ref().map(|d| d.display().to_string()).unwrap_or_else(|| "none".into()),
-                        pipeline::PIPELINES_ENV
-                    )
+                    ("{}", registry.unknown_message(&settings.pipeline))
                 )
             })?;
         let update = def.parse_update(None, &settings.params).map_err(|e| {
@@ -480,6 +512,7 @@ impl AiPipeline {
         for w in &update.warnings {
             self.post_warning(&format!("Params for pipeline '{}': {w}", def.name));
         }
+        self.note_unknown_keys(&def, update.unknown.clone(), true);
         let mut params = update.params;
         gst::info!(
             CAT,
@@ -502,7 +535,7 @@ impl AiPipeline {
                 spec: LoadSpec {
                     pipeline: settings.pipeline.clone(),
                     model: settings.model.clone(),
-                    pipelines_dir: dir.as_ref().map(|d| d.to_string_lossy().into_owned()),
+                    pipelines_dir: Some(search.to_list()),
                     device: settings.device.to_string(),
                     fp16: settings.precision == Precision::Fp16,
                     params: String::new(),
@@ -709,6 +742,7 @@ impl ObjectSubclass for AiPipeline {
             settings: Mutex::new(Settings::default()),
             shared: Arc::new(Shared::default()),
             worker: Mutex::new(None),
+            unknown_keys: Mutex::new(Vec::new()),
         }
     }
 }
@@ -729,8 +763,13 @@ impl ObjectImpl for AiPipeline {
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecString::builder("pipelines-dir")
-                    .nick("Pipelines directory")
-                    .blurb("Directory of model manifests (*.toml); default: $RIVULET_PIPELINES")
+                    .nick("Pipelines directories")
+                    .blurb(
+                        "Directories of model manifests (*.toml, also one subdirectory down), \
+                         colon-separated, searched in order instead of the default search path \
+                         ($RIVULET_PIPELINES, $MODEL_DIR, the data dirs, beside the binary or \
+                         the plugin, the build tree)",
+                    )
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecString::builder("device")

@@ -46,6 +46,11 @@ pub const STATS_MESSAGE: &str = "aipipeline-stats";
 /// `pid` (u32: the lost child's pid).
 pub const RESTART_MESSAGE: &str = "aipipeline-restart";
 
+/// Structure name of the details of the bus warning posted when accepted params hold keys the
+/// pipeline does not know (they are ignored, as the runner ignores them). Fields: `pipeline`
+/// (string), `keys` (array of strings, sorted). Posted once per new set of unknown keys.
+pub const UNKNOWN_PARAMS_WARNING: &str = "rivulet-unknown-params";
+
 /// `isolation` property: where inference runs.
 #[derive(Debug, Eq, PartialEq, Ord, PartialOrd, Hash, Clone, Copy, glib::Enum, Default)]
 #[repr(u32)]

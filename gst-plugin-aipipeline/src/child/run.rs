@@ -12,7 +12,7 @@ use super::{BIN_NAME, CTRL_FD, ENV_PARENT, SHM_FD};
 use crate::device::{self, DeviceSpec};
 use crate::frame::{self, PixelLayout, YuvMatrix};
 use crate::model::{self, Runner};
-use crate::pipeline::{Params, PipelineDef, Registry};
+use crate::pipeline::{Params, PipelineDef, Registry, SearchPath};
 
 /// Watchdog period in the child.
 const WATCHDOG_PERIOD: Duration = Duration::from_millis(250);
@@ -34,17 +34,15 @@ fn load(spec: &LoadSpec) -> Result<(Loaded, Duration), String> {
         .map_err(|e| e.to_string())?;
     let device = device::resolve(dspec)?;
     let half = spec.fp16 && device.is_cuda();
-    let dir = spec.pipelines_dir.as_ref().map(PathBuf::from);
-    let registry = Registry::scan(dir.as_deref());
+    // The parent hands over the search path it resolved (its default when it has none).
+    let search = match spec.pipelines_dir.as_deref() {
+        Some(list) => SearchPath::parse(list),
+        None => SearchPath::from_env(),
+    };
+    let registry = Registry::scan(&search);
     let def = registry
         .resolve(&spec.pipeline, spec.model.as_ref().map(PathBuf::from))
-        .ok_or_else(|| {
-            format!(
-                "Unknown pipeline '{}'. Known pipelines: {}",
-                spec.pipeline,
-                registry.names().join(", ")
-            )
-        })?;
+        .ok_or_else(|| registry.unknown_message(&spec.pipeline))?;
     let params = match &spec.resolved {
         Some(w) => Params::from(w.clone()),
         None => def.parse_params(&spec.params).map_err(|e| {

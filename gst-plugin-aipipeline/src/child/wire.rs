@@ -19,6 +19,7 @@ const MAX_MSG: usize = 64 * 1024;
 pub struct LoadSpec {
     pub pipeline: String,
     pub model: Option<String>,
+    /// The search path, colon-separated (`SearchPath::to_list`); `None`: the default.
     pub pipelines_dir: Option<String>,
     pub device: String,
     pub fp16: bool,

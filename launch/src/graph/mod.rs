@@ -180,11 +180,14 @@ pub enum GraphError {
     UnknownInput { stage: String, input: String },
     #[error("stages form a cycle: {}", .0.join(" → "))]
     Cycle(Vec<String>),
-    #[error("stage '{stage}': unknown pipeline '{name}' (known pipelines: {known})")]
+    #[error(
+        "stage '{stage}': unknown pipeline '{name}' (known pipelines: {known}; directories searched, in order: {searched})"
+    )]
     UnknownPipeline {
         stage: String,
         name: String,
         known: String,
+        searched: String,
     },
     #[error(
         "stage '{stage}': unknown element '{name}' (no such GStreamer element; is its plugin installed?)"
@@ -636,13 +639,7 @@ pub(crate) fn topo_order(def: &GraphDef) -> Result<Vec<usize>, GraphError> {
 
 /// The pipeline registry the daemon's `aipipeline` elements will see.
 pub(crate) fn registry(cfg: &Config) -> gstaipipeline::pipeline::Registry {
-    let dir = cfg.pipelines_dir.clone().or_else(|| {
-        std::env::var(gstaipipeline::pipeline::PIPELINES_ENV)
-            .ok()
-            .filter(|d| !d.is_empty())
-            .map(Into::into)
-    });
-    gstaipipeline::pipeline::Registry::scan(dir.as_deref())
+    gstaipipeline::pipeline::Registry::scan(&cfg.pipelines)
 }
 
 /// Media types (structure names) a pad template of `factory` accepts; `None` for ANY.
@@ -743,6 +740,7 @@ pub fn validate(def: &GraphDef, cfg: &Config) -> Result<(), GraphError> {
                         stage: s.id.clone(),
                         name: name.clone(),
                         known: registry.names().join(", "),
+                        searched: registry.searched().describe(),
                     });
                 };
                 if let Err(e) = pdef.parse_params(&s.params.to_string()) {

@@ -93,9 +93,7 @@ fn make_unit(
         let ai = make("aipipeline", None)?;
         ai.set_property("pipeline", name);
         ai.set_property_from_str("device", provider.device.as_deref().unwrap_or(&cfg.device));
-        if let Some(dir) = &cfg.pipelines_dir {
-            ai.set_property("pipelines-dir", dir.to_string_lossy().to_string());
-        }
+        ai.set_property("pipelines-dir", cfg.pipelines.to_list());
         ai.set_property("params", merged_params(def, params).to_string());
         // RIVULET_ISOLATION=process: the stage's inference runs in a child process, as the
         // single pipeline's (its restarts are counted by the daemon).

@@ -29,7 +29,7 @@ fn parse_forms() {
 fn cfg() -> Config {
     crate::init_gstreamer().unwrap();
     let mut c = Config::from_env().unwrap();
-    c.pipelines_dir = Some(
+    c.pipelines = gstaipipeline::pipeline::SearchPath::dir(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../gst-plugin-aipipeline/testdata/pipelines"),
     );
@@ -185,4 +185,30 @@ fn definition_files() {
         .to_string();
     assert!(err.contains("cannot read"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// README.md's stage-graph example (the first ```json block after "Multi-stage pipelines")
+/// parses and validates against the daemon's default search path (`styletransfer` from the
+/// build tree's `models/`), with no configuration.
+#[test]
+fn readme_graph_example_validates() {
+    crate::init_gstreamer().unwrap();
+    let readme = include_str!("../../../README.md");
+    let block = readme
+        .split("### Multi-stage pipelines")
+        .nth(1)
+        .and_then(|s| s.split("```json\n").nth(1))
+        .and_then(|s| s.split("```").next())
+        .expect("the README's graph example");
+    let def = parse_str(block).unwrap_or_else(|e| panic!("{e}\n{block}"));
+    let mut c = Config::from_env().unwrap();
+    c.pipelines =
+        gstaipipeline::pipeline::SearchPath::from_sources(&gstaipipeline::pipeline::Sources {
+            rivulet_pipelines: None,
+            model_dir: None,
+            ..gstaipipeline::pipeline::Sources::from_process()
+        });
+    validate(&def, &c).unwrap_or_else(|e| panic!("{e}\n{block}"));
+    let ids: Vec<&str> = def.stages.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, ["styled", "plain", "soft"]);
 }
