@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::{
-    create_stream_channels, get_json, health_stays, inference_children, now_ms, set_state, signal,
-    spawn_daemon, subscribe_events, wait_frames, wait_health, wait_no_inference_child, wait_status,
+    get_json, health_stays, inference_children, now_ms, set_state, signal, subscribe_events,
+    wait_frames, wait_health, wait_no_inference_child, wait_status,
 };
 
 /// A daemon (isolation=process) running a `noop` stream with live input, an output frame
@@ -38,14 +38,7 @@ async fn start_running_with(
     envs: &[(&str, &str)],
     pipeline: Option<Value>,
 ) -> Running {
-    common::init_trickle();
-    let mut all = vec![("RIVULET_ISOLATION", "process")];
-    all.extend_from_slice(envs);
-    let d = spawn_daemon(tag, &all);
-    let http = reqwest::Client::new();
-    let base = d.base.clone();
-    wait_health(&http, &base, "IDLE", Duration::from_secs(60)).await;
-    create_stream_channels(&http, &base, mid).await;
+    let (d, http, base) = common::idle_daemon_with_channels(tag, "process", envs, mid).await;
     let url = |s: &str| format!("{base}/trickle/{mid}{s}");
     let mut events = subscribe_events(&url("-events"));
     let (restart_tx, restarts) = tokio::sync::mpsc::channel::<Value>(8);

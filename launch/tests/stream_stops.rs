@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::{
-    DaemonProc, control_publisher, create_stream_channels, get_json, set_state, spawn_daemon,
-    wait_frames, wait_health, wait_status,
+    DaemonProc, control_publisher, get_json, set_state, wait_frames, wait_health, wait_status,
 };
 
 /// A daemon running a `noop` stream (in-process inference, live input, an output counter).
@@ -56,14 +55,7 @@ impl Live {
 }
 
 async fn start_live(tag: &str, mid: &'static str, envs: &[(&str, &str)]) -> Live {
-    common::init_trickle();
-    let mut all = vec![("RIVULET_ISOLATION", "none")];
-    all.extend_from_slice(envs);
-    let d = spawn_daemon(tag, &all);
-    let http = reqwest::Client::new();
-    let base = d.base.clone();
-    wait_health(&http, &base, "IDLE", Duration::from_secs(60)).await;
-    create_stream_channels(&http, &base, mid).await;
+    let (d, http, base) = common::idle_daemon_with_channels(tag, "none", envs, mid).await;
     let url = |s: &str| format!("{base}/trickle/{mid}{s}");
     let params = json!({"width": 384, "height": 384});
     let start = json!({
@@ -332,13 +324,8 @@ async fn idle_input_stops_the_stream_after_the_idle_time() {
 /// closed) and an `error` event says why; the daemon is IDLE again, ready for the next start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_input_404_stops_the_stream() {
-    common::init_trickle();
-    let d = spawn_daemon("stops-404", &[("RIVULET_ISOLATION", "none")]);
-    let http = reqwest::Client::new();
-    let base = d.base.clone();
-    wait_health(&http, &base, "IDLE", Duration::from_secs(60)).await;
     let mid = "stops005";
-    create_stream_channels(&http, &base, mid).await;
+    let (_d, http, base) = common::idle_daemon_with_channels("stops-404", "none", &[], mid).await;
     let url = |s: &str| format!("{base}/trickle/{mid}{s}");
     let start = json!({
         "subscribe_url": url("-missing"), "publish_url": url("-out"),

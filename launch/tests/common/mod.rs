@@ -171,6 +171,26 @@ pub async fn wait_status(
     }
 }
 
+/// A `rivulet serve` with `RIVULET_ISOLATION=isolation` and `envs`, IDLE, with the four
+/// channels of stream `mid` created on its embedded trickle server; with an HTTP client and
+/// its base URL.
+pub async fn idle_daemon_with_channels(
+    tag: &str,
+    isolation: &str,
+    envs: &[(&str, &str)],
+    mid: &str,
+) -> (DaemonProc, reqwest::Client, String) {
+    init_trickle();
+    let mut all = vec![("RIVULET_ISOLATION", isolation)];
+    all.extend_from_slice(envs);
+    let d = spawn_daemon(tag, &all);
+    let http = reqwest::Client::new();
+    let base = d.base.clone();
+    wait_health(&http, &base, "IDLE", Duration::from_secs(60)).await;
+    create_stream_channels(&http, &base, mid).await;
+    (d, http, base)
+}
+
 /// Creates a stream's four channels (`{mid}`, `-out`, `-control`, `-events`) as an
 /// orchestrator does.
 pub async fn create_stream_channels(http: &reqwest::Client, base: &str, mid: &str) {
