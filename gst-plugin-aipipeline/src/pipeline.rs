@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 /// Smallest, largest and step of the base params `width`/`height`. The runner accepts
-/// 384..=1024 (runner-compat §8.3) and the daemon checks that range itself; the element also
+/// 384..=1024 (docs/runner.md, "Params") and the daemon checks that range itself; the element also
 /// runs smaller models (e.g. 256² for a fast preview), so its own minimum is one step.
 pub const MIN_SIZE: u32 = 64;
 pub const MAX_SIZE: u32 = 1024;
@@ -23,8 +23,8 @@ pub const PIPELINES_ENV: &str = "RIVULET_PIPELINES";
 pub const MODEL_DIR_ENV: &str = "MODEL_DIR";
 
 /// Params keys that are never unknown, whatever the pipeline: the runner's base params
-/// (runner-compat §8.3) and the logging ids the runner hands its inference side through the
-/// params queue (§6.1, §8.2).
+/// (docs/runner.md, "Params") and the logging ids the runner hands its inference side through the
+/// params queue (same section).
 pub const DAEMON_KEYS: [&str; 6] = [
     "width",
     "height",

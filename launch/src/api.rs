@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MPL-2.0
 //! The HTTP API: the runner's container API, its internal API, `/metrics` and the dashboard,
-//! on one port (runner-compat.md §2, §3).
+//! on one port (docs/runner.md, "HTTP API").
 
 use crate::daemon::{Daemon, LATENCY_BUCKETS_MS, StartError};
 use crate::status::now_secs;
@@ -294,7 +294,7 @@ async fn hardware_stats(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse 
     axum::Json(json!({"pipeline": c.pipeline_kind, "model_id": c.pipeline, "gpu_stats": gpus}))
 }
 
-/// Prometheus text format (runner-compat.md §2.6).
+/// Prometheus text format (docs/runner.md, "Metrics").
 pub fn metrics_text(daemon: &Daemon) -> String {
     let status = daemon.status();
     let k = daemon.counters();

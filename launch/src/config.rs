@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MPL-2.0
-//! Daemon configuration: the runner's environment variables (runner-compat.md §16) and
+//! Daemon configuration: the runner's environment variables (docs/runner.md, "Environment
+//! variables") and
 //! Rivulet's own settings.
 
 use gstaipipeline::pipeline::SearchPath;
@@ -78,7 +79,7 @@ pub struct Config {
 }
 
 /// What an inference restart (a lost or replaced inference child) does to the running stream
-/// (runner-compat.md §7.2).
+/// (docs/runner.md, "Restarts and restart policy").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestartPolicy {
     /// `keep-stream` (default, Rivulet's): the stream goes on with loading frames while the

@@ -11,10 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// Inference restarts allowed in the daemon's life (runner-compat.md §7).
+/// Inference restarts allowed in the daemon's life (docs/runner.md, "Restarts and restart policy").
 pub const MAX_RESTARTS: u32 = 3;
 
-/// How long a start waits for the previous stream to stop (runner-compat.md §6.1).
+/// How long a start waits for the previous stream to stop (docs/runner.md, "Stream start and
+/// stop").
 pub const STOP_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +34,7 @@ pub enum ParamsError {
     NotAnObject,
     #[error("{0}")]
     Invalid(String),
-    /// Already reported as an `error` event (runner-compat.md §8.2 step 3).
+    /// Already reported as an `error` event (docs/runner.md, "Params").
     #[error("{0}")]
     ResolutionChange(String),
 }
@@ -315,7 +316,7 @@ impl Daemon {
         c.pipeline_ready = ready;
     }
 
-    /// An inference error: `last_error` and an `error` event (runner-compat.md §15).
+    /// An inference error: `last_error` and an `error` event (docs/runner.md, "Events").
     pub fn report_error(&self, message: &str) {
         let now = now_secs();
         {
@@ -341,7 +342,7 @@ impl Daemon {
 
     /// An error that ends the stream outside inference (the input channel gone with a 404, an
     /// output that cannot be published): an `error` event, so the gateway sees why the stream
-    /// stopped; `last_error` stays about inference (runner-compat.md §15).
+    /// stopped; `last_error` stays about inference (docs/runner.md, "Events").
     pub fn report_stream_error(&self, message: &str) {
         self.emit_error(message, now_secs());
     }
@@ -354,7 +355,7 @@ impl Daemon {
         );
     }
 
-    /// Validates a params object against the base params (runner-compat.md §8.3).
+    /// Validates a params object against the base params (docs/runner.md, "Params").
     pub fn validate_params(params: &Value) -> Result<(), ParamsError> {
         let map = params.as_object().ok_or(ParamsError::NotAnObject)?;
         for key in ["width", "height"] {
@@ -549,7 +550,7 @@ impl Daemon {
                     c.current_params = self.config.initial_params.clone();
                 }
                 Action::ComputedError { fatal } => {
-                    // Isolated inference: replace the child and keep the stream (§7.2), unless
+                    // Isolated inference: replace the child and keep the stream, unless
                     // the runner's behaviour (stop the stream first) is configured.
                     if !fatal
                         && self.config.isolation
@@ -568,7 +569,7 @@ impl Daemon {
         }
     }
 
-    /// Restarts the inference side: the runner's pipeline-process restart (§7), in process.
+    /// Restarts the inference side: the runner's pipeline-process restart, in process.
     async fn restart_inference(self: &Arc<Self>, restart_count: u32, why: &str) {
         let logs = vec![format!("inference restarted after: {why}")];
         self.count_restart(Some(restart_count), logs, false, None);
@@ -580,9 +581,10 @@ impl Daemon {
         self.core.lock().unwrap().inference.restart_count
     }
 
-    /// One inference restart (runner-compat.md §7): `inference_status` replaced by
-    /// `{restart_count + 1, last_restart_time, last_restart_logs}`, LOADING until ready, and a
-    /// `restart` event. `from` is the count the decision was taken on (else the current one).
+    /// One inference restart (docs/runner.md, "Restarts and restart policy"): `inference_status`
+    /// replaced by `{restart_count + 1, last_restart_time, last_restart_logs}`, LOADING until
+    /// ready, and a `restart` event. `from` is the count the decision was taken on (else the
+    /// current one).
     /// For a child restart the element's loading/online events drive readiness instead (the
     /// bus message may be seen after a quick reload's online event).
     /// `stage` names the graph stage whose child restarted (a `stage` field in the event).
@@ -626,7 +628,7 @@ impl Daemon {
     }
 
     /// `aipipeline` lost its inference child (isolation=process) and is restarting it while
-    /// the stream goes on with loading frames: one runner inference restart (§7.2). The
+    /// the stream goes on with loading frames: one runner inference restart. The
     /// element's ONLINE event ends the LOADING state.
     ///
     /// `stage`: the graph stage whose child it was. Every child (the single pipeline's, each

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MPL-2.0
-//! The runner's health state machine (runner-compat.md §5), as a pure function of its inputs and
-//! a clock, so that every rule is unit-tested with an injected time.
+//! The runner's health state machine (docs/runner.md, "Health state machine"), as a pure
+//! function of its inputs and a clock, so that every rule is unit-tested with an injected time.
 
 use serde::Serialize;
 
@@ -17,7 +17,7 @@ pub enum State {
 }
 
 impl State {
-    /// `GET /health` mapping (runner-compat.md §2.2).
+    /// `GET /health` mapping (docs/runner.md, "HTTP API").
     pub fn health(self) -> &'static str {
         match self {
             State::Loading => "LOADING",
@@ -239,8 +239,8 @@ impl Machine {
     }
 }
 
-/// Frames-per-second over fixed windows (runner-compat.md §5.1): recomputed every `window`
-/// seconds; the first frame only opens the window.
+/// Frames-per-second over fixed windows (docs/runner.md, "Health state machine"): recomputed
+/// every `window` seconds; the first frame only opens the window.
 #[derive(Debug, Clone)]
 pub struct FpsWindow {
     window: f64,

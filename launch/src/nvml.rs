@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MPL-2.0
-//! GPU facts for `/hardware/info` and `/hardware/stats` from NVML (runner-compat.md §2.3, §2.4).
+//! GPU facts for `/hardware/info` and `/hardware/stats` from NVML (docs/runner.md, "HTTP API").
 //!
 //! `libnvidia-ml.so.1` comes with the NVIDIA driver, so it is loaded at run time (never linked):
 //! where it is missing (CPU hosts, CI) every query answers an empty map, as the runner does

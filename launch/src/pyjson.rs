@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MPL-2.0
-//! Python-compatible JSON serialisation for the params hash (runner-compat.md §4).
+//! Python-compatible JSON serialisation for the params hash (docs/runner.md, "Status object").
 //!
 //! The runner hashes `json.dumps(params, sort_keys=True)`: keys sorted at every level,
 //! separators `", "` and `": "`, non-ASCII escaped as `\uXXXX`, Python's float `repr`.

@@ -109,7 +109,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 }
 
 /// Opens and closes publishers on the output and events channels of a start request left
-/// behind by a crashed run (runner-compat.md §6.4).
+/// behind by a crashed run (docs/runner.md, "Crash cleanup").
 async fn crash_cleanup(daemon: &Daemon) {
     let path = &daemon.config.state_file;
     let Ok(text) = std::fs::read(path) else {

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MPL-2.0
-//! The runner's status object (runner-compat.md §4) and its time helpers.
+//! The runner's status object (docs/runner.md, "Status object") and its time helpers.
 
 use serde::Serialize;
 use serde_json::Value;
@@ -103,7 +103,7 @@ impl TransientTracker {
     }
 }
 
-/// The events-channel envelope (trickle-protocol.md §15.1).
+/// The events-channel envelope (docs/trickle.md, "Control and events channels").
 pub fn envelope(event: Value, queue_event_type: &str) -> Value {
     serde_json::json!({"event": event, "queue_event_type": queue_event_type})
 }

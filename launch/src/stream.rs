@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MPL-2.0
 //! One live stream: the GStreamer graph, the control loop, the events publisher and the status
-//! reporter (runner-compat.md §6, trickle-protocol.md §14, §15).
+//! reporter (docs/runner.md, "Stream start and stop", "Control channel", "Events";
+//! docs/trickle.md, "Control and events channels").
 
 use crate::config::Config;
 use crate::daemon::Daemon;
@@ -17,10 +18,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-/// Largest control message accepted (ComfyUI workflows can be large; trickle-protocol.md §14.3).
+/// Largest control message accepted (ComfyUI workflows can be large; docs/trickle.md,
+/// "Control and events channels").
 pub const MAX_CONTROL_MESSAGE: usize = 16 * 1024 * 1024;
 
-/// A stream start request (runner-compat.md §2.1, §3.1).
+/// A stream start request (docs/runner.md, "HTTP API").
 #[derive(Debug, Clone, Default)]
 pub struct StartRequest {
     pub subscribe_url: String,
@@ -162,7 +164,7 @@ fn is_http_url(s: &str) -> bool {
     url::Url::parse(s).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
 }
 
-/// The 24 fps cap on PTS (runner-compat.md §12), exactly as the runner applies it.
+/// The 24 fps cap on PTS (docs/runner.md, "Media"), exactly as the runner applies it.
 #[derive(Debug, Default, Clone)]
 pub struct FpsCap {
     interval: f64,
@@ -360,8 +362,9 @@ impl StreamHandle {
     }
 }
 
-/// Serialises events onto the events channel, one message per segment (P8). On stop, sends
-/// what is already queued, then closes the channel (empty segment, DELETE).
+/// Serialises events onto the events channel, one message per segment (docs/trickle.md,
+/// "Control and events channels"). On stop, sends what is already queued, then closes the
+/// channel (empty segment, DELETE).
 async fn events_loop(
     mut publisher: Publisher,
     mut rx: mpsc::Receiver<Value>,
@@ -404,7 +407,8 @@ async fn events_loop(
     }
 }
 
-/// Reads the control channel: each whole segment is one params object (trickle-protocol.md §14).
+/// Reads the control channel: each whole segment is one params object (docs/trickle.md,
+/// "Control and events channels"; docs/runner.md, "Control channel").
 async fn control_loop(daemon: Arc<Daemon>, req: StartRequest, mut stop: watch::Receiver<bool>) {
     let config = SubscriberConfig {
         start_seq: -2,
@@ -922,7 +926,8 @@ fn spawn_bus_watch(
                     if is_from(&msg, &ai_el) {
                         daemon.report_error(&text);
                         if text.contains("inference child crashed") {
-                            // Restart limit reached: permanent ERROR (runner-compat.md §7.2).
+                            // Restart limit reached: permanent ERROR (docs/runner.md, "Restarts
+                            // and restart policy").
                             daemon.on_child_limit();
                         }
                     } else {

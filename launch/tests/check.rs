@@ -85,7 +85,7 @@ fn noop_follows_the_contract() {
     for c in ALL_PASS {
         assert_eq!(r.result(c), "PASS", "{c}");
     }
-    // noop applies a new size at once, without a reload (runner-compat §11).
+    // noop applies a new size at once, without a reload (docs/runner.md, "Media").
     assert_eq!(r.result("loading-events"), "SKIP");
     assert_eq!(r.result("status-stats"), "PASS");
 }

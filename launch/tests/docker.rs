@@ -3,7 +3,8 @@
 //! the Dockerfiles install exists in Debian 12, every COPY source exists in the repository or is
 //! an artefact the build stage's cargo command produces, the libtorch files copied into the CPU
 //! image cover what the built `rivulet` binary loads, the entry point, port, environment, user and
-//! health check are what the Livepeer worker expects (runner-compat.md §1, §16, §17), the
+//! health check are what the Livepeer worker expects (docs/runner.md, "Deployment and worker
+//! polling", "Environment variables"), the
 //! HEALTHCHECK command itself works against a live `/health`, the compose file and the README's
 //! `aiModels.json` are consistent, the shipped `styletransfer` model lands where the pipeline
 //! search path looks (replayed in a scratch root with the registry itself) and templates sit on
@@ -768,7 +769,11 @@ fn entrypoint_port_env_user_and_plugin_path() {
         }
 
         let expose: Vec<&str> = rt.all("EXPOSE").map(|i| i.args.as_str()).collect();
-        assert_eq!(expose, ["8000"], "{name}: EXPOSE 8000 (runner-compat §1)");
+        assert_eq!(
+            expose,
+            ["8000"],
+            "{name}: EXPOSE 8000 (docs/runner.md, Deployment and worker polling)"
+        );
         assert_eq!(
             rt.one("STOPSIGNAL").args,
             "SIGINT",
@@ -1041,7 +1046,7 @@ fn healthcheck_probes_health() {
         );
         assert!(
             hc.contains("--start-period=180s"),
-            "{name}: loading may take 180 s (runner-compat §17)"
+            "{name}: loading may take 180 s (docs/runner.md, Deployment and worker polling)"
         );
         require_tool("curl", "curl");
         for (status, healthy) in [

@@ -193,7 +193,7 @@ async fn killing_the_inference_child_restarts_it_and_the_stream_goes_on() {
 }
 
 /// Three restarts in the daemon's life, then the fourth loss is a permanent ERROR and the
-/// stream stops (runner-compat.md §7.2).
+/// stream stops (docs/runner.md, "Restarts and restart policy").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fourth_child_loss_is_a_permanent_error() {
     let Running {

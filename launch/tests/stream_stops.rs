@@ -2,7 +2,7 @@
 //! A running stream end to end, through a `rivulet serve` process and its embedded trickle
 //! server: bad requests leave it producing output, and each way a stream is stopped from
 //! outside (control channel gone, input channel gone, input idle) stops it cleanly
-//! (runner-compat.md §5 rule 5, §14).
+//! (docs/runner.md, "Stream start and stop", "Health state machine" rule 5).
 
 use serde_json::{Value, json};
 use std::sync::Arc;

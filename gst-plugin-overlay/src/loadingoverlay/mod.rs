@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: MPL-2.0
 //! `loadingoverlay`: passes raw video through untouched, except while upstream is loading (or
 //! while `force` is on): then every frame is replaced by the runner's loading picture
-//! (runner-compat.md §9.2): the last real frame in greyscale and dimmed (or mid-grey), the
-//! text "Loading pipeline…" and a spinner turning at 180° per second of running time.
+//! (docs/runner.md, "Loading picture"): the last real frame in greyscale and dimmed (or
+//! mid-grey), the text "Loading pipeline…" and a spinner turning at 180° per second of running
+//! time.
 //!
 //! Loading is signalled by serialized custom downstream events (the cross-crate contract with
 //! `aipipeline`, forwarded unchanged):

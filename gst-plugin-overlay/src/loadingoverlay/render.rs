@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MPL-2.0
 //! The loading picture, in plain Rust (no GStreamer types): geometry, the text and spinner
 //! sprites, the dimmed greyscale background and the writers into packed RGB or planar YUV
-//! memory. Everything follows runner-compat.md §9.2.
+//! memory. Everything follows docs/runner.md, "Loading picture".
 //!
 //! The picture is grey everywhere (greyscale background, white/black sprites), so it is kept as
 //! one 8-bit grey plane (the *canvas*) in the output's value domain: full-range grey for RGB
@@ -81,7 +81,7 @@ impl Domain {
     }
 }
 
-/// Sizes and positions for one frame size (runner-compat.md §9.2; fractional sizes are
+/// Sizes and positions for one frame size (docs/runner.md, "Loading picture"; fractional sizes are
 /// truncated to whole pixels, as the runner does with `int()`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Geometry {

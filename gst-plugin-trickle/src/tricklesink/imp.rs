@@ -468,7 +468,7 @@ impl TrickleSink {
             Kind::Ts => ("ts".to_owned(), vec![], None),
             Kind::Video => {
                 let convert = make("videoconvert", "video-convert")?;
-                // 8-bit 4:2:0, which every WHEP/RTMP player decodes (runner-compat §13).
+                // 8-bit 4:2:0, which every WHEP/RTMP player decodes (docs/runner.md, "Media").
                 let filter = make("capsfilter", "video-caps")?;
                 filter.set_property(
                     "caps",
