@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use gsttrickle::protocol::server::{
-    ServerConfig, ServerHandle, TrickleServer, raise_fd_limit, serve,
+    ConnectionStats, ServerConfig, ServerHandle, TrickleServer, raise_fd_limit, serve,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -142,6 +142,21 @@ struct Phase {
     failed: usize,
 }
 
+impl Phase {
+    /// The phase's figures: connections held, RSS and fds now, and the round trips' latencies.
+    fn now(name: &'static str, stats: &ConnectionStats, lat: &[Duration], failed: usize) -> Self {
+        Phase {
+            name,
+            held: stats.open(),
+            rss: rss_mib(),
+            fds: open_fds(),
+            p50: percentile(lat, 0.5),
+            p95: percentile(lat, 0.95),
+            failed,
+        }
+    }
+}
+
 fn main() {
     let held_target = env_usize("TRICKLE_ABUSE_CONNECTIONS", 2000);
     let waiters = env_usize("TRICKLE_ABUSE_WAITERS", 500);
@@ -188,15 +203,7 @@ fn main() {
         let mut phases = Vec::new();
         let (lat, failed) = round_trips(&h, &client, seq, rounds).await;
         seq += rounds as i64;
-        phases.push(Phase {
-            name: "unloaded",
-            held: stats.open(),
-            rss: rss_mib(),
-            fds: open_fds(),
-            p50: percentile(&lat, 0.5),
-            p95: percentile(&lat, 0.95),
-            failed,
-        });
+        phases.push(Phase::now("unloaded", &stats, &lat, failed));
 
         // Abuse: half-open connections and waiting GETs, all held.
         let mut held = Vec::with_capacity(held_target + waiters);
@@ -224,15 +231,7 @@ fn main() {
         }
         let (lat, failed) = round_trips(&h, &client, seq, rounds).await;
         seq += rounds as i64;
-        phases.push(Phase {
-            name: "half-open + waiting GETs held",
-            held: stats.open(),
-            rss: rss_mib(),
-            fds: open_fds(),
-            p50: percentile(&lat, 0.5),
-            p95: percentile(&lat, 0.95),
-            failed,
-        });
+        phases.push(Phase::now("half-open + waiting GETs held", &stats, &lat, failed));
 
         // And a connect flood over the cap.
         let stop = Arc::new(AtomicBool::new(false));
@@ -260,15 +259,7 @@ fn main() {
         let t = Instant::now();
         let (lat, failed) = round_trips(&h, &client, seq, rounds).await;
         let flood_secs = t.elapsed().as_secs_f64();
-        phases.push(Phase {
-            name: "... + connect flood over the cap",
-            held: stats.open(),
-            rss: rss_mib(),
-            fds: open_fds(),
-            p50: percentile(&lat, 0.5),
-            p95: percentile(&lat, 0.95),
-            failed,
-        });
+        phases.push(Phase::now("... + connect flood over the cap", &stats, &lat, failed));
         stop.store(true, Ordering::Relaxed);
         for f in flood {
             let _ = f.await;
