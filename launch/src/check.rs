@@ -10,6 +10,7 @@
 //! full replacement as the size going back to its default, a rejected params string as a bus
 //! warning with the old params still in force and frames still flowing.
 
+use crate::media::{AiSpec, aipipeline};
 use gstaipipeline::pipeline::SearchPath;
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -323,18 +324,10 @@ pub const CHECKS: [&str; 13] = [
 fn make_element(opts: &Options) -> Result<gst::Element, String> {
     match &opts.target {
         Target::Pipeline(name) => {
-            let mut b = gst::ElementFactory::make("aipipeline")
-                .name("checked")
-                .property("pipeline", name.as_str());
-            b = b.property("pipelines-dir", opts.pipelines.to_list());
-            if let Some(model) = &opts.model {
-                b = b.property("model", model.to_string_lossy().to_string());
-            }
-            let e = b
-                .build()
-                .map_err(|e| format!("cannot make aipipeline: {e}"))?;
-            e.set_property_from_str("device", &opts.device);
-            Ok(e)
+            let spec = AiSpec::new(name, &opts.device, &opts.pipelines)
+                .named("checked")
+                .model(opts.model.clone());
+            aipipeline(&spec, None).map_err(|e| format!("cannot make aipipeline: {e}"))
         }
         Target::Element(name) => gst::ElementFactory::make(name)
             .name("checked")

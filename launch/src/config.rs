@@ -76,6 +76,11 @@ pub struct Config {
     /// Where pipeline templates are kept (`RIVULET_DATA_DIR`, else `$XDG_DATA_HOME/rivulet`,
     /// else `~/.local/share/rivulet`, else `./data`).
     pub data_dir: PathBuf,
+    /// `RIVULET_MAX_SESSIONS` / `--max-sessions`: live sessions at once. 1 (default): the
+    /// runner's behaviour, a new start stops the running stream; more: each start is its own
+    /// session keyed by `stream_id` (else `gateway_request_id`), and one start beyond the
+    /// limit is refused (503).
+    pub max_sessions: usize,
 }
 
 /// What an inference restart (a lost or replaced inference child) does to the running stream
@@ -266,6 +271,19 @@ impl Config {
             data_dir: env("RIVULET_DATA_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(default_data_dir),
+            max_sessions: match env("RIVULET_MAX_SESSIONS") {
+                None => 1,
+                Some(v) => match v.parse::<usize>() {
+                    Ok(n) if (1..=64).contains(&n) => n,
+                    _ => {
+                        return Err(ConfigError::Invalid {
+                            name: "RIVULET_MAX_SESSIONS",
+                            value: v,
+                            reason: "expected a session count from 1 to 64".into(),
+                        });
+                    }
+                },
+            },
         })
     }
 }

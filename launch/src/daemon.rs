@@ -1,749 +1,330 @@
 // SPDX-License-Identifier: MPL-2.0
-//! The daemon's core: status, health, params and the one running stream.
+//! The supervisor of live sessions (and the owner of templates, the feed and file jobs).
+//!
+//! Layer: below the HTTP handlers, above `session`. Sessions never call it: they report
+//! through a [`Report`] channel, which [`Daemon::supervise`] reads.
+//!
+//! With `--max-sessions 1` (the default) there is one session, the runner session, which
+//! lives as long as the daemon: a new start stops its stream and starts the new one, and its
+//! restart budget, health state and counters are the daemon's, as in the runner. With more,
+//! each start is a session of its own keyed by `stream_id` (else `gateway_request_id`), made
+//! when it starts and dropped when its stream stops; the runner session then never streams: it
+//! holds the warm-up state that new sessions start from and answers `/health` and
+//! `/api/status` while no session runs. While sessions run, those two report the oldest
+//! session (docs/runner.md, "Many sessions").
 
-use crate::config::{Config, RestartPolicy};
-use crate::health::{Action, FpsWindow, Inputs, Machine, State};
-use crate::pyjson::params_hash;
-use crate::status::{InferenceStatus, InputStatus, Status, envelope, ms, ms_opt, now_secs};
-use crate::stream::{StartRequest, StreamHandle};
+use crate::config::Config;
+use crate::health::State;
+use crate::session::stream::StartRequest;
+use crate::session::{Counters, ParamsError, Report, Session, StartError};
+use crate::status::Status;
 use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::sync::mpsc;
-
-/// Inference restarts allowed in the daemon's life (docs/runner.md, "Restarts and restart policy").
-pub const MAX_RESTARTS: u32 = 3;
-
-/// How long a start waits for the previous stream to stop (docs/runner.md, "Stream start and
-/// stop").
-pub const STOP_WAIT: Duration = Duration::from_secs(10);
-
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("previous stream did not stop within 10 s")]
-    PreviousStillRunning,
-    #[error("{0}")]
-    Invalid(String),
-    #[error("{0}")]
-    Pipeline(String),
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ParamsError {
-    #[error("params must be a JSON object")]
-    NotAnObject,
-    #[error("{0}")]
-    Invalid(String),
-    /// Already reported as an `error` event (docs/runner.md, "Params").
-    #[error("{0}")]
-    ResolutionChange(String),
-}
-
-/// How long the dashboard's preview branches keep running after the last preview fetch.
-pub const PREVIEW_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Counters for `/metrics`.
-#[derive(Debug, Default, Clone)]
-pub struct Counters {
-    pub frames_in: u64,
-    pub frames_out: u64,
-    pub loading_frames_out: u64,
-    pub dropped_by_cap: u64,
-    pub segments_in: u64,
-    pub segments_out: u64,
-    pub streams_started: u64,
-    /// Inference latency histogram: counts per bucket of `LATENCY_BUCKETS_MS` plus +Inf.
-    pub latency_buckets: Vec<u64>,
-    pub latency_sum_ms: f64,
-    pub latency_count: u64,
-}
-
-pub const LATENCY_BUCKETS_MS: [f64; 10] =
-    [1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 1000.0];
-
-pub(crate) struct Core {
-    pub machine: Machine,
-    pub process_start_time: f64,
-    pub pipeline_ready: bool,
-    pub pipeline_ready_time: Option<f64>,
-    pub inference_alive: bool,
-    pub stream_running: bool,
-    pub stream_start_time: f64,
-    pub last_input_time: Option<f64>,
-    pub last_output_time: Option<f64>,
-    pub input_fps: FpsWindow,
-    pub output_fps: FpsWindow,
-    pub inference: InferenceStatus,
-    pub last_params_update_time: Option<f64>,
-    pub last_error_time: Option<f64>,
-    pub last_restart_time: Option<f64>,
-    pub current_params: Value,
-    pub request_id: String,
-    pub manifest_id: String,
-    pub stream_id: String,
-    pub events: Option<mpsc::Sender<Value>>,
-    pub counters: Counters,
-    /// 1 s windows for the dashboard (the status object keeps the runner's 10 s windows).
-    pub live_input_fps: FpsWindow,
-    pub live_output_fps: FpsWindow,
-    pub latency_p50_ms: Option<f64>,
-    pub preview_input: Option<bytes::Bytes>,
-    pub preview_output: Option<bytes::Bytes>,
-    /// When a preview was last fetched: the preview branches run only while someone looks.
-    pub preview_fetched: Option<std::time::Instant>,
-    /// The running stream's stage graph, when it runs one (per-stage status).
-    pub graph: Option<Arc<crate::graph::BuiltGraph>>,
-    /// A computed ERROR asked `aipipeline` for a child restart that has not happened yet.
-    pub child_restart_requested: bool,
-}
 
 pub struct Daemon {
     pub config: Arc<Config>,
-    pub(crate) core: Mutex<Core>,
-    stream: tokio::sync::Mutex<Option<StreamHandle>>,
     /// Pipeline templates (`/v1/pipelines`), kept in `config.data_dir`.
     pub templates: Arc<crate::templates::Templates>,
     /// The realtime feed (`/v1/events`): job progress, stage events.
     pub feed: crate::feed::Feed,
     /// File jobs (`/v1/jobs`).
     pub jobs: crate::jobs::Jobs,
+    /// The runner session (see the module's documentation).
+    runner: Arc<Session>,
+    /// With `max_sessions > 1`: the running sessions, oldest first.
+    sessions: Mutex<Vec<Arc<Session>>>,
+    /// Counts of the sessions already dropped (so that totals never go back).
+    retired: Mutex<Counters>,
+    reports: mpsc::UnboundedSender<Report>,
+    reports_rx: Mutex<Option<mpsc::UnboundedReceiver<Report>>>,
+    /// Serialises starts: the capacity check and the insertion are one step.
+    starts: tokio::sync::Mutex<()>,
+}
+
+/// One session as `GET /v1/sessions` lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SessionInfo {
+    pub id: String,
+    pub state: &'static str,
+    pub request_id: String,
+    pub manifest_id: String,
+    pub stream_id: String,
+    /// Milliseconds since the epoch.
+    pub start_time: i64,
+    pub input_fps: f64,
+    pub output_fps: f64,
+    pub restart_count: u32,
+    pub params: Value,
 }
 
 impl Daemon {
     pub fn new(config: Config) -> Arc<Daemon> {
-        let window = config.fps_window.as_secs_f64();
-        let now = now_secs();
+        let config = Arc::new(config);
+        let templates = Arc::new(crate::templates::Templates::open(&config.data_dir));
+        let feed = crate::feed::Feed::new();
+        let (reports, rx) = mpsc::unbounded_channel();
+        let runner = Session::new(
+            String::new(),
+            config.clone(),
+            templates.clone(),
+            feed.clone(),
+            reports.clone(),
+            None,
+        );
         Arc::new(Daemon {
-            core: Mutex::new(Core {
-                machine: Machine::with_idle_stop(config.input_idle_stop.as_secs_f64()),
-                process_start_time: now,
-                pipeline_ready: false,
-                pipeline_ready_time: None,
-                inference_alive: true,
-                stream_running: false,
-                stream_start_time: 0.0,
-                last_input_time: None,
-                last_output_time: None,
-                input_fps: FpsWindow::new(window),
-                output_fps: FpsWindow::new(window),
-                inference: InferenceStatus::default(),
-                last_params_update_time: None,
-                last_error_time: None,
-                last_restart_time: None,
-                current_params: config.initial_params.clone(),
-                request_id: String::new(),
-                manifest_id: String::new(),
-                stream_id: String::new(),
-                events: None,
-                counters: Counters {
-                    latency_buckets: vec![0; LATENCY_BUCKETS_MS.len() + 1],
-                    ..Default::default()
-                },
-                live_input_fps: FpsWindow::new(1.0),
-                live_output_fps: FpsWindow::new(1.0),
-                latency_p50_ms: None,
-                preview_input: None,
-                preview_output: None,
-                preview_fetched: None,
-                graph: None,
-                child_restart_requested: false,
-            }),
-            templates: Arc::new(crate::templates::Templates::open(&config.data_dir)),
-            feed: crate::feed::Feed::new(),
+            runner,
+            sessions: Mutex::new(Vec::new()),
+            retired: Mutex::new(Counters::default()),
+            reports,
+            reports_rx: Mutex::new(Some(rx)),
+            starts: tokio::sync::Mutex::new(()),
+            templates,
+            feed,
             jobs: crate::jobs::Jobs::default(),
-            config: Arc::new(config),
-            stream: tokio::sync::Mutex::new(None),
+            config,
         })
+    }
+
+    /// Reads the sessions' reports until the daemon ends (spawned once by `serve::start`).
+    pub async fn supervise(self: Arc<Self>) {
+        let Some(mut rx) = self.reports_rx.lock().unwrap().take() else {
+            return;
+        };
+        while let Some(report) = rx.recv().await {
+            match report {
+                Report::Stopped { session } => self.drop_session(&session),
+            }
+        }
+    }
+
+    /// Whether each start is its own session (`--max-sessions` above 1).
+    pub fn multi(&self) -> bool {
+        self.config.max_sessions > 1
+    }
+
+    /// Live sessions this daemon runs at once.
+    pub fn capacity(&self) -> usize {
+        self.config.max_sessions
+    }
+
+    /// The running sessions, oldest first (the runner session when it streams, with one).
+    pub fn sessions(&self) -> Vec<Arc<Session>> {
+        if self.multi() {
+            self.sessions.lock().unwrap().clone()
+        } else if self.runner.is_running() {
+            vec![self.runner.clone()]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// A running session by id (its key; with one session, its `stream_id` or
+    /// `request_id`).
+    pub fn session(&self, id: &str) -> Option<Arc<Session>> {
+        self.sessions().into_iter().find(|s| session_key(s) == id)
+    }
+
+    /// What `GET /v1/sessions` shows of a session.
+    pub fn session_info(&self, s: &Session) -> SessionInfo {
+        let status = s.status();
+        let (request_id, manifest_id, stream_id) = s.ids();
+        SessionInfo {
+            id: session_key(s),
+            state: status.state,
+            request_id,
+            manifest_id,
+            stream_id,
+            start_time: status.start_time,
+            input_fps: status.input_status.fps,
+            output_fps: status.inference_status.fps,
+            restart_count: status.inference_status.restart_count,
+            params: s.current_params(),
+        }
+    }
+
+    /// The session the runner's single-stream views show: the oldest running one, else the
+    /// runner session.
+    pub fn primary(&self) -> Arc<Session> {
+        if self.multi()
+            && let Some(s) = self.sessions.lock().unwrap().first()
+        {
+            return s.clone();
+        }
+        self.runner.clone()
     }
 
     pub fn state(&self) -> State {
-        self.core.lock().unwrap().machine.state
+        self.primary().state()
     }
 
-    /// The status object of `GET /api/status`.
+    /// The status object of `GET /api/status` (the primary session's).
     pub fn status(&self) -> Status {
-        let c = self.core.lock().unwrap();
-        Status {
-            kind: "status",
-            pipeline: self.config.pipeline.clone(),
-            start_time: if c.stream_start_time > 0.0 {
-                ms(c.stream_start_time)
-            } else {
-                0
-            },
-            state: c.machine.state.as_str(),
-            last_state_update_time: ms_opt(c.machine.last_state_update_time),
-            input_status: InputStatus {
-                last_input_time: ms_opt(c.last_input_time),
-                fps: c.input_fps.fps(),
-            },
-            inference_status: InferenceStatus {
-                last_output_time: ms_opt(c.last_output_time),
-                fps: c.output_fps.fps(),
-                ..c.inference.clone()
-            },
-            stages: c.graph.as_ref().map(|g| g.stats()),
-        }
+        self.primary().status()
     }
 
+    /// Totals over every session the daemon ran.
     pub fn counters(&self) -> Counters {
-        self.core.lock().unwrap().counters.clone()
+        let mut total = self.retired.lock().unwrap().clone();
+        total.add(&self.runner.counters());
+        for s in self.sessions.lock().unwrap().iter() {
+            total.add(&s.counters());
+        }
+        total
     }
 
     pub fn current_params(&self) -> Value {
-        self.core.lock().unwrap().current_params.clone()
+        self.primary().current_params()
     }
 
-    /// Sends an event on the running stream's events channel (dropped when none, or when the
-    /// channel is saturated: events are never allowed to block the caller).
-    pub fn emit(&self, event: Value, queue_event_type: &str) {
-        let tx = self.core.lock().unwrap().events.clone();
-        if let Some(tx) = tx
-            && tx.try_send(envelope(event, queue_event_type)).is_err()
-        {
-            tracing::warn!("events channel saturated or closed: event dropped");
-        }
+    /// `POST /api/params`: the primary session's params.
+    pub async fn update_params(&self, params: Value) -> Result<(), ParamsError> {
+        self.primary().update_params(params).await
     }
 
-    // ---- called from the stream's streaming threads (short locks, no I/O) ----
-
-    pub fn on_input_frame(&self) {
-        let now = now_secs();
-        let mut c = self.core.lock().unwrap();
-        c.last_input_time = Some(now);
-        c.input_fps.frame(now);
-        c.live_input_fps.frame(now);
-        c.counters.frames_in += 1;
-    }
-
-    pub fn on_frame_dropped_by_cap(&self) {
-        self.core.lock().unwrap().counters.dropped_by_cap += 1;
-    }
-
-    pub fn on_output_frame(&self, real: bool) {
-        let now = now_secs();
-        let mut c = self.core.lock().unwrap();
-        if real {
-            c.last_output_time = Some(now);
-            c.output_fps.frame(now);
-            c.live_output_fps.frame(now);
-            c.counters.frames_out += 1;
-        } else {
-            c.counters.loading_frames_out += 1;
-        }
-    }
-
-    pub fn on_inference_latency(&self, latency_ms: f64) {
-        let mut c = self.core.lock().unwrap();
-        let idx = LATENCY_BUCKETS_MS
+    /// The dashboard's data: the chosen session's (else the primary's), with the list of
+    /// sessions.
+    pub fn dashboard(&self, session: Option<&str>) -> Value {
+        let chosen = session
+            .and_then(|id| self.session(id))
+            .unwrap_or_else(|| self.primary());
+        let mut v = chosen.dashboard();
+        let list: Vec<SessionInfo> = self
+            .sessions()
             .iter()
-            .position(|b| latency_ms <= *b)
-            .unwrap_or(LATENCY_BUCKETS_MS.len());
-        c.counters.latency_buckets[idx] += 1;
-        c.counters.latency_sum_ms += latency_ms;
-        c.counters.latency_count += 1;
-    }
-
-    pub fn set_latency_p50(&self, latency_ms: f64) {
-        self.core.lock().unwrap().latency_p50_ms = Some(latency_ms);
-    }
-
-    /// Whether a preview was fetched within [`PREVIEW_IDLE`] (else the preview branches drop
-    /// their frames before any conversion or JPEG encoding).
-    pub fn previews_wanted(&self) -> bool {
-        self.core
-            .lock()
-            .unwrap()
-            .preview_fetched
-            .is_some_and(|t| t.elapsed() < PREVIEW_IDLE)
-    }
-
-    pub fn set_preview(&self, input: bool, jpeg: bytes::Bytes) {
-        let mut c = self.core.lock().unwrap();
-        if input {
-            c.preview_input = Some(jpeg);
-        } else {
-            c.preview_output = Some(jpeg);
+            .map(|s| self.session_info(s))
+            .collect();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("session".into(), json!(session_key(&chosen)));
+            o.insert("sessions".into(), json!(list));
+            o.insert("max_sessions".into(), json!(self.capacity()));
         }
+        v
     }
 
-    /// The last preview JPEG; fetching one keeps the preview branches running for
-    /// [`PREVIEW_IDLE`].
-    pub fn preview(&self, input: bool) -> Option<bytes::Bytes> {
-        let mut c = self.core.lock().unwrap();
-        c.preview_fetched = Some(std::time::Instant::now());
-        if input {
-            c.preview_input.clone()
-        } else {
-            c.preview_output.clone()
-        }
+    /// The last preview JPEG of a session (the primary when `None`).
+    pub fn preview(&self, input: bool, session: Option<&str>) -> Option<bytes::Bytes> {
+        let s = match session {
+            Some(id) => self.session(id)?,
+            None => self.primary(),
+        };
+        s.preview(input)
     }
 
-    /// Rivulet's own dashboard data: the status plus live figures.
-    pub fn dashboard(&self) -> Value {
-        let status = self.status();
-        let now = now_secs();
-        let mut c = self.core.lock().unwrap();
-        c.live_input_fps.tick(now);
-        c.live_output_fps.tick(now);
-        // A window that saw no frame for 2 s reads 0.
-        let stale = |t: Option<f64>| t.is_none_or(|t| now - t > 2.0);
-        json!({
-            "status": status,
-            "params": c.current_params,
-            "live_input_fps": if stale(c.last_input_time) { 0.0 } else { c.live_input_fps.fps() },
-            "live_output_fps": if stale(c.last_output_time) { 0.0 } else { c.live_output_fps.fps() },
-            "latency_p50_ms": c.latency_p50_ms,
-            "frames_in": c.counters.frames_in,
-            "frames_out": c.counters.frames_out,
-        })
-    }
-
-    pub fn on_segment(&self, input: bool) {
-        let mut c = self.core.lock().unwrap();
-        if input {
-            c.counters.segments_in += 1;
-        } else {
-            c.counters.segments_out += 1;
-        }
-    }
-
-    pub fn set_pipeline_ready(&self, ready: bool) {
-        let mut c = self.core.lock().unwrap();
-        if ready && !c.pipeline_ready {
-            c.pipeline_ready_time = Some(now_secs());
-        }
-        c.pipeline_ready = ready;
-    }
-
-    /// An inference error: `last_error` and an `error` event (docs/runner.md, "Events").
-    pub fn report_error(&self, message: &str) {
-        let now = now_secs();
-        {
-            let mut c = self.core.lock().unwrap();
-            c.last_error_time = Some(now);
-            c.inference.last_error_time = Some(ms(now));
-            c.inference.last_error = Some(message.to_string());
-        }
-        tracing::warn!(%message, "inference error");
-        self.emit_error(message, now);
-    }
-
-    /// A warning that is not an error (accepted params with unknown keys): `last_warning` in
-    /// the status, logged; no `error` event and no effect on the health rules.
-    pub fn report_warning(&self, message: &str) {
-        {
-            let mut c = self.core.lock().unwrap();
-            c.inference.last_warning_time = Some(ms(now_secs()));
-            c.inference.last_warning = Some(message.to_string());
-        }
-        tracing::warn!(%message, "pipeline warning");
-    }
-
-    /// An error that ends the stream outside inference (the input channel gone with a 404, an
-    /// output that cannot be published): an `error` event, so the gateway sees why the stream
-    /// stopped; `last_error` stays about inference (docs/runner.md, "Events").
-    pub fn report_stream_error(&self, message: &str) {
-        self.emit_error(message, now_secs());
-    }
-
-    fn emit_error(&self, message: &str, now: f64) {
-        self.emit(
-            json!({"type": "error", "pipeline": self.config.pipeline, "message": message,
-                   "time": now, "timestamp": ms(now)}),
-            "ai_stream_events",
-        );
-    }
-
-    /// Validates a params object against the base params (docs/runner.md, "Params").
-    pub fn validate_params(params: &Value) -> Result<(), ParamsError> {
-        let map = params.as_object().ok_or(ParamsError::NotAnObject)?;
-        for key in ["width", "height"] {
-            if let Some(v) = map.get(key) {
-                let n = v.as_i64().ok_or_else(|| {
-                    ParamsError::Invalid(format!("{key} must be an integer, got {v}"))
-                })?;
-                if !(384..=1024).contains(&n) || n % 64 != 0 {
-                    return Err(ParamsError::Invalid(format!(
-                        "{key} must be a multiple of 64 between 384 and 1024, got {n}"
-                    )));
-                }
-            }
-        }
-        if let Some(v) = map.get("show_reloading_frame")
-            && !v.is_boolean()
-        {
-            return Err(ParamsError::Invalid(format!(
-                "show_reloading_frame must be a boolean, got {v}"
-            )));
-        }
-        Ok(())
-    }
-
-    /// The output size a params object asks for.
-    pub fn size_of(params: &Value) -> (i64, i64) {
-        let get = |k: &str| params.get(k).and_then(Value::as_i64).unwrap_or(512);
-        (get("width"), get("height"))
-    }
-
-    /// A params update (control channel, `POST /api/params` or a start request).
-    /// Records it, then applies it to the running stream, if any.
-    pub async fn update_params(self: &Arc<Self>, params: Value) -> Result<(), ParamsError> {
-        Self::validate_params(&params)?;
-        let now = now_secs();
-        {
-            let mut c = self.core.lock().unwrap();
-            c.last_params_update_time = Some(now);
-            c.inference.last_params_update_time = Some(ms(now));
-            c.inference.last_params_hash = Some(params_hash(&params));
-            c.inference.last_params = Some(params.clone());
-        }
-        let stream = self.stream.lock().await;
-        if let Some(s) = stream.as_ref() {
-            let current = self.current_params();
-            if Self::size_of(&current) != Self::size_of(&params) {
-                let msg = "Cannot change output resolution mid-stream; restart the stream with \
-                           the new width and height";
-                self.report_error(msg);
-                return Err(ParamsError::ResolutionChange(msg.into()));
-            }
-            s.apply_params(&params);
-        }
-        self.core.lock().unwrap().current_params = params;
-        Ok(())
-    }
-
-    /// Starts a stream, stopping the running one first (bounded wait).
+    /// Starts a stream. One session: stops the running stream first. More: the session of
+    /// the request's key (a running one is restarted with the new request), a new one while
+    /// there is room, else [`StartError::Full`].
     pub async fn start_stream(
         self: &Arc<Self>,
         req: StartRequest,
         received_at: f64,
     ) -> Result<(), StartError> {
-        Self::validate_params(&req.params).map_err(|e| StartError::Invalid(e.to_string()))?;
-        crate::stream::check_pipeline(self, &req).map_err(StartError::Invalid)?;
-        let mut slot = self.stream.lock().await;
-        if let Some(old) = slot.take() {
-            if tokio::time::timeout(STOP_WAIT, old.stop()).await.is_err() {
-                return Err(StartError::PreviousStillRunning);
-            }
-            self.on_stream_stopped();
+        if !self.multi() {
+            return self.runner.start_stream(req, received_at).await;
         }
-        if let Ok(text) = serde_json::to_vec(&req.to_json())
-            && let Err(e) = std::fs::write(&self.config.state_file, text)
+        let key = request_key(&req);
+        let _one_at_a_time = self.starts.lock().await;
+        if let Some(s) = self.session(&key) {
+            return s.start_stream(req, received_at).await;
+        }
         {
-            tracing::warn!(
-                "cannot persist the start request to {:?}: {e}",
-                self.config.state_file
-            );
-        }
-        let now = now_secs();
-        {
-            let mut c = self.core.lock().unwrap();
-            c.request_id = req.request_id.clone();
-            c.manifest_id = req.manifest_id.clone();
-            c.stream_id = req.stream_id.clone();
-            c.stream_start_time = now;
-            c.last_input_time = None;
-            c.input_fps.reset();
-            c.output_fps.reset();
-            c.last_params_update_time = Some(now);
-            c.inference.last_params_update_time = Some(ms(now));
-            c.inference.last_params_hash = Some(params_hash(&req.params));
-            c.inference.last_params = Some(req.params.clone());
-            c.current_params = req.params.clone();
-            c.machine.on_stream_start(now);
-            c.counters.streams_started += 1;
-            // Running from now on, so that a health tick during the (possibly slow: an
-            // inference child loading) start does not see "no stream", go OFFLINE and reset
-            // the params and ids just set. A failed start clears it below.
-            c.stream_running = true;
-        }
-        match StreamHandle::start(self.clone(), req).await {
-            Ok(handle) => {
-                *slot = Some(handle);
-                drop(slot);
-                self.emit(
-                    json!({"type": "runner_receive_stream_request", "timestamp": ms(received_at)}),
-                    "stream_trace",
-                );
-                Ok(())
-            }
-            Err(e) => {
-                self.on_stream_stopped();
-                Err(StartError::Pipeline(e))
+            let n = self.sessions.lock().unwrap().len();
+            if n >= self.capacity() {
+                return Err(StartError::Full(format!(
+                    "all {n} sessions of this runner are in use (--max-sessions {})",
+                    self.capacity()
+                )));
             }
         }
+        Session::validate_params(&req.params).map_err(|e| StartError::Invalid(e.to_string()))?;
+        let session = Session::new(
+            key,
+            self.config.clone(),
+            self.templates.clone(),
+            self.feed.clone(),
+            self.reports.clone(),
+            Some(batch_group(&self.config)),
+        );
+        session.inherit(&self.runner);
+        self.sessions.lock().unwrap().push(session.clone());
+        let result = session.start_stream(req, received_at).await;
+        if result.is_err() {
+            self.drop_session(&session.id);
+        }
+        result
     }
 
-    /// Stops the running stream, if any.
-    pub async fn stop_stream(self: &Arc<Self>, reason: &str) {
-        let mut slot = self.stream.lock().await;
-        if let Some(old) = slot.take() {
-            tracing::info!(%reason, "stopping stream");
-            if tokio::time::timeout(STOP_WAIT, old.stop()).await.is_err() {
-                tracing::error!("stream did not stop within 10 s");
+    /// Stops one session's stream (`DELETE /v1/sessions/{id}`); false when none has that id.
+    pub async fn stop_session(&self, id: &str, reason: &str) -> bool {
+        match self.session(id) {
+            Some(s) => {
+                s.stop_stream(reason).await;
+                true
             }
-            self.on_stream_stopped();
+            None => false,
         }
     }
 
-    /// Stops the stream only if it is still the one with `request_id` (a stream task ending).
-    pub async fn stream_ended(self: &Arc<Self>, request_id: &str, reason: &str) {
-        let is_current = self
-            .stream
-            .lock()
-            .await
-            .as_ref()
-            .is_some_and(|s| s.request_id() == request_id);
-        if is_current {
-            self.stop_stream(reason).await;
+    /// Stops every stream (shutdown).
+    pub async fn stop_all(&self, reason: &str) {
+        self.runner.stop_stream(reason).await;
+        for s in self.sessions() {
+            s.stop_stream(reason).await;
         }
     }
 
-    fn on_stream_stopped(&self) {
-        let mut c = self.core.lock().unwrap();
-        c.stream_running = false;
-        c.events = None;
-        c.graph = None;
-    }
-
-    /// One health evaluation and its side effects.
-    pub async fn health_tick(self: &Arc<Self>) {
-        let now = now_secs();
-        let (actions, restart_count) = {
-            let mut c = self.core.lock().unwrap();
-            c.input_fps.tick(now);
-            c.output_fps.tick(now);
-            let inputs = Inputs {
-                inference_alive: c.inference_alive,
-                pipeline_ready: c.pipeline_ready,
-                stream_running: c.stream_running,
-                process_start_time: c.process_start_time,
-                stream_start_time: c.stream_start_time,
-                last_input_time: c.last_input_time,
-                last_output_time: c.last_output_time,
-                last_params_update_time: c.last_params_update_time,
-                pipeline_ready_time: c.pipeline_ready_time,
-                input_fps: c.input_fps.fps(),
-                output_fps: c.output_fps.fps(),
-                last_error_time: c.last_error_time,
-                last_restart_time: c.last_restart_time,
-                pipeline: self.config.pipeline.clone(),
-            };
-            let restart_count = c.inference.restart_count;
-            (
-                c.machine.evaluate(&inputs, now, restart_count),
-                restart_count,
-            )
-        };
-        for action in actions {
-            match action {
-                Action::StopStreamIdle => {
-                    let idle = self.config.input_idle_stop.as_secs_f64();
-                    self.stop_stream(&format!("no input for {idle} s")).await
-                }
-                Action::BecameOffline => {
-                    let mut c = self.core.lock().unwrap();
-                    c.request_id.clear();
-                    c.manifest_id.clear();
-                    c.stream_id.clear();
-                    c.current_params = self.config.initial_params.clone();
-                }
-                Action::ComputedError { fatal } => {
-                    // Isolated inference: replace the child and keep the stream, unless
-                    // the runner's behaviour (stop the stream first) is configured.
-                    if !fatal
-                        && self.config.isolation
-                        && self.config.restart_policy == RestartPolicy::KeepStream
-                        && self.request_child_restart().await
-                    {
-                        continue;
-                    }
-                    self.stop_stream("computed ERROR").await;
-                    if !fatal {
-                        self.restart_inference(restart_count, "computed ERROR")
-                            .await;
-                    }
-                }
-            }
+    /// One health evaluation of every session.
+    pub async fn health_tick(&self) {
+        self.runner.health_tick().await;
+        for s in self.sessions() {
+            s.health_tick().await;
         }
     }
 
-    /// Restarts the inference side: the runner's pipeline-process restart, in process.
-    async fn restart_inference(self: &Arc<Self>, restart_count: u32, why: &str) {
-        let logs = vec![format!("inference restarted after: {why}")];
-        self.count_restart(Some(restart_count), logs, false, None);
-        self.clone().load_pipeline();
+    /// Loads (verifies) the pipeline in the background (the runner session's warm-up).
+    pub fn load_pipeline(&self) {
+        self.runner.clone().load_pipeline();
     }
 
-    /// Inference restarts so far (over the daemon's life).
-    pub fn restart_count(&self) -> u32 {
-        self.core.lock().unwrap().inference.restart_count
-    }
-
-    /// One inference restart (docs/runner.md, "Restarts and restart policy"): `inference_status`
-    /// replaced by `{restart_count + 1, last_restart_time, last_restart_logs}`, LOADING until
-    /// ready, and a `restart` event. `from` is the count the decision was taken on (else the
-    /// current one).
-    /// For a child restart the element's loading/online events drive readiness instead (the
-    /// bus message may be seen after a quick reload's online event).
-    /// `stage` names the graph stage whose child restarted (a `stage` field in the event).
-    fn count_restart(
-        &self,
-        from: Option<u32>,
-        logs: Vec<String>,
-        child: bool,
-        stage: Option<&str>,
-    ) -> u32 {
-        let now = now_secs();
-        let count = {
-            let mut c = self.core.lock().unwrap();
-            let count = from.unwrap_or(c.inference.restart_count) + 1;
-            c.inference = InferenceStatus {
-                restart_count: count,
-                last_restart_time: Some(ms(now)),
-                last_restart_logs: Some(logs.clone()),
-                ..Default::default()
-            };
-            c.last_restart_time = Some(now);
-            c.last_error_time = None;
-            c.process_start_time = now;
-            if !child {
-                c.pipeline_ready = false;
-            }
-            c.inference_alive = true;
-            c.last_output_time = None;
-            c.child_restart_requested = false;
-            c.machine.on_restart(now);
-            count
-        };
-        let mut event = json!({"type": "restart", "pipeline": self.config.pipeline,
-                   "restart_count": count, "restart_time": now,
-                   "restart_logs": logs, "timestamp": ms(now)});
-        if let (Some(stage), Some(o)) = (stage, event.as_object_mut()) {
-            o.insert("stage".into(), json!(stage));
-        }
-        self.emit(event, "ai_stream_events");
-        count
-    }
-
-    /// `aipipeline` lost its inference child (isolation=process) and is restarting it while
-    /// the stream goes on with loading frames: one runner inference restart. The
-    /// element's ONLINE event ends the LOADING state.
-    ///
-    /// `stage`: the graph stage whose child it was. Every child (the single pipeline's, each
-    /// stage's) draws on one budget of [`MAX_RESTARTS`] over the daemon's life: a loss beyond
-    /// it is the permanent ERROR. With `RIVULET_RESTART_POLICY=stop-stream` the stream
-    /// (`request_id`) is stopped once the restart is counted, then the pipeline is reloaded,
-    /// as the runner does.
-    pub fn on_child_restart(
-        self: &Arc<Self>,
-        request_id: &str,
-        stage: Option<&str>,
-        reason: &str,
-        child_logs: &str,
-    ) {
-        let whose = match stage {
-            Some(s) => format!("inference child of stage '{s}'"),
-            None => "inference child".to_string(),
-        };
-        if self.restart_count() >= MAX_RESTARTS {
-            // Only a stage's child gets here (each element's own limit is what was left when
-            // the stream started, and several stages share it).
-            self.report_error(&format!(
-                "{whose} crashed after the daemon's {MAX_RESTARTS} inference restarts: {reason}"
-            ));
-            self.on_child_limit();
+    /// Drops a session whose stream stopped (multi-session only; the runner session stays).
+    fn drop_session(&self, id: &str) {
+        if !self.multi() || id.is_empty() {
             return;
         }
-        let stop = self.config.restart_policy == RestartPolicy::StopStream;
-        let mut logs = vec![format!("{whose} restarted: {reason}")];
-        logs.extend(child_logs.lines().map(str::to_string));
-        let count = self.count_restart(None, logs, !stop, stage);
-        tracing::warn!(%reason, ?stage, restart_count = count, "inference child restarted");
-        if stop {
-            let d = self.clone();
-            let id = request_id.to_string();
-            tokio::spawn(async move {
-                d.stream_ended(
-                    &id,
-                    "inference restart (RIVULET_RESTART_POLICY=stop-stream)",
-                )
-                .await;
-                d.load_pipeline();
-            });
+        let mut sessions = self.sessions.lock().unwrap();
+        if let Some(i) = sessions.iter().position(|s| s.id == id && !s.is_running()) {
+            let s = sessions.remove(i);
+            self.retired.lock().unwrap().add(&s.counters());
+            tracing::info!(session = %id, "session ended");
         }
     }
+}
 
-    /// `aipipeline` gave up on its inference child (restart limit): inference is dead, so the
-    /// next health evaluation computes ERROR, stored for good since the limit is reached.
-    pub fn on_child_limit(&self) {
-        self.core.lock().unwrap().inference_alive = false;
+/// A start request's session key: its `stream_id`, else its `gateway_request_id` (or the
+/// generated request id).
+pub fn request_key(req: &StartRequest) -> String {
+    if req.stream_id.is_empty() {
+        req.request_id.clone()
+    } else {
+        req.stream_id.clone()
     }
+}
 
-    /// Asks the running stream's `aipipeline` to replace its inference child (a computed
-    /// ERROR while isolated). False when no stream runs; true while a request is pending.
-    async fn request_child_restart(self: &Arc<Self>) -> bool {
-        let slot = self.stream.lock().await;
-        let Some(stream) = slot.as_ref() else {
-            return false;
-        };
-        if self.core.lock().unwrap().child_restart_requested {
-            return true;
-        }
-        if !stream.restart_child() {
-            return false;
-        }
-        tracing::warn!("computed ERROR: restarting the inference child");
-        self.core.lock().unwrap().child_restart_requested = true;
-        true
+/// A session's key: its id, or for the runner session its stream's `stream_id` / `request_id`.
+fn session_key(s: &Session) -> String {
+    if !s.id.is_empty() {
+        return s.id.clone();
     }
+    let (request_id, _, stream_id) = s.ids();
+    if stream_id.is_empty() {
+        request_id
+    } else {
+        stream_id
+    }
+}
 
-    /// Loads (verifies) the pipeline in the background: initial params first, then `{}`.
-    /// The state is LOADING until it finishes; a failure marks inference dead (→ ERROR rules).
-    pub fn load_pipeline(self: Arc<Self>) {
-        self.set_pipeline_ready(false);
-        tokio::task::spawn_blocking(move || {
-            let first = crate::stream::warm_up(&self.config, &self.config.initial_params);
-            let result = match first {
-                Ok(()) => Ok(()),
-                Err(e) => {
-                    tracing::warn!(
-                        "pipeline load with the initial params failed: {e}; retrying with {{}}"
-                    );
-                    crate::stream::warm_up(&self.config, &json!({}))
-                }
-            };
-            match result {
-                Ok(()) => {
-                    tracing::info!(pipeline = %self.config.pipeline, "pipeline ready");
-                    self.set_pipeline_ready(true);
-                }
-                Err(e) => {
-                    tracing::error!("pipeline {} failed to load: {e}", self.config.pipeline);
-                    self.report_error(&format!("pipeline failed to load: {e}"));
-                    self.core.lock().unwrap().inference_alive = false;
-                }
-            }
-        });
-    }
-
-    /// The running stream's stage graph, if it runs one.
-    pub(crate) fn graph(&self) -> Option<Arc<crate::graph::BuiltGraph>> {
-        self.core.lock().unwrap().graph.clone()
-    }
-
-    /// The running stream's stage graph (`None` for a single pipeline).
-    pub(crate) fn set_graph(&self, graph: Option<Arc<crate::graph::BuiltGraph>>) {
-        self.core.lock().unwrap().graph = graph;
-    }
-
-    pub(crate) fn set_events(&self, tx: Option<mpsc::Sender<Value>>) {
-        self.core.lock().unwrap().events = tx;
-    }
-
-    /// Used by the status loop.
-    pub(crate) fn stream_is_current(&self, request_id: &str) -> bool {
-        self.core.lock().unwrap().request_id == request_id
-    }
+/// The `batch-group` of the daemon's sessions: the sessions of one daemon that run the same model
+/// on the same device share one inference child (and its loaded model).
+fn batch_group(cfg: &Config) -> String {
+    format!("rivulet-{}@{}", std::process::id(), cfg.device)
 }

@@ -5,14 +5,7 @@
 //! that falls behind loses the oldest events (it is told how many with a `lagged` event), and
 //! nobody publishing ever waits.
 
-use crate::daemon::Daemon;
-use axum::Router;
-use axum::extract::State;
-use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::routing::get;
-use serde_json::{Value, json};
-use std::convert::Infallible;
-use std::sync::Arc;
+use serde_json::Value;
 use tokio::sync::broadcast;
 
 /// Events kept for slow clients.
@@ -64,25 +57,4 @@ impl Feed {
     pub fn subscribe(&self) -> broadcast::Receiver<FeedEvent> {
         self.tx.subscribe()
     }
-}
-
-pub fn routes() -> Router<Arc<Daemon>> {
-    Router::new().route("/v1/events", get(events))
-}
-
-async fn events(
-    State(daemon): State<Arc<Daemon>>,
-) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
-    let rx = daemon.feed.subscribe();
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        let event = match rx.recv().await {
-            Ok(e) => Event::default().event(e.kind).data(e.data.to_string()),
-            Err(broadcast::error::RecvError::Lagged(n)) => Event::default()
-                .event("lagged")
-                .data(json!({"type": "lagged", "missed": n}).to_string()),
-            Err(broadcast::error::RecvError::Closed) => return None,
-        };
-        Some((Ok(event), rx))
-    });
-    Sse::new(stream).keep_alive(KeepAlive::default())
 }

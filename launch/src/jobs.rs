@@ -25,17 +25,10 @@
 //! frames and its output is finished as after a stage failure (partial output kept, playable);
 //! either ends in state `cancelled`.
 
-use crate::api::ApiError;
 use crate::config::Config;
-use crate::daemon::Daemon;
 use crate::graph::{self, GraphDef};
+use crate::media::{self, AiSpec, aipipeline};
 use crate::status::now_secs;
-use axum::Router;
-use axum::body::Body;
-use axum::extract::{Path as UrlPath, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use gst::prelude::*;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -234,14 +227,7 @@ fn muxer_for(output: &Path) -> Result<gst::Element, String> {
             ));
         }
     };
-    make(factory, "mux")
-}
-
-fn make(factory: &str, name: &str) -> Result<gst::Element, String> {
-    gst::ElementFactory::make(factory)
-        .name(name)
-        .build()
-        .map_err(|_| format!("GStreamer element '{factory}' is missing (install its plugin)"))
+    media::make(factory, Some("mux"))
 }
 
 /// Checks a job before it is queued: readable input, writable output directory, known
@@ -291,15 +277,14 @@ impl Stage {
 
 fn make_stage(graph: &GraphDef, cfg: &Config, params: &Value) -> Result<Stage, String> {
     if let Some(name) = graph.single_pipeline() {
-        let ai = make("aipipeline", "ai")?;
-        ai.set_property("pipeline", name);
-        ai.set_property_from_str("device", &cfg.device);
-        ai.set_property("pipelines-dir", cfg.pipelines.to_list());
-        // Frames never wait long here (one at a time), and none may be dropped for age.
-        ai.set_property("max-latency-ms", 0u32);
-        if params.as_object().is_some_and(|o| !o.is_empty()) {
-            ai.set_property("params", params.to_string());
-        }
+        // In process; frames never wait long here (one at a time), and none may be dropped
+        // for age.
+        let spec = AiSpec::from_config(cfg, name)
+            .named("ai")
+            .params(params)
+            .in_process()
+            .max_latency_ms(0, false);
+        let ai = aipipeline(&spec, None)?;
         Ok(Stage::Pipeline(ai))
     } else {
         graph::build(graph, cfg, params).map(Stage::Graph)
@@ -445,17 +430,17 @@ fn run_pipeline(
     let stage_el = stage.element();
 
     let pipeline = gst::Pipeline::with_name("job");
-    let src = make("filesrc", "src").map_err(plain)?;
+    let src = media::make("filesrc", Some("src")).map_err(plain)?;
     src.set_property("location", spec.input.to_string_lossy().to_string());
-    let dec = make("decodebin", "dec").map_err(plain)?;
-    let conv_in = make("videoconvert", "conv-in").map_err(plain)?;
-    let conv_out = make("videoconvert", "conv-out").map_err(plain)?;
-    let queue = make("queue", "enc-queue").map_err(plain)?;
-    let enc = make("x264enc", "enc").map_err(plain)?;
+    let dec = media::make("decodebin", Some("dec")).map_err(plain)?;
+    let conv_in = media::make("videoconvert", Some("conv-in")).map_err(plain)?;
+    let conv_out = media::make("videoconvert", Some("conv-out")).map_err(plain)?;
+    let queue = media::make("queue", Some("enc-queue")).map_err(plain)?;
+    let enc = media::make("x264enc", Some("enc")).map_err(plain)?;
     enc.set_property_from_str("speed-preset", "veryfast");
-    let parse = make("h264parse", "parse").map_err(plain)?;
+    let parse = media::make("h264parse", Some("parse")).map_err(plain)?;
     let mux = muxer_for(&spec.output).map_err(plain)?;
-    let sink = make("filesink", "sink").map_err(plain)?;
+    let sink = media::make("filesink", Some("sink")).map_err(plain)?;
     sink.set_property("location", spec.output.to_string_lossy().to_string());
     sink.set_property("sync", false);
     sink.set_property("async", false);
@@ -952,97 +937,5 @@ impl Jobs {
             }
         }
         Ok(first)
-    }
-}
-
-pub fn routes() -> Router<Arc<Daemon>> {
-    Router::new()
-        .route("/v1/jobs", get(list).post(create))
-        .route("/v1/jobs/{id}", get(show).delete(remove))
-}
-
-fn detail(code: StatusCode, msg: impl Into<String>) -> ApiError {
-    ApiError::Detail(code, msg.into())
-}
-
-/// `POST /v1/jobs` with `{"input": PATH, "output": PATH, "pipeline": NAME|TEMPLATE,
-/// "params": {…}}` (paths on the daemon's machine): 201 with the job's status.
-async fn create(
-    State(daemon): State<Arc<Daemon>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    crate::templates::check_auth(&daemon, &headers)?;
-    let doc = crate::templates::read_document(&headers, body).await?;
-    let field = |k: &str| {
-        doc.get(k)
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .ok_or_else(|| {
-                detail(
-                    StatusCode::BAD_REQUEST,
-                    format!("missing string field '{k}'"),
-                )
-            })
-    };
-    let spec = JobSpec {
-        input: PathBuf::from(field("input")?),
-        output: PathBuf::from(field("output")?),
-        pipeline: field("pipeline")?,
-        params: doc.get("params").cloned().unwrap_or_else(|| json!({})),
-    };
-    let d = daemon.clone();
-    let submitted = tokio::task::spawn_blocking(move || {
-        let graph = prepare(&spec, &d.templates, &d.config)
-            .map_err(|m| detail(StatusCode::BAD_REQUEST, m))?;
-        d.jobs
-            .submit(d.feed.clone(), d.config.clone(), spec, graph)
-            .map_err(|e| match e {
-                SubmitError::QueueFull => detail(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
-                SubmitError::Worker(_) => detail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-            })
-    })
-    .await
-    .map_err(|e| detail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok((StatusCode::CREATED, axum::Json(submitted?)).into_response())
-}
-
-async fn list(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
-    axum::Json(json!({"jobs": daemon.jobs.list()}))
-}
-
-async fn show(
-    State(daemon): State<Arc<Daemon>>,
-    UrlPath(id): UrlPath<String>,
-) -> Result<axum::Json<JobStatus>, ApiError> {
-    daemon
-        .jobs
-        .get(&id)
-        .map(axum::Json)
-        .ok_or_else(|| detail(StatusCode::NOT_FOUND, format!("no job '{id}'")))
-}
-
-/// `DELETE /v1/jobs/{id}`: 200 with the status when a queued job is cancelled, 202 when a
-/// running job is told to stop (it then ends `cancelled`, on the feed and in `GET`), 409 when
-/// the job has already ended, 404 when there is no such job.
-async fn remove(
-    State(daemon): State<Arc<Daemon>>,
-    headers: HeaderMap,
-    UrlPath(id): UrlPath<String>,
-) -> Result<Response, ApiError> {
-    crate::templates::check_auth(&daemon, &headers)?;
-    match daemon.jobs.cancel(&id) {
-        Ok(s) if s.state == JobState::Cancelled => {
-            daemon
-                .feed
-                .send("progress", json!({"type": "progress", "job": s}));
-            Ok((StatusCode::OK, axum::Json(s)).into_response())
-        }
-        Ok(s) => Ok((StatusCode::ACCEPTED, axum::Json(s)).into_response()),
-        Err(CancelError::NotFound) => Err(detail(StatusCode::NOT_FOUND, format!("no job '{id}'"))),
-        Err(e @ CancelError::Finished(_)) => {
-            Err(detail(StatusCode::CONFLICT, format!("job '{id}': {e}")))
-        }
     }
 }

@@ -3,7 +3,6 @@
 //! supervisor (`daemon`, `stream`), the health state machine (`health`), the status object
 //! (`status`) and the params hash (`pyjson`). The `rivulet` binary wires them together.
 
-pub mod api;
 pub mod check;
 pub mod config;
 pub mod daemon;
@@ -11,13 +10,15 @@ pub mod demo;
 pub mod feed;
 pub mod graph;
 pub mod health;
+pub mod http;
 pub mod jobs;
+pub mod media;
 pub mod nvml;
 pub mod openmp;
 pub mod pyjson;
 pub mod serve;
+pub mod session;
 pub mod status;
-pub mod stream;
 pub mod templates;
 
 /// Initialises GStreamer and registers Rivulet's plugins statically (never via GST_PLUGIN_PATH).

@@ -38,6 +38,10 @@ enum Command {
         /// Do not serve the embedded trickle server.
         #[arg(long)]
         no_embedded_trickle: bool,
+        /// Live sessions at once (overrides RIVULET_MAX_SESSIONS; default 1: a new start
+        /// stops the running stream, as the runner does).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+        max_sessions: Option<u16>,
     },
     /// Run the whole job on this machine: a generated stream through the daemon to a file.
     Demo {
@@ -109,7 +113,7 @@ fn load_params(params: Option<String>, file: Option<PathBuf>) -> anyhow::Result<
     };
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("params are not valid JSON: {e}"))?;
-    rivulet::daemon::Daemon::validate_params(&v)?;
+    rivulet::session::Session::validate_params(&v)?;
     Ok(v)
 }
 
@@ -168,7 +172,7 @@ fn main() -> anyhow::Result<()> {
     if std::env::args().nth(1).as_deref() == Some(gstaipipeline::child::SUBCOMMAND) {
         std::process::exit(gstaipipeline::child::run());
     }
-    rivulet::stream::serve_inference_children();
+    rivulet::media::serve_inference_children();
     let cli = Cli::parse();
     init_tracing();
     rivulet::init_gstreamer()?;
@@ -216,7 +220,11 @@ fn main() -> anyhow::Result<()> {
                 params,
                 params_file,
                 no_embedded_trickle,
+                max_sessions,
             } => {
+                if let Some(n) = max_sessions {
+                    config.max_sessions = usize::from(n);
+                }
                 if let Some(h) = host {
                     config.host = h;
                 }
@@ -235,7 +243,7 @@ fn main() -> anyhow::Result<()> {
                     r = running.server => { r??; }
                     _ = tokio::signal::ctrl_c() => {
                         tracing::info!("shutting down");
-                        running.daemon.stop_stream("shutdown").await;
+                        running.daemon.stop_all("shutdown").await;
                     }
                 }
                 Ok(())

@@ -48,7 +48,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", config.host, config.port))?;
     let addr = listener.local_addr()?;
     let daemon = Daemon::new(config);
-    let mut app = crate::api::router(daemon.clone());
+    let mut app = crate::http::router(daemon.clone());
     let c = &daemon.config;
     let trickle_config = ServerConfig {
         base_path: c.trickle_base.clone(),
@@ -73,7 +73,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tracing::warn!(%err, "cannot raise RLIMIT_NOFILE");
     }
     crash_cleanup(&daemon).await;
-    daemon.clone().load_pipeline();
+    daemon.load_pipeline();
+    tokio::spawn(daemon.clone().supervise());
     let d = daemon.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(d.config.health_period);

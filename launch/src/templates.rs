@@ -5,23 +5,15 @@
 //! so they survive a restart. A stream start or a file job may name a template instead of a
 //! pipeline ([`Templates::lookup`]).
 
-use crate::api::ApiError;
 use crate::config::Config;
-use crate::daemon::Daemon;
 use crate::graph::{self, GraphDef, GraphError};
 use crate::status::now_secs;
-use axum::Router;
-use axum::body::Body;
-use axum::extract::{Path as UrlPath, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 /// A saved definition.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -238,151 +230,6 @@ pub fn resolve(templates: &Templates, name: &str, cfg: &Config) -> Result<GraphD
     };
     graph::validate(&graph, cfg)?;
     Ok(graph)
-}
-
-// ---- HTTP: /v1/pipelines ----
-
-pub fn routes() -> Router<Arc<Daemon>> {
-    Router::new()
-        .route("/v1/pipelines", get(list).post(create))
-        .route("/v1/pipelines/{id}", get(show).delete(remove))
-}
-
-fn detail(code: StatusCode, msg: impl Into<String>) -> ApiError {
-    ApiError::Detail(code, msg.into())
-}
-
-pub(crate) fn check_auth(daemon: &Daemon, headers: &HeaderMap) -> Result<(), ApiError> {
-    match daemon.config.auth_token.as_deref() {
-        None => Ok(()),
-        Some(token) => {
-            let ok = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .is_some_and(|t| t == token);
-            if ok {
-                Ok(())
-            } else {
-                Err(ApiError::Unauthorized)
-            }
-        }
-    }
-}
-
-/// A JSON body, or YAML when the content type says so (`application/yaml`, `text/yaml`).
-pub(crate) async fn read_document(headers: &HeaderMap, body: Body) -> Result<Value, ApiError> {
-    let bytes = crate::api::read_body(body)
-        .await
-        .map_err(|m| detail(StatusCode::PAYLOAD_TOO_LARGE, m))?;
-    let yaml = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.to_ascii_lowercase().contains("yaml"));
-    if yaml {
-        let text = std::str::from_utf8(&bytes)
-            .map_err(|_| detail(StatusCode::BAD_REQUEST, "the YAML body is not UTF-8"))?;
-        serde_norway::from_str::<Value>(text)
-            .map_err(|e| detail(StatusCode::BAD_REQUEST, format!("invalid YAML: {e}")))
-    } else {
-        serde_json::from_slice(&bytes)
-            .map_err(|e| detail(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))
-    }
-}
-
-/// `POST /v1/pipelines` with `{"id": "…", "pipeline": <definition>, "description": "…"}`:
-/// 201 (new) or 200 (replaced) with the template; 400 naming the stage when invalid.
-async fn create(
-    State(daemon): State<Arc<Daemon>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    check_auth(&daemon, &headers)?;
-    let doc = read_document(&headers, body).await?;
-    let Some(obj) = doc.as_object() else {
-        return Err(detail(
-            StatusCode::BAD_REQUEST,
-            "the body must be an object: {\"id\": …, \"pipeline\": …}",
-        ));
-    };
-    let id = obj
-        .get("id")
-        .and_then(Value::as_str)
-        .ok_or_else(|| detail(StatusCode::BAD_REQUEST, "missing string field 'id'"))?
-        .to_owned();
-    let definition = obj.get("pipeline").cloned().ok_or_else(|| {
-        detail(
-            StatusCode::BAD_REQUEST,
-            "missing field 'pipeline' (the definition)",
-        )
-    })?;
-    let description = obj
-        .get("description")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
-    let d = daemon.clone();
-    let saved = tokio::task::spawn_blocking(move || {
-        d.templates.save(&id, definition, description, &d.config)
-    })
-    .await
-    .map_err(|e| {
-        detail(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("save failed: {e}"),
-        )
-    })?;
-    match saved {
-        Ok((t, new)) => {
-            tracing::info!(id = %t.id, new, "pipeline template saved");
-            let code = if new {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            Ok((code, axum::Json(t)).into_response())
-        }
-        Err(e @ TemplateError::Io { .. }) => {
-            Err(detail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
-        }
-        Err(e) => Err(detail(StatusCode::BAD_REQUEST, e.to_string())),
-    }
-}
-
-async fn list(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
-    axum::Json(json!({"pipelines": daemon.templates.list()}))
-}
-
-async fn show(
-    State(daemon): State<Arc<Daemon>>,
-    UrlPath(id): UrlPath<String>,
-) -> Result<axum::Json<Template>, ApiError> {
-    daemon
-        .templates
-        .get(&id)
-        .map(axum::Json)
-        .ok_or_else(|| detail(StatusCode::NOT_FOUND, format!("no template named '{id}'")))
-}
-
-async fn remove(
-    State(daemon): State<Arc<Daemon>>,
-    headers: HeaderMap,
-    UrlPath(id): UrlPath<String>,
-) -> Result<axum::Json<Value>, ApiError> {
-    check_auth(&daemon, &headers)?;
-    let d = daemon.clone();
-    let i = id.clone();
-    match tokio::task::spawn_blocking(move || d.templates.delete(&i)).await {
-        Ok(Ok(_)) => Ok(axum::Json(json!({"id": id, "deleted": true}))),
-        Ok(Err(e @ TemplateError::NotFound(_))) => {
-            Err(detail(StatusCode::NOT_FOUND, e.to_string()))
-        }
-        Ok(Err(e)) => Err(detail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
-        Err(e) => Err(detail(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("delete failed: {e}"),
-        )),
-    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use super::cond::Cond;
 use super::stage::Stage;
 use super::{GraphDef, INPUT, topo_order};
 use crate::config::Config;
+pub(super) use crate::media::make;
 use gst::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
@@ -100,15 +101,6 @@ fn apply_bypass(b: &Bypass, on: bool) {
         b.selector.set_property("active-pad", &b.bypass_pad);
         b.valve.set_property("drop", true);
     }
-}
-
-pub(super) fn make(factory: &str, name: Option<&str>) -> Result<gst::Element, String> {
-    let mut b = gst::ElementFactory::make(factory);
-    if let Some(n) = name {
-        b = b.name(n);
-    }
-    b.build()
-        .map_err(|e| format!("cannot create {factory}: {e} (is its plugin installed?)"))
 }
 
 /// A bounded, blocking queue (frames are never dropped here; `aipipeline` drops late ones).

@@ -6,6 +6,7 @@
 use super::build::{StageStats, make};
 use super::{Provider, StageDef, post_event};
 use crate::config::Config;
+use crate::media::{AiSpec, aipipeline};
 use gst::prelude::*;
 use serde_json::{Value, json};
 use std::sync::{Arc, Mutex, Weak};
@@ -90,20 +91,15 @@ fn make_unit(
 ) -> Result<(gst::Bin, Option<gst::Element>), String> {
     let unit = gst::Bin::new();
     if let Some(name) = &provider.pipeline {
-        let ai = make("aipipeline", None)?;
-        ai.set_property("pipeline", name);
-        ai.set_property_from_str("device", provider.device.as_deref().unwrap_or(&cfg.device));
-        ai.set_property("pipelines-dir", cfg.pipelines.to_list());
-        ai.set_property("params", merged_params(def, params).to_string());
-        // RIVULET_ISOLATION=process: the stage's inference runs in a child process, as the
-        // single pipeline's (its restarts are counted by the daemon).
-        crate::stream::isolate(&ai, cfg)?;
+        let mut spec = AiSpec::from_config(cfg, name)
+            .params(&merged_params(def, params))
+            .device(provider.device.as_deref().unwrap_or(&cfg.device));
         if let Some(ms) = def.deadline_ms {
-            ai.set_property("max-latency-ms", ms);
-            if ai.find_property("pass-late-frames").is_some() {
-                ai.set_property("pass-late-frames", true);
-            }
+            spec = spec.max_latency_ms(ms, true);
         }
+        // RIVULET_ISOLATION=process: the stage's inference runs in a child process, as the
+        // single pipeline's (its restarts are counted by the session).
+        let ai = aipipeline(&spec, Some(cfg))?;
         if check {
             check_loads(&ai)?;
         }

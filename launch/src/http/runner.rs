@@ -1,14 +1,16 @@
 // SPDX-License-Identifier: MPL-2.0
-//! The HTTP API: the runner's container API, its internal API, `/metrics` and the dashboard,
-//! on one port (docs/runner.md, "HTTP API").
+//! The runner's routes: its container API, its internal API, `/metrics` and the dashboard
+//! (docs/runner.md, "HTTP API").
 
-use crate::daemon::{Daemon, LATENCY_BUCKETS_MS, StartError};
+use super::{ApiError, read_body};
+use crate::daemon::Daemon;
+use crate::session::stream::StartRequest;
+use crate::session::{LATENCY_BUCKETS_MS, StartError};
 use crate::status::now_secs;
-use crate::stream::StartRequest;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
@@ -16,55 +18,7 @@ use std::fmt::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Largest request body accepted (params can be large ComfyUI workflows).
-pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
-
-/// One error type for every endpoint, in the shape each endpoint family uses.
-#[derive(Debug)]
-pub enum ApiError {
-    /// Container API: `{"detail":{"msg":…}}`.
-    Detail(StatusCode, String),
-    /// FastAPI's validation-error shape, 422.
-    Validation(Vec<(String, String, &'static str)>),
-    /// Container API auth failure.
-    Unauthorized,
-    /// Internal API: plain text.
-    Text(StatusCode, String),
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        match self {
-            ApiError::Detail(code, msg) => {
-                (code, axum::Json(json!({"detail": {"msg": msg}}))).into_response()
-            }
-            ApiError::Validation(errors) => {
-                let detail: Vec<Value> = errors
-                    .into_iter()
-                    .map(|(loc, msg, kind)| json!({"loc": ["body", loc], "msg": msg, "type": kind}))
-                    .collect();
-                (
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    axum::Json(json!({"detail": detail})),
-                )
-                    .into_response()
-            }
-            ApiError::Unauthorized => {
-                let mut r = (
-                    StatusCode::UNAUTHORIZED,
-                    axum::Json(json!({"detail": {"msg": "Invalid bearer token."}})),
-                )
-                    .into_response();
-                r.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                r
-            }
-            ApiError::Text(code, text) => (code, text).into_response(),
-        }
-    }
-}
-
-pub fn router(daemon: Arc<Daemon>) -> Router {
+pub(super) fn routes() -> Router<Arc<Daemon>> {
     Router::new()
         .route("/live-video-to-video", post(container_start))
         .route("/live-video-to-video/", post(container_start))
@@ -80,50 +34,6 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/api/preview/input.jpg", get(preview_input))
         .route("/api/preview/output.jpg", get(preview_output))
         .route("/", get(dashboard))
-        .merge(crate::templates::routes())
-        .merge(crate::jobs::routes())
-        .merge(crate::feed::routes())
-        .with_state(daemon)
-}
-
-fn authorized(daemon: &Daemon, headers: &HeaderMap) -> bool {
-    let Some(token) = daemon.config.auth_token.as_deref() else {
-        return true;
-    };
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| t == token)
-}
-
-/// How much of an oversized body is read and thrown away before answering 413: closing the
-/// connection on a client still sending makes its kernel see a reset that can destroy the
-/// 413 response before the client reads it.
-const DRAIN_BYTES: usize = 8 * MAX_BODY_BYTES;
-
-/// A request body of at most [`MAX_BODY_BYTES`]; a larger one is an error (413) after the rest
-/// of it, up to [`DRAIN_BYTES`], has been read and dropped.
-pub(crate) async fn read_body(body: Body) -> Result<bytes::Bytes, String> {
-    use futures::StreamExt;
-    let too_large = || format!("request body larger than {MAX_BODY_BYTES} bytes");
-    let mut stream = body.into_data_stream();
-    let mut buf = bytes::BytesMut::new();
-    let mut total = 0usize;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| format!("request body unreadable: {e}"))?;
-        total += chunk.len();
-        if total > DRAIN_BYTES {
-            return Err(too_large());
-        }
-        if total <= MAX_BODY_BYTES {
-            buf.extend_from_slice(&chunk);
-        }
-    }
-    if total > MAX_BODY_BYTES {
-        return Err(too_large());
-    }
-    Ok(buf.freeze())
 }
 
 /// Parses a start body, reporting every problem in FastAPI's shape.
@@ -144,7 +54,7 @@ async fn container_start(
     body: Body,
 ) -> Result<Response, ApiError> {
     let received_at = now_secs();
-    if !authorized(&daemon, &headers) {
+    if !super::authorized(&daemon, &headers) {
         return Err(ApiError::Unauthorized);
     }
     let body = read_body(body)
@@ -176,6 +86,9 @@ async fn container_start(
             }
             Err(StartError::Invalid(msg)) => {
                 return Err(ApiError::Detail(StatusCode::BAD_REQUEST, msg));
+            }
+            Err(StartError::Full(msg)) => {
+                return Err(ApiError::Detail(StatusCode::SERVICE_UNAVAILABLE, msg));
             }
             Err(e) => {
                 tracing::warn!(attempt, "stream start failed: {e}");
@@ -213,7 +126,7 @@ async fn internal_start(
             format!("Error starting stream: {m}"),
         )
     };
-    if !authorized(&daemon, &headers) {
+    if !super::authorized(&daemon, &headers) {
         return Err(ApiError::Text(
             StatusCode::UNAUTHORIZED,
             "Invalid bearer token.".into(),
@@ -231,11 +144,14 @@ async fn internal_start(
                 .join("; "),
         )
     })?;
-    daemon
-        .start_stream(req, received_at)
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    Ok("Stream started successfully")
+    match daemon.start_stream(req, received_at).await {
+        Ok(()) => Ok("Stream started successfully"),
+        Err(StartError::Full(m)) => Err(ApiError::Text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("Error starting stream: {m}"),
+        )),
+        Err(e) => Err(fail(e.to_string())),
+    }
 }
 
 async fn internal_params(
@@ -249,7 +165,7 @@ async fn internal_params(
             format!("Error updating params: {m}"),
         )
     };
-    if !authorized(&daemon, &headers) {
+    if !super::authorized(&daemon, &headers) {
         return Err(ApiError::Text(
             StatusCode::UNAUTHORIZED,
             "Invalid bearer token.".into(),
@@ -410,12 +326,21 @@ async fn metrics(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
     )
 }
 
-async fn dashboard_data(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
-    axum::Json(daemon.dashboard())
+/// `?session=ID`: the session a dashboard view or preview is about (else the primary one).
+#[derive(Debug, Default, serde::Deserialize)]
+struct Chosen {
+    session: Option<String>,
 }
 
-fn preview(daemon: &Daemon, input: bool) -> Response {
-    match daemon.preview(input) {
+async fn dashboard_data(
+    State(daemon): State<Arc<Daemon>>,
+    Query(chosen): Query<Chosen>,
+) -> impl IntoResponse {
+    axum::Json(daemon.dashboard(chosen.session.as_deref()))
+}
+
+fn preview(daemon: &Daemon, input: bool, session: Option<&str>) -> Response {
+    match daemon.preview(input, session) {
         Some(jpeg) => ([(header::CONTENT_TYPE, "image/jpeg")], jpeg).into_response(),
         None => (
             StatusCode::NOT_FOUND,
@@ -425,12 +350,18 @@ fn preview(daemon: &Daemon, input: bool) -> Response {
     }
 }
 
-async fn preview_input(State(daemon): State<Arc<Daemon>>) -> Response {
-    preview(&daemon, true)
+async fn preview_input(
+    State(daemon): State<Arc<Daemon>>,
+    Query(chosen): Query<Chosen>,
+) -> Response {
+    preview(&daemon, true, chosen.session.as_deref())
 }
 
-async fn preview_output(State(daemon): State<Arc<Daemon>>) -> Response {
-    preview(&daemon, false)
+async fn preview_output(
+    State(daemon): State<Arc<Daemon>>,
+    Query(chosen): Query<Chosen>,
+) -> Response {
+    preview(&daemon, false, chosen.session.as_deref())
 }
 
 async fn dashboard() -> impl IntoResponse {

@@ -3,9 +3,9 @@
 //! reporter (docs/runner.md, "Stream start and stop", "Control channel", "Events";
 //! docs/trickle.md, "Control and events channels").
 
-use crate::config::Config;
-use crate::daemon::Daemon;
+use super::Session;
 use crate::graph::{self, BuiltGraph, GraphDef};
+use crate::media;
 use crate::status::{TransientTracker, ms, now_secs};
 use gst::prelude::*;
 use gsttrickle::protocol::client::{
@@ -248,7 +248,7 @@ impl StreamHandle {
     }
 
     /// Builds and starts the stream.
-    pub async fn start(daemon: Arc<Daemon>, req: StartRequest) -> Result<StreamHandle, String> {
+    pub async fn start(session: Arc<Session>, req: StartRequest) -> Result<StreamHandle, String> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let stopping = Arc::new(AtomicBool::new(false));
         // Events publisher first, so the graph's first events have somewhere to go.
@@ -257,7 +257,7 @@ impl StreamHandle {
         } else {
             let config = PublisherConfig {
                 mime: "application/json".into(),
-                tls_verify: daemon.config.tls_verify,
+                tls_verify: session.config.tls_verify,
                 ..Default::default()
             };
             let publisher = Publisher::new(&req.events_url, config).map_err(|e| e.to_string())?;
@@ -267,9 +267,9 @@ impl StreamHandle {
                 Some(tx),
             )
         };
-        daemon.set_events(events_tx);
+        session.set_events(events_tx);
 
-        let d = daemon.clone();
+        let d = session.clone();
         let r = req.clone();
         let built = tokio::task::spawn_blocking(move || build_graph(&d, &r))
             .await
@@ -277,14 +277,15 @@ impl StreamHandle {
         let (pipeline, aipipeline, graph) = match built {
             Ok(x) => x,
             Err(e) => {
-                daemon.set_events(None);
+                session.set_events(None);
                 if let Some(t) = events_task {
                     t.abort();
                 }
                 return Err(e);
             }
         };
-        let bus_task = spawn_bus_watch(daemon.clone(), &pipeline, &req, stopping.clone());
+        let bus_task =
+            super::bus::spawn_bus_watch(session.clone(), &pipeline, &req, stopping.clone());
         let p = pipeline.clone();
         let state = tokio::task::spawn_blocking(move || p.set_state(gst::State::Playing))
             .await
@@ -295,21 +296,21 @@ impl StreamHandle {
             }
             let p = pipeline.clone();
             let _ = tokio::task::spawn_blocking(move || p.set_state(gst::State::Null)).await;
-            daemon.set_events(None);
+            session.set_events(None);
             return Err(format!("cannot start the stream pipeline: {e}"));
         }
 
-        daemon.set_graph(graph.clone());
+        session.set_graph(graph.clone());
         let mut tasks = Vec::new();
         if !req.control_url.is_empty() {
             tasks.push(tokio::spawn(control_loop(
-                daemon.clone(),
+                session.clone(),
                 req.clone(),
                 stop_rx.clone(),
             )));
         }
         tasks.push(tokio::spawn(status_loop(
-            daemon.clone(),
+            session.clone(),
             req.request_id.clone(),
             stop_rx,
         )));
@@ -350,7 +351,7 @@ impl StreamHandle {
         }
         // Dropping the sender ends the events loop, which closes the publisher.
         if let Some(t) = self.events_task.take() {
-            // The daemon drops its sender in on_stream_stopped; give the loop time to DELETE.
+            // The session drops its sender in on_stream_stopped; give the loop time to DELETE.
             let abort = t.abort_handle();
             if tokio::time::timeout(Duration::from_secs(5), t)
                 .await
@@ -409,10 +410,10 @@ async fn events_loop(
 
 /// Reads the control channel: each whole segment is one params object (docs/trickle.md,
 /// "Control and events channels"; docs/runner.md, "Control channel").
-async fn control_loop(daemon: Arc<Daemon>, req: StartRequest, mut stop: watch::Receiver<bool>) {
+async fn control_loop(session: Arc<Session>, req: StartRequest, mut stop: watch::Receiver<bool>) {
     let config = SubscriberConfig {
         start_seq: -2,
-        tls_verify: daemon.config.tls_verify,
+        tls_verify: session.config.tls_verify,
         ..Default::default()
     };
     let mut sub = match Subscriber::new(&req.control_url, config) {
@@ -466,73 +467,54 @@ async fn control_loop(daemon: Arc<Daemon>, req: StartRequest, mut stop: watch::R
             tracing::warn!("control message is not a JSON object, skipped");
             continue;
         }
-        match daemon.update_params(value).await {
+        match session.update_params(value).await {
             Ok(()) => {}
-            Err(e @ crate::daemon::ParamsError::ResolutionChange(_)) => {
+            Err(e @ super::ParamsError::ResolutionChange(_)) => {
                 tracing::warn!("control params rejected: {e}");
             }
             Err(e) => {
                 tracing::warn!("control params rejected: {e}");
-                daemon.report_error(&format!("invalid params: {e}"));
+                session.report_error(&format!("invalid params: {e}"));
             }
         }
     }
     // EOS or 404 on the control channel ends the stream (a critical task).
-    let d = daemon.clone();
+    let d = session.clone();
     let id = req.request_id.clone();
     tokio::spawn(async move { d.stream_ended(&id, "control channel ended").await });
 }
 
 /// Emits `status` every period while the stream runs (never depends on inference).
-async fn status_loop(daemon: Arc<Daemon>, request_id: String, mut stop: watch::Receiver<bool>) {
-    let period = daemon.config.status_period;
+async fn status_loop(session: Arc<Session>, request_id: String, mut stop: watch::Receiver<bool>) {
+    let period = session.config.status_period;
     let mut tracker = TransientTracker::default();
-    let mut last = daemon.status().start_time;
+    let mut last = session.status().start_time;
     loop {
         tokio::select! {
             _ = stop.changed() => return,
             _ = tokio::time::sleep(period) => {}
         }
-        if !daemon.stream_is_current(&request_id) {
+        if !session.stream_is_current(&request_id) {
             return;
         }
         let now = ms(now_secs());
-        let event = tracker.event(&daemon.status(), last, now);
+        let event = tracker.event(&session.status(), last, now);
         last = now;
-        daemon.emit(event, "ai_stream_events");
+        session.emit(event, "ai_stream_events");
     }
-}
-
-fn make(factory: &str, name: Option<&str>) -> Result<gst::Element, String> {
-    let mut b = gst::ElementFactory::make(factory);
-    if let Some(n) = name {
-        b = b.name(n);
-    }
-    b.build()
-        .map_err(|e| format!("cannot create GStreamer element {factory}: {e}"))
-}
-
-/// A sink pad of `element` for `kind` ("video"/"audio"): a static pad of that name, else a
-/// request pad from the `kind_%u` or `kind` template.
-fn sink_pad(element: &gst::Element, kind: &str) -> Option<gst::Pad> {
-    element
-        .static_pad(kind)
-        .or_else(|| element.request_pad_simple(&format!("{kind}_%u")))
-        .or_else(|| element.request_pad_simple(kind))
-        .or_else(|| element.static_pad("sink"))
 }
 
 /// A preview branch: at most 2 JPEG snapshots a second, never blocking the main path, and
-/// only while someone fetched a preview recently (`Daemon::previews_wanted`): otherwise each
+/// only while someone fetched a preview recently (`Session::previews_wanted`): otherwise each
 /// frame is dropped where the branch begins, before any copy, conversion or encoding.
 fn preview_branch(
     pipeline: &gst::Pipeline,
-    daemon: &Arc<Daemon>,
+    session: &Arc<Session>,
     input: bool,
 ) -> Result<gst::Element, String> {
-    let queue = make("queue", None)?;
+    let queue = media::make("queue", None)?;
     if let Some(pad) = queue.static_pad("sink") {
-        let d = daemon.clone();
+        let d = session.clone();
         pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
             if d.previews_wanted() {
                 return gst::PadProbeReturn::Ok;
@@ -546,12 +528,12 @@ fn preview_branch(
     queue.set_property("max-size-buffers", 1u32);
     queue.set_property("max-size-bytes", 0u32);
     queue.set_property("max-size-time", 0u64);
-    let rate = make("videorate", None)?;
+    let rate = media::make("videorate", None)?;
     rate.set_property("drop-only", true);
     rate.set_property("max-rate", 2i32);
-    let convert = make("videoconvert", None)?;
-    let scale = make("videoscale", None)?;
-    let caps = make("capsfilter", None)?;
+    let convert = media::make("videoconvert", None)?;
+    let scale = media::make("videoscale", None)?;
+    let caps = media::make("capsfilter", None)?;
     caps.set_property(
         "caps",
         gst::Caps::builder("video/x-raw")
@@ -561,14 +543,14 @@ fn preview_branch(
             .field("pixel-aspect-ratio", gst::Fraction::new(1, 1))
             .build(),
     );
-    let enc = make("jpegenc", None)?;
+    let enc = media::make("jpegenc", None)?;
     enc.set_property("quality", 70i32);
     let sink = gst_app::AppSink::builder()
         .sync(false)
         .max_buffers(1)
         .drop(true)
         .build();
-    let d = daemon.clone();
+    let d = session.clone();
     sink.set_callbacks(
         gst_app::AppSinkCallbacks::builder()
             .new_sample(move |s| {
@@ -597,12 +579,12 @@ fn preview_branch(
 /// Links `src` to a new `tee` whose first branch is `main` and second a preview branch.
 fn tee_with_preview(
     pipeline: &gst::Pipeline,
-    daemon: &Arc<Daemon>,
+    session: &Arc<Session>,
     input: bool,
 ) -> Result<gst::Element, String> {
-    let tee = make("tee", None)?;
+    let tee = media::make("tee", None)?;
     pipeline.add(&tee).map_err(|e| e.to_string())?;
-    let preview = preview_branch(pipeline, daemon, input)?;
+    let preview = preview_branch(pipeline, session, input)?;
     tee.link(&preview)
         .map_err(|e| format!("preview link: {e}"))?;
     Ok(tee)
@@ -614,17 +596,17 @@ fn tee_with_preview(
 /// The stream's graph: the request's `pipeline` (template or pipeline name, or an inline
 /// definition), else the daemon's pipeline when `MODEL_ID` holds a graph definition (JSON);
 /// `None` for the plain single pipeline.
-fn stream_graph(daemon: &Daemon, req: &StartRequest) -> Result<Option<GraphDef>, String> {
-    let cfg = &daemon.config;
+fn stream_graph(session: &Session, req: &StartRequest) -> Result<Option<GraphDef>, String> {
+    let cfg = &session.config;
     let def = match &req.pipeline {
-        Some(Value::String(name)) => crate::templates::resolve(&daemon.templates, name, cfg)
+        Some(Value::String(name)) => crate::templates::resolve(&session.templates, name, cfg)
             .map_err(|e| format!("pipeline '{name}': {e}"))?,
         Some(v) => {
             let def = graph::parse(v).map_err(|e| e.to_string())?;
             graph::validate(&def, cfg).map_err(|e| e.to_string())?;
             def
         }
-        None => match config_graph(cfg)? {
+        None => match super::processing::config_graph(cfg)? {
             Some(def) => def,
             None => return Ok(None),
         },
@@ -632,99 +614,60 @@ fn stream_graph(daemon: &Daemon, req: &StartRequest) -> Result<Option<GraphDef>,
     Ok(Some(def))
 }
 
-/// Checks a start request's graph (or the daemon's) before anything starts; the message
+/// Checks a start request's graph (or the session's) before anything starts; the message
 /// names the stage at fault.
-pub fn check_pipeline(daemon: &Daemon, req: &StartRequest) -> Result<(), String> {
-    stream_graph(daemon, req).map(|_| ())
-}
-
-/// The daemon's pipeline as a graph when `MODEL_ID` is a graph definition (JSON).
-fn config_graph(cfg: &Config) -> Result<Option<GraphDef>, String> {
-    if !cfg.pipeline.trim_start().starts_with(['[', '{']) {
-        return Ok(None);
-    }
-    let def = graph::parse_str(&cfg.pipeline).map_err(|e| e.to_string())?;
-    graph::validate(&def, cfg).map_err(|e| e.to_string())?;
-    Ok(Some(def))
-}
-
-/// The element in `aipipeline`'s place: a lone `aipipeline` (named `ai`) for a single plain
-/// pipeline, else the graph's bin (its stages' `aipipeline`s run in-process).
-fn make_processing(
-    cfg: &Config,
-    def: Option<&GraphDef>,
-    params: &Value,
-    max_restarts: u32,
-) -> Result<(gst::Element, Option<Arc<BuiltGraph>>), String> {
-    match def {
-        None => Ok((make_aipipeline(cfg, params, max_restarts)?, None)),
-        Some(d) => match d.single_pipeline() {
-            Some(name) => {
-                let ai = make_aipipeline(cfg, params, max_restarts)?;
-                ai.set_property("pipeline", name);
-                Ok((ai, None))
-            }
-            None => {
-                let g = graph::build(d, cfg, params)?;
-                // The stages' children share the daemon's restart budget; each element may
-                // use at most what is left (the daemon enforces the shared total).
-                if cfg.isolation {
-                    for ai in g
-                        .bin
-                        .iterate_all_by_element_factory_name("aipipeline")
-                        .into_iter()
-                        .flatten()
-                    {
-                        ai.set_property("max-restarts", max_restarts);
-                    }
-                }
-                Ok((g.bin.clone().upcast(), Some(Arc::new(g))))
-            }
-        },
-    }
+pub fn check_pipeline(session: &Session, req: &StartRequest) -> Result<(), String> {
+    stream_graph(session, req).map(|_| ())
 }
 
 type Built = (gst::Pipeline, gst::Element, Option<Arc<BuiltGraph>>);
 
-fn build_graph(daemon: &Arc<Daemon>, req: &StartRequest) -> Result<Built, String> {
-    let cfg = &daemon.config;
+fn build_graph(session: &Arc<Session>, req: &StartRequest) -> Result<Built, String> {
+    let cfg = &session.config;
     let pipeline = gst::Pipeline::with_name(&format!("stream-{}", req.request_id));
-    let src = make("tricklesrc", Some("src"))?;
+    let src = media::make("tricklesrc", Some("src"))?;
     src.set_property("url", &req.subscribe_url);
     src.set_property("start-seq", -2i64);
     // Keep the input PTS (the runner's contract), not arrival times.
     src.set_property("do-timestamp", false);
     src.set_property("tls-verify", cfg.tls_verify);
-    let convert = make("videoconvert", None)?;
-    // The runner's 3 restarts are counted over the daemon's life.
-    let restarts_left = 3u32.saturating_sub(daemon.restart_count());
-    let def = stream_graph(daemon, req)?;
-    let (ai, graph) = make_processing(cfg, def.as_ref(), &req.params, restarts_left)?;
-    let overlay = make("loadingoverlay", Some("overlay"))?;
-    let sink = make("tricklesink", Some("sink"))?;
+    let convert = media::make("videoconvert", None)?;
+    // The runner's 3 restarts are counted over the session's life.
+    let restarts_left = 3u32.saturating_sub(session.restart_count());
+    let def = stream_graph(session, req)?;
+    let (ai, graph) = super::processing::make_processing(
+        cfg,
+        def.as_ref(),
+        &req.params,
+        restarts_left,
+        session.batch_group.clone(),
+    )?;
+    let overlay = media::make("loadingoverlay", Some("overlay"))?;
+    let sink = media::make("tricklesink", Some("sink"))?;
     sink.set_property("url", &req.publish_url);
     sink.set_property("tls-verify", cfg.tls_verify);
     pipeline
         .add_many([&src, &convert, &ai, &overlay, &sink])
         .map_err(|e| e.to_string())?;
-    let in_tee = tee_with_preview(&pipeline, daemon, true)?;
-    let out_tee = tee_with_preview(&pipeline, daemon, false)?;
+    let in_tee = tee_with_preview(&pipeline, session, true)?;
+    let out_tee = tee_with_preview(&pipeline, session, false)?;
     in_tee.link(&convert).map_err(|e| e.to_string())?;
     gst::Element::link_many([&convert, &ai, &overlay, &out_tee]).map_err(|e| e.to_string())?;
     // A short queue before the encoder: the inference thread hands a frame over and goes
     // back to the mailbox instead of waiting for x264, and the muxer gets the latency headroom
     // it needs (it holds frames only while the encoder is behind, at most 4).
-    let out_queue = encoder_queue()?;
+    let out_queue = media::encoder_queue()?;
     pipeline.add(&out_queue).map_err(|e| e.to_string())?;
     out_tee.link(&out_queue).map_err(|e| e.to_string())?;
-    let video_sink_pad = sink_pad(&sink, "video").ok_or("tricklesink has no video sink pad")?;
+    let video_sink_pad =
+        media::sink_pad(&sink, "video").ok_or("tricklesink has no video sink pad")?;
     out_queue
         .static_pad("src")
         .ok_or("queue has no src pad")?
         .link(&video_sink_pad)
         .map_err(|e| format!("cannot link the output to tricklesink: {e:?}"))?;
 
-    install_probes(daemon, &ai, cfg.fps_cap);
+    install_probes(session, &ai, cfg.fps_cap);
 
     // tricklesrc exposes its decoded pads as they appear.
     let weak_pipeline = pipeline.downgrade();
@@ -745,7 +688,7 @@ fn build_graph(daemon: &Arc<Daemon>, req: &StartRequest) -> Result<Built, String
             else {
                 return;
             };
-            if let Err(e) = link_audio(&pipeline, pad, &sink) {
+            if let Err(e) = media::link_audio(&pipeline, pad, &sink) {
                 tracing::warn!("audio is dropped: {e}");
             }
         }
@@ -753,85 +696,10 @@ fn build_graph(daemon: &Arc<Daemon>, req: &StartRequest) -> Result<Built, String
     Ok((pipeline, ai, graph))
 }
 
-/// A queue of at most a few frames (no byte or time bound) in front of an encoder.
-fn encoder_queue() -> Result<gst::Element, String> {
-    let q = make("queue", None)?;
-    q.set_property("max-size-buffers", 4u32);
-    q.set_property("max-size-bytes", 0u32);
-    q.set_property("max-size-time", 0u64);
-    Ok(q)
-}
-
-fn link_audio(pipeline: &gst::Pipeline, pad: &gst::Pad, sink: &gst::Element) -> Result<(), String> {
-    let convert = make("audioconvert", None)?;
-    let resample = make("audioresample", None)?;
-    let queue = make("queue", None)?;
-    queue.set_property("max-size-buffers", 0u32);
-    queue.set_property("max-size-bytes", 0u32);
-    queue.set_property("max-size-time", 1_000_000_000u64);
-    let chain = [&convert, &resample, &queue];
-    pipeline.add_many(chain).map_err(|e| e.to_string())?;
-    gst::Element::link_many(chain).map_err(|e| e.to_string())?;
-    let sink_pad = sink_pad(sink, "audio").ok_or("tricklesink has no audio pad")?;
-    queue
-        .static_pad("src")
-        .ok_or("no src pad")?
-        .link(&sink_pad)
-        .map_err(|e| format!("{e:?}"))?;
-    for e in chain {
-        e.sync_state_with_parent().map_err(|e| e.to_string())?;
-    }
-    pad.link(&convert.static_pad("sink").ok_or("no sink pad")?)
-        .map_err(|e| format!("{e:?}"))?;
-    Ok(())
-}
-
-fn make_aipipeline(
-    cfg: &Config,
-    params: &Value,
-    max_restarts: u32,
-) -> Result<gst::Element, String> {
-    let ai = make("aipipeline", Some("ai"))?;
-    ai.set_property("pipeline", &cfg.pipeline);
-    ai.set_property_from_str("device", &cfg.device);
-    if isolate(&ai, cfg)? {
-        ai.set_property("max-restarts", max_restarts);
-    }
-    ai.set_property("pipelines-dir", cfg.pipelines.to_list());
-    ai.set_property("params", params.to_string());
-    Ok(ai)
-}
-
-/// Set by the `rivulet` binary, whose `main()` serves the `aipipeline-child` argument.
-static CHILD_HOST: AtomicBool = AtomicBool::new(false);
-
-/// Declares that this executable runs the inference child when started with the
-/// `aipipeline-child` argument (the `rivulet` binary), so `aipipeline`s can be isolated.
-pub fn serve_inference_children() {
-    CHILD_HOST.store(true, Ordering::SeqCst);
-}
-
-/// Runs `ai`'s inference in a child process when `RIVULET_ISOLATION=process` (the single
-/// pipeline and every pipeline stage of a graph): the child is this executable, with the
-/// configured hang timeout. True when isolated. A program that does not serve the child
-/// (`serve_inference_children` not called: e.g. a test binary using the library) runs
-/// inference in-process.
-pub(crate) fn isolate(ai: &gst::Element, cfg: &Config) -> Result<bool, String> {
-    if !cfg.isolation || !CHILD_HOST.load(Ordering::SeqCst) {
-        return Ok(false);
-    }
-    let exe = std::env::current_exe()
-        .map_err(|e| format!("cannot find the daemon's executable for the inference child: {e}"))?;
-    ai.set_property_from_str("isolation", "process");
-    ai.set_property("child-path", exe.to_string_lossy().to_string());
-    ai.set_property("hang-timeout-ms", cfg.hang_timeout_ms);
-    Ok(true)
-}
-
 /// Frame accounting for the health rules: input after the fps cap, real output frames.
-fn install_probes(daemon: &Arc<Daemon>, ai: &gst::Element, fps_cap: Option<f64>) {
+fn install_probes(session: &Arc<Session>, ai: &gst::Element, fps_cap: Option<f64>) {
     if let Some(sink) = ai.static_pad("sink") {
-        let d = daemon.clone();
+        let d = session.clone();
         let cap = Mutex::new(fps_cap.map(FpsCap::new));
         sink.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
             let pts = info.buffer().and_then(|b| b.pts());
@@ -850,7 +718,7 @@ fn install_probes(daemon: &Arc<Daemon>, ai: &gst::Element, fps_cap: Option<f64>)
         });
     }
     if let Some(src) = ai.static_pad("src") {
-        let d = daemon.clone();
+        let d = session.clone();
         let loading = AtomicBool::new(false);
         src.add_probe(
             gst::PadProbeType::BUFFER | gst::PadProbeType::EVENT_DOWNSTREAM,
@@ -876,191 +744,6 @@ fn install_probes(daemon: &Arc<Daemon>, ai: &gst::Element, fps_cap: Option<f64>)
             },
         );
     }
-}
-
-/// Watches the stream's bus: input EOS or a fatal error ends the stream; warnings and errors
-/// from `aipipeline` become `error` events; segment messages drive the stream-trace events.
-fn spawn_bus_watch(
-    daemon: Arc<Daemon>,
-    pipeline: &gst::Pipeline,
-    req: &StartRequest,
-    stopping: Arc<AtomicBool>,
-) -> Option<JoinHandle<()>> {
-    use futures::StreamExt;
-    let bus = pipeline.bus()?;
-    let request_id = req.request_id.clone();
-    let src_el = pipeline.by_name("src");
-    let ai_el = pipeline
-        .by_name("ai")
-        .or_else(|| pipeline.by_name(graph::BIN_NAME));
-    // Whether a message comes from `el` or one of its children.
-    let is_from = |msg: &gst::Message, el: &Option<gst::Element>| {
-        msg.src()
-            .zip(el.as_ref())
-            .is_some_and(|(o, e)| o == e.upcast_ref::<gst::Object>() || o.has_as_ancestor(e))
-    };
-    Some(tokio::spawn(async move {
-        let mut messages = bus.stream();
-        let mut first_in = true;
-        let mut first_out = true;
-        while let Some(msg) = messages.next().await {
-            if stopping.load(Ordering::SeqCst) {
-                return;
-            }
-            let from = msg
-                .src()
-                .map(|s| s.path_string().to_string())
-                .unwrap_or_default();
-            match msg.view() {
-                gst::MessageView::Eos(_) => {
-                    tracing::info!("input ended (EOS)");
-                    let d = daemon.clone();
-                    let id = request_id.clone();
-                    tokio::spawn(async move { d.stream_ended(&id, "input ended").await });
-                    return;
-                }
-                gst::MessageView::Error(e) => {
-                    let text = format!("{} ({from})", e.error());
-                    tracing::error!("stream error: {text}; debug: {:?}", e.debug());
-                    report_stage_error(&daemon, &msg, &e.error().to_string());
-                    if is_from(&msg, &ai_el) {
-                        daemon.report_error(&text);
-                        if text.contains("inference child crashed") {
-                            // Restart limit reached: permanent ERROR (docs/runner.md, "Restarts
-                            // and restart policy").
-                            daemon.on_child_limit();
-                        }
-                    } else {
-                        // The elements' own words are in the debug text's last line.
-                        let detail = e
-                            .debug()
-                            .and_then(|d| d.rsplit(":\n").next().map(str::to_owned));
-                        daemon.report_stream_error(&match detail {
-                            Some(d) => format!("{text}: {d}"),
-                            None => text.clone(),
-                        });
-                    }
-                    let d = daemon.clone();
-                    let id = request_id.clone();
-                    tokio::spawn(async move { d.stream_ended(&id, "pipeline error").await });
-                    return;
-                }
-                gst::MessageView::Warning(w) => {
-                    let text = w.error().to_string();
-                    tracing::warn!("{from}: {text} ({:?})", w.debug());
-                    if w.details()
-                        .is_some_and(|d| d.name() == gstaipipeline::UNKNOWN_PARAMS_WARNING)
-                    {
-                        // Accepted params with keys the pipeline ignores: the last warning in
-                        // the status, not an error (no `error` event, no effect on health).
-                        let text = match msg.src().and_then(graph::stage_of) {
-                            Some(stage) => format!("stage {stage}: {text}"),
-                            None => text,
-                        };
-                        daemon.report_warning(&text);
-                        continue;
-                    }
-                    report_stage_error(&daemon, &msg, &text);
-                    if is_from(&msg, &ai_el) {
-                        daemon.report_error(&text);
-                    }
-                }
-                gst::MessageView::Element(m) => {
-                    if let Some(event) = graph::stage_event(&msg) {
-                        daemon.feed.send_typed(event.clone());
-                        daemon.emit(event, "ai_stream_events");
-                        continue;
-                    }
-                    let Some(s) = m.structure() else { continue };
-                    if s.name() == "trickle-segment" {
-                        let input = is_from(&msg, &src_el);
-                        daemon.on_segment(input);
-                        let now = ms(now_secs());
-                        if input && first_in {
-                            first_in = false;
-                            daemon.emit(
-                                json!({"type": "runner_receive_first_ingest_segment", "timestamp": now}),
-                                "stream_trace",
-                            );
-                        } else if !input && first_out {
-                            first_out = false;
-                            daemon.emit(
-                                json!({"type": "runner_send_first_processed_segment", "timestamp": now}),
-                                "stream_trace",
-                            );
-                        }
-                    } else if s.name() == gstaipipeline::RESTART_MESSAGE && is_from(&msg, &ai_el) {
-                        let reason = s.get::<String>("reason").unwrap_or_default();
-                        let logs = s.get::<String>("logs").unwrap_or_default();
-                        // A graph stage's child names its stage.
-                        let stage = msg.src().and_then(graph::stage_of);
-                        daemon.on_child_restart(&request_id, stage.as_deref(), &reason, &logs);
-                    } else if s.name() == gstaipipeline::STATS_MESSAGE
-                        && let Ok(p50) = s.get::<f64>("inference-latency-p50-ms")
-                    {
-                        daemon.set_latency_p50(p50);
-                        daemon.on_inference_latency(p50);
-                    }
-                }
-                _ => {}
-            }
-        }
-    }))
-}
-
-/// A warning or error from inside a stage of the graph: a `stage_error` event (events channel
-/// and feed) and the stage's `last_error`.
-fn report_stage_error(daemon: &Daemon, msg: &gst::Message, text: &str) {
-    let Some(stage) = msg.src().and_then(graph::stage_of) else {
-        return;
-    };
-    if let Some(g) = daemon.graph() {
-        g.record_error(&stage, text);
-    }
-    let event = json!({"type": "stage_error", "stage": stage, "error": text});
-    daemon.feed.send_typed(event.clone());
-    daemon.emit(event, "ai_stream_events");
-}
-
-/// Verifies that the pipeline loads with `params`: a few frames through `aipipeline`.
-pub fn warm_up(cfg: &Config, params: &Value) -> Result<(), String> {
-    let pipeline = gst::Pipeline::new();
-    let src = make("videotestsrc", None)?;
-    src.set_property("num-buffers", 2i32);
-    let caps = make("capsfilter", None)?;
-    caps.set_property(
-        "caps",
-        gst::Caps::builder("video/x-raw")
-            .field("format", "RGB")
-            .field("width", 64i32)
-            .field("height", 64i32)
-            .build(),
-    );
-    let def = config_graph(cfg)?;
-    let (ai, _graph) = make_processing(cfg, def.as_ref(), params, 0)?;
-    let sink = make("fakesink", None)?;
-    pipeline
-        .add_many([&src, &caps, &ai, &sink])
-        .map_err(|e| e.to_string())?;
-    gst::Element::link_many([&src, &caps, &ai, &sink]).map_err(|e| e.to_string())?;
-    let result = (|| {
-        pipeline
-            .set_state(gst::State::Playing)
-            .map_err(|_| "the pipeline refused to start".to_string())?;
-        let bus = pipeline.bus().ok_or("no bus")?;
-        match bus.timed_pop_filtered(
-            gst::ClockTime::from_seconds(180),
-            &[gst::MessageType::Eos, gst::MessageType::Error],
-        ) {
-            Some(msg) => match msg.view() {
-                gst::MessageView::Error(e) => Err(e.error().to_string()),
-                _ => Ok(()),
-            },
-            None => Err("loading took more than 180 s".into()),
-        }
-    })();
-    let _ = pipeline.set_state(gst::State::Null);
-    result
 }
 
 #[cfg(test)]
