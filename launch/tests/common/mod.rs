@@ -277,9 +277,12 @@ pub fn live_input(url: &str) -> gst::Pipeline {
     .unwrap()
 }
 
-/// Counts the video frames of the output channel at `url`, read from its first segment.
-pub fn output_counter(url: &str) -> (gst::Pipeline, std::sync::Arc<std::sync::atomic::AtomicU64>) {
-    use std::sync::atomic::{AtomicU64, Ordering};
+/// Reads the output channel at `url` from its first segment, calling `on_frame` with each
+/// decoded video frame.
+pub fn output_reader(
+    url: &str,
+    on_frame: impl Fn(&gst::Sample) + Send + Sync + Clone + 'static,
+) -> gst::Pipeline {
     let pipeline = gst::Pipeline::new();
     let src = gst::ElementFactory::make("tricklesrc")
         .property("url", url)
@@ -287,8 +290,6 @@ pub fn output_counter(url: &str) -> (gst::Pipeline, std::sync::Arc<std::sync::at
         .build()
         .unwrap();
     pipeline.add(&src).unwrap();
-    let count = std::sync::Arc::new(AtomicU64::new(0));
-    let c = count.clone();
     let weak = pipeline.downgrade();
     src.connect_pad_added(move |_, pad| {
         let Some(pipeline) = weak.upgrade() else {
@@ -296,12 +297,13 @@ pub fn output_counter(url: &str) -> (gst::Pipeline, std::sync::Arc<std::sync::at
         };
         let sink = gst_app::AppSink::builder().sync(false).build();
         if pad.name().starts_with("video") {
-            let c = c.clone();
+            let on_frame = on_frame.clone();
             sink.set_callbacks(
                 gst_app::AppSinkCallbacks::builder()
                     .new_sample(move |s| {
-                        let _ = s.pull_sample();
-                        c.fetch_add(1, Ordering::SeqCst);
+                        if let Ok(sample) = s.pull_sample() {
+                            on_frame(&sample);
+                        }
                         Ok(gst::FlowSuccess::Ok)
                     })
                     .build(),
@@ -312,7 +314,38 @@ pub fn output_counter(url: &str) -> (gst::Pipeline, std::sync::Arc<std::sync::at
         sink.sync_state_with_parent().unwrap();
         pad.link(&sink.static_pad("sink").unwrap()).unwrap();
     });
+    pipeline
+}
+
+/// Counts the video frames of the output channel at `url`, read from its first segment.
+pub fn output_counter(url: &str) -> (gst::Pipeline, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let count = std::sync::Arc::new(AtomicU64::new(0));
+    let c = count.clone();
+    let pipeline = output_reader(url, move |_| {
+        c.fetch_add(1, Ordering::SeqCst);
+    });
     (pipeline, count)
+}
+
+/// The mean of a decoded frame's first plane (luma for I420/NV12), 0–255.
+pub fn mean_luma(sample: &gst::Sample) -> Option<f64> {
+    let caps = sample.caps()?;
+    let info = gst_video::VideoInfo::from_caps(caps).ok()?;
+    let buf = sample.buffer()?;
+    let map = buf.map_readable().ok()?;
+    let (w, h, stride) = (
+        info.width() as usize,
+        info.height() as usize,
+        info.stride()[0] as usize,
+    );
+    let data = map.as_slice();
+    let mut sum = 0u64;
+    for row in 0..h {
+        let line = data.get(row * stride..row * stride + w)?;
+        sum += line.iter().map(|b| u64::from(*b)).sum::<u64>();
+    }
+    Some(sum as f64 / (w * h) as f64)
 }
 
 /// Sends `sig` to the daemon's child `pid`.
