@@ -670,7 +670,7 @@ fn run_case(rt: &tokio::runtime::Runtime, http: &reqwest::Client, case: Case) ->
         .join(" ");
     let expected_out = if matches!(case, Case::Capped | Case::Previews) {
         // The cap sees every frame from the first; count those it keeps in the measured range.
-        let mut cap = rivulet::stream::FpsCap::new(24.0);
+        let mut cap = rivulet::session::stream::FpsCap::new(24.0);
         (0..TOTAL)
             .filter(|&n| cap.pass(f64::from(n) / f64::from(FPS)) && n >= WARMUP)
             .count()

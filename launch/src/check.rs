@@ -377,7 +377,45 @@ fn default_size(opts: &Options) -> (i32, i32) {
 
 fn run_checks(opts: &Options, c: &mut Checks) {
     let default_size = default_size(opts);
-    let element = match make_element(opts) {
+    let Some(element) = check_element(opts, c) else {
+        return;
+    };
+    let pads = check_pads(&element, c);
+    let has_params = check_params_property(&element, c);
+    check_status_stats(&element, c);
+    let Some((sinkpad, srcpad)) = pads else {
+        return;
+    };
+    check_caps_in(&sinkpad, c);
+    let t = opts.timeout;
+    let Some((stop, rec, seen)) = start_pipeline(&element, &sinkpad, &srcpad, t, c) else {
+        return;
+    };
+    let pipeline = &stop.0;
+    check_caps_out(&seen, default_size, c);
+    check_pts(&rec, &seen, c);
+    if !has_params {
+        for name in [
+            "params-applied",
+            "full-replacement",
+            "loading-events",
+            "bad-params",
+        ] {
+            c.skip(name, "needs a `params` property");
+        }
+        eos_check(c, pipeline, &rec, t);
+        return;
+    }
+    let (ok1, mark1, p1) = check_params_applied(&element, &rec, default_size, t, c);
+    let mark2 = check_full_replacement(&element, &rec, default_size, t, (ok1, &p1), c);
+    check_loading_events(&rec, mark1, mark2, t, c);
+    check_bad_params(&element, &rec, default_size, t, c);
+    eos_check(c, pipeline, &rec, t);
+}
+
+/// The element under test, made.
+fn check_element(opts: &Options, c: &mut Checks) -> Option<gst::Element> {
+    match make_element(opts) {
         Ok(e) => {
             c.pass(
                 "element",
@@ -388,14 +426,16 @@ fn run_checks(opts: &Options, c: &mut Checks) {
                         .unwrap_or_default()
                 ),
             );
-            e
+            Some(e)
         }
         Err(e) => {
             c.fail("element", e);
-            return;
+            None
         }
-    };
+    }
+}
 
+fn check_pads(element: &gst::Element, c: &mut Checks) -> Option<(gst::Pad, gst::Pad)> {
     // Pads: one always sink and one always src pad.
     let templates = element.pad_template_list();
     let always = |dir| {
@@ -422,9 +462,12 @@ fn run_checks(opts: &Options, c: &mut Checks) {
              {srcs} always src templates"
         ),
     );
+    pads
+}
 
+fn check_params_property(element: &gst::Element, c: &mut Checks) -> bool {
     // The params property.
-    let has_params = match element.find_property("params") {
+    match element.find_property("params") {
         None => {
             c.fail(
                 "params-property",
@@ -451,8 +494,10 @@ fn run_checks(opts: &Options, c: &mut Checks) {
                 format!("`params` {}", problems.join(", ")),
             )
         }
-    };
+    }
+}
 
+fn check_status_stats(element: &gst::Element, c: &mut Checks) {
     // Optional: read-only `status` (an enum) and `stats` (a GstStructure), both with notify.
     {
         let mut problems = Vec::new();
@@ -499,11 +544,9 @@ fn run_checks(opts: &Options, c: &mut Checks) {
             );
         }
     }
+}
 
-    let Some((sinkpad, srcpad)) = pads else {
-        return;
-    };
-
+fn check_caps_in(sinkpad: &gst::Pad, c: &mut Checks) {
     // Raw video in: the packed RGB formats the contract names.
     let accepts: Vec<&str> = ["RGB", "RGBx", "RGBA"]
         .into_iter()
@@ -526,7 +569,27 @@ fn run_checks(opts: &Options, c: &mut Checks) {
             accepts
         ),
     );
+}
 
+/// Sets the pipeline's state to NULL when dropped.
+struct Stop(gst::Pipeline);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        let _ = self.0.set_state(gst::State::Null);
+    }
+}
+
+/// The "start" check: `videotestsrc ! RGB ! element ! fakesink` in PLAYING with its frames and
+/// events recorded, until [`SETTLE_BUFFERS`] frames came out. The pipeline (stopped when the
+/// guard drops), the recorder and what it saw.
+fn start_pipeline(
+    element: &gst::Element,
+    sinkpad: &gst::Pad,
+    srcpad: &gst::Pad,
+    t: Duration,
+    c: &mut Checks,
+) -> Option<(Stop, Arc<Recorder>, Vec<Obs>)> {
     // A real pipeline.
     let pipeline = gst::Pipeline::with_name("check-pipeline");
     let made = (|| -> Result<(gst::Element, gst::Element, gst::Element), String> {
@@ -558,18 +621,18 @@ fn run_checks(opts: &Options, c: &mut Checks) {
         Ok(v) => v,
         Err(e) => {
             c.fail("start", format!("cannot make the test pipeline: {e}"));
-            return;
+            return None;
         }
     };
     if let Err(e) = pipeline
-        .add_many([&src, &filter, &element, &sink])
-        .and_then(|_| gst::Element::link_many([&src, &filter, &element, &sink]))
+        .add_many([&src, &filter, element, &sink])
+        .and_then(|_| gst::Element::link_many([&src, &filter, element, &sink]))
     {
         c.fail(
             "start",
             format!("cannot link videotestsrc ! video/x-raw,format=RGB ! element ! fakesink: {e}"),
         );
-        return;
+        return None;
     }
 
     let rec = Arc::new(Recorder::default());
@@ -625,7 +688,7 @@ fn run_checks(opts: &Options, c: &mut Checks) {
     }
     let Some(bus) = pipeline.bus() else {
         c.fail("start", "pipeline has no bus");
-        return;
+        return None;
     };
     {
         let rec = rec.clone();
@@ -650,22 +713,15 @@ fn run_checks(opts: &Options, c: &mut Checks) {
         });
     }
 
-    struct Stop(gst::Pipeline);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            let _ = self.0.set_state(gst::State::Null);
-        }
-    }
-    let _stop = Stop(pipeline.clone());
+    let stop = Stop(pipeline.clone());
 
-    let t = opts.timeout;
     if let Err(e) = pipeline.set_state(gst::State::Playing) {
         let errs = errors(&rec.since(0));
         c.fail(
             "start",
             format!("could not go to PLAYING ({e}): {}", errs.join("; ")),
         );
-        return;
+        return None;
     }
     let started = rec.wait(0, t, |o| {
         buffer_count(o) >= SETTLE_BUFFERS || o.iter().any(|o| matches!(o, Obs::Error(_)))
@@ -681,15 +737,18 @@ fn run_checks(opts: &Options, c: &mut Checks) {
                 format!("error: {}", errs.join("; "))
             },
         );
-        return;
+        return None;
     }
     c.pass(
         "start",
         format!("PLAYING, {} frames out", buffer_count(&seen)),
     );
+    Some((stop, rec, seen))
+}
 
+fn check_caps_out(seen: &[Obs], default_size: (i32, i32), c: &mut Checks) {
     // Raw video out at the default size.
-    match last_caps(&seen) {
+    match last_caps(seen) {
         Some((w, h, format, raw)) => {
             let rgb = ["RGB", "RGBx", "RGBA", "BGR", "BGRx", "BGRA"].contains(&format.as_str());
             c.check(
@@ -707,7 +766,9 @@ fn run_checks(opts: &Options, c: &mut Checks) {
         }
         None => c.fail("caps-out", "no caps event before the first output buffer"),
     }
+}
 
+fn check_pts(rec: &Recorder, seen: &[Obs], c: &mut Checks) {
     // Output PTS are input PTS.
     {
         let inputs = rec.inputs.lock().unwrap().clone();
@@ -733,20 +794,16 @@ fn run_checks(opts: &Options, c: &mut Checks) {
             ),
         );
     }
+}
 
-    if !has_params {
-        for name in [
-            "params-applied",
-            "full-replacement",
-            "loading-events",
-            "bad-params",
-        ] {
-            c.skip(name, "needs a `params` property");
-        }
-        eos_check(c, &pipeline, &rec, t);
-        return;
-    }
-
+/// The "params-applied" check: whether it passed, where its observations begin, the params set.
+fn check_params_applied(
+    element: &gst::Element,
+    rec: &Recorder,
+    default_size: (i32, i32),
+    t: Duration,
+    c: &mut Checks,
+) -> (bool, usize, Value) {
     // A params object is applied: the size changes.
     let size1 = if default_size == (384, 448) {
         (448, 384)
@@ -761,7 +818,7 @@ fn run_checks(opts: &Options, c: &mut Checks) {
             || !errors(o).is_empty()
     });
     let seen1 = rec.since(mark1);
-    let readback1 = params_readback(&element);
+    let readback1 = params_readback(element);
     let errs = errors(&seen1);
     let ok1 = applied && errs.is_empty() && readback1.as_ref() == Some(&p1);
     c.check(
@@ -790,7 +847,19 @@ fn run_checks(opts: &Options, c: &mut Checks) {
                 .unwrap_or("unparsable".into())
         ),
     );
+    (ok1, mark1, p1)
+}
 
+/// The "full-replacement" check after params-applied (`(ok1, p1)`: its result and params);
+/// where its observations begin.
+fn check_full_replacement(
+    element: &gst::Element,
+    rec: &Recorder,
+    default_size: (i32, i32),
+    t: Duration,
+    (ok1, p1): (bool, &Value),
+    c: &mut Checks,
+) -> usize {
     // Full replacement: a set without width/height brings the default size back.
     let p2 = json!({"show_reloading_frame": true});
     let mark2 = rec.len();
@@ -801,7 +870,7 @@ fn run_checks(opts: &Options, c: &mut Checks) {
                 || !errors(o).is_empty()
         });
     let seen2 = rec.since(mark2);
-    let readback2 = params_readback(&element);
+    let readback2 = params_readback(element);
     let ok2 = replaced && errors(&seen2).is_empty();
     if !ok1 {
         c.skip(
@@ -828,7 +897,10 @@ fn run_checks(opts: &Options, c: &mut Checks) {
             ),
         );
     }
+    mark2
+}
 
+fn check_loading_events(rec: &Recorder, mark1: usize, mark2: usize, t: Duration, c: &mut Checks) {
     // Loading / online events around the reloads the size changes may have caused.
     // A reload may end after the next change was made: the whole sequence is judged at once,
     // each loading event against the change that came before it.
@@ -898,7 +970,15 @@ fn run_checks(opts: &Options, c: &mut Checks) {
             ),
         );
     }
+}
 
+fn check_bad_params(
+    element: &gst::Element,
+    rec: &Recorder,
+    default_size: (i32, i32),
+    t: Duration,
+    c: &mut Checks,
+) {
     // Bad params are rejected with a warning; the old params stay and the stream goes on.
     let before = element.property::<Option<String>>("params");
     let mut problems = Vec::new();
@@ -944,8 +1024,6 @@ fn run_checks(opts: &Options, c: &mut Checks) {
             .into(),
         problems.join("; "),
     );
-
-    eos_check(c, &pipeline, &rec, t);
 }
 
 fn eos_check(c: &mut Checks, pipeline: &gst::Pipeline, rec: &Recorder, t: Duration) {

@@ -406,6 +406,8 @@ pub fn run(
 
 type JobError = (String, Option<String>);
 
+/// Runs one job: its pipeline assembled ([`JobPipeline::assemble`]), started, and its bus
+/// watched ([`watch_job`]) until the output is finished, the job fails or is cancelled.
 #[allow(clippy::too_many_arguments)]
 fn run_pipeline(
     spec: &JobSpec,
@@ -417,51 +419,187 @@ fn run_pipeline(
     started: Instant,
     cancel: &AtomicBool,
 ) -> Result<(), JobError> {
-    let plain = |m: String| (m, None);
-    let stage = make_stage(graph, cfg, &spec.params).map_err(|m| {
-        // A build error names its stage as `stage 'id'`.
-        let st = graph
-            .stages
-            .iter()
-            .find(|s| m.contains(&format!("'{}'", s.id)))
-            .map(|s| s.id.clone());
-        (format!("cannot build the pipeline: {m}"), st)
-    })?;
-    let stage_el = stage.element();
+    let j = JobPipeline::assemble(spec, graph, cfg)?;
+    let (pipeline, stage_el) = (&j.pipeline, &j.stage_el);
+    let Some(bus) = pipeline.bus() else {
+        return Err(plain("the job pipeline has no bus".into()));
+    };
+    if pipeline.set_state(gst::State::Playing).is_err() {
+        // The reason is on the bus.
+        let mut msg = "the job pipeline could not start".to_string();
+        let mut st = None;
+        while let Some(m) = bus.pop_filtered(&[gst::MessageType::Error]) {
+            if let gst::MessageView::Error(e) = m.view() {
+                msg = format!("{msg}: {}", e.error());
+                st = st.or_else(|| stage_of(m.src(), graph, stage_el));
+            }
+        }
+        return Err((msg, st));
+    }
+    let job = Job {
+        spec,
+        graph,
+        status,
+        on_update,
+        on_event,
+        started,
+        cancel,
+    };
+    watch_job(&j, &bus, &job)
+}
 
-    let pipeline = gst::Pipeline::with_name("job");
-    let src = media::make("filesrc", Some("src")).map_err(plain)?;
-    src.set_property("location", spec.input.to_string_lossy().to_string());
-    let dec = media::make("decodebin", Some("dec")).map_err(plain)?;
-    let conv_in = media::make("videoconvert", Some("conv-in")).map_err(plain)?;
-    let conv_out = media::make("videoconvert", Some("conv-out")).map_err(plain)?;
-    let queue = media::make("queue", Some("enc-queue")).map_err(plain)?;
-    let enc = media::make("x264enc", Some("enc")).map_err(plain)?;
-    enc.set_property_from_str("speed-preset", "veryfast");
-    let parse = media::make("h264parse", Some("parse")).map_err(plain)?;
-    let mux = muxer_for(&spec.output).map_err(plain)?;
-    let sink = media::make("filesink", Some("sink")).map_err(plain)?;
-    sink.set_property("location", spec.output.to_string_lossy().to_string());
-    sink.set_property("sync", false);
-    sink.set_property("async", false);
-    pipeline
-        .add_many([
-            &src, &dec, &conv_in, &stage_el, &conv_out, &queue, &enc, &parse, &mux, &sink,
+fn plain(m: String) -> JobError {
+    (m, None)
+}
+
+/// What a running job reports to and is told by.
+struct Job<'a> {
+    spec: &'a JobSpec,
+    graph: &'a GraphDef,
+    status: &'a Mutex<JobStatus>,
+    on_update: &'a dyn Fn(&JobStatus),
+    on_event: &'a dyn Fn(Value),
+    started: Instant,
+    cancel: &'a AtomicBool,
+}
+
+/// Frame counts of a running job, and its stop switch.
+struct Progress {
+    frames_in: Arc<AtomicU64>,
+    frames_out: Arc<AtomicU64>,
+    /// The last output PTS (`u64::MAX`: none yet).
+    last_pts: Arc<AtomicU64>,
+    /// Set on cancel: no more frames into the stage; the encoder branch gets EOS right after
+    /// the last frame processed, so the partial output holds every frame counted out.
+    stopping: Arc<AtomicBool>,
+}
+
+/// A job's pipeline, `filesrc ! decodebin ! videoconvert ! stage ! videoconvert ! queue !
+/// x264enc ! h264parse ! mux ! filesink`; set to NULL when dropped.
+struct JobPipeline {
+    pipeline: gst::Pipeline,
+    stage: Stage,
+    stage_el: gst::Element,
+    queue: gst::Element,
+    enc: gst::Element,
+    parse: gst::Element,
+    mux: gst::Element,
+    sink: gst::Element,
+    progress: Progress,
+}
+
+impl Drop for JobPipeline {
+    fn drop(&mut self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+impl JobPipeline {
+    /// Makes and links the elements, the decoder's pads and the counting probes.
+    fn assemble(spec: &JobSpec, graph: &GraphDef, cfg: &Config) -> Result<JobPipeline, JobError> {
+        let stage = make_stage(graph, cfg, &spec.params).map_err(|m| {
+            // A build error names its stage as `stage 'id'`.
+            let st = graph
+                .stages
+                .iter()
+                .find(|s| m.contains(&format!("'{}'", s.id)))
+                .map(|s| s.id.clone());
+            (format!("cannot build the pipeline: {m}"), st)
+        })?;
+        let stage_el = stage.element();
+
+        let pipeline = gst::Pipeline::with_name("job");
+        let src = media::make("filesrc", Some("src")).map_err(plain)?;
+        src.set_property("location", spec.input.to_string_lossy().to_string());
+        let dec = media::make("decodebin", Some("dec")).map_err(plain)?;
+        let conv_in = media::make("videoconvert", Some("conv-in")).map_err(plain)?;
+        let conv_out = media::make("videoconvert", Some("conv-out")).map_err(plain)?;
+        let queue = media::make("queue", Some("enc-queue")).map_err(plain)?;
+        let enc = media::make("x264enc", Some("enc")).map_err(plain)?;
+        enc.set_property_from_str("speed-preset", "veryfast");
+        let parse = media::make("h264parse", Some("parse")).map_err(plain)?;
+        let mux = muxer_for(&spec.output).map_err(plain)?;
+        let sink = media::make("filesink", Some("sink")).map_err(plain)?;
+        sink.set_property("location", spec.output.to_string_lossy().to_string());
+        sink.set_property("sync", false);
+        sink.set_property("async", false);
+        pipeline
+            .add_many([
+                &src, &dec, &conv_in, &stage_el, &conv_out, &queue, &enc, &parse, &mux, &sink,
+            ])
+            .map_err(|e| plain(format!("cannot assemble the job pipeline: {e}")))?;
+        src.link(&dec)
+            .map_err(|e| plain(format!("cannot link filesrc to decodebin: {e}")))?;
+        gst::Element::link_many([
+            &conv_in, &stage_el, &conv_out, &queue, &enc, &parse, &mux, &sink,
         ])
-        .map_err(|e| plain(format!("cannot assemble the job pipeline: {e}")))?;
-    src.link(&dec)
-        .map_err(|e| plain(format!("cannot link filesrc to decodebin: {e}")))?;
-    gst::Element::link_many([
-        &conv_in, &stage_el, &conv_out, &queue, &enc, &parse, &mux, &sink,
-    ])
-    .map_err(|e| {
-        plain(format!(
-            "cannot link the stage between the decoder and the encoder (raw video in and \
-                 out?): {e}"
-        ))
-    })?;
+        .map_err(|e| {
+            plain(format!(
+                "cannot link the stage between the decoder and the encoder (raw video in and \
+                     out?): {e}"
+            ))
+        })?;
 
-    // Decoded video to the stage; any other stream to a fakesink.
+        link_decoded_video(&pipeline, &dec, &conv_in, spec);
+        let progress = count_frames(&stage_el, &queue, &sink)?;
+        Ok(JobPipeline {
+            pipeline,
+            stage,
+            stage_el,
+            queue,
+            enc,
+            parse,
+            mux,
+            sink,
+            progress,
+        })
+    }
+
+    /// The job's status with the current counts, position, speed and stage figures.
+    fn sample(&self, status: &Mutex<JobStatus>, graph: &GraphDef, started: Instant) -> JobStatus {
+        let (frames_in, frames_out, last_pts) = (
+            &self.progress.frames_in,
+            &self.progress.frames_out,
+            &self.progress.last_pts,
+        );
+        let pipeline = &self.pipeline;
+        let stage_figures = || stage_figures(&self.stage, graph);
+        let mut s = status.lock().unwrap();
+        s.frames_in = frames_in.load(Ordering::Relaxed);
+        s.frames_out = frames_out.load(Ordering::Relaxed);
+        if s.duration_s.is_none() {
+            s.duration_s = pipeline
+                .query_duration::<gst::ClockTime>()
+                .map(|d| d.seconds_f64());
+        }
+        let pts = last_pts.load(Ordering::Relaxed);
+        if pts != u64::MAX {
+            s.position_s = pts as f64 / 1e9;
+        }
+        if let Some(d) = s.duration_s.filter(|d| *d > 0.0) {
+            // 100 % only at the end (EOS): the last frame's PTS is one frame short of it.
+            s.percent = (s.position_s / d * 100.0).clamp(0.0, 99.9);
+        }
+        s.elapsed_s = started.elapsed().as_secs_f64();
+        if s.elapsed_s > 0.0 {
+            s.fps = s.frames_out as f64 / s.elapsed_s;
+        }
+        for (id, m) in stage_figures() {
+            if let Some(st) = s.stages.iter_mut().find(|st| st.id == id) {
+                st.figures = m;
+            }
+        }
+        s.clone()
+    }
+}
+
+/// Decoded video to the stage; any other stream to a fakesink; no video is an error.
+fn link_decoded_video(
+    pipeline: &gst::Pipeline,
+    dec: &gst::Element,
+    conv_in: &gst::Element,
+    spec: &JobSpec,
+) {
     let video_linked = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
         let conv_in = conv_in.clone();
@@ -508,8 +646,14 @@ fn run_pipeline(
             }
         });
     }
+}
 
-    // Counting, and one frame at a time into the stage.
+/// Counting, and one frame at a time into the stage.
+fn count_frames(
+    stage_el: &gst::Element,
+    queue: &gst::Element,
+    sink: &gst::Element,
+) -> Result<Progress, JobError> {
     let frames_in = Arc::new(AtomicU64::new(0));
     let frames_out = Arc::new(AtomicU64::new(0));
     let last_pts = Arc::new(AtomicU64::new(u64::MAX));
@@ -584,86 +728,68 @@ fn run_pipeline(
         });
     }
 
-    struct Stop(gst::Pipeline);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            let _ = self.0.set_state(gst::State::Null);
-        }
-    }
-    let _stop = Stop(pipeline.clone());
-    let Some(bus) = pipeline.bus() else {
-        return Err(plain("the job pipeline has no bus".into()));
-    };
-    let stage_figures = || -> Vec<(String, serde_json::Map<String, Value>)> {
-        match &stage {
-            Stage::Pipeline(ai) => {
-                let s = ai.property::<Option<gst::Structure>>("stats");
-                let m = s.map(|s| structure_to_json(&s)).unwrap_or_default();
-                graph
-                    .stages
-                    .first()
-                    .map(|st| vec![(st.id.clone(), m)])
-                    .unwrap_or_default()
-            }
-            Stage::Graph(g) => g
-                .stats()
-                .into_iter()
-                .map(|st| {
-                    let id = st.id.clone();
-                    let m = match serde_json::to_value(st) {
-                        Ok(Value::Object(mut m)) => {
-                            m.remove("id");
-                            m.remove("state");
-                            m
-                        }
-                        _ => Default::default(),
-                    };
-                    (id, m)
-                })
-                .collect(),
-        }
-    };
-    let sample = |status: &Mutex<JobStatus>, pipeline: &gst::Pipeline| {
-        let mut s = status.lock().unwrap();
-        s.frames_in = frames_in.load(Ordering::Relaxed);
-        s.frames_out = frames_out.load(Ordering::Relaxed);
-        if s.duration_s.is_none() {
-            s.duration_s = pipeline
-                .query_duration::<gst::ClockTime>()
-                .map(|d| d.seconds_f64());
-        }
-        let pts = last_pts.load(Ordering::Relaxed);
-        if pts != u64::MAX {
-            s.position_s = pts as f64 / 1e9;
-        }
-        if let Some(d) = s.duration_s.filter(|d| *d > 0.0) {
-            // 100 % only at the end (EOS): the last frame's PTS is one frame short of it.
-            s.percent = (s.position_s / d * 100.0).clamp(0.0, 99.9);
-        }
-        s.elapsed_s = started.elapsed().as_secs_f64();
-        if s.elapsed_s > 0.0 {
-            s.fps = s.frames_out as f64 / s.elapsed_s;
-        }
-        for (id, m) in stage_figures() {
-            if let Some(st) = s.stages.iter_mut().find(|st| st.id == id) {
-                st.figures = m;
-            }
-        }
-        s.clone()
-    };
+    Ok(Progress {
+        frames_in,
+        frames_out,
+        last_pts,
+        stopping,
+    })
+}
 
-    if pipeline.set_state(gst::State::Playing).is_err() {
-        // The reason is on the bus.
-        let mut msg = "the job pipeline could not start".to_string();
-        let mut st = None;
-        while let Some(m) = bus.pop_filtered(&[gst::MessageType::Error]) {
-            if let gst::MessageView::Error(e) = m.view() {
-                msg = format!("{msg}: {}", e.error());
-                st = st.or_else(|| stage_of(m.src(), graph, &stage_el));
-            }
+/// Each stage's figures: the single `aipipeline`'s stats, or the graph's stage stats.
+fn stage_figures(stage: &Stage, graph: &GraphDef) -> Vec<(String, serde_json::Map<String, Value>)> {
+    let stage = &stage;
+    match &stage {
+        Stage::Pipeline(ai) => {
+            let s = ai.property::<Option<gst::Structure>>("stats");
+            let m = s.map(|s| structure_to_json(&s)).unwrap_or_default();
+            graph
+                .stages
+                .first()
+                .map(|st| vec![(st.id.clone(), m)])
+                .unwrap_or_default()
         }
-        return Err((msg, st));
+        Stage::Graph(g) => g
+            .stats()
+            .into_iter()
+            .map(|st| {
+                let id = st.id.clone();
+                let m = match serde_json::to_value(st) {
+                    Ok(Value::Object(mut m)) => {
+                        m.remove("id");
+                        m.remove("state");
+                        m
+                    }
+                    _ => Default::default(),
+                };
+                (id, m)
+            })
+            .collect(),
     }
+}
+
+/// Watches a started job's bus: progress samples, stage events, the end of the output, and
+/// errors and cancels (which finish a partial output first).
+fn watch_job(j: &JobPipeline, bus: &gst::Bus, job: &Job) -> Result<(), JobError> {
+    let Job {
+        spec,
+        graph,
+        status,
+        on_update,
+        on_event,
+        started,
+        cancel,
+    } = job;
+    let (_pipeline, stage_el, queue, enc, parse, mux, sink) = (
+        &j.pipeline,
+        &j.stage_el,
+        &j.queue,
+        &j.enc,
+        &j.parse,
+        &j.mux,
+        &j.sink,
+    );
+    let stopping = &j.progress.stopping;
     let mut next_sample = Instant::now() + PROGRESS_PERIOD;
     let mut failure: Option<JobError> = None;
     let mut flush_deadline: Option<Instant> = None;
@@ -672,7 +798,7 @@ fn run_pipeline(
             && Instant::now() >= d
             && let Some(err) = failure.take()
         {
-            sample(status, &pipeline);
+            j.sample(status, graph, *started);
             return Err(err);
         }
         if failure.is_none() && cancel.load(Ordering::SeqCst) {
@@ -689,7 +815,7 @@ fn run_pipeline(
         let wait = next_sample.saturating_duration_since(Instant::now());
         let msg = bus.timed_pop(gst::ClockTime::from_nseconds(wait.as_nanos() as u64));
         if Instant::now() >= next_sample {
-            let snap = sample(status, &pipeline);
+            let snap = j.sample(status, graph, *started);
             on_update(&snap);
             next_sample = Instant::now() + PROGRESS_PERIOD;
         }
@@ -700,7 +826,7 @@ fn run_pipeline(
         }
         match msg.view() {
             gst::MessageView::Eos(_) => {
-                sample(status, &pipeline);
+                j.sample(status, graph, *started);
                 return match failure.take() {
                     Some(err) => Err(err),
                     None => Ok(()),
@@ -710,12 +836,12 @@ fn run_pipeline(
                 if a.structure().is_some_and(|s| s.name() == FLUSHED) =>
             {
                 if let Some(err) = failure.take() {
-                    sample(status, &pipeline);
+                    j.sample(status, graph, *started);
                     return Err(err);
                 }
             }
             gst::MessageView::Error(e) => {
-                let st = stage_of(msg.src(), graph, &stage_el);
+                let st = stage_of(msg.src(), graph, stage_el);
                 let from = msg
                     .src()
                     .map(|s| s.path_string().to_string())
@@ -733,7 +859,7 @@ fn run_pipeline(
                         .any(|e| src == e.upcast_ref::<gst::Object>())
                 });
                 let Some(qpad) = queue.static_pad("sink").filter(|_| !from_encoder) else {
-                    sample(status, &pipeline);
+                    j.sample(status, graph, *started);
                     return Err(err);
                 };
                 // A stage (or the decoder) failed: what was already processed is encoded and

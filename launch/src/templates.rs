@@ -235,6 +235,7 @@ pub fn resolve(templates: &Templates, name: &str, cfg: &Config) -> Result<GraphD
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn dir(tag: &str) -> PathBuf {
         let d =
