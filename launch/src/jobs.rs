@@ -680,9 +680,12 @@ fn count_frames(
                 {
                     p.send_event(gst::event::Eos::new());
                 }
-                // Upstream stops too (flow EOS), instead of decoding the rest for nothing.
+                // Upstream stops too (flow EOS), instead of decoding the rest for nothing. The
+                // buffer is taken and reported handled: returning Drop makes gstreamer-rs and
+                // the core both release it (a CRITICAL per dropped frame).
+                drop(info.data.take());
                 info.flow_res = Err(gst::FlowError::Eos);
-                return gst::PadProbeReturn::Drop;
+                return gst::PadProbeReturn::Handled;
             }
             n.fetch_add(1, Ordering::Relaxed);
             gst::PadProbeReturn::Ok

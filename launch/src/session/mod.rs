@@ -20,7 +20,8 @@ use std::time::Duration;
 use stream::{StartRequest, StreamHandle};
 use tokio::sync::mpsc;
 
-/// Inference restarts allowed in the daemon's life (docs/runner.md, "Restarts and restart policy").
+/// Inference restarts allowed in a session's life, the daemon's with one session (docs/runner.md,
+/// "Restarts and restart policy").
 pub const MAX_RESTARTS: u32 = 3;
 
 /// How long a start waits for the previous stream to stop (docs/runner.md, "Stream start and
@@ -677,7 +678,7 @@ impl Session {
         self.clone().load_pipeline();
     }
 
-    /// Inference restarts so far (over the daemon's life).
+    /// Inference restarts so far (over the session's life).
     pub fn restart_count(&self) -> u32 {
         self.core.lock().unwrap().inference.restart_count
     }
@@ -733,7 +734,7 @@ impl Session {
     /// element's ONLINE event ends the LOADING state.
     ///
     /// `stage`: the graph stage whose child it was. Every child (the single pipeline's, each
-    /// stage's) draws on one budget of [`MAX_RESTARTS`] over the daemon's life: a loss beyond
+    /// stage's) draws on one budget of [`MAX_RESTARTS`] over the session's life: a loss beyond
     /// it is the permanent ERROR. With `RIVULET_RESTART_POLICY=stop-stream` the stream
     /// (`request_id`) is stopped once the restart is counted, then the pipeline is reloaded,
     /// as the runner does.
