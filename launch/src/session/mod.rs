@@ -95,40 +95,63 @@ impl Counters {
 pub const LATENCY_BUCKETS_MS: [f64; 10] =
     [1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 1000.0];
 
+/// A session's state, under one lock, in four groups.
 pub(crate) struct Core {
+    /// The health state machine.
     pub machine: Machine,
+    pub inf: InferenceSide,
+    pub st: StreamSide,
+    pub flow: Flow,
+    pub preview: Previews,
+    pub counters: Counters,
+}
+
+/// The inference side: readiness, liveness, the status object's `inference_status` figures,
+/// errors and restarts.
+pub(crate) struct InferenceSide {
     pub process_start_time: f64,
     pub pipeline_ready: bool,
     pub pipeline_ready_time: Option<f64>,
     pub inference_alive: bool,
+    pub inference: InferenceStatus,
+    pub last_error_time: Option<f64>,
+    pub last_restart_time: Option<f64>,
+    /// A computed ERROR asked `aipipeline` for a child restart that has not happened yet.
+    pub child_restart_requested: bool,
+}
+
+/// The running stream: ids, params, its events sender and stage graph.
+pub(crate) struct StreamSide {
     pub stream_running: bool,
     pub stream_start_time: f64,
+    pub request_id: String,
+    pub manifest_id: String,
+    pub stream_id: String,
+    pub current_params: Value,
+    pub last_params_update_time: Option<f64>,
+    pub events: Option<mpsc::Sender<Value>>,
+    /// The running stream's stage graph, when it runs one (per-stage status).
+    pub graph: Option<Arc<crate::graph::BuiltGraph>>,
+}
+
+/// Frames in and out: last times, the runner's 10 s fps windows, and the dashboard's 1 s ones.
+pub(crate) struct Flow {
     pub last_input_time: Option<f64>,
     pub last_output_time: Option<f64>,
     pub input_fps: FpsWindow,
     pub output_fps: FpsWindow,
-    pub inference: InferenceStatus,
-    pub last_params_update_time: Option<f64>,
-    pub last_error_time: Option<f64>,
-    pub last_restart_time: Option<f64>,
-    pub current_params: Value,
-    pub request_id: String,
-    pub manifest_id: String,
-    pub stream_id: String,
-    pub events: Option<mpsc::Sender<Value>>,
-    pub counters: Counters,
-    /// 1 s windows for the dashboard (the status object keeps the runner's 10 s windows).
     pub live_input_fps: FpsWindow,
     pub live_output_fps: FpsWindow,
     pub latency_p50_ms: Option<f64>,
-    pub preview_input: Option<bytes::Bytes>,
-    pub preview_output: Option<bytes::Bytes>,
+}
+
+/// The dashboard's preview pictures.
+#[derive(Default)]
+pub(crate) struct Previews {
+    pub input: Option<bytes::Bytes>,
+    pub output: Option<bytes::Bytes>,
     /// When a preview was last fetched: the preview branches run only while someone looks.
-    pub preview_fetched: Option<std::time::Instant>,
-    /// The running stream's stage graph, when it runs one (per-stage status).
-    pub graph: Option<Arc<crate::graph::BuiltGraph>>,
-    /// A computed ERROR asked `aipipeline` for a child restart that has not happened yet.
-    pub child_restart_requested: bool,
+    pub fetched: Option<std::time::Instant>,
 }
 
 /// What a session tells its supervisor.
@@ -174,37 +197,41 @@ impl Session {
             batch_group,
             core: Mutex::new(Core {
                 machine: Machine::with_idle_stop(config.input_idle_stop.as_secs_f64()),
-                process_start_time: now,
-                pipeline_ready: false,
-                pipeline_ready_time: None,
-                inference_alive: true,
-                stream_running: false,
-                stream_start_time: 0.0,
-                last_input_time: None,
-                last_output_time: None,
-                input_fps: FpsWindow::new(window),
-                output_fps: FpsWindow::new(window),
-                inference: InferenceStatus::default(),
-                last_params_update_time: None,
-                last_error_time: None,
-                last_restart_time: None,
-                current_params: config.initial_params.clone(),
-                request_id: String::new(),
-                manifest_id: String::new(),
-                stream_id: String::new(),
-                events: None,
+                inf: InferenceSide {
+                    process_start_time: now,
+                    pipeline_ready: false,
+                    pipeline_ready_time: None,
+                    inference_alive: true,
+                    inference: InferenceStatus::default(),
+                    last_error_time: None,
+                    last_restart_time: None,
+                    child_restart_requested: false,
+                },
+                st: StreamSide {
+                    stream_running: false,
+                    stream_start_time: 0.0,
+                    request_id: String::new(),
+                    manifest_id: String::new(),
+                    stream_id: String::new(),
+                    current_params: config.initial_params.clone(),
+                    last_params_update_time: None,
+                    events: None,
+                    graph: None,
+                },
+                flow: Flow {
+                    last_input_time: None,
+                    last_output_time: None,
+                    input_fps: FpsWindow::new(window),
+                    output_fps: FpsWindow::new(window),
+                    live_input_fps: FpsWindow::new(1.0),
+                    live_output_fps: FpsWindow::new(1.0),
+                    latency_p50_ms: None,
+                },
+                preview: Previews::default(),
                 counters: Counters {
                     latency_buckets: vec![0; LATENCY_BUCKETS_MS.len() + 1],
                     ..Default::default()
                 },
-                live_input_fps: FpsWindow::new(1.0),
-                live_output_fps: FpsWindow::new(1.0),
-                latency_p50_ms: None,
-                preview_input: None,
-                preview_output: None,
-                preview_fetched: None,
-                graph: None,
-                child_restart_requested: false,
             }),
             templates,
             feed,
@@ -219,36 +246,36 @@ impl Session {
         let (ready, ready_time, alive, start) = {
             let o = other.core.lock().unwrap();
             (
-                o.pipeline_ready,
-                o.pipeline_ready_time,
-                o.inference_alive,
-                o.process_start_time,
+                o.inf.pipeline_ready,
+                o.inf.pipeline_ready_time,
+                o.inf.inference_alive,
+                o.inf.process_start_time,
             )
         };
         let mut c = self.core.lock().unwrap();
-        c.pipeline_ready = ready;
-        c.pipeline_ready_time = ready_time;
-        c.inference_alive = alive;
-        c.process_start_time = start;
+        c.inf.pipeline_ready = ready;
+        c.inf.pipeline_ready_time = ready_time;
+        c.inf.inference_alive = alive;
+        c.inf.process_start_time = start;
     }
 
     /// Whether a stream runs (or is starting) in this session.
     pub fn is_running(&self) -> bool {
-        self.core.lock().unwrap().stream_running
+        self.core.lock().unwrap().st.stream_running
     }
 
     /// When the session's stream started (seconds since the epoch; 0: never).
     pub fn started_at(&self) -> f64 {
-        self.core.lock().unwrap().stream_start_time
+        self.core.lock().unwrap().st.stream_start_time
     }
 
     /// The running stream's ids: (request_id, manifest_id, stream_id).
     pub fn ids(&self) -> (String, String, String) {
         let c = self.core.lock().unwrap();
         (
-            c.request_id.clone(),
-            c.manifest_id.clone(),
-            c.stream_id.clone(),
+            c.st.request_id.clone(),
+            c.st.manifest_id.clone(),
+            c.st.stream_id.clone(),
         )
     }
 
@@ -262,23 +289,23 @@ impl Session {
         Status {
             kind: "status",
             pipeline: self.config.pipeline.clone(),
-            start_time: if c.stream_start_time > 0.0 {
-                ms(c.stream_start_time)
+            start_time: if c.st.stream_start_time > 0.0 {
+                ms(c.st.stream_start_time)
             } else {
                 0
             },
             state: c.machine.state.as_str(),
             last_state_update_time: ms_opt(c.machine.last_state_update_time),
             input_status: InputStatus {
-                last_input_time: ms_opt(c.last_input_time),
-                fps: c.input_fps.fps(),
+                last_input_time: ms_opt(c.flow.last_input_time),
+                fps: c.flow.input_fps.fps(),
             },
             inference_status: InferenceStatus {
-                last_output_time: ms_opt(c.last_output_time),
-                fps: c.output_fps.fps(),
-                ..c.inference.clone()
+                last_output_time: ms_opt(c.flow.last_output_time),
+                fps: c.flow.output_fps.fps(),
+                ..c.inf.inference.clone()
             },
-            stages: c.graph.as_ref().map(|g| g.stats()),
+            stages: c.st.graph.as_ref().map(|g| g.stats()),
         }
     }
 
@@ -287,13 +314,13 @@ impl Session {
     }
 
     pub fn current_params(&self) -> Value {
-        self.core.lock().unwrap().current_params.clone()
+        self.core.lock().unwrap().st.current_params.clone()
     }
 
     /// Sends an event on the running stream's events channel (dropped when none, or when the
     /// channel is saturated: events are never allowed to block the caller).
     pub fn emit(&self, event: Value, queue_event_type: &str) {
-        let tx = self.core.lock().unwrap().events.clone();
+        let tx = self.core.lock().unwrap().st.events.clone();
         if let Some(tx) = tx
             && tx.try_send(envelope(event, queue_event_type)).is_err()
         {
@@ -306,9 +333,9 @@ impl Session {
     pub fn on_input_frame(&self) {
         let now = now_secs();
         let mut c = self.core.lock().unwrap();
-        c.last_input_time = Some(now);
-        c.input_fps.frame(now);
-        c.live_input_fps.frame(now);
+        c.flow.last_input_time = Some(now);
+        c.flow.input_fps.frame(now);
+        c.flow.live_input_fps.frame(now);
         c.counters.frames_in += 1;
     }
 
@@ -320,9 +347,9 @@ impl Session {
         let now = now_secs();
         let mut c = self.core.lock().unwrap();
         if real {
-            c.last_output_time = Some(now);
-            c.output_fps.frame(now);
-            c.live_output_fps.frame(now);
+            c.flow.last_output_time = Some(now);
+            c.flow.output_fps.frame(now);
+            c.flow.live_output_fps.frame(now);
             c.counters.frames_out += 1;
         } else {
             c.counters.loading_frames_out += 1;
@@ -341,7 +368,7 @@ impl Session {
     }
 
     pub fn set_latency_p50(&self, latency_ms: f64) {
-        self.core.lock().unwrap().latency_p50_ms = Some(latency_ms);
+        self.core.lock().unwrap().flow.latency_p50_ms = Some(latency_ms);
     }
 
     /// Whether a preview was fetched within [`PREVIEW_IDLE`] (else the preview branches drop
@@ -350,16 +377,17 @@ impl Session {
         self.core
             .lock()
             .unwrap()
-            .preview_fetched
+            .preview
+            .fetched
             .is_some_and(|t| t.elapsed() < PREVIEW_IDLE)
     }
 
     pub fn set_preview(&self, input: bool, jpeg: bytes::Bytes) {
         let mut c = self.core.lock().unwrap();
         if input {
-            c.preview_input = Some(jpeg);
+            c.preview.input = Some(jpeg);
         } else {
-            c.preview_output = Some(jpeg);
+            c.preview.output = Some(jpeg);
         }
     }
 
@@ -367,11 +395,11 @@ impl Session {
     /// [`PREVIEW_IDLE`].
     pub fn preview(&self, input: bool) -> Option<bytes::Bytes> {
         let mut c = self.core.lock().unwrap();
-        c.preview_fetched = Some(std::time::Instant::now());
+        c.preview.fetched = Some(std::time::Instant::now());
         if input {
-            c.preview_input.clone()
+            c.preview.input.clone()
         } else {
-            c.preview_output.clone()
+            c.preview.output.clone()
         }
     }
 
@@ -380,16 +408,16 @@ impl Session {
         let status = self.status();
         let now = now_secs();
         let mut c = self.core.lock().unwrap();
-        c.live_input_fps.tick(now);
-        c.live_output_fps.tick(now);
+        c.flow.live_input_fps.tick(now);
+        c.flow.live_output_fps.tick(now);
         // A window that saw no frame for 2 s reads 0.
         let stale = |t: Option<f64>| t.is_none_or(|t| now - t > 2.0);
         json!({
             "status": status,
-            "params": c.current_params,
-            "live_input_fps": if stale(c.last_input_time) { 0.0 } else { c.live_input_fps.fps() },
-            "live_output_fps": if stale(c.last_output_time) { 0.0 } else { c.live_output_fps.fps() },
-            "latency_p50_ms": c.latency_p50_ms,
+            "params": c.st.current_params,
+            "live_input_fps": if stale(c.flow.last_input_time) { 0.0 } else { c.flow.live_input_fps.fps() },
+            "live_output_fps": if stale(c.flow.last_output_time) { 0.0 } else { c.flow.live_output_fps.fps() },
+            "latency_p50_ms": c.flow.latency_p50_ms,
             "frames_in": c.counters.frames_in,
             "frames_out": c.counters.frames_out,
         })
@@ -406,10 +434,10 @@ impl Session {
 
     pub fn set_pipeline_ready(&self, ready: bool) {
         let mut c = self.core.lock().unwrap();
-        if ready && !c.pipeline_ready {
-            c.pipeline_ready_time = Some(now_secs());
+        if ready && !c.inf.pipeline_ready {
+            c.inf.pipeline_ready_time = Some(now_secs());
         }
-        c.pipeline_ready = ready;
+        c.inf.pipeline_ready = ready;
     }
 
     /// An inference error: `last_error` and an `error` event (docs/runner.md, "Events").
@@ -417,9 +445,9 @@ impl Session {
         let now = now_secs();
         {
             let mut c = self.core.lock().unwrap();
-            c.last_error_time = Some(now);
-            c.inference.last_error_time = Some(ms(now));
-            c.inference.last_error = Some(message.to_string());
+            c.inf.last_error_time = Some(now);
+            c.inf.inference.last_error_time = Some(ms(now));
+            c.inf.inference.last_error = Some(message.to_string());
         }
         tracing::warn!(%message, "inference error");
         self.emit_error(message, now);
@@ -430,8 +458,8 @@ impl Session {
     pub fn report_warning(&self, message: &str) {
         {
             let mut c = self.core.lock().unwrap();
-            c.inference.last_warning_time = Some(ms(now_secs()));
-            c.inference.last_warning = Some(message.to_string());
+            c.inf.inference.last_warning_time = Some(ms(now_secs()));
+            c.inf.inference.last_warning = Some(message.to_string());
         }
         tracing::warn!(%message, "pipeline warning");
     }
@@ -489,10 +517,10 @@ impl Session {
         let now = now_secs();
         {
             let mut c = self.core.lock().unwrap();
-            c.last_params_update_time = Some(now);
-            c.inference.last_params_update_time = Some(ms(now));
-            c.inference.last_params_hash = Some(params_hash(&params));
-            c.inference.last_params = Some(params.clone());
+            c.st.last_params_update_time = Some(now);
+            c.inf.inference.last_params_update_time = Some(ms(now));
+            c.inf.inference.last_params_hash = Some(params_hash(&params));
+            c.inf.inference.last_params = Some(params.clone());
         }
         let stream = self.stream.lock().await;
         if let Some(s) = stream.as_ref() {
@@ -505,7 +533,7 @@ impl Session {
             }
             s.apply_params(&params);
         }
-        self.core.lock().unwrap().current_params = params;
+        self.core.lock().unwrap().st.current_params = params;
         Ok(())
     }
 
@@ -535,24 +563,24 @@ impl Session {
         let now = now_secs();
         {
             let mut c = self.core.lock().unwrap();
-            c.request_id = req.request_id.clone();
-            c.manifest_id = req.manifest_id.clone();
-            c.stream_id = req.stream_id.clone();
-            c.stream_start_time = now;
-            c.last_input_time = None;
-            c.input_fps.reset();
-            c.output_fps.reset();
-            c.last_params_update_time = Some(now);
-            c.inference.last_params_update_time = Some(ms(now));
-            c.inference.last_params_hash = Some(params_hash(&req.params));
-            c.inference.last_params = Some(req.params.clone());
-            c.current_params = req.params.clone();
+            c.st.request_id = req.request_id.clone();
+            c.st.manifest_id = req.manifest_id.clone();
+            c.st.stream_id = req.stream_id.clone();
+            c.st.stream_start_time = now;
+            c.flow.last_input_time = None;
+            c.flow.input_fps.reset();
+            c.flow.output_fps.reset();
+            c.st.last_params_update_time = Some(now);
+            c.inf.inference.last_params_update_time = Some(ms(now));
+            c.inf.inference.last_params_hash = Some(params_hash(&req.params));
+            c.inf.inference.last_params = Some(req.params.clone());
+            c.st.current_params = req.params.clone();
             c.machine.on_stream_start(now);
             c.counters.streams_started += 1;
             // Running from now on, so that a health tick during the (possibly slow: an
             // inference child loading) start does not see "no stream", go OFFLINE and reset
             // the params and ids just set. A failed start clears it below.
-            c.stream_running = true;
+            c.st.stream_running = true;
         }
         match StreamHandle::start(self.clone(), req).await {
             Ok(handle) => {
@@ -599,9 +627,9 @@ impl Session {
     fn on_stream_stopped(&self) {
         {
             let mut c = self.core.lock().unwrap();
-            c.stream_running = false;
-            c.events = None;
-            c.graph = None;
+            c.st.stream_running = false;
+            c.st.events = None;
+            c.st.graph = None;
         }
         // The supervisor may be gone already (shutdown): nobody to tell.
         let _ = self.reports.send(Report::Stopped {
@@ -614,25 +642,25 @@ impl Session {
         let now = now_secs();
         let (actions, restart_count) = {
             let mut c = self.core.lock().unwrap();
-            c.input_fps.tick(now);
-            c.output_fps.tick(now);
+            c.flow.input_fps.tick(now);
+            c.flow.output_fps.tick(now);
             let inputs = Inputs {
-                inference_alive: c.inference_alive,
-                pipeline_ready: c.pipeline_ready,
-                stream_running: c.stream_running,
-                process_start_time: c.process_start_time,
-                stream_start_time: c.stream_start_time,
-                last_input_time: c.last_input_time,
-                last_output_time: c.last_output_time,
-                last_params_update_time: c.last_params_update_time,
-                pipeline_ready_time: c.pipeline_ready_time,
-                input_fps: c.input_fps.fps(),
-                output_fps: c.output_fps.fps(),
-                last_error_time: c.last_error_time,
-                last_restart_time: c.last_restart_time,
+                inference_alive: c.inf.inference_alive,
+                pipeline_ready: c.inf.pipeline_ready,
+                stream_running: c.st.stream_running,
+                process_start_time: c.inf.process_start_time,
+                stream_start_time: c.st.stream_start_time,
+                last_input_time: c.flow.last_input_time,
+                last_output_time: c.flow.last_output_time,
+                last_params_update_time: c.st.last_params_update_time,
+                pipeline_ready_time: c.inf.pipeline_ready_time,
+                input_fps: c.flow.input_fps.fps(),
+                output_fps: c.flow.output_fps.fps(),
+                last_error_time: c.inf.last_error_time,
+                last_restart_time: c.inf.last_restart_time,
                 pipeline: self.config.pipeline.clone(),
             };
-            let restart_count = c.inference.restart_count;
+            let restart_count = c.inf.inference.restart_count;
             (
                 c.machine.evaluate(&inputs, now, restart_count),
                 restart_count,
@@ -646,10 +674,10 @@ impl Session {
                 }
                 Action::BecameOffline => {
                     let mut c = self.core.lock().unwrap();
-                    c.request_id.clear();
-                    c.manifest_id.clear();
-                    c.stream_id.clear();
-                    c.current_params = self.config.initial_params.clone();
+                    c.st.request_id.clear();
+                    c.st.manifest_id.clear();
+                    c.st.stream_id.clear();
+                    c.st.current_params = self.config.initial_params.clone();
                 }
                 Action::ComputedError { fatal } => {
                     // Isolated inference: replace the child and keep the stream, unless
@@ -680,7 +708,7 @@ impl Session {
 
     /// Inference restarts so far (over the session's life).
     pub fn restart_count(&self) -> u32 {
-        self.core.lock().unwrap().inference.restart_count
+        self.core.lock().unwrap().inf.inference.restart_count
     }
 
     /// One inference restart (docs/runner.md, "Restarts and restart policy"): `inference_status`
@@ -700,22 +728,22 @@ impl Session {
         let now = now_secs();
         let count = {
             let mut c = self.core.lock().unwrap();
-            let count = from.unwrap_or(c.inference.restart_count) + 1;
-            c.inference = InferenceStatus {
+            let count = from.unwrap_or(c.inf.inference.restart_count) + 1;
+            c.inf.inference = InferenceStatus {
                 restart_count: count,
                 last_restart_time: Some(ms(now)),
                 last_restart_logs: Some(logs.clone()),
                 ..Default::default()
             };
-            c.last_restart_time = Some(now);
-            c.last_error_time = None;
-            c.process_start_time = now;
+            c.inf.last_restart_time = Some(now);
+            c.inf.last_error_time = None;
+            c.inf.process_start_time = now;
             if !child {
-                c.pipeline_ready = false;
+                c.inf.pipeline_ready = false;
             }
-            c.inference_alive = true;
-            c.last_output_time = None;
-            c.child_restart_requested = false;
+            c.inf.inference_alive = true;
+            c.flow.last_output_time = None;
+            c.inf.child_restart_requested = false;
             c.machine.on_restart(now);
             count
         };
@@ -780,7 +808,7 @@ impl Session {
     /// `aipipeline` gave up on its inference child (restart limit): inference is dead, so the
     /// next health evaluation computes ERROR, stored for good since the limit is reached.
     pub fn on_child_limit(&self) {
-        self.core.lock().unwrap().inference_alive = false;
+        self.core.lock().unwrap().inf.inference_alive = false;
     }
 
     /// Asks the running stream's `aipipeline` to replace its inference child (a computed
@@ -790,14 +818,14 @@ impl Session {
         let Some(stream) = slot.as_ref() else {
             return false;
         };
-        if self.core.lock().unwrap().child_restart_requested {
+        if self.core.lock().unwrap().inf.child_restart_requested {
             return true;
         }
         if !stream.restart_child() {
             return false;
         }
         tracing::warn!("computed ERROR: restarting the inference child");
-        self.core.lock().unwrap().child_restart_requested = true;
+        self.core.lock().unwrap().inf.child_restart_requested = true;
         true
     }
 
@@ -824,7 +852,7 @@ impl Session {
                 Err(e) => {
                     tracing::error!("pipeline {} failed to load: {e}", self.config.pipeline);
                     self.report_error(&format!("pipeline failed to load: {e}"));
-                    self.core.lock().unwrap().inference_alive = false;
+                    self.core.lock().unwrap().inf.inference_alive = false;
                 }
             }
         });
@@ -832,20 +860,20 @@ impl Session {
 
     /// The running stream's stage graph, if it runs one.
     pub(crate) fn graph(&self) -> Option<Arc<crate::graph::BuiltGraph>> {
-        self.core.lock().unwrap().graph.clone()
+        self.core.lock().unwrap().st.graph.clone()
     }
 
     /// The running stream's stage graph (`None` for a single pipeline).
     pub(crate) fn set_graph(&self, graph: Option<Arc<crate::graph::BuiltGraph>>) {
-        self.core.lock().unwrap().graph = graph;
+        self.core.lock().unwrap().st.graph = graph;
     }
 
     pub(crate) fn set_events(&self, tx: Option<mpsc::Sender<Value>>) {
-        self.core.lock().unwrap().events = tx;
+        self.core.lock().unwrap().st.events = tx;
     }
 
     /// Used by the status loop.
     pub(crate) fn stream_is_current(&self, request_id: &str) -> bool {
-        self.core.lock().unwrap().request_id == request_id
+        self.core.lock().unwrap().st.request_id == request_id
     }
 }
