@@ -9,10 +9,11 @@
 //! of the daemon tree once every session runs, RSS per extra session, and the time from the
 //! start request to the first output frame of the first and of the second session.
 //!
-//! Part 2, `styletransfer` at 256² (the shipped model, found on the default search path; the
-//! input is the same 512² flow): two concurrent sessions in one daemon (their `aipipeline`s
-//! share one `batch-group`) against two daemons with one session each. Frames out/in, p50/p95,
-//! CPU, RSS, and the second session's time to first output against the first's.
+//! Part 2, `styletransfer` at 384² (the smallest size the runner's params allow; the shipped
+//! model, found on the default search path; the input is the same 512² flow): two concurrent
+//! sessions in one daemon (their `aipipeline`s share one `batch-group`) against two daemons with
+//! one session each. Frames out/in, p50/p95, CPU, RSS, and the second session's time to first
+//! output against the first's.
 //!
 //! `cargo bench -p rivulet-launch --bench sessions` (builds `target/release/rivulet` too).
 //! `-- --quick`: 1 s warm-up and 4 s measured per case instead of 3 s and 10 s.
@@ -263,12 +264,12 @@ fn main() {
             noop_params.clone(),
         ));
     }
-    let style_params = json!({"width": 256, "height": 256});
+    let style_params = json!({"width": 384, "height": 384});
     let shared = {
         let daemons = [daemon_with("sessions-style-shared", "styletransfer", 2)];
         run_sessions(
             &b,
-            "2 styletransfer 256² sessions, one daemon (one batch-group)".into(),
+            "2 styletransfer 384² sessions, one daemon (one batch-group)".into(),
             &daemons,
             &[(0, "st0".into()), (0, "st1".into())],
             "styletransfer",
@@ -282,7 +283,7 @@ fn main() {
         ];
         run_sessions(
             &b,
-            "2 styletransfer 256² sessions, two daemons".into(),
+            "2 styletransfer 384² sessions, two daemons".into(),
             &daemons,
             &[(0, "sa0".into()), (1, "sb0".into())],
             "styletransfer",

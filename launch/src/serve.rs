@@ -120,7 +120,7 @@ async fn crash_cleanup(daemon: &Daemon) {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(&text) else {
         return;
     };
-    for key in ["publish_url", "events_url"] {
+    for key in ["publish_url", "events_url", "data_url"] {
         let Some(url) = v
             .get(key)
             .and_then(|u| u.as_str())

@@ -7,7 +7,7 @@ use super::stream::StartRequest;
 use crate::graph;
 use crate::status::{ms, now_secs};
 use gst::prelude::*;
-use serde_json::json;
+use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::task::JoinHandle;
@@ -106,6 +106,15 @@ pub(super) fn spawn_bus_watch(
                         continue;
                     }
                     let Some(s) = m.structure() else { continue };
+                    if s.name() == super::stream::DATA_MESSAGE {
+                        // A pipeline's or stage's own item for the data channel.
+                        if let Ok(text) = s.get::<String>("json") {
+                            session.publish_data(
+                                serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                            );
+                        }
+                        continue;
+                    }
                     if s.name() == "trickle-segment" {
                         let input = is_from(&msg, &src_el);
                         session.on_segment(input);

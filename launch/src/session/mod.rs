@@ -130,6 +130,8 @@ pub(crate) struct StreamSide {
     pub current_params: Value,
     pub last_params_update_time: Option<f64>,
     pub events: Option<mpsc::Sender<Value>>,
+    /// The data channel's queue (`data_url`), when the stream has one.
+    pub data: Option<mpsc::Sender<Value>>,
     /// The running stream's stage graph, when it runs one (per-stage status).
     pub graph: Option<Arc<crate::graph::BuiltGraph>>,
 }
@@ -216,6 +218,7 @@ impl Session {
                     current_params: config.initial_params.clone(),
                     last_params_update_time: None,
                     events: None,
+                    data: None,
                     graph: None,
                 },
                 flow: Flow {
@@ -494,6 +497,16 @@ impl Session {
                 }
             }
         }
+        if let Some(v) = map.get("max_framerate") {
+            match v.as_i64() {
+                Some(n) if (1..=60).contains(&n) => {}
+                _ => {
+                    return Err(ParamsError::Invalid(format!(
+                        "max_framerate must be an integer from 1 to 60, got {v}"
+                    )));
+                }
+            }
+        }
         if let Some(v) = map.get("show_reloading_frame")
             && !v.is_boolean()
         {
@@ -629,6 +642,7 @@ impl Session {
             let mut c = self.core.lock().unwrap();
             c.st.stream_running = false;
             c.st.events = None;
+            c.st.data = None;
             c.st.graph = None;
         }
         // The supervisor may be gone already (shutdown): nobody to tell.
@@ -866,6 +880,35 @@ impl Session {
     /// The running stream's stage graph (`None` for a single pipeline).
     pub(crate) fn set_graph(&self, graph: Option<Arc<crate::graph::BuiltGraph>>) {
         self.core.lock().unwrap().st.graph = graph;
+    }
+
+    pub(crate) fn set_data(&self, tx: Option<mpsc::Sender<Value>>) {
+        self.core.lock().unwrap().st.data = tx;
+    }
+
+    /// Queues an item for the stream's data channel (dropped when it has none, or when the
+    /// queue is full: producers are never blocked).
+    pub fn publish_data(&self, item: Value) {
+        let tx = self.core.lock().unwrap().st.data.clone();
+        if let Some(tx) = tx
+            && tx.try_send(item).is_err()
+        {
+            tracing::debug!("data channel queue full or closed: item dropped");
+        }
+    }
+
+    /// A real output frame's time through the processing element (input probe to output
+    /// probe): the built-in producer of the data channel, one `frame` item per frame.
+    pub fn on_frame_timed(&self, pts: gst::ClockTime, took: Duration) {
+        if self.core.lock().unwrap().st.data.is_none() {
+            return;
+        }
+        self.publish_data(json!({
+            "type": "frame",
+            "pts_ms": pts.mseconds(),
+            "latency_ms": took.as_secs_f64() * 1000.0,
+            "timestamp": ms(now_secs()),
+        }));
     }
 
     pub(crate) fn set_events(&self, tx: Option<mpsc::Sender<Value>>) {

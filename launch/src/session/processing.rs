@@ -75,7 +75,8 @@ pub fn warm_up(cfg: &Config, params: &Value) -> Result<(), String> {
             .build(),
     );
     let def = config_graph(cfg)?;
-    let (ai, _graph) = make_processing(cfg, def.as_ref(), params, 0, None)?;
+    let params = super::stream::pipeline_params(params);
+    let (ai, _graph) = make_processing(cfg, def.as_ref(), &params, 0, None)?;
     let sink = make("fakesink", None)?;
     pipeline
         .add_many([&src, &caps, &ai, &sink])

@@ -22,6 +22,42 @@ use tokio::task::JoinHandle;
 /// "Control and events channels").
 pub const MAX_CONTROL_MESSAGE: usize = 16 * 1024 * 1024;
 
+/// How often the data channel sends what its producers gave (one JSON array per line, one
+/// line per segment).
+pub const DATA_BATCH: Duration = Duration::from_millis(333);
+/// With nothing to send for this long, the data channel sends an empty batch (`[]`).
+pub const DATA_KEEPALIVE: Duration = Duration::from_secs(25);
+/// Items the data channel holds between two batches; more are dropped (logged).
+pub const DATA_QUEUE: usize = 1024;
+/// The element message a pipeline or stage posts to publish on the stream's data channel:
+/// `rivulet-data, json=(string)<a JSON value>` (a string that is not JSON is sent as a JSON
+/// string).
+pub const DATA_MESSAGE: &str = "rivulet-data";
+
+/// The input frame-rate cap for `params`: its `max_framerate` (validated: 1 to 60), else the
+/// daemon's (`RIVULET_FPS_CAP`, 24 by default; `None`: off).
+pub fn fps_cap_for(params: &Value, default: Option<f64>) -> Option<f64> {
+    params
+        .get("max_framerate")
+        .and_then(Value::as_f64)
+        .filter(|f| *f > 0.0)
+        .or(default)
+}
+
+/// Params keys the daemon itself acts on, never passed to the pipeline.
+pub const DAEMON_PARAMS: [&str; 1] = ["max_framerate"];
+
+/// `params` as the pipeline gets them: without [`DAEMON_PARAMS`].
+pub fn pipeline_params(params: &Value) -> Value {
+    let mut p = params.clone();
+    if let Some(o) = p.as_object_mut() {
+        for k in DAEMON_PARAMS {
+            o.remove(k);
+        }
+    }
+    p
+}
+
 /// A stream start request (docs/runner.md, "HTTP API").
 #[derive(Debug, Clone, Default)]
 pub struct StartRequest {
@@ -29,6 +65,9 @@ pub struct StartRequest {
     pub publish_url: String,
     pub control_url: String,
     pub events_url: String,
+    /// The data channel (`application/jsonl`): batches of JSON items from the stream's
+    /// producers (see [`DATA_MESSAGE`]); empty: none.
+    pub data_url: String,
     pub model_id: String,
     pub params: Value,
     pub request_id: String,
@@ -72,6 +111,7 @@ impl StartRequest {
         let publish_url = string("publish_url", true);
         let control_url = string("control_url", false);
         let events_url = string("events_url", false);
+        let data_url = string("data_url", false);
         let model_id = string("model_id", false);
         let gateway_request_id = string("gateway_request_id", false);
         let request_id = string("request_id", false);
@@ -115,7 +155,11 @@ impl StartRequest {
                 ));
             }
         }
-        for (key, url) in [("control_url", &control_url), ("events_url", &events_url)] {
+        for (key, url) in [
+            ("control_url", &control_url),
+            ("events_url", &events_url),
+            ("data_url", &data_url),
+        ] {
             if !url.is_empty() && !is_http_url(url) {
                 errors.push((
                     key.into(),
@@ -132,6 +176,7 @@ impl StartRequest {
             publish_url,
             control_url,
             events_url,
+            data_url,
             model_id,
             params,
             request_id: if gateway_request_id.is_empty() {
@@ -149,7 +194,7 @@ impl StartRequest {
         let mut v = json!({
             "subscribe_url": self.subscribe_url, "publish_url": self.publish_url,
             "control_url": self.control_url, "events_url": self.events_url,
-            "model_id": self.model_id, "params": self.params,
+            "data_url": self.data_url, "model_id": self.model_id, "params": self.params,
             "request_id": self.request_id, "manifest_id": self.manifest_id,
             "stream_id": self.stream_id,
         });
@@ -171,7 +216,15 @@ pub struct FpsCap {
     next: Option<f64>,
 }
 
+/// The cap the input probe applies, shared with the stream's params updates.
+pub type FpsCapHandle = Arc<Mutex<Option<FpsCap>>>;
+
 impl FpsCap {
+    /// The frame rate this cap lets through.
+    pub fn fps(&self) -> f64 {
+        1.0 / self.interval
+    }
+
     pub fn new(fps: f64) -> Self {
         FpsCap {
             interval: 1.0 / fps,
@@ -216,9 +269,14 @@ pub struct StreamHandle {
     aipipeline: gst::Element,
     /// The built graph when the stream runs one (then `aipipeline` is its bin).
     graph: Option<Arc<crate::graph::BuiltGraph>>,
+    /// The input frame-rate cap, changed live by `max_framerate`.
+    fps_cap: FpsCapHandle,
+    /// The daemon's cap, for params without `max_framerate`.
+    default_cap: Option<f64>,
     stop_tx: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     events_task: Option<JoinHandle<()>>,
+    data_task: Option<JoinHandle<()>>,
     bus_task: Option<JoinHandle<()>>,
     stopping: Arc<AtomicBool>,
 }
@@ -241,8 +299,16 @@ impl StreamHandle {
 
     /// Applies a (validated) params object to the running pipeline: full replacement.
     pub fn apply_params(&self, params: &Value) {
+        let cap = fps_cap_for(params, self.default_cap);
+        {
+            let mut current = self.fps_cap.lock().unwrap();
+            if current.as_ref().map(FpsCap::fps) != cap {
+                *current = cap.map(FpsCap::new);
+            }
+        }
+        let params = pipeline_params(params);
         match &self.graph {
-            Some(g) => g.set_params(params),
+            Some(g) => g.set_params(&params),
             None => self.aipipeline.set_property("params", params.to_string()),
         }
     }
@@ -268,17 +334,34 @@ impl StreamHandle {
             )
         };
         session.set_events(events_tx);
+        let (data_task, data_tx) = if req.data_url.is_empty() {
+            (None, None)
+        } else {
+            let config = PublisherConfig {
+                mime: "application/jsonl".into(),
+                tls_verify: session.config.tls_verify,
+                ..Default::default()
+            };
+            let publisher = Publisher::new(&req.data_url, config).map_err(|e| e.to_string())?;
+            let (tx, rx) = mpsc::channel::<Value>(DATA_QUEUE);
+            (
+                Some(tokio::spawn(data_loop(publisher, rx, stop_rx.clone()))),
+                Some(tx),
+            )
+        };
+        session.set_data(data_tx);
 
         let d = session.clone();
         let r = req.clone();
         let built = tokio::task::spawn_blocking(move || build_graph(&d, &r))
             .await
             .map_err(|e| format!("graph builder panicked: {e}"))?;
-        let (pipeline, aipipeline, graph) = match built {
+        let (pipeline, aipipeline, graph, fps_cap) = match built {
             Ok(x) => x,
             Err(e) => {
                 session.set_events(None);
-                if let Some(t) = events_task {
+                session.set_data(None);
+                for t in [events_task, data_task].into_iter().flatten() {
                     t.abort();
                 }
                 return Err(e);
@@ -297,6 +380,7 @@ impl StreamHandle {
             let p = pipeline.clone();
             let _ = tokio::task::spawn_blocking(move || p.set_state(gst::State::Null)).await;
             session.set_events(None);
+            session.set_data(None);
             return Err(format!("cannot start the stream pipeline: {e}"));
         }
 
@@ -311,7 +395,7 @@ impl StreamHandle {
         }
         tasks.push(tokio::spawn(status_loop(
             session.clone(),
-            req.request_id.clone(),
+            req.clone(),
             stop_rx,
         )));
         Ok(StreamHandle {
@@ -319,9 +403,12 @@ impl StreamHandle {
             pipeline,
             aipipeline,
             graph,
+            fps_cap,
+            default_cap: session.config.fps_cap,
             stop_tx,
             tasks,
             events_task,
+            data_task,
             bus_task,
             stopping,
         })
@@ -348,6 +435,16 @@ impl StreamHandle {
         .await;
         if let Some(t) = self.bus_task.take() {
             t.abort();
+        }
+        // The data loop sends what is queued and closes its channel on the stop signal.
+        if let Some(t) = self.data_task.take() {
+            let abort = t.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
         }
         // Dropping the sender ends the events loop, which closes the publisher.
         if let Some(t) = self.events_task.take() {
@@ -484,8 +581,9 @@ async fn control_loop(session: Arc<Session>, req: StartRequest, mut stop: watch:
     tokio::spawn(async move { d.stream_ended(&id, "control channel ended").await });
 }
 
-/// Emits `status` every period while the stream runs (never depends on inference).
-async fn status_loop(session: Arc<Session>, request_id: String, mut stop: watch::Receiver<bool>) {
+/// Emits `status` and a `stream_heartbeat` every period while the stream runs (never depends
+/// on inference).
+async fn status_loop(session: Arc<Session>, req: StartRequest, mut stop: watch::Receiver<bool>) {
     let period = session.config.status_period;
     let mut tracker = TransientTracker::default();
     let mut last = session.status().start_time;
@@ -494,13 +592,89 @@ async fn status_loop(session: Arc<Session>, request_id: String, mut stop: watch:
             _ = stop.changed() => return,
             _ = tokio::time::sleep(period) => {}
         }
-        if !session.stream_is_current(&request_id) {
+        if !session.stream_is_current(&req.request_id) {
             return;
         }
         let now = ms(now_secs());
-        let event = tracker.event(&session.status(), last, now);
+        let status = session.status();
+        let event = tracker.event(&status, last, now);
         last = now;
         session.emit(event, "ai_stream_events");
+        session.emit(
+            heartbeat(&req, &session.current_params(), &status, now),
+            "stream_heartbeat",
+        );
+    }
+}
+
+/// A `stream_heartbeat` event: the stream's URLs, output size and frame rates (10 s windows).
+fn heartbeat(
+    req: &StartRequest,
+    params: &Value,
+    status: &crate::status::Status,
+    now: i64,
+) -> Value {
+    let (width, height) = Session::size_of(params);
+    json!({
+        "type": "heartbeat",
+        "timestamp": now,
+        "urls": {
+            "subscribe": req.subscribe_url, "publish": req.publish_url,
+            "control": req.control_url, "events": req.events_url, "data": req.data_url,
+        },
+        "dimensions": {"width": width, "height": height},
+        "fps": {
+            "ingress_video_fps": status.input_status.fps,
+            "egress_video_fps": status.inference_status.fps,
+        },
+    })
+}
+
+/// Sends the data channel's items in batches (docs/runner.md, "Data channel"): every
+/// [`DATA_BATCH`] what came, as one JSON array on one line in one segment; `[]` after
+/// [`DATA_KEEPALIVE`] without any. On stop, sends what is queued, then closes the channel.
+async fn data_loop(
+    mut publisher: Publisher,
+    mut rx: mpsc::Receiver<Value>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(DATA_BATCH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sent = tokio::time::Instant::now();
+    let mut stopped = false;
+    while !stopped {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => stopped = true,
+        }
+        let mut items = Vec::new();
+        while let Ok(v) = rx.try_recv() {
+            items.push(v);
+        }
+        if items.is_empty() && last_sent.elapsed() < DATA_KEEPALIVE {
+            continue;
+        }
+        let mut line = Value::Array(items).to_string();
+        line.push('\n');
+        match publisher.send_message(bytes::Bytes::from(line)).await {
+            Ok(SegmentOutcome::Done) => last_sent = tokio::time::Instant::now(),
+            Ok(SegmentOutcome::ChannelClosed) => {
+                tracing::warn!("data channel closed by the server: no more data");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("cannot publish on the data channel: {e}");
+                if matches!(
+                    e,
+                    gsttrickle::protocol::client::ClientError::NotFound { .. }
+                ) {
+                    return;
+                }
+            }
+        }
+    }
+    if let Err(e) = publisher.close().await {
+        tracing::debug!("closing the data channel: {e}");
     }
 }
 
@@ -620,7 +794,12 @@ pub fn check_pipeline(session: &Session, req: &StartRequest) -> Result<(), Strin
     stream_graph(session, req).map(|_| ())
 }
 
-type Built = (gst::Pipeline, gst::Element, Option<Arc<BuiltGraph>>);
+type Built = (
+    gst::Pipeline,
+    gst::Element,
+    Option<Arc<BuiltGraph>>,
+    FpsCapHandle,
+);
 
 fn build_graph(session: &Arc<Session>, req: &StartRequest) -> Result<Built, String> {
     let cfg = &session.config;
@@ -638,7 +817,7 @@ fn build_graph(session: &Arc<Session>, req: &StartRequest) -> Result<Built, Stri
     let (ai, graph) = super::processing::make_processing(
         cfg,
         def.as_ref(),
-        &req.params,
+        &pipeline_params(&req.params),
         restarts_left,
         session.batch_group.clone(),
     )?;
@@ -667,7 +846,10 @@ fn build_graph(session: &Arc<Session>, req: &StartRequest) -> Result<Built, Stri
         .link(&video_sink_pad)
         .map_err(|e| format!("cannot link the output to tricklesink: {e:?}"))?;
 
-    install_probes(session, &ai, cfg.fps_cap);
+    let fps_cap: FpsCapHandle = Arc::new(Mutex::new(
+        fps_cap_for(&req.params, cfg.fps_cap).map(FpsCap::new),
+    ));
+    install_probes(session, &ai, fps_cap.clone());
 
     // tricklesrc exposes its decoded pads as they appear.
     let weak_pipeline = pipeline.downgrade();
@@ -693,14 +875,20 @@ fn build_graph(session: &Arc<Session>, req: &StartRequest) -> Result<Built, Stri
             }
         }
     });
-    Ok((pipeline, ai, graph))
+    Ok((pipeline, ai, graph, fps_cap))
 }
 
 /// Frame accounting for the health rules: input after the fps cap, real output frames.
-fn install_probes(session: &Arc<Session>, ai: &gst::Element, fps_cap: Option<f64>) {
+/// Input frames whose way through the processing element is being timed (by PTS), at most.
+const TIMED_FRAMES: usize = 64;
+
+/// Frame accounting for the health rules (input after the fps cap, real output frames), and
+/// each real output frame's time through the processing element, matched by PTS.
+fn install_probes(session: &Arc<Session>, ai: &gst::Element, cap: FpsCapHandle) {
+    let timed: Arc<Mutex<std::collections::VecDeque<(u64, std::time::Instant)>>> = Arc::default();
     if let Some(sink) = ai.static_pad("sink") {
         let d = session.clone();
-        let cap = Mutex::new(fps_cap.map(FpsCap::new));
+        let timed = timed.clone();
         sink.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
             let pts = info.buffer().and_then(|b| b.pts());
             let mut cap = cap.lock().unwrap();
@@ -713,6 +901,13 @@ fn install_probes(session: &Arc<Session>, ai: &gst::Element, fps_cap: Option<f64
                 drop(info.data.take());
                 return gst::PadProbeReturn::Handled;
             }
+            if let Some(pts) = pts {
+                let mut t = timed.lock().unwrap();
+                if t.len() == TIMED_FRAMES {
+                    t.pop_front();
+                }
+                t.push_back((pts.nseconds(), std::time::Instant::now()));
+            }
             d.on_input_frame();
             gst::PadProbeReturn::Ok
         });
@@ -724,8 +919,22 @@ fn install_probes(session: &Arc<Session>, ai: &gst::Element, fps_cap: Option<f64
             gst::PadProbeType::BUFFER | gst::PadProbeType::EVENT_DOWNSTREAM,
             move |_, info| {
                 match &info.data {
-                    Some(gst::PadProbeData::Buffer(_)) => {
-                        d.on_output_frame(!loading.load(Ordering::Relaxed));
+                    Some(gst::PadProbeData::Buffer(b)) => {
+                        let real = !loading.load(Ordering::Relaxed);
+                        d.on_output_frame(real);
+                        if real && let Some(pts) = b.pts() {
+                            let mut t = timed.lock().unwrap();
+                            // Frames before this one that never came out were dropped.
+                            while t.front().is_some_and(|(p, _)| *p < pts.nseconds()) {
+                                t.pop_front();
+                            }
+                            if t.front().is_some_and(|(p, _)| *p == pts.nseconds())
+                                && let Some((_, at)) = t.pop_front()
+                            {
+                                drop(t);
+                                d.on_frame_timed(pts, at.elapsed());
+                            }
+                        }
                     }
                     Some(gst::PadProbeData::Event(ev)) => {
                         if let Some(s) = ev.structure() {
