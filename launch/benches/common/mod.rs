@@ -456,7 +456,9 @@ pub fn cpu_model() -> String {
 pub struct Flow {
     pub pushed: Vec<Option<Instant>>,
     pub arrivals: HashMap<u32, Instant>,
-    /// Decoded frames without a valid stamp (not ours).
+    /// When each decoded frame came, stamped or not (a restyling model hides the stamp).
+    pub decoded: Vec<Instant>,
+    /// Decoded frames without a valid stamp (not ours, or restyled).
     pub rejected: usize,
     pub reordered: usize,
     pub errors: Vec<String>,
@@ -511,6 +513,7 @@ pub fn run_flow(
         })
     };
     let mut arrivals: HashMap<u32, Instant> = HashMap::new();
+    let mut decoded = Vec::new();
     let mut rejected = 0usize;
     let mut reordered = 0usize;
     let mut last_index: Option<u32> = None;
@@ -531,6 +534,7 @@ pub fn run_flow(
             continue;
         };
         let at = Instant::now();
+        decoded.push(at);
         match read_stamp(&sample) {
             Some(n) if n < total => {
                 if last_index.is_some_and(|l| n <= l) {
@@ -556,6 +560,7 @@ pub fn run_flow(
     Flow {
         pushed,
         arrivals,
+        decoded,
         rejected,
         reordered,
         errors,
@@ -607,6 +612,24 @@ impl Flow {
             mean: lat.iter().sum::<f64>() / lat.len().max(1) as f64,
             fps_out,
         }
+    }
+
+    /// Decoded frames (stamped or not) that came while frames `from..to` were being pushed
+    /// (plus one frame interval), and their rate.
+    pub fn decoded_in(&self, from: u32, to: u32) -> (usize, f64) {
+        let (Some(Some(a)), Some(Some(b))) = (
+            self.pushed.get(from as usize),
+            self.pushed.get(to.saturating_sub(1) as usize),
+        ) else {
+            return (0, f64::NAN);
+        };
+        let end = *b + Duration::from_secs(1) / FPS;
+        let n = self
+            .decoded
+            .iter()
+            .filter(|t| **t >= *a && **t < end)
+            .count();
+        (n, n as f64 / end.duration_since(*a).as_secs_f64())
     }
 
     /// Runs of consecutive missing frames in `from..to`: "length x count".
