@@ -76,6 +76,8 @@ pub struct Config {
     /// Where pipeline templates are kept (`RIVULET_DATA_DIR`, else `$XDG_DATA_HOME/rivulet`,
     /// else `~/.local/share/rivulet`, else `./data`).
     pub data_dir: PathBuf,
+    /// Dynamic live-runner registration (`RIVULET_ORCHESTRATOR`, …; docs/live-runner.md).
+    pub registration: crate::registration::Settings,
 }
 
 /// What an inference restart (a lost or replaced inference child) does to the running stream
@@ -266,6 +268,7 @@ impl Config {
             data_dir: env("RIVULET_DATA_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(default_data_dir),
+            registration: crate::registration::Settings::from_env()?,
         })
     }
 }

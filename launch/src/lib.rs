@@ -15,6 +15,7 @@ pub mod jobs;
 pub mod nvml;
 pub mod openmp;
 pub mod pyjson;
+pub mod registration;
 pub mod serve;
 pub mod status;
 pub mod stream;

@@ -38,6 +38,13 @@ enum Command {
         /// Do not serve the embedded trickle server.
         #[arg(long)]
         no_embedded_trickle: bool,
+        /// Register with this orchestrator (overrides RIVULET_ORCHESTRATOR; the secret comes
+        /// from RIVULET_ORCH_SECRET only).
+        #[arg(long)]
+        orchestrator: Option<String>,
+        /// URL the orchestrator reaches this daemon at (overrides RIVULET_RUNNER_URL).
+        #[arg(long)]
+        runner_url: Option<String>,
     },
     /// Run the whole job on this machine: a generated stream through the daemon to a file.
     Demo {
@@ -216,7 +223,12 @@ fn main() -> anyhow::Result<()> {
                 params,
                 params_file,
                 no_embedded_trickle,
+                orchestrator,
+                runner_url,
             } => {
+                let r = &mut config.registration;
+                r.orchestrator = orchestrator.or(r.orchestrator.take());
+                r.runner_url = runner_url.or(r.runner_url.take());
                 if let Some(h) = host {
                     config.host = h;
                 }
@@ -233,8 +245,9 @@ fn main() -> anyhow::Result<()> {
                 let running = rivulet::serve::start(config).await?;
                 tokio::select! {
                     r = running.server => { r??; }
-                    _ = tokio::signal::ctrl_c() => {
+                    _ = rivulet::registration::shutdown_signal() => {
                         tracing::info!("shutting down");
+                        if let Some(r) = running.registration { r.shutdown().await; }
                         running.daemon.stop_stream("shutdown").await;
                     }
                 }
