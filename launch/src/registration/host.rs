@@ -58,11 +58,7 @@ fn gpu_for_device(device: &str, gpus: &serde_json::Value) -> Option<Gpu> {
             .and_then(|n| n.as_str())
             .unwrap_or_default()
             .to_string(),
-        vram_mb: g
-            .get("memory_total")
-            .and_then(|m| m.as_u64())
-            .unwrap_or(0)
-            / (1024 * 1024),
+        vram_mb: g.get("memory_total").and_then(|m| m.as_u64()).unwrap_or(0) / (1024 * 1024),
     })
 }
 

@@ -161,8 +161,7 @@ impl Settings {
 /// A URL's base without a trailing `/`, if it is an http(s) URL with a host and no query.
 fn http_base(url: &str) -> Option<String> {
     let parsed = url::Url::parse(url).ok()?;
-    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none_or(str::is_empty)
-    {
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none_or(str::is_empty) {
         return None;
     }
     if parsed.query().is_some() || parsed.fragment().is_some() {
@@ -180,6 +179,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const UNREGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Heartbeat interval used until the orchestrator gives one (its default).
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the readiness is looked at between heartbeats.
+const READINESS_POLL: Duration = Duration::from_millis(250);
 /// Longest error body quoted in a log line.
 const MAX_QUOTED: usize = 300;
 
@@ -432,9 +433,22 @@ async fn run(shared: Arc<Shared>) {
                 wait
             }
         };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = shared.stop.notified() => return,
+        // Wait, but heartbeat at once when the readiness changes (a pipeline that finished
+        // loading is offered sessions without waiting a whole interval).
+        let until = tokio::time::Instant::now() + wait;
+        let sent = shared.state.lock().unwrap().last_status;
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(until.min(now + READINESS_POLL)) => {}
+                _ = shared.stop.notified() => return,
+            }
+            if sent.is_some() && sent != Some(shared.host.readiness().as_str()) {
+                break;
+            }
         }
     }
 }
@@ -451,7 +465,12 @@ async fn beat(shared: &Arc<Shared>) -> Result<Beat, BeatError> {
     let (bootstrap, auth, base, runner_id) = {
         let s = shared.state.lock().unwrap();
         match &s.heartbeat_secret {
-            Some(secret) => (false, secret.clone(), s.orchestrator.clone(), s.runner_id.clone()),
+            Some(secret) => (
+                false,
+                secret.clone(),
+                s.orchestrator.clone(),
+                s.runner_id.clone(),
+            ),
             None => (
                 true,
                 shared.secret.clone(),
@@ -517,8 +536,7 @@ async fn beat(shared: &Arc<Shared>) -> Result<Beat, BeatError> {
     if new_id.is_empty() {
         return Err(BeatError::BadAnswer("no runner_id".into()));
     }
-    let interval = match wire::parse_go_duration(&answer.heartbeat_interval)
-    {
+    let interval = match wire::parse_go_duration(&answer.heartbeat_interval) {
         Some(d) if d >= Duration::from_millis(10) => d,
         _ => {
             tracing::warn!(
@@ -535,8 +553,8 @@ async fn beat(shared: &Arc<Shared>) -> Result<Beat, BeatError> {
                 "the bootstrap answer has no heartbeat_secret".into(),
             ));
         }
-        let orchestrator = http_base(answer.orchestrator.trim())
-            .unwrap_or_else(|| shared.bootstrap_base.clone());
+        let orchestrator =
+            http_base(answer.orchestrator.trim()).unwrap_or_else(|| shared.bootstrap_base.clone());
         tracing::info!(
             runner_id = %new_id,
             orchestrator = %orchestrator,

@@ -97,7 +97,11 @@ impl SessionBook {
 
     /// Forgets session `sid`; its local id, if it was tracked.
     pub(crate) fn remove(&self, sid: &str) -> Option<String> {
-        self.sessions.lock().unwrap().remove(sid).map(|t| t.local_id)
+        self.sessions
+            .lock()
+            .unwrap()
+            .remove(sid)
+            .map(|t| t.local_id)
     }
 
     /// Forgets and returns the sessions whose stream no longer runs here (`running`: the
@@ -220,7 +224,11 @@ async fn proxied_start(State(book): State<Arc<SessionBook>>, req: Request, next:
     let mut value: Value = match serde_json::from_slice(&bytes) {
         Ok(v @ Value::Object(_)) => v,
         // Not a JSON object: the handler gives its 422.
-        _ => return next.run(Request::from_parts(parts, Body::from(bytes))).await,
+        _ => {
+            return next
+                .run(Request::from_parts(parts, Body::from(bytes)))
+                .await;
+        }
     };
     let control = if session.control.is_empty() {
         let base = book.orchestrator.lock().unwrap().clone();
