@@ -569,7 +569,9 @@ async fn misconfiguration_is_logged_and_the_daemon_serves_on() {
         drop(l);
         format!("http://127.0.0.1:{port}")
     };
-    let cases: Vec<(&str, Vec<(&'static str, String)>, Vec<&str>, usize)> = vec![
+    // (tag, environment, what the log line says, how many times at least)
+    type Case<'a> = (&'a str, Vec<(&'static str, String)>, Vec<&'a str>, usize);
+    let cases: Vec<Case> = vec![
         (
             "reg-bad-url",
             vec![

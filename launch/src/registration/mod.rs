@@ -593,7 +593,7 @@ async fn beat(shared: &Arc<Shared>) -> Result<Beat, BeatError> {
     // Sessions tracked when the heartbeat left and absent from the orchestrator's list are
     // gone there: stop them here. (One started meanwhile is not in `tracked`.)
     for sid in tracked {
-        if answer.session_ids.iter().any(|s| *s == sid) {
+        if answer.session_ids.contains(&sid) {
             continue;
         }
         if let Some(local) = shared.book.remove(&sid) {

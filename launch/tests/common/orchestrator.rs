@@ -141,14 +141,23 @@ fn text(code: StatusCode, msg: &str) -> Response {
     (code, format!("{msg}\n")).into_response()
 }
 
+/// A refused callback: its status and message (plain text, as go-livepeer writes it).
+struct Reject(StatusCode, &'static str);
+
+impl IntoResponse for Reject {
+    fn into_response(self) -> Response {
+        text(self.0, self.1)
+    }
+}
+
 /// A Go `time.Duration.String()` for the durations the tests use.
 fn go_duration(d: Duration) -> String {
     let ms = d.as_millis();
     if ms < 1000 {
         format!("{ms}ms")
-    } else if ms % 1000 == 0 && ms < 60_000 {
+    } else if ms.is_multiple_of(1000) && ms < 60_000 {
         format!("{}s", ms / 1000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000)
     } else {
         format!("{}s", d.as_secs_f64())
@@ -322,10 +331,10 @@ impl Inner {
     }
 
     /// The live runner `id` if it exists and has not expired (else 404 "runner not found").
-    fn live<'a>(&self, reg: &'a mut Registry, id: &str) -> Result<&'a mut Runner, Response> {
+    fn live<'a>(&self, reg: &'a mut Registry, id: &str) -> Result<&'a mut Runner, Reject> {
         match reg.runners.get_mut(id) {
             Some(r) if !(r.stale || r.last_heartbeat.elapsed() > self.opts.heartbeat_ttl) => Ok(r),
-            _ => Err(text(StatusCode::NOT_FOUND, "runner not found")),
+            _ => Err(Reject(StatusCode::NOT_FOUND, "runner not found")),
         }
     }
 
@@ -337,20 +346,20 @@ impl Inner {
         runner: &str,
         sid: &str,
         headers: &HeaderMap,
-    ) -> Result<(), Response> {
+    ) -> Result<(), Reject> {
         let r = self.live(reg, runner)?;
         if !r.ready() {
-            return Err(text(StatusCode::NOT_FOUND, "runner not found"));
+            return Err(Reject(StatusCode::NOT_FOUND, "runner not found"));
         }
         let Some(s) = r.sessions.get(sid) else {
-            return Err(text(StatusCode::NOT_FOUND, "runner session not found"));
+            return Err(Reject(StatusCode::NOT_FOUND, "runner session not found"));
         };
         let token = headers
             .get("livepeer-session-token")
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
         if token != s.token {
-            return Err(text(StatusCode::UNAUTHORIZED, "invalid authorization"));
+            return Err(Reject(StatusCode::UNAUTHORIZED, "invalid authorization"));
         }
         Ok(())
     }
@@ -555,7 +564,7 @@ async fn unregister(
     let mut reg = o.reg.lock().unwrap();
     let r = match o.live(&mut reg, &id) {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => return e.into_response(),
     };
     if auth(&headers) != r.heartbeat_secret {
         return text(StatusCode::UNAUTHORIZED, "invalid authorization");
@@ -595,7 +604,7 @@ async fn reserve(State(o): State<Shared>, Path(id): Path<String>) -> Response {
     let n = o.next(&mut reg);
     let r = match o.live(&mut reg, &id) {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => return e.into_response(),
     };
     if !r.ready() {
         return text(StatusCode::NOT_FOUND, "runner not found");
@@ -629,7 +638,7 @@ async fn reserve(State(o): State<Shared>, Path(id): Path<String>) -> Response {
 async fn client_stop(State(o): State<Shared>, Path((id, sid)): Path<(String, String)>) -> Response {
     let mut reg = o.reg.lock().unwrap();
     if let Err(e) = o.live(&mut reg, &id) {
-        return e;
+        return e.into_response();
     }
     o.release(&mut reg, &id, &sid, "client");
     StatusCode::NO_CONTENT.into_response()
@@ -646,7 +655,7 @@ async fn proxy(
         let mut reg = o.reg.lock().unwrap();
         let r = match o.live(&mut reg, &id) {
             Ok(r) => r,
-            Err(e) => return e,
+            Err(e) => return e.into_response(),
         };
         if !r.ready() {
             return text(StatusCode::NOT_FOUND, "runner not found");
@@ -710,7 +719,7 @@ async fn create_channels(
 ) -> Response {
     let mut reg = o.reg.lock().unwrap();
     if let Err(e) = o.check_token(&mut reg, &id, &sid, &headers) {
-        return e;
+        return e.into_response();
     }
     let req: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
@@ -780,7 +789,7 @@ async fn delete_channels(
 ) -> Response {
     let mut reg = o.reg.lock().unwrap();
     if let Err(e) = o.check_token(&mut reg, &id, &sid, &headers) {
-        return e;
+        return e.into_response();
     }
     let names: Vec<String> = match serde_json::from_slice::<Value>(&body) {
         Ok(v) => v
@@ -822,7 +831,7 @@ async fn runner_stop(
 ) -> Response {
     let mut reg = o.reg.lock().unwrap();
     if let Err(e) = o.check_token(&mut reg, &id, &sid, &headers) {
-        return e;
+        return e.into_response();
     }
     o.release(&mut reg, &id, &sid, "runner");
     StatusCode::NO_CONTENT.into_response()
