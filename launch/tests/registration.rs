@@ -217,7 +217,10 @@ async fn registers_heartbeats_and_unregisters_on_sigterm() {
         r.registrations == ["rivulet-test-1"]
     })
     .await;
-    let secret = o.with(|r| r.runners["rivulet-test-1"].heartbeat_secret.clone());
+    let (secret, o2r) = o.with(|r| {
+        let x = &r.runners["rivulet-test-1"];
+        (x.heartbeat_secret.clone(), x.o2r_channel.clone())
+    });
     o.wait(Duration::from_secs(30), "no 3 heartbeats", |r| {
         r.heartbeats
             .iter()
@@ -263,6 +266,8 @@ async fn registers_heartbeats_and_unregisters_on_sigterm() {
     // Listed in discovery while ready.
     let disc: Value = get_json(&http, &format!("{}/discovery", o.base)).await;
     assert_eq!(disc[0]["runners"][0]["app"], "live-video-to-video/noop");
+    d.wait_log(&["subscribed to the O2R channel"], Duration::from_secs(10))
+        .await;
     // SIGTERM: unregistered, clean exit.
     d.terminate().await;
     o.wait(Duration::from_secs(5), "not unregistered", |r| {
@@ -272,6 +277,7 @@ async fn registers_heartbeats_and_unregisters_on_sigterm() {
     assert!(d.log_has("unregistered from the orchestrator"));
     d.assert_not_logged(SECRET);
     d.assert_not_logged(&secret);
+    d.assert_not_logged(&o2r);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

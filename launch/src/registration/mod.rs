@@ -122,30 +122,10 @@ impl Settings {
         };
         let price = match env("RIVULET_RUNNER_PRICE") {
             None => None,
-            Some(p) => {
-                let number = p
-                    .parse::<serde_json::Number>()
-                    .ok()
-                    .filter(|n| n.as_f64().is_some_and(|f| f > 0.0))
-                    .ok_or_else(|| ConfigError::Invalid {
-                        name: "RIVULET_RUNNER_PRICE",
-                        value: p.clone(),
-                        reason: "expected a positive decimal (USD)".into(),
-                    })?;
-                let unit = env("RIVULET_RUNNER_PRICE_UNIT").unwrap_or_else(|| "hour".into());
-                if !matches!(unit.as_str(), "hour" | "720p" | "fixed") {
-                    return Err(ConfigError::Invalid {
-                        name: "RIVULET_RUNNER_PRICE_UNIT",
-                        value: unit,
-                        reason: "expected hour, 720p or fixed".into(),
-                    });
-                }
-                Some(PriceInfo {
-                    price: number,
-                    currency: "usd".into(),
-                    unit,
-                })
-            }
+            Some(p) => Some(parse_price(
+                &p,
+                env("RIVULET_RUNNER_PRICE_UNIT").as_deref(),
+            )?),
         };
         Ok(Settings {
             orchestrator: env("RIVULET_ORCHESTRATOR"),
@@ -156,6 +136,33 @@ impl Settings {
             price,
         })
     }
+}
+
+/// `price_info` from `RIVULET_RUNNER_PRICE` (a positive decimal, USD) and
+/// `RIVULET_RUNNER_PRICE_UNIT` (`hour` by default, `720p`, `fixed`).
+fn parse_price(price: &str, unit: Option<&str>) -> Result<PriceInfo, ConfigError> {
+    let number = price
+        .parse::<serde_json::Number>()
+        .ok()
+        .filter(|n| n.as_f64().is_some_and(|f| f > 0.0))
+        .ok_or_else(|| ConfigError::Invalid {
+            name: "RIVULET_RUNNER_PRICE",
+            value: price.to_string(),
+            reason: "expected a positive decimal (USD)".into(),
+        })?;
+    let unit = unit.unwrap_or("hour");
+    if !matches!(unit, "hour" | "720p" | "fixed") {
+        return Err(ConfigError::Invalid {
+            name: "RIVULET_RUNNER_PRICE_UNIT",
+            value: unit.to_string(),
+            reason: "expected hour, 720p or fixed".into(),
+        });
+    }
+    Ok(PriceInfo {
+        price: number,
+        currency: "usd".into(),
+        unit: unit.to_string(),
+    })
 }
 
 /// A URL's base without a trailing `/`, if it is an http(s) URL with a host and no query.
@@ -700,6 +707,21 @@ mod tests {
         let text = format!("{s:?}");
         assert!(!text.contains("hunter2"), "{text}");
         assert!(text.contains("<set>"), "{text}");
+    }
+
+    #[test]
+    fn prices() {
+        let p = parse_price("3.50", None).unwrap();
+        assert_eq!(
+            serde_json::to_value(&p).unwrap(),
+            serde_json::json!({"price": 3.5, "currency": "usd", "unit": "hour"})
+        );
+        assert_eq!(parse_price("2", Some("fixed")).unwrap().unit, "fixed");
+        for bad in ["0", "-1", "abc", ""] {
+            assert!(parse_price(bad, None).is_err(), "{bad}");
+        }
+        let e = parse_price("1", Some("minute")).unwrap_err().to_string();
+        assert!(e.contains("RIVULET_RUNNER_PRICE_UNIT"), "{e}");
     }
 
     #[test]

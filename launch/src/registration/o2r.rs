@@ -27,7 +27,7 @@ pub(super) fn spawn(shared: Arc<Shared>, url: String) -> tokio::task::JoinHandle
             let mut sub = match Subscriber::new(&url, config) {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!("O2R channel unusable: {e}");
+                    tracing::warn!("O2R channel unusable: {}", kind(&e));
                     return;
                 }
             };
@@ -36,7 +36,7 @@ pub(super) fn spawn(shared: Arc<Shared>, url: String) -> tokio::task::JoinHandle
                 match sub.next_segment().await {
                     Ok(Some(seg)) => match seg.read_all(MAX_MESSAGE).await {
                         Ok(body) => handle(&shared, &body).await,
-                        Err(e) => tracing::debug!("O2R segment unreadable: {e}"),
+                        Err(e) => tracing::debug!("O2R segment unreadable: {}", kind(&e)),
                     },
                     Ok(None) => {
                         tracing::info!("the O2R channel was closed by the orchestrator");
@@ -47,7 +47,7 @@ pub(super) fn spawn(shared: Arc<Shared>, url: String) -> tokio::task::JoinHandle
                         return;
                     }
                     Err(e) => {
-                        tracing::warn!("O2R channel: {e}; subscribing again");
+                        tracing::warn!("O2R channel failed ({}): subscribing again", kind(&e));
                         break;
                     }
                 }
@@ -55,6 +55,19 @@ pub(super) fn spawn(shared: Arc<Shared>, url: String) -> tokio::task::JoinHandle
             tokio::time::sleep(RESUBSCRIBE_PAUSE).await;
         }
     })
+}
+
+/// What went wrong, without the channel URL (its name is a credential: never logged).
+fn kind(e: &ClientError) -> String {
+    match e {
+        ClientError::InvalidUrl { .. } => "not a valid trickle URL".into(),
+        ClientError::NotFound { .. } => "404".into(),
+        ClientError::Http { status, .. } => format!("HTTP {status}"),
+        ClientError::Transport { .. } => "connection error".into(),
+        ClientError::RetriesExhausted { attempts, .. } => format!("{attempts} failed attempts"),
+        ClientError::TooLarge { limit, .. } => format!("a message over {limit} bytes"),
+        ClientError::Closed => "closed".into(),
+    }
 }
 
 async fn handle(shared: &Arc<Shared>, body: &[u8]) {

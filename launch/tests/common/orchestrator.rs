@@ -74,6 +74,8 @@ pub struct Runner {
     pub request: Value,
     pub last_heartbeat: Instant,
     pub sessions: BTreeMap<String, Session>,
+    /// The O2R channel's name (a credential: the runner must not log it).
+    pub o2r_channel: String,
     o2r: tokio::sync::mpsc::Sender<String>,
     /// Expired by [`Orchestrator::expire_runner`]: answered 404 once, then swept.
     stale: bool,
@@ -468,6 +470,7 @@ async fn heartbeat(State(o): State<Shared>, headers: HeaderMap, body: Bytes) -> 
                     request: body.clone(),
                     last_heartbeat: Instant::now(),
                     sessions: BTreeMap::new(),
+                    o2r_channel: o2r_channel.clone(),
                     o2r: tx,
                     stale: false,
                 };
