@@ -83,6 +83,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .merge(crate::templates::routes())
         .merge(crate::jobs::routes())
         .merge(crate::feed::routes())
+        .merge(crate::byoc::routes())
         .with_state(daemon)
 }
 

@@ -4,6 +4,7 @@
 //! (`status`) and the params hash (`pyjson`). The `rivulet` binary wires them together.
 
 pub mod api;
+pub mod byoc;
 pub mod check;
 pub mod config;
 pub mod daemon;
