@@ -9,7 +9,7 @@ mod common;
 #[path = "common/orchestrator.rs"]
 mod orchestrator;
 
-use common::{TempDir, get_json, wait_health};
+use common::{TempDir, get_json, inference_children, now_ms, set_state, signal, wait_health};
 use orchestrator::{Options, Orchestrator};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
@@ -314,6 +314,95 @@ async fn not_ready_while_health_is_error() {
         Duration::from_secs(5),
     )
     .await;
+}
+
+/// A stream through a proxied session, its inference child killed four times: the three
+/// restarts keep the runner `ready` (its session goes on), the fourth loss is a permanent
+/// ERROR and the runner turns `error`, out of discovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_through_restarts_then_error() {
+    common::init_trickle();
+    let o = Orchestrator::start(Options::default()).await;
+    let d = spawn_with(
+        "reg-restarts",
+        &registered(&o, &[("RIVULET_ISOLATION", "process".into())]),
+    );
+    let http = reqwest::Client::new();
+    wait_health(&http, &d.base, "IDLE", Duration::from_secs(60)).await;
+    o.wait(Duration::from_secs(30), "never ready", |r| {
+        r.runners.values().any(|x| x.request["status"] == "ready")
+    })
+    .await;
+    let id = o.only_runner();
+    let r: Value = http
+        .post(format!("{}/apps/{id}/session", o.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let app_url = r["app_url"].as_str().unwrap().to_string();
+    let resp = http
+        .post(format!("{app_url}/live-video-to-video"))
+        .json(&json!({"params": {"width": 384, "height": 384}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let answer: Value = resp.json().await.unwrap();
+    let input = common::live_input(answer["subscribe_url"].as_str().unwrap());
+    set_state(&input, gst::State::Playing).await;
+    let first_ready = o.with(|r| r.heartbeats.len());
+    let pid = d.child.id();
+    let mut since = 0i64;
+    let mut last_kill = 0;
+    for n in 1..=4 {
+        // Real output from the current child, then kill it.
+        common::wait_status(
+            &http,
+            &d.base,
+            Duration::from_secs(60),
+            "no real output",
+            |s| {
+                s["inference_status"]["last_output_time"]
+                    .as_i64()
+                    .is_some_and(|t| t > since)
+                    && s["inference_status"]["restart_count"] == n - 1
+            },
+        )
+        .await;
+        let children = inference_children(pid);
+        assert_eq!(children.len(), 1, "one inference child: {children:?}");
+        since = now_ms();
+        if n == 4 {
+            last_kill = o.with(|r| r.heartbeats.len());
+        }
+        signal(children[0], libc::SIGKILL);
+    }
+    wait_health(&http, &d.base, "ERROR", Duration::from_secs(30)).await;
+    o.wait(Duration::from_secs(10), "status never error", |r| {
+        r.runners[&id].request["status"] == "error"
+    })
+    .await;
+    // Through the three restarts (until the fatal fourth loss) every heartbeat said ready.
+    let statuses: Vec<Value> = o.with(|r| {
+        r.heartbeats[first_ready..last_kill]
+            .iter()
+            .filter(|h| h.status == 200)
+            .map(|h| h.body["status"].clone())
+            .collect()
+    });
+    assert!(statuses.len() >= 3, "{statuses:?}");
+    assert!(statuses.iter().all(|s| *s == "ready"), "{statuses:?}");
+    let disc: Value = get_json(&http, &format!("{}/discovery", o.base)).await;
+    assert_eq!(disc[0]["runners"], json!([]), "{disc}");
+    d.wait_log(
+        &["runner status", "status=\"error\""],
+        Duration::from_secs(5),
+    )
+    .await;
+    set_state(&input, gst::State::Null).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,8 +14,12 @@ impl RunnerHost for Daemon {
         1
     }
 
+    /// `Loading` only while no stream runs: a reload during a stream (a params change, an
+    /// inference child restarting) keeps `Ready`, or the orchestrator would refuse the
+    /// session's own calls until it ends.
     fn readiness(&self) -> Readiness {
         match self.state() {
+            State::Loading if self.core.lock().unwrap().stream_running => Readiness::Ready,
             State::Loading => Readiness::Loading,
             State::Error => Readiness::Error,
             State::Offline | State::Online | State::DegradedInput | State::DegradedInference => {

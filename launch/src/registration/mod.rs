@@ -46,7 +46,7 @@ pub trait RunnerHost: Send + Sync + 'static {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Readiness {
     Ready,
-    /// The pipeline is (re)loading.
+    /// The pipeline is loading (and no session runs).
     Loading,
     /// Permanently failed (health ERROR).
     Error,
