@@ -217,7 +217,8 @@ pub(crate) struct Shared {
     host: Arc<dyn RunnerHost>,
     book: Arc<SessionBook>,
     state: Mutex<State>,
-    gpu: Option<Gpu>,
+    /// Read once (NVML, off the async workers) before the first heartbeat.
+    gpu: std::sync::OnceLock<Option<Gpu>>,
     stop: Notify,
 }
 
@@ -331,7 +332,6 @@ impl Registration {
             .app
             .clone()
             .unwrap_or_else(|| format!("{}/{}", config.pipeline_kind, config.pipeline));
-        let gpu = host.gpu();
         let shared = Arc::new(Shared {
             bootstrap_base,
             secret,
@@ -346,7 +346,7 @@ impl Registration {
                 runner_id: settings.runner_id.clone().unwrap_or_default(),
                 ..Default::default()
             }),
-            gpu,
+            gpu: std::sync::OnceLock::new(),
             stop: Notify::new(),
         });
         tracing::info!(
@@ -420,6 +420,12 @@ fn path_segment(s: &str) -> String {
 }
 
 async fn run(shared: Arc<Shared>) {
+    let host = shared.host.clone();
+    let gpu = tokio::task::spawn_blocking(move || host.gpu())
+        .await
+        .ok()
+        .flatten();
+    let _ = shared.gpu.set(gpu);
     let mut backoff = FIRST_BACKOFF;
     loop {
         let wait = match beat(&shared).await {
@@ -494,7 +500,7 @@ async fn beat(shared: &Arc<Shared>) -> Result<Beat, BeatError> {
         status: readiness.as_str().to_string(),
         mode: "persistent",
         capacity: shared.host.capacity().max(1),
-        gpu: shared.gpu.clone(),
+        gpu: shared.gpu.get().cloned().flatten(),
         price_info: shared.price.clone(),
         session_ids: tracked.clone(),
     };
