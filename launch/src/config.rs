@@ -81,6 +81,8 @@ pub struct Config {
     /// session keyed by `stream_id` (else `gateway_request_id`), and one start beyond the
     /// limit is refused (503).
     pub max_sessions: usize,
+    /// Dynamic live-runner registration (`RIVULET_ORCHESTRATOR`, …; docs/live-runner.md).
+    pub registration: crate::registration::Settings,
 }
 
 /// What an inference restart (a lost or replaced inference child) does to the running stream
@@ -284,6 +286,7 @@ impl Config {
                     }
                 },
             },
+            registration: crate::registration::Settings::from_env()?,
         })
     }
 }

@@ -119,6 +119,11 @@ impl Daemon {
         }
     }
 
+    /// The running sessions' keys, oldest first.
+    pub fn session_ids(&self) -> Vec<String> {
+        self.sessions().iter().map(|s| session_key(s)).collect()
+    }
+
     /// A running session by id (its key; with one session, its `stream_id` or
     /// `request_id`).
     pub fn session(&self, id: &str) -> Option<Arc<Session>> {

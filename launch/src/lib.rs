@@ -16,6 +16,7 @@ pub mod media;
 pub mod nvml;
 pub mod openmp;
 pub mod pyjson;
+pub mod registration;
 pub mod serve;
 pub mod session;
 pub mod status;

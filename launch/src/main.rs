@@ -42,6 +42,13 @@ enum Command {
         /// stops the running stream, as the runner does).
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
         max_sessions: Option<u16>,
+        /// Register with this orchestrator (overrides RIVULET_ORCHESTRATOR; the secret comes
+        /// from RIVULET_ORCH_SECRET only).
+        #[arg(long)]
+        orchestrator: Option<String>,
+        /// URL the orchestrator reaches this daemon at (overrides RIVULET_RUNNER_URL).
+        #[arg(long)]
+        runner_url: Option<String>,
     },
     /// Run the whole job on this machine: a generated stream through the daemon to a file.
     Demo {
@@ -221,10 +228,15 @@ fn main() -> anyhow::Result<()> {
                 params_file,
                 no_embedded_trickle,
                 max_sessions,
+                orchestrator,
+                runner_url,
             } => {
                 if let Some(n) = max_sessions {
                     config.max_sessions = usize::from(n);
                 }
+                let r = &mut config.registration;
+                r.orchestrator = orchestrator.or(r.orchestrator.take());
+                r.runner_url = runner_url.or(r.runner_url.take());
                 if let Some(h) = host {
                     config.host = h;
                 }
@@ -241,8 +253,9 @@ fn main() -> anyhow::Result<()> {
                 let running = rivulet::serve::start(config).await?;
                 tokio::select! {
                     r = running.server => { r??; }
-                    _ = tokio::signal::ctrl_c() => {
+                    _ = rivulet::registration::shutdown_signal() => {
                         tracing::info!("shutting down");
+                        if let Some(r) = running.registration { r.shutdown().await; }
                         running.daemon.stop_all("shutdown").await;
                     }
                 }

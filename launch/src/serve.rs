@@ -22,6 +22,8 @@ pub struct Running {
     /// The port's connection counters (open, refused, timeouts).
     pub connections: ConnectionStats,
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// Registration with an orchestrator, when one is configured (`shutdown()` unregisters).
+    pub registration: Option<crate::registration::Registration>,
 }
 
 impl Running {
@@ -48,7 +50,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", config.host, config.port))?;
     let addr = listener.local_addr()?;
     let daemon = Daemon::new(config);
-    let mut app = crate::http::router(daemon.clone());
+    let (mut app, registration) =
+        crate::registration::attach(crate::http::router(daemon.clone()), &daemon, addr);
     let c = &daemon.config;
     let trickle_config = ServerConfig {
         base_path: c.trickle_base.clone(),
@@ -106,6 +109,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         trickle,
         connections,
         server,
+        registration,
     })
 }
 

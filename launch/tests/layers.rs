@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 /// Top to bottom; a module may use its own layer and the ones after it.
 const LAYERS: &[&[&str]] = &[
-    &["serve", "demo"],
+    &["serve", "demo", "registration"],
     &["http"],
     &["daemon"],
     &["session", "jobs", "check"],

@@ -6,6 +6,7 @@
 //! Layer: the top. Handlers call the supervisor (`crate::daemon`); nothing imports them but
 //! `serve`, which serves the router.
 
+mod byoc;
 mod feed;
 mod jobs;
 mod runner;
@@ -104,6 +105,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .merge(runner::routes())
         .merge(sessions::routes())
+        .merge(byoc::routes())
         .merge(templates::routes())
         .merge(jobs::routes())
         .merge(feed::routes())

@@ -262,6 +262,11 @@ impl Session {
         c.inf.process_start_time = start;
     }
 
+    /// Whether the pipeline is loaded (the warm-up, or the element's online event).
+    pub fn pipeline_ready(&self) -> bool {
+        self.core.lock().unwrap().inf.pipeline_ready
+    }
+
     /// Whether a stream runs (or is starting) in this session.
     pub fn is_running(&self) -> bool {
         self.core.lock().unwrap().st.stream_running
