@@ -409,6 +409,7 @@ async fn stream_end_to_end_like_an_orchestrator() {
         "runner_receive_first_ingest_segment",
         "runner_send_first_processed_segment",
         "status",
+        "heartbeat",
     ] {
         assert!(
             kinds.iter().any(|k| k == want),
@@ -422,6 +423,8 @@ async fn stream_end_to_end_like_an_orchestrator() {
             q,
             if kind.starts_with("runner_") {
                 "stream_trace"
+            } else if kind == "heartbeat" {
+                "stream_heartbeat"
             } else {
                 "ai_stream_events"
             }
