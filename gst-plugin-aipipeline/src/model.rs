@@ -43,6 +43,21 @@ pub enum FrameError {
     Dtype(Kind),
 }
 
+/// Whether a libtorch error text reports that the device ran out of memory (CUDA's caching
+/// allocator: "CUDA out of memory. Tried to allocate …", raised as `torch.OutOfMemoryError`).
+/// The element answers such an error by restarting the engine (a fresh child, or a fresh model
+/// in-process) instead of skipping frames that would all fail the same way.
+pub fn is_out_of_memory(msg: &str) -> bool {
+    msg.contains("CUDA out of memory") || msg.contains("OutOfMemoryError")
+}
+
+impl FrameError {
+    /// See [`is_out_of_memory`].
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, FrameError::Torch(e) if is_out_of_memory(&e.to_string()))
+    }
+}
+
 /// A TorchScript model ready to run.
 pub struct TorchModel {
     module: tch::CModule,

@@ -41,9 +41,11 @@ pub const ONLINE_EVENT: &str = "rivulet-online";
 pub const STATS_MESSAGE: &str = "aipipeline-stats";
 
 /// Structure name of the element message posted when the inference child (isolation=process)
-/// died or hung and is being restarted. Fields: `restart-count` (u32, restarts so far in this
-/// run), `reason` (string), `logs` (string: the child's last stderr lines, newline-joined),
-/// `pid` (u32: the lost child's pid).
+/// died, hung or ran out of device memory ("CUDA out of memory" in a frame's libtorch error),
+/// or when the in-process model (isolation=none) ran out of device memory, and it is being
+/// restarted (reloaded). Fields: `restart-count` (u32, restarts so far in this run), `reason`
+/// (string), `logs` (string: the child's last stderr lines, newline-joined; empty in-process),
+/// `pid` (u32: the lost child's pid; 0 in-process).
 pub const RESTART_MESSAGE: &str = "aipipeline-restart";
 
 /// Structure name of the details of the bus warning posted when accepted params hold keys the

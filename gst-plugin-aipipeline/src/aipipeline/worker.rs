@@ -361,17 +361,20 @@ impl Worker {
             })
     }
 
-    /// Replaces a lost inference child: counts the restart (an element error beyond
-    /// max-restarts), posts `aipipeline-restart` with the child's last log lines, sends the
-    /// loading event and asks the loader for a new child with the current params (the `{}`
-    /// fallback applies). Frames pass through at the output size meanwhile.
+    /// Replaces a lost inference child, or (in-process) a model that ran out of device
+    /// memory: counts the restart (an element error beyond max-restarts), posts
+    /// `aipipeline-restart` with the child's last log lines, sends the loading event and asks
+    /// the loader for a new child (or model) with the current params (the `{}` fallback
+    /// applies). Frames pass through at the output size meanwhile.
     fn lose_child(&mut self, reason: String) -> Result<(), gst::FlowError> {
         let (pid, logs) = match self.runner.take() {
             Some(Engine::Child(c)) => (c.pid(), c.kill()),
-            other => {
-                self.runner = other;
+            // Dropped before the new one loads: its device memory is freed first.
+            Some(Engine::Local(r)) => {
+                drop(r);
                 (0, Vec::new())
             }
+            None => (0, Vec::new()),
         };
         // A pending restart-child is served by this restart.
         self.shared.restart_req.store(false, Ordering::SeqCst);
@@ -770,6 +773,15 @@ impl Worker {
                 });
                 match result {
                     Ok(t) => Some(t),
+                    Err(e) if real && e.is_out_of_memory() => {
+                        // Every frame would fail alike: reload the model (counted as a
+                        // restart); this frame passes through like the ones after it.
+                        self.lose_child(format!(
+                            "pipeline '{}' ran out of device memory: {e}",
+                            self.def.name
+                        ))?;
+                        return self.handle_buffer(inbuf, arrived);
+                    }
                     Err(e) => {
                         self.frame_warning(format!(
                             "Pipeline '{}' failed on a frame: {e}; frame skipped",

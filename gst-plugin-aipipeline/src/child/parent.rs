@@ -43,6 +43,10 @@ pub enum ChildError {
     /// The wait was given up on request (the element's `restart-child`): replace the child.
     #[error("inference child replaced on request (restart-child)")]
     Cancelled,
+    /// The child's device ran out of memory on a frame ([`crate::model::is_out_of_memory`]):
+    /// it is alive, but every frame would fail the same way, so it is replaced.
+    #[error("inference child ran out of memory: {0}")]
+    OutOfMemory(String),
     /// The child reported an error for this request (it is still alive).
     #[error("{0}")]
     Failed(String),
@@ -539,6 +543,9 @@ impl ChildProc {
                 self.last_out = out_offset..need;
                 self.last_compute = Duration::from_micros(compute_us);
                 Ok(())
+            }
+            Reply::FrameError { msg } if crate::model::is_out_of_memory(&msg) => {
+                Err(ChildError::OutOfMemory(msg))
             }
             Reply::FrameError { msg } => Err(ChildError::Failed(msg)),
             other => Err(ChildError::Failed(format!("unexpected reply {other:?}"))),
