@@ -257,19 +257,43 @@ impl TorchModel {
     }
 }
 
-/// Runs one frame through a runner: u8 RGB crop in, u8 (H, W, 3) RGB out, on the device.
-pub fn process(
+/// Where a frame's output goes: a packed RGB/RGBx/RGBA plane (the buffer pushed downstream,
+/// or the inference child's output slot in shared memory).
+pub struct FrameOut<'a> {
+    pub data: &'a mut [u8],
+    pub stride: usize,
+    pub width: u32,
+    pub height: u32,
+    pub bpp: i64,
+}
+
+/// Runs one frame through a runner, from the mapped input straight into the output plane:
+/// cover-crop to the output size, the pipeline, clamp and round back to 8 bits. The element
+/// (in-process, and for pass-through frames with [`Runner::Noop`]) and the inference child both
+/// call this, so their results are identical. `staging` holds the buffers reused from frame to
+/// frame.
+pub fn run_frame(
     runner: &Runner,
-    crop_rgb: Tensor,
-    width: u32,
-    height: u32,
-) -> Result<Tensor, FrameError> {
+    staging: &mut frame::Staging,
+    input: &frame::FrameIn<'_>,
+    device: Device,
+    out: FrameOut<'_>,
+) -> Result<(), FrameError> {
     match runner {
-        Runner::Noop => Ok(frame::to_u8_frame(crop_rgb, width, height)?),
+        Runner::Noop => {
+            let crop = frame::cover_crop(input.width, input.height, out.width, out.height);
+            let rgb = frame::to_u8_frame(input.upload(crop, device)?, out.width, out.height)?;
+            Ok(frame::download_rgb(
+                &rgb, out.data, out.stride, out.width, out.height, out.bpp,
+            )?)
+        }
         Runner::Torch(m) => {
-            let f = frame::to_frame(&crop_rgb, width, height)?;
+            let f = input.to_frame(staging, out.width, out.height, device)?;
             let y = m.forward(&f)?;
-            Ok(frame::frame_to_u8(&y)?)
+            drop(f);
+            Ok(frame::write_frame(
+                &y, out.data, out.stride, out.width, out.height, out.bpp,
+            )?)
         }
     }
 }

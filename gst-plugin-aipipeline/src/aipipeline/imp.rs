@@ -649,6 +649,7 @@ impl AiPipeline {
             child_checked: None,
             lost: None,
             fatal: false,
+            staging: Default::default(),
         };
         let handle = std::thread::Builder::new()
             .name("aipipeline-infer".into())

@@ -16,7 +16,7 @@ use super::loader::{Engine, ensure_loader};
 use super::mailbox::Item;
 use super::stats::LATENCY_WINDOW;
 use super::{LOADING_EVENT, ONLINE_EVENT, RESTART_MESSAGE, Status};
-use crate::child::{ChildError, InputLayout};
+use crate::child::InputLayout;
 use crate::frame;
 use crate::model;
 use crate::pipeline::{self, Params, PipelineDef};
@@ -65,6 +65,8 @@ pub(super) struct Worker {
     pub(super) fatal: bool,
     /// Passthrough (`noop`): when the inference child last got a frame.
     pub(super) child_checked: Option<Instant>,
+    /// Buffers reused from frame to frame.
+    pub(super) staging: frame::Staging,
 }
 
 /// Passthrough (`noop` in its input's format) hands the inference child a frame at most this
@@ -109,12 +111,54 @@ fn copy_rgb(
     Ok(())
 }
 
-/// What the inference step produced.
-enum Produced {
-    /// Converted / processed in this process.
-    Tensor(Result<tch::Tensor, tch::TchError>),
-    /// Processed by the child: the output is in its shared memory.
-    Child(Result<(), ChildError>),
+/// What became of a frame.
+enum Outcome {
+    /// This output buffer goes downstream.
+    Done(gst::Buffer),
+    /// The input buffer goes downstream as it is (passthrough).
+    Input,
+    /// Skipped, with this warning.
+    Skip(String),
+    /// The engine is lost (child died or hung, or out of memory): restart it.
+    Lost(String),
+}
+
+/// The output frame geometry [`write_output`] hands its writer.
+pub(super) type Out<'a> = model::FrameOut<'a>;
+
+/// Copies `inbuf`'s timestamps and DISCONT onto `outbuf`, maps it as `out`'s video frame and
+/// lets `write` fill its first plane: `write`'s result, or why the buffer could not be mapped.
+fn write_output<E>(
+    inbuf: &gst::Buffer,
+    outbuf: &mut gst::Buffer,
+    out: &OutState,
+    write: impl FnOnce(Out<'_>) -> Result<(), E>,
+) -> Result<Result<(), E>, String> {
+    let bufref = outbuf
+        .get_mut()
+        .ok_or_else(|| "output buffer not writable".to_string())?;
+    bufref.set_pts(inbuf.pts());
+    bufref.set_dts(inbuf.dts());
+    bufref.set_duration(inbuf.duration());
+    bufref.set_offset(inbuf.offset());
+    bufref.set_offset_end(inbuf.offset_end());
+    if inbuf.flags().contains(gst::BufferFlags::DISCONT) {
+        bufref.set_flags(gst::BufferFlags::DISCONT);
+    }
+    let mut vframe = gst_video::VideoFrameRef::from_buffer_ref_writable(bufref, &out.info)
+        .map_err(|_| "cannot map the output buffer".to_string())?;
+    let stride = vframe.plane_stride()[0].max(0) as usize;
+    let (width, height) = (vframe.width(), vframe.height());
+    let data = vframe
+        .plane_data_mut(0)
+        .map_err(|_| "cannot map the output plane".to_string())?;
+    Ok(write(Out {
+        data,
+        stride,
+        width,
+        height,
+        bpp: out.bpp,
+    }))
 }
 
 enum Notice {
@@ -665,23 +709,18 @@ impl Worker {
         let hang_timeout = self.hang_timeout();
         let t0 = Instant::now();
 
-        let produced = {
-            let vframe = match gst_video::VideoFrameRef::from_buffer_ref_readable(
-                inbuf.as_ref(),
-                &in_info,
-            ) {
-                Ok(f) => f,
-                Err(_) => {
-                    self.frame_warning(format!(
-                        "Cannot map an input buffer as {}x{} {:?}; frame skipped",
-                        in_info.width(),
-                        in_info.height(),
-                        in_info.format()
-                    ));
-                    return Ok(gst::FlowSuccess::Ok);
-                }
+        let outcome = {
+            let Ok(vframe) =
+                gst_video::VideoFrameRef::from_buffer_ref_readable(inbuf.as_ref(), &in_info)
+            else {
+                self.frame_warning(format!(
+                    "Cannot map an input buffer as {}x{} {:?}; frame skipped",
+                    in_info.width(),
+                    in_info.height(),
+                    in_info.format()
+                ));
+                return Ok(gst::FlowSuccess::Ok);
             };
-            let crop = frame::cover_crop(vframe.width(), vframe.height(), w, h);
             let (vw, vh) = (vframe.width(), vframe.height());
             // At most 3 planes (I420); fixed arrays keep the hot path free of allocations.
             let mut planes: [&[u8]; 3] = [&[]; 3];
@@ -697,29 +736,39 @@ impl Worker {
                     .get(i)
                     .map_or(0, |s| (*s).max(0) as usize);
             }
-            let (planes, strides) = (&planes[..n], &strides[..n]);
+            let format = match layout {
+                Some(l) => frame::InFormat::Packed(l),
+                None => frame::InFormat::Yuv420 {
+                    nv12: in_info.format() == gst_video::VideoFormat::Nv12,
+                    matrix: frame::YuvMatrix::from_info(&in_info),
+                },
+            };
+            let input = frame::FrameIn {
+                planes: &planes[..n],
+                strides: &strides[..n],
+                width: vw,
+                height: vh,
+                format,
+            };
             if real && let Some(Engine::Child(c)) = self.runner.as_mut() {
-                let wire = match layout {
-                    Some(l) => InputLayout::Packed {
+                let wire = match format {
+                    frame::InFormat::Packed(l) => InputLayout::Packed {
                         bpp: l.bpp,
                         first: l.first,
                         bgr: l.bgr,
                     },
-                    None => {
-                        let m = frame::YuvMatrix::from_info(&in_info);
-                        InputLayout::Yuv420 {
-                            nv12: in_info.format() == gst_video::VideoFormat::Nv12,
-                            kr: m.kr,
-                            kb: m.kb,
-                            full_range: m.full_range,
-                        }
-                    }
+                    frame::InFormat::Yuv420 { nv12, matrix: m } => InputLayout::Yuv420 {
+                        nv12,
+                        kr: m.kr,
+                        kb: m.kb,
+                        full_range: m.full_range,
+                    },
                 };
                 // restart-child also ends the wait for a hung child (no hang timeout to sit out).
                 let restart_req = &self.shared.restart_req;
-                Produced::Child(c.frame_or_cancel(
-                    planes,
-                    strides,
+                match c.frame_or_cancel(
+                    input.planes,
+                    input.strides,
                     vw,
                     vh,
                     wire,
@@ -727,114 +776,72 @@ impl Worker {
                     h,
                     hang_timeout,
                     &|| restart_req.load(Ordering::SeqCst),
-                ))
+                ) {
+                    // Lost: start the restart, then this frame passes through like the ones
+                    // after.
+                    Err(e) if e.is_fatal() => Outcome::Lost(e.to_string()),
+                    Err(e) => Outcome::Skip(format!("{e}; frame skipped")),
+                    Ok(()) if passthrough => Outcome::Input,
+                    Ok(()) => match self.out.as_ref() {
+                        None => return Err(gst::FlowError::NotNegotiated),
+                        Some(out) => {
+                            let mut outbuf = out.pool.acquire_buffer(None)?;
+                            let written = write_output(&inbuf, &mut outbuf, out, |o| {
+                                copy_rgb(c.output(), o.data, o.stride, o.width, o.height, o.bpp)
+                            });
+                            match written {
+                                Ok(Ok(())) => Outcome::Done(outbuf),
+                                Ok(Err(e)) | Err(e) => Outcome::Skip(format!(
+                                    "Cannot write an output frame: {e}; frame skipped"
+                                )),
+                            }
+                        }
+                    },
+                }
             } else {
-                Produced::Tensor(match (layout, planes.first()) {
-                    (Some(layout), Some(data)) => frame::upload_rgb(
-                        data,
-                        strides.first().copied().unwrap_or(0),
-                        vw,
-                        vh,
-                        layout,
-                        crop,
-                        device,
-                    ),
-                    (Some(_), None) => return Ok(gst::FlowSuccess::Ok),
-                    (None, _) => frame::upload_yuv420(
-                        planes,
-                        strides,
-                        vw,
-                        vh,
-                        in_info.format() == gst_video::VideoFormat::Nv12,
-                        frame::YuvMatrix::from_info(&in_info),
-                        crop,
-                        device,
-                    ),
-                })
-            }
-        };
-        let out_rgb = match produced {
-            Produced::Child(Ok(())) => None,
-            Produced::Child(Err(e)) if e.is_fatal() => {
-                // Lost: start the restart, then this frame passes through like the ones after.
-                self.lose_child(e.to_string())?;
-                return self.handle_buffer(inbuf, arrived);
-            }
-            Produced::Child(Err(e)) => {
-                self.frame_warning(format!("{e}; frame skipped"));
-                return Ok(gst::FlowSuccess::Ok);
-            }
-            Produced::Tensor(rgb) => {
-                let result = rgb.map_err(model::FrameError::from).and_then(|rgb| {
-                    match (&self.runner, real) {
-                        (Some(Engine::Local(r)), true) => model::process(r, rgb, w, h),
-                        _ => Ok(frame::to_u8_frame(rgb, w, h)?),
-                    }
+                let Some(out) = self.out.as_ref() else {
+                    return Err(gst::FlowError::NotNegotiated);
+                };
+                let noop = crate::model::Runner::Noop;
+                let runner = match (&self.runner, real) {
+                    (Some(Engine::Local(r)), true) => r,
+                    _ => &noop,
+                };
+                let staging = &mut self.staging;
+                let mut outbuf = out.pool.acquire_buffer(None)?;
+                let written = write_output(&inbuf, &mut outbuf, out, |o| {
+                    model::run_frame(runner, staging, &input, device, o)
                 });
-                match result {
-                    Ok(t) => Some(t),
-                    Err(e) if real && e.is_out_of_memory() => {
-                        // Every frame would fail alike: reload the model (counted as a
-                        // restart); this frame passes through like the ones after it.
-                        self.lose_child(format!(
-                            "pipeline '{}' ran out of device memory: {e}",
-                            self.def.name
-                        ))?;
-                        return self.handle_buffer(inbuf, arrived);
-                    }
+                match written {
+                    Ok(Ok(())) => Outcome::Done(outbuf),
+                    // Every frame would fail alike: reload the model (counted as a restart);
+                    // this frame passes through like the ones after it.
+                    Ok(Err(e)) if real && e.is_out_of_memory() => Outcome::Lost(format!(
+                        "pipeline '{}' ran out of device memory: {e}",
+                        self.def.name
+                    )),
+                    Ok(Err(e)) => Outcome::Skip(format!(
+                        "Pipeline '{}' failed on a frame: {e}; frame skipped",
+                        self.def.name
+                    )),
                     Err(e) => {
-                        self.frame_warning(format!(
-                            "Pipeline '{}' failed on a frame: {e}; frame skipped",
-                            self.def.name
-                        ));
-                        return Ok(gst::FlowSuccess::Ok);
+                        Outcome::Skip(format!("Cannot write an output frame: {e}; frame skipped"))
                     }
                 }
             }
         };
-        if passthrough {
-            return self.finish_frame(inbuf, real, late, t0);
-        }
-        let Some(out) = &self.out else {
-            return Err(gst::FlowError::NotNegotiated);
-        };
-        let mut outbuf = out.pool.acquire_buffer(None)?;
-        {
-            let Some(bufref) = outbuf.get_mut() else {
-                return Err(gst::FlowError::Error);
-            };
-            bufref.set_pts(inbuf.pts());
-            bufref.set_dts(inbuf.dts());
-            bufref.set_duration(inbuf.duration());
-            bufref.set_offset(inbuf.offset());
-            bufref.set_offset_end(inbuf.offset_end());
-            if inbuf.flags().contains(gst::BufferFlags::DISCONT) {
-                bufref.set_flags(gst::BufferFlags::DISCONT);
+        match outcome {
+            Outcome::Done(outbuf) => self.finish_frame(outbuf, real, late, t0),
+            Outcome::Input => self.finish_frame(inbuf, real, late, t0),
+            Outcome::Skip(msg) => {
+                self.frame_warning(msg);
+                Ok(gst::FlowSuccess::Ok)
             }
-            let mut vframe = gst_video::VideoFrameRef::from_buffer_ref_writable(bufref, &out.info)
-                .map_err(|_| gst::FlowError::Error)?;
-            let stride = vframe.plane_stride()[0].max(0) as usize;
-            let (ow, oh) = (vframe.width(), vframe.height());
-            let data = vframe
-                .plane_data_mut(0)
-                .map_err(|_| gst::FlowError::Error)?;
-            let written = match (&out_rgb, &self.runner) {
-                (Some(t), _) => {
-                    frame::download_rgb(t, data, stride, ow, oh, out.bpp).map_err(|e| e.to_string())
-                }
-                (None, Some(Engine::Child(c))) => {
-                    copy_rgb(c.output(), data, stride, ow, oh, out.bpp)
-                }
-                (None, _) => Err("no output".to_string()),
-            };
-            if let Err(e) = written {
-                drop(vframe);
-                self.frame_warning(format!("Cannot write an output frame: {e}; frame skipped"));
-                return Ok(gst::FlowSuccess::Ok);
+            Outcome::Lost(reason) => {
+                self.lose_child(reason)?;
+                self.handle_buffer(inbuf, arrived)
             }
         }
-        drop(out_rgb);
-        self.finish_frame(outbuf, real, late, t0)
     }
 
     /// Counts an output frame, announces the pipeline online after its first real frame and

@@ -77,7 +77,12 @@ fn load(spec: &LoadSpec) -> Result<(Loaded, Duration), String> {
     ))
 }
 
-fn frame_in_child(loaded: &Loaded, shm: &mut Shm, req: &FrameReq) -> Result<(), String> {
+fn frame_in_child(
+    loaded: &Loaded,
+    staging: &mut frame::Staging,
+    shm: &mut Shm,
+    req: &FrameReq,
+) -> Result<(), String> {
     if req.shm_size as usize != shm.len {
         shm.map(req.shm_size as usize)
             .map_err(|e| format!("cannot map shared memory: {e}"))?;
@@ -103,45 +108,36 @@ fn frame_in_child(loaded: &Loaded, shm: &mut Shm, req: &FrameReq) -> Result<(), 
         strides[i] = *s as usize;
     }
     let n = req.planes.len();
-    let crop = frame::cover_crop(req.width, req.height, req.out_w, req.out_h);
-    let rgb = match req.layout {
-        InputLayout::Packed { bpp, first, bgr } => frame::upload_rgb(
-            planes[0],
-            strides[0],
-            req.width,
-            req.height,
-            PixelLayout { bpp, first, bgr },
-            crop,
-            loaded.device,
-        ),
+    let format = match req.layout {
+        InputLayout::Packed { bpp, first, bgr } => {
+            frame::InFormat::Packed(PixelLayout { bpp, first, bgr })
+        }
         InputLayout::Yuv420 {
             nv12,
             kr,
             kb,
             full_range,
-        } => frame::upload_yuv420(
-            &planes[..n],
-            &strides[..n],
-            req.width,
-            req.height,
+        } => frame::InFormat::Yuv420 {
             nv12,
-            YuvMatrix { kr, kb, full_range },
-            crop,
-            loaded.device,
-        ),
-    }
-    .map_err(|e| e.to_string())?;
-    let out = model::process(&loaded.runner, rgb, req.out_w, req.out_h)
-        .map_err(|e| format!("Pipeline '{}' failed on a frame: {e}", loaded.def.name))?;
-    frame::download_rgb(
-        &out,
-        output,
-        req.out_w as usize * 3,
-        req.out_w,
-        req.out_h,
-        3,
-    )
-    .map_err(|e| format!("Cannot write an output frame: {e}"))
+            matrix: YuvMatrix { kr, kb, full_range },
+        },
+    };
+    let input = frame::FrameIn {
+        planes: &planes[..n],
+        strides: &strides[..n],
+        width: req.width,
+        height: req.height,
+        format,
+    };
+    let out = model::FrameOut {
+        data: output,
+        stride: req.out_w as usize * 3,
+        width: req.out_w,
+        height: req.out_h,
+        bpp: 3,
+    };
+    model::run_frame(&loaded.runner, staging, &input, loaded.device, out)
+        .map_err(|e| format!("Pipeline '{}' failed on a frame: {e}", loaded.def.name))
 }
 
 /// The child's main function: serves requests on fd 3 until `shutdown` or EOF. Returns the
@@ -198,6 +194,7 @@ pub fn run() -> i32 {
     let _no_grad = tch::no_grad_guard();
     let fd = ctrl.as_raw_fd();
     let mut loaded: Option<Loaded> = None;
+    let mut staging = frame::Staging::default();
     loop {
         let req = match recv_msg::<Request>(fd, None) {
             Ok(Recv::Msg(r)) => r,
@@ -229,7 +226,7 @@ pub fn run() -> i32 {
                 None => Reply::FrameError {
                     msg: "no pipeline loaded".into(),
                 },
-                Some(l) => match frame_in_child(l, &mut shm, &f) {
+                Some(l) => match frame_in_child(l, &mut staging, &mut shm, &f) {
                     Ok(()) => Reply::FrameDone {
                         compute_us: started.elapsed().as_micros() as u64,
                     },
