@@ -177,6 +177,12 @@ impl Runner {
 
 impl TorchModel {
     fn set_params(&mut self, params: &Params) -> Result<(), String> {
+        self.extra = self.extras_for(params)?;
+        Ok(())
+    }
+
+    /// The extra inputs (after the frame) for `params`, on the model's device.
+    pub fn extras_for(&self, params: &Params) -> Result<Vec<Tensor>, String> {
         let mut extra = Vec::with_capacity(self.inputs.len());
         let kind = if self.half { Kind::Half } else { Kind::Float };
         for (name, k) in &self.inputs {
@@ -196,8 +202,7 @@ impl TorchModel {
                     .map_err(|e| e.to_string())?,
             );
         }
-        self.extra = extra;
-        Ok(())
+        Ok(extra)
     }
 
     /// The model file.
@@ -207,8 +212,14 @@ impl TorchModel {
 
     /// Runs the model on a (1, H, W, 3) float [0, 1] frame; returns the same contract.
     pub fn forward(&self, frame: &Tensor) -> Result<Tensor, FrameError> {
+        self.forward_with(frame, &self.extra)
+    }
+
+    /// Runs the model on a (B, H, W, 3) float [0, 1] batch with these extra inputs (one set
+    /// for the whole batch, from [`TorchModel::extras_for`]); returns (B, H, W, 3).
+    pub fn forward_with(&self, frame: &Tensor, extra: &[Tensor]) -> Result<Tensor, FrameError> {
         let size = frame.size();
-        let (h, w) = (size[1], size[2]);
+        let (b, h, w) = (size[0], size[1], size[2]);
         let mut x = match self.range {
             Range::ZeroOne => frame.shallow_clone(),
             Range::MinusOneOne => frame.f_mul_scalar(2.0)?.f_sub_scalar_(1.0)?,
@@ -219,20 +230,20 @@ impl TorchModel {
         if self.half {
             x = x.f_to_kind(Kind::Half)?;
         }
-        let y = if self.extra.is_empty() {
+        let y = if extra.is_empty() {
             self.module.forward_ts(&[x])?
         } else {
-            let mut inputs = Vec::with_capacity(1 + self.extra.len());
+            let mut inputs = Vec::with_capacity(1 + extra.len());
             inputs.push(x);
-            inputs.extend(self.extra.iter().map(Tensor::shallow_clone));
+            inputs.extend(extra.iter().map(Tensor::shallow_clone));
             self.module.forward_ts(&inputs)?
         };
         if !y.is_floating_point() {
             return Err(FrameError::Dtype(y.kind()));
         }
         let expected = match self.layout {
-            Layout::Bhwc => vec![1, h, w, 3],
-            Layout::Nchw => vec![1, 3, h, w],
+            Layout::Bhwc => vec![b, h, w, 3],
+            Layout::Nchw => vec![b, 3, h, w],
         };
         let got = y.size();
         if got != expected {

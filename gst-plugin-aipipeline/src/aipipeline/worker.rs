@@ -126,6 +126,18 @@ enum Outcome {
 /// The output frame geometry [`write_output`] hands its writer.
 pub(super) type Out<'a> = model::FrameOut<'a>;
 
+/// Copies `inbuf`'s timestamps, offsets and DISCONT onto `out`.
+fn copy_timestamps(inbuf: &gst::Buffer, out: &mut gst::BufferRef) {
+    out.set_pts(inbuf.pts());
+    out.set_dts(inbuf.dts());
+    out.set_duration(inbuf.duration());
+    out.set_offset(inbuf.offset());
+    out.set_offset_end(inbuf.offset_end());
+    if inbuf.flags().contains(gst::BufferFlags::DISCONT) {
+        out.set_flags(gst::BufferFlags::DISCONT);
+    }
+}
+
 /// Copies `inbuf`'s timestamps and DISCONT onto `outbuf`, maps it as `out`'s video frame and
 /// lets `write` fill its first plane: `write`'s result, or why the buffer could not be mapped.
 fn write_output<E>(
@@ -137,14 +149,7 @@ fn write_output<E>(
     let bufref = outbuf
         .get_mut()
         .ok_or_else(|| "output buffer not writable".to_string())?;
-    bufref.set_pts(inbuf.pts());
-    bufref.set_dts(inbuf.dts());
-    bufref.set_duration(inbuf.duration());
-    bufref.set_offset(inbuf.offset());
-    bufref.set_offset_end(inbuf.offset_end());
-    if inbuf.flags().contains(gst::BufferFlags::DISCONT) {
-        bufref.set_flags(gst::BufferFlags::DISCONT);
-    }
+    copy_timestamps(inbuf, bufref);
     let mut vframe = gst_video::VideoFrameRef::from_buffer_ref_writable(bufref, &out.info)
         .map_err(|_| "cannot map the output buffer".to_string())?;
     let stride = vframe.plane_stride()[0].max(0) as usize;
@@ -784,6 +789,20 @@ impl Worker {
                     Ok(()) if passthrough => Outcome::Input,
                     Ok(()) => match self.out.as_ref() {
                         None => return Err(gst::FlowError::NotNegotiated),
+                        // Tightly packed RGB as the child writes it: its shared-memory slot
+                        // becomes the output buffer's memory (no copy).
+                        Some(out)
+                            if out.bpp == 3
+                                && out.info.stride().first().copied() == Some(w as i32 * 3)
+                                && let Some(mem) = c.lend_output() =>
+                        {
+                            let mut outbuf = gst::Buffer::new();
+                            if let Some(b) = outbuf.get_mut() {
+                                b.append_memory(mem);
+                                copy_timestamps(&inbuf, b);
+                            }
+                            Outcome::Done(outbuf)
+                        }
                         Some(out) => {
                             let mut outbuf = out.pool.acquire_buffer(None)?;
                             let written = write_output(&inbuf, &mut outbuf, out, |o| {

@@ -96,15 +96,36 @@ fn frame_in_child(
     if req.planes.len() > 3 || req.planes.is_empty() {
         return Err("1 to 3 planes expected".into());
     }
-    if req.planes.iter().any(|(o, l, _)| o + l > req.out_offset) {
-        return Err("input plane overlaps the output slot".into());
+    // The output slot and the planes must not overlap: the slots come first (see
+    // `shm`), so split after the slot (or before it, for a layout with the output last).
+    let out_start = req.out_offset as usize;
+    let plane_start = req
+        .planes
+        .iter()
+        .map(|(o, _, _)| *o as usize)
+        .min()
+        .unwrap_or(0);
+    let plane_end = (req.planes.iter())
+        .map(|(o, l, _)| o.saturating_add(*l) as usize)
+        .max()
+        .unwrap_or(0);
+    if plane_end > mem.len() {
+        return Err("input plane outside shared memory".into());
     }
-    let (input, output) = mem.split_at_mut(req.out_offset as usize);
-    let output = &mut output[..out_end - req.out_offset as usize];
+    let (output, input, base) = if out_end <= plane_start {
+        let (head, tail) = mem.split_at_mut(out_end);
+        (&mut head[out_start..], &*tail, out_end)
+    } else if plane_end <= out_start {
+        let (head, tail) = mem.split_at_mut(out_start);
+        (&mut tail[..out_end - out_start], &*head, 0)
+    } else {
+        return Err("input plane overlaps the output slot".into());
+    };
     let mut planes: [&[u8]; 3] = [&[]; 3];
     let mut strides = [0usize; 3];
     for (i, (o, l, s)) in req.planes.iter().enumerate() {
-        planes[i] = &input[*o as usize..(*o + *l) as usize];
+        let o = *o as usize - base;
+        planes[i] = &input[o..o + *l as usize];
         strides[i] = *s as usize;
     }
     let n = req.planes.len();
@@ -185,12 +206,8 @@ pub fn run() -> i32 {
     // SAFETY: fds 3 and 4 were set up by the parent for us (checked open above) and nothing
     // else in this process owns them.
     let ctrl = unsafe { OwnedFd::from_raw_fd(CTRL_FD) };
-    let mut shm = Shm {
-        // SAFETY: as above.
-        fd: unsafe { OwnedFd::from_raw_fd(SHM_FD) },
-        ptr: std::ptr::null_mut(),
-        len: 0,
-    };
+    // SAFETY: as above.
+    let mut shm = Shm::from_fd(unsafe { OwnedFd::from_raw_fd(SHM_FD) });
     let _no_grad = tch::no_grad_guard();
     let fd = ctrl.as_raw_fd();
     let mut loaded: Option<Loaded> = None;

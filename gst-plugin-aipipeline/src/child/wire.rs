@@ -208,23 +208,28 @@ pub(super) fn recv_msg<T: for<'de> Deserialize<'de>>(
         if r == 0 {
             continue; // the deadline check above decides
         }
-        let mut buf = vec![0u8; MAX_MSG];
-        // SAFETY: buf is writable for its length.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            let e = errno();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
+        thread_local! {
+            /// One receive buffer per thread, reused for every message (no 64 KiB zeroed
+            /// allocation per frame).
+            static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; MAX_MSG]);
+        }
+        let got = BUF.with_borrow_mut(|buf| {
+            // SAFETY: buf is writable for its length.
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            match n {
+                n if n < 0 => Err(errno()),
+                0 => Ok(None),
+                n => serde_json::from_slice(&buf[..n as usize])
+                    .map(Some)
+                    .map_err(std::io::Error::other),
             }
-            return Err(e);
-        }
-        if n == 0 {
-            return Ok(Recv::Eof);
-        }
-        buf.truncate(n as usize);
-        return serde_json::from_slice(&buf)
-            .map(Recv::Msg)
-            .map_err(std::io::Error::other);
+        });
+        return match got {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => Err(e),
+            Ok(None) => Ok(Recv::Eof),
+            Ok(Some(m)) => Ok(Recv::Msg(m)),
+        };
     }
 }
 
