@@ -682,3 +682,91 @@ fn out_of_memory_in_process_reloads_the_model() {
     drop(r);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `gain` with these params in batch group `group` (the tests run in parallel: one group
+/// name per test).
+fn grouped(group: &str, params: &str) -> Rig {
+    let r = rig(&format!(
+        "pipeline=gain batch-group={group} batch-timeout-ms=20"
+    ));
+    r.el.set_property("params", params);
+    r
+}
+
+/// Two elements of one batch group share one child and each gets its own params' result;
+/// one leaving does not stop the other.
+#[test]
+fn a_batch_group_shares_one_child_with_per_element_params() {
+    let a = grouped("share", r#"{"gain": 0.5}"#);
+    let b = grouped("share", r#"{"gain": 0.25}"#);
+    a.play();
+    b.play();
+    a.wait_pixel([0x10, 0x20, 0x40]);
+    b.wait_pixel([0x08, 0x10, 0x20]);
+    let pid = a.child_pid();
+    assert!(pid > 0);
+    assert_eq!(b.child_pid(), pid, "one child for the group");
+    // A live params change applies to its element only.
+    b.el.set_property("params", r#"{"gain": 1.0, "bias": [0.5, 0.0, 0.0]}"#);
+    b.wait_pixel([0x20 + 0x80, 0x40, 0x80]);
+    a.wait_pixel([0x10, 0x20, 0x40]);
+    // An element of another group (or none) has a child of its own.
+    let c = grouped("share-other", r#"{"gain": 0.5}"#);
+    c.play();
+    c.wait_pixel([0x10, 0x20, 0x40]);
+    assert_ne!(c.child_pid(), pid);
+    // a leaves: b goes on with the same child.
+    a.pipeline.set_state(gst::State::Null).unwrap();
+    drop(a);
+    for _ in 0..10 {
+        b.wait_pixel([0xa0, 0x40, 0x80]);
+    }
+    assert_eq!(b.child_pid(), pid);
+    // The last member leaving ends the child.
+    b.pipeline.set_state(gst::State::Null).unwrap();
+    assert!(
+        wait_gone(pid, TIMEOUT),
+        "the group's child outlived its members"
+    );
+}
+
+/// A loss of the shared child restarts it once; every member announces the restart
+/// (its own restart message and loading/online events) and gets real frames again.
+#[test]
+fn a_batch_group_child_loss_restarts_every_member() {
+    let a = grouped("loss", r#"{"gain": 0.5}"#);
+    let b = grouped("loss", r#"{"gain": 0.25}"#);
+    a.play();
+    b.play();
+    a.wait_pixel([0x10, 0x20, 0x40]);
+    b.wait_pixel([0x08, 0x10, 0x20]);
+    let pid = a.child_pid();
+    assert_eq!(b.child_pid(), pid);
+    signal(pid, libc::SIGKILL);
+    for r in [&a, &b] {
+        wait_restart_loading(r);
+        let m = r.restart_message();
+        assert_eq!(m.get::<u32>("restart-count").unwrap(), 1);
+        assert_eq!(m.get::<u32>("pid").unwrap(), pid);
+        assert!(field_str(&m, "reason").contains("died"), "{m}");
+    }
+    a.wait_online();
+    b.wait_online();
+    a.wait_pixel([0x10, 0x20, 0x40]);
+    b.wait_pixel([0x08, 0x10, 0x20]);
+    let new_pid = a.child_pid();
+    assert!(new_pid > 0 && new_pid != pid);
+    assert_eq!(b.child_pid(), new_pid, "restarted once, still shared");
+    assert!(wait_gone(pid, TIMEOUT));
+}
+
+#[test]
+fn a_batch_group_needs_isolation_process() {
+    let r = rig("pipeline=gain batch-group=x isolation=none");
+    assert!(r.pipeline.set_state(gst::State::Playing).is_err());
+    let err = r.error_text();
+    assert!(
+        err.contains("batch-group 'x' needs isolation=process"),
+        "{err}"
+    );
+}

@@ -17,6 +17,15 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(180);
 pub(super) enum Engine {
     Local(Runner),
     Child(Box<ChildProc>),
+    /// The shared child of a batch group.
+    Group(Member),
+}
+
+/// An element's place in a batch group: the group, and the child generation (losses) the
+/// element is in step with.
+pub(super) struct Member {
+    pub(super) group: Arc<super::batch::Group>,
+    pub(super) seen: u64,
 }
 
 /// A finished load: the engine and its warm-up time, or why it failed.

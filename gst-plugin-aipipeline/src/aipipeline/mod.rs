@@ -22,6 +22,7 @@
 use gst::glib;
 use gst::prelude::*;
 
+mod batch;
 mod imp;
 mod loader;
 mod mailbox;

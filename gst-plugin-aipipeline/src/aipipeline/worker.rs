@@ -11,6 +11,7 @@ use gst::prelude::*;
 use gst::subclass::prelude::*;
 use gst_video::prelude::*;
 
+use super::batch::GroupFrame;
 use super::imp::{AiPipeline, CAT, DEFAULT_HANG_TIMEOUT_MS, Shared, lock};
 use super::loader::{Engine, ensure_loader};
 use super::mailbox::Item;
@@ -121,6 +122,10 @@ enum Outcome {
     Skip(String),
     /// The engine is lost (child died or hung, or out of memory): restart it.
     Lost(String),
+    /// The batch group's child of this generation is lost (the group replaces it).
+    GroupLost(u64, String),
+    /// The batch group could not replace its child.
+    Broken(String),
 }
 
 /// The output frame geometry [`write_output`] hands its writer.
@@ -260,7 +265,8 @@ impl Worker {
                                 }
                             }
                             Some(Engine::Child(_)) => notices.push(Notice::ChildParams(p.clone())),
-                            None => {}
+                            // A batch group's frames carry their params.
+                            Some(Engine::Group(_)) | None => {}
                         }
                     }
                     self.active = p;
@@ -302,11 +308,13 @@ impl Worker {
                                     }
                                 }
                                 Engine::Child(_) => notices.push(Notice::ChildParams(p.clone())),
+                                Engine::Group(_) => {}
                             }
                         }
                         self.restarting = false;
                         lock(&self.shared.stats).child_pid = match &r {
                             Engine::Child(c) => c.pid(),
+                            Engine::Group(m) => m.group.child().0,
                             Engine::Local(_) => 0,
                         };
                         let old = std::mem::replace(&mut lock(&self.shared.stats).estimate, new);
@@ -343,7 +351,7 @@ impl Worker {
                                 Some(Engine::Child(_)) => {
                                     notices.push(Notice::ChildParams(g.clone()));
                                 }
-                                None => {}
+                                Some(Engine::Group(_)) | None => {}
                             }
                             self.active = g;
                         }
@@ -422,6 +430,11 @@ impl Worker {
             Some(Engine::Local(r)) => {
                 drop(r);
                 (0, Vec::new())
+            }
+            // A batch group replaces its child itself (see group_lost).
+            Some(g @ Engine::Group(_)) => {
+                self.runner = Some(g);
+                return Ok(());
             }
             None => (0, Vec::new()),
         };
@@ -505,6 +518,108 @@ impl Worker {
             return Err(gst::FlowError::Error);
         }
         Ok(())
+    }
+
+    /// Batch group, restarting: the group's child back (online at the next real frame),
+    /// lost again, or beyond repair.
+    fn poll_group(&mut self) -> Result<(), gst::FlowError> {
+        let Some(Engine::Group(m)) = &self.runner else {
+            return Ok(());
+        };
+        match m.group.status(m.seen) {
+            GroupFrame::Done => {
+                self.loading = false;
+                self.restarting = false;
+                self.pending_online = true;
+                lock(&self.shared.stats).child_pid = m.group.child().0;
+                Ok(())
+            }
+            GroupFrame::Restarting { generation, reason } if generation != m.seen => {
+                self.group_lost(generation, reason)
+            }
+            GroupFrame::Broken(e) => self.group_broken(e).map(|_| ()),
+            _ => Ok(()),
+        }
+    }
+
+    /// This element sees the loss of its batch group's child (generation `generation` now):
+    /// counted against max-restarts, announced (`aipipeline-restart`, loading event) as a
+    /// child loss; frames pass through until the group's new child is in service.
+    fn group_lost(&mut self, generation: u64, reason: String) -> Result<(), gst::FlowError> {
+        let Some(Engine::Group(m)) = self.runner.as_mut() else {
+            return Ok(());
+        };
+        if m.seen == generation {
+            return Ok(());
+        }
+        m.seen = generation;
+        self.restarts += 1;
+        let pid = {
+            let mut st = lock(&self.shared.stats);
+            st.restarts = self.restarts;
+            std::mem::take(&mut st.child_pid)
+        };
+        gst::warning!(
+            CAT,
+            obj = self.element,
+            "batch group child {pid} lost ({reason}); restart {} of at most {}",
+            self.restarts,
+            self.max_restarts
+        );
+        if self.restarts > self.max_restarts {
+            self.fatal = true;
+            self.imp().set_status(Status::Error);
+            gst::element_error!(
+                self.element,
+                gst::ResourceError::Failed,
+                (
+                    "inference child crashed {} times: {}",
+                    self.restarts,
+                    reason
+                )
+            );
+            return Err(gst::FlowError::Error);
+        }
+        let s = gst::Structure::builder(RESTART_MESSAGE)
+            .field("restart-count", self.restarts)
+            .field("reason", reason.as_str())
+            .field("logs", "")
+            .field("pid", pid)
+            .build();
+        let _ = self
+            .element
+            .post_message(gst::message::Element::builder(s).src(&self.element).build());
+        if !self.loading {
+            self.loading = true;
+            self.pending_online = false;
+            self.imp().set_status(Status::Loading);
+            let s = gst::Structure::builder(LOADING_EVENT)
+                .field("pipeline", self.def.name.as_str())
+                .field("reason", "restart")
+                .field("show-picture", true)
+                .build();
+            gst::info!(CAT, obj = self.element, "restart started: sending {s:?}");
+            let _ = self
+                .imp()
+                .srcpad
+                .push_event(gst::event::CustomDownstream::new(s));
+        }
+        self.restarting = true;
+        Ok(())
+    }
+
+    fn group_broken(&mut self, e: String) -> Result<gst::FlowSuccess, gst::FlowError> {
+        self.fatal = true;
+        self.imp().set_status(Status::Error);
+        gst::element_error!(
+            self.element,
+            gst::ResourceError::Failed,
+            (
+                "The batch group's inference child could not be replaced: {}",
+                e
+            )
+        );
+        Err(gst::FlowError::Error)
     }
 
     fn frame_warning(&mut self, msg: String) {
@@ -677,8 +792,16 @@ impl Worker {
         if let Some(reason) = self.lost.take() {
             self.lose_child(reason)?;
         }
+        if self.loading && self.restarting {
+            self.poll_group()?;
+        }
         if self.shared.restart_req.swap(false, Ordering::SeqCst) {
-            if matches!(self.runner, Some(Engine::Child(_))) && !self.loading {
+            if let Some(Engine::Group(m)) = &self.runner
+                && !self.loading
+            {
+                // The shared child is replaced once; every member sees the loss.
+                m.group.replace(m.seen, "restart requested (restart-child)");
+            } else if matches!(self.runner, Some(Engine::Child(_))) && !self.loading {
                 self.lose_child("restart requested (restart-child)".into())?;
             } else {
                 gst::info!(
@@ -755,20 +878,53 @@ impl Worker {
                 height: vh,
                 format,
             };
-            if real && let Some(Engine::Child(c)) = self.runner.as_mut() {
-                let wire = match format {
-                    frame::InFormat::Packed(l) => InputLayout::Packed {
-                        bpp: l.bpp,
-                        first: l.first,
-                        bgr: l.bgr,
-                    },
-                    frame::InFormat::Yuv420 { nv12, matrix: m } => InputLayout::Yuv420 {
-                        nv12,
-                        kr: m.kr,
-                        kb: m.kb,
-                        full_range: m.full_range,
-                    },
+            let wire = match format {
+                frame::InFormat::Packed(l) => InputLayout::Packed {
+                    bpp: l.bpp,
+                    first: l.first,
+                    bgr: l.bgr,
+                },
+                frame::InFormat::Yuv420 { nv12, matrix: m } => InputLayout::Yuv420 {
+                    nv12,
+                    kr: m.kr,
+                    kb: m.kb,
+                    full_range: m.full_range,
+                },
+            };
+            if real && let Some(Engine::Group(m)) = self.runner.as_ref() {
+                let Some(out) = self.out.as_ref() else {
+                    return Err(gst::FlowError::NotNegotiated);
                 };
+                let mut outbuf = out.pool.acquire_buffer(None)?;
+                let params = &self.active;
+                let written = write_output(&inbuf, &mut outbuf, out, |o| {
+                    match m.group.frame(
+                        m.seen,
+                        input.planes,
+                        input.strides,
+                        (vw, vh),
+                        wire,
+                        (w, h),
+                        params,
+                        &mut |src| copy_rgb(src, o.data, o.stride, o.width, o.height, o.bpp),
+                    ) {
+                        GroupFrame::Done => Ok(()),
+                        other => Err(other),
+                    }
+                });
+                match written {
+                    Ok(Ok(())) => Outcome::Done(outbuf),
+                    Ok(Err(GroupFrame::Restarting { generation, reason })) => {
+                        Outcome::GroupLost(generation, reason)
+                    }
+                    Ok(Err(GroupFrame::Broken(e))) => Outcome::Broken(e),
+                    Ok(Err(GroupFrame::Failed(e))) => Outcome::Skip(e),
+                    Ok(Err(GroupFrame::Done)) => Outcome::Done(outbuf),
+                    Err(e) => {
+                        Outcome::Skip(format!("Cannot write an output frame: {e}; frame skipped"))
+                    }
+                }
+            } else if real && let Some(Engine::Child(c)) = self.runner.as_mut() {
                 // restart-child also ends the wait for a hung child (no hang timeout to sit out).
                 let restart_req = &self.shared.restart_req;
                 match c.frame_or_cancel(
@@ -860,6 +1016,11 @@ impl Worker {
                 self.lose_child(reason)?;
                 self.handle_buffer(inbuf, arrived)
             }
+            Outcome::GroupLost(generation, reason) => {
+                self.group_lost(generation, reason)?;
+                self.handle_buffer(inbuf, arrived)
+            }
+            Outcome::Broken(e) => self.group_broken(e),
         }
     }
 

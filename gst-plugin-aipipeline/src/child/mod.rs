@@ -34,7 +34,7 @@ mod wire;
 
 pub use parent::{ChildCommand, ChildError, ChildProc, LOG_LINES, Spawner};
 pub use run::run;
-pub use wire::{InputLayout, LoadSpec, WireParams};
+pub use wire::{BatchItem, FrameReq, InputLayout, LoadSpec, WireParams};
 
 /// First argument of the child process (`rivulet-inference aipipeline-child`, or the daemon's
 /// `rivulet aipipeline-child`).

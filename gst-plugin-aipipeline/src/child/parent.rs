@@ -16,7 +16,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::shm::{INPUT_OFFSET, OUT_SLOTS, SLOT_LEN, Shm};
-use super::wire::{FrameReq, InputLayout, LoadSpec, Recv, Reply, Request, recv_msg, send_msg};
+use super::wire::{
+    BatchItem, FrameReq, InputLayout, LoadSpec, Recv, Reply, Request, recv_msg, send_msg,
+};
 use super::{BIN_NAME, CTRL_FD, ENV_PARENT, SHM_FD, SUBCOMMAND, errno};
 use crate::pipeline::Params;
 
@@ -570,6 +572,98 @@ impl ChildProc {
             other => Err(ChildError::Failed(format!("unexpected reply {other:?}"))),
         }
     }
+
+    /// Batches (a batch group): copies one frame's planes into the input area at `*cursor`
+    /// (advanced; start at [`ChildProc::BATCH_START`]), growing the area, and describes the
+    /// item whose output goes to slot `slot` (0..=[`ChildProc::MAX_BATCH`] - 1) with `params`.
+    #[allow(clippy::too_many_arguments)] // as frame
+    pub fn put_batch_item(
+        &mut self,
+        cursor: &mut usize,
+        planes: &[&[u8]],
+        strides: &[usize],
+        (width, height): (u32, u32),
+        layout: InputLayout,
+        (out_w, out_h): (u32, u32),
+        slot: usize,
+        params: &Params,
+    ) -> Result<BatchItem, ChildError> {
+        const ALIGN: usize = 64;
+        if out_w as usize * out_h as usize * 3 > SLOT_LEN || slot >= Self::MAX_BATCH {
+            return Err(ChildError::Failed(format!(
+                "output {out_w}x{out_h} (slot {slot}) does not fit shared memory"
+            )));
+        }
+        let mut descr = Vec::with_capacity(planes.len());
+        let mut off = (*cursor).max(INPUT_OFFSET);
+        for (p, s) in planes.iter().zip(strides) {
+            descr.push((off as u64, p.len() as u64, *s as u64));
+            off = (off + p.len()).next_multiple_of(ALIGN);
+        }
+        if off > self.shm.len {
+            self.shm
+                .grow(off.next_multiple_of(1 << 20))
+                .map_err(|e| ChildError::Failed(format!("cannot grow shared memory: {e}")))?;
+        }
+        for (p, (o, l, _)) in planes.iter().zip(&descr) {
+            self.shm
+                .region_mut(*o as usize..(*o + *l) as usize)
+                .copy_from_slice(p);
+        }
+        *cursor = off;
+        Ok(BatchItem {
+            frame: FrameReq {
+                shm_size: 0,
+                layout,
+                width,
+                height,
+                planes: descr,
+                out_w,
+                out_h,
+                out_offset: (slot * SLOT_LEN) as u64,
+            },
+            params: params.into(),
+        })
+    }
+
+    /// Runs a batch of items put with [`ChildProc::put_batch_item`]: one result per item
+    /// (its output then in [`ChildProc::batch_output`]), or why the whole batch failed.
+    pub fn run_batch(
+        &mut self,
+        mut items: Vec<BatchItem>,
+        timeout: Duration,
+    ) -> Result<Vec<Result<(), String>>, ChildError> {
+        let n = items.len();
+        for it in &mut items {
+            it.frame.shm_size = self.shm.len as u64;
+        }
+        match self.call(&Request::Batch { items }, timeout)? {
+            Reply::BatchDone { compute_us, errors } if errors.len() == n => {
+                self.last_compute = Duration::from_micros(compute_us);
+                if let Some(msg) = errors
+                    .iter()
+                    .flatten()
+                    .find(|m| crate::model::is_out_of_memory(m))
+                {
+                    return Err(ChildError::OutOfMemory(msg.clone()));
+                }
+                Ok(errors.into_iter().map(|e| e.map_or(Ok(()), Err)).collect())
+            }
+            Reply::FrameError { msg } => Err(ChildError::Failed(msg)),
+            other => Err(ChildError::Failed(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// The output (`len` bytes, tightly packed RGB) of batch slot `slot` after
+    /// [`ChildProc::run_batch`].
+    pub fn batch_output(&self, slot: usize, len: usize) -> &[u8] {
+        self.shm.region(slot * SLOT_LEN..slot * SLOT_LEN + len)
+    }
+
+    /// Where a batch's inputs start.
+    pub const BATCH_START: usize = INPUT_OFFSET;
+    /// Most items in a batch (one output slot each).
+    pub const MAX_BATCH: usize = OUT_SLOTS + 1;
 
     /// Frees the slot reserved for the last frame if it was not lent.
     fn release_reserved(&mut self) {

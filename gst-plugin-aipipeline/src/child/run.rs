@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::shm::Shm;
-use super::wire::{FrameReq, InputLayout, LoadSpec, Recv, Reply, Request, recv_msg, send_msg};
+use super::wire::{
+    BatchItem, FrameReq, InputLayout, LoadSpec, Recv, Reply, Request, recv_msg, send_msg,
+};
 use super::{BIN_NAME, CTRL_FD, ENV_PARENT, SHM_FD};
 use crate::device::{self, DeviceSpec};
 use crate::frame::{self, PixelLayout, YuvMatrix};
@@ -129,20 +131,7 @@ fn frame_in_child(
         strides[i] = *s as usize;
     }
     let n = req.planes.len();
-    let format = match req.layout {
-        InputLayout::Packed { bpp, first, bgr } => {
-            frame::InFormat::Packed(PixelLayout { bpp, first, bgr })
-        }
-        InputLayout::Yuv420 {
-            nv12,
-            kr,
-            kb,
-            full_range,
-        } => frame::InFormat::Yuv420 {
-            nv12,
-            matrix: YuvMatrix { kr, kb, full_range },
-        },
-    };
+    let format = in_format(req.layout);
     let input = frame::FrameIn {
         planes: &planes[..n],
         strides: &strides[..n],
@@ -159,6 +148,132 @@ fn frame_in_child(
     };
     model::run_frame(&loaded.runner, staging, &input, loaded.device, out)
         .map_err(|e| format!("Pipeline '{}' failed on a frame: {e}", loaded.def.name))
+}
+
+/// A batch ([`Request::Batch`]): every item's frame converted, items of equal params and
+/// size stacked into one (B, H, W, 3) forward with those params' extra inputs, each output
+/// written into its item's slot. One error per item (None: done).
+fn batch_in_child(
+    loaded: &Loaded,
+    stagings: &mut Vec<frame::Staging>,
+    shm: &mut Shm,
+    items: &[BatchItem],
+) -> Vec<Option<String>> {
+    let mut errors: Vec<Option<String>> = vec![None; items.len()];
+    let Runner::Torch(m) = &loaded.runner else {
+        // noop: nothing to stack.
+        let staging = stagings.first_mut();
+        let mut own = frame::Staging::default();
+        let staging = staging.unwrap_or(&mut own);
+        for (e, it) in errors.iter_mut().zip(items) {
+            *e = frame_in_child(loaded, staging, shm, &it.frame).err();
+        }
+        return errors;
+    };
+    if let Some(it) = items.first()
+        && it.frame.shm_size as usize != shm.len
+        && let Err(e) = shm.map(it.frame.shm_size as usize)
+    {
+        return vec![Some(format!("cannot map shared memory: {e}")); items.len()];
+    }
+    if stagings.len() < items.len() {
+        stagings.resize_with(items.len(), Default::default);
+    }
+    // (params, size) of each sub-batch, and its items with their frames.
+    let mut groups: Vec<(Params, (u32, u32), Vec<(usize, tch::Tensor)>)> = Vec::new();
+    for (i, (it, staging)) in items.iter().zip(stagings.iter_mut()).enumerate() {
+        let f = &it.frame;
+        let converted = (|| -> Result<tch::Tensor, String> {
+            if f.planes.is_empty() || f.planes.len() > 3 {
+                return Err("1 to 3 planes expected".into());
+            }
+            let mut planes: [&[u8]; 3] = [&[]; 3];
+            let mut strides = [0usize; 3];
+            for (k, (o, l, st)) in f.planes.iter().enumerate() {
+                let (o, l) = (*o as usize, *l as usize);
+                planes[k] = shm.region(o..o.saturating_add(l));
+                if planes[k].len() != l {
+                    return Err("input plane outside shared memory".into());
+                }
+                strides[k] = *st as usize;
+            }
+            let n = f.planes.len();
+            let input = frame::FrameIn {
+                planes: &planes[..n],
+                strides: &strides[..n],
+                width: f.width,
+                height: f.height,
+                format: in_format(f.layout),
+            };
+            input
+                .to_frame(staging, f.out_w, f.out_h, loaded.device)
+                .map_err(|e| e.to_string())
+        })();
+        match converted {
+            Ok(t) => {
+                let p = Params::from(it.params.clone());
+                let size = (f.out_w, f.out_h);
+                match groups.iter_mut().find(|g| g.0 == p && g.1 == size) {
+                    Some(g) => g.2.push((i, t)),
+                    None => groups.push((p, size, vec![(i, t)])),
+                }
+            }
+            Err(e) => errors[i] = Some(e),
+        }
+    }
+    for (p, (w, h), members) in groups {
+        let run = || -> Result<tch::Tensor, String> {
+            let extra = m.extras_for(&p)?;
+            let frames: Vec<&tch::Tensor> = members.iter().map(|(_, t)| t).collect();
+            let x = tch::Tensor::f_cat(&frames, 0).map_err(|e| e.to_string())?;
+            m.forward_with(&x, &extra).map_err(|e| e.to_string())
+        };
+        match run() {
+            Ok(y) => {
+                for (k, (i, _)) in members.iter().enumerate() {
+                    let f = &items[*i].frame;
+                    let off = f.out_offset as usize;
+                    let len = w as usize * h as usize * 3;
+                    let written = y
+                        .f_narrow(0, k as i64, 1)
+                        .map_err(|e| e.to_string())
+                        .and_then(|yi| {
+                            let out = shm.region_mut(off..off + len);
+                            if out.len() != len {
+                                return Err("output slot outside shared memory".to_string());
+                            }
+                            frame::write_frame(&yi, out, w as usize * 3, w, h, 3)
+                                .map_err(|e| e.to_string())
+                        });
+                    errors[*i] = written.err();
+                }
+            }
+            Err(e) => {
+                let msg = format!("Pipeline '{}' failed on a batch: {e}", loaded.def.name);
+                for (i, _) in &members {
+                    errors[*i] = Some(msg.clone());
+                }
+            }
+        }
+    }
+    errors
+}
+
+fn in_format(layout: InputLayout) -> frame::InFormat {
+    match layout {
+        InputLayout::Packed { bpp, first, bgr } => {
+            frame::InFormat::Packed(PixelLayout { bpp, first, bgr })
+        }
+        InputLayout::Yuv420 {
+            nv12,
+            kr,
+            kb,
+            full_range,
+        } => frame::InFormat::Yuv420 {
+            nv12,
+            matrix: YuvMatrix { kr, kb, full_range },
+        },
+    }
 }
 
 /// The child's main function: serves requests on fd 3 until `shutdown` or EOF. Returns the
@@ -212,6 +327,7 @@ pub fn run() -> i32 {
     let fd = ctrl.as_raw_fd();
     let mut loaded: Option<Loaded> = None;
     let mut staging = frame::Staging::default();
+    let mut stagings: Vec<frame::Staging> = Vec::new();
     loop {
         let req = match recv_msg::<Request>(fd, None) {
             Ok(Recv::Msg(r)) => r,
@@ -249,6 +365,18 @@ pub fn run() -> i32 {
                     },
                     Err(msg) => Reply::FrameError { msg },
                 },
+            },
+            Request::Batch { items } => match &loaded {
+                None => Reply::FrameError {
+                    msg: "no pipeline loaded".into(),
+                },
+                Some(l) => {
+                    let errors = batch_in_child(l, &mut stagings, &mut shm, &items);
+                    Reply::BatchDone {
+                        compute_us: started.elapsed().as_micros() as u64,
+                        errors,
+                    }
+                }
             },
             Request::Params { params } => match loaded.as_mut() {
                 None => Reply::ParamsError {

@@ -4,7 +4,8 @@
 //!
 //! Layout: [`OUT_SLOTS`] + 1 output slots of [`SLOT_LEN`] bytes each (room for the largest
 //! output, 1024×1024 RGB), then the input area. The parent lends the first [`OUT_SLOTS`] slots
-//! downstream as the memory of output buffers ([`LentSlot`]): the child writes a frame's
+//! downstream as the memory of output buffers (a batch group writes a batch's outputs
+//! into slots 0, 1, …, copied out, never lent) ([`LentSlot`]): the child writes a frame's
 //! output straight into the buffer that is pushed, with no copy; the last slot is a scratch
 //! slot, used (and copied out of) while every other one is lent. Slots never move (a bigger
 //! input only grows the area after them), so a lent buffer stays valid across remaps; the
@@ -17,7 +18,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use super::errno;
 
 /// Output slots that can be lent downstream.
-pub(super) const OUT_SLOTS: usize = 4;
+pub(super) const OUT_SLOTS: usize = 8;
 /// Bytes per output slot: the largest output frame (1024×1024 RGB), page-aligned.
 pub(super) const SLOT_LEN: usize = 1024 * 1024 * 3;
 /// Where the input area starts.

@@ -114,7 +114,7 @@ pub enum InputLayout {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub(super) struct FrameReq {
+pub struct FrameReq {
     pub(super) shm_size: u64,
     pub(super) layout: InputLayout,
     pub(super) width: u32,
@@ -131,8 +131,22 @@ pub(super) struct FrameReq {
 pub(super) enum Request {
     Load(LoadSpec),
     Frame(FrameReq),
-    Params { params: WireParams },
+    Params {
+        params: WireParams,
+    },
+    /// Frames of several elements (a batch group) run as one batch: each item's output goes
+    /// to its own slot; items with the same params and size share one forward.
+    Batch {
+        items: Vec<BatchItem>,
+    },
     Shutdown,
+}
+
+/// One frame of a [`Request::Batch`] with the params of the element it came from.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BatchItem {
+    pub(super) frame: FrameReq,
+    pub(super) params: WireParams,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -151,6 +165,11 @@ pub(super) enum Reply {
     },
     FrameError {
         msg: String,
+    },
+    /// One entry per item: None when it succeeded, else its error.
+    BatchDone {
+        compute_us: u64,
+        errors: Vec<Option<String>>,
     },
     ParamsDone,
     ParamsError {
