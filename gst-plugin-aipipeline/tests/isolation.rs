@@ -706,6 +706,21 @@ fn a_batch_group_shares_one_child_with_per_element_params() {
     let pid = a.child_pid();
     assert!(pid > 0);
     assert_eq!(b.child_pid(), pid, "one child for the group");
+    // The two live streams' frames (50 fps each, 20 ms batch timeout) meet in batches.
+    let batch = |r: &Rig| {
+        r.el.property::<gst::Structure>("stats")
+            .get::<u32>("batch-size")
+            .unwrap()
+    };
+    let mut paired = false;
+    for _ in 0..200 {
+        a.wait_pixel([0x10, 0x20, 0x40]);
+        if batch(&a) == 2 {
+            paired = true;
+            break;
+        }
+    }
+    assert!(paired, "no batch of two frames");
     // A live params change applies to its element only.
     b.el.set_property("params", r#"{"gain": 1.0, "bias": [0.5, 0.0, 0.0]}"#);
     b.wait_pixel([0x20 + 0x80, 0x40, 0x80]);

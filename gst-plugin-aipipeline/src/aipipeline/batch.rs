@@ -52,6 +52,8 @@ struct Done {
     results: Result<Vec<Result<(), String>>, String>,
     /// Items not picked up yet: the slots are not reused before.
     remaining: usize,
+    /// Items in the batch.
+    size: usize,
 }
 
 struct St {
@@ -83,6 +85,9 @@ pub(super) struct Group {
     max_batch: usize,
     st: Mutex<St>,
     cond: Condvar,
+    /// `restart-child` while a batch is collected or in the child: that batch's wait ends
+    /// (the child is then replaced as lost).
+    cancel: std::sync::atomic::AtomicBool,
 }
 
 /// What a member's frame got.
@@ -145,6 +150,7 @@ impl Group {
                 params: Some(params.clone()),
             }),
             cond: Condvar::new(),
+            cancel: std::sync::atomic::AtomicBool::new(false),
         });
         groups.insert(key, Arc::downgrade(&g));
         Ok((g, device, used))
@@ -184,6 +190,7 @@ impl Group {
         (out_w, out_h): (u32, u32),
         params: &Params,
         write: &mut dyn FnMut(&[u8]) -> Result<(), String>,
+        batch_size: &mut usize,
     ) -> GroupFrame {
         let mut st = lock(&self.st);
         loop {
@@ -249,6 +256,7 @@ impl Group {
         loop {
             if let Some(d) = st.done.get_mut(&id) {
                 d.remaining -= 1;
+                *batch_size = d.size;
                 let last = d.remaining == 0;
                 let res = match &d.results {
                     Ok(r) => Ok(r
@@ -313,7 +321,10 @@ impl Group {
         st.busy = true;
         let n = open.items.len();
         drop(st);
-        let res = child.run_batch(open.items, self.iso.hang_timeout);
+        let cancel = &self.cancel;
+        let res = child.run_batch(open.items, self.iso.hang_timeout, &|| {
+            cancel.load(std::sync::atomic::Ordering::SeqCst)
+        });
         let mut st = lock(&self.st);
         let results = match res {
             Ok(r) => {
@@ -334,6 +345,8 @@ impl Group {
                     format!("{e} (pid {pid}; last log lines: {})", logs.join(" | "))
                 };
                 gst::warning!(CAT, "batch group child lost: {reason}; replacing it");
+                self.cancel
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
                 st.generation += 1;
                 st.online = false;
                 st.pid = 0;
@@ -347,6 +360,7 @@ impl Group {
             Done {
                 results,
                 remaining: n,
+                size: n,
             },
         );
         self.cond.notify_all();
@@ -393,7 +407,12 @@ impl Group {
     /// `seen`, unless that generation is already gone.
     pub(super) fn replace(self: &Arc<Self>, seen: u64, reason: &str) {
         let mut st = lock(&self.st);
-        if st.generation != seen || !st.online || st.busy || st.open.is_some() {
+        if st.generation != seen || !st.online {
+            return;
+        }
+        if st.busy || st.open.is_some() {
+            // The batch under way ends at once and its child is replaced as lost.
+            self.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
             return;
         }
         if let Some(c) = st.child.take() {

@@ -549,10 +549,34 @@ impl Worker {
         let Some(Engine::Group(m)) = self.runner.as_mut() else {
             return Ok(());
         };
-        if m.seen == generation {
-            return Ok(());
-        }
+        let new_loss = m.seen != generation;
         m.seen = generation;
+        if new_loss {
+            self.group_loss_counted(reason)?;
+        }
+        if !self.loading {
+            // Also for an element that joined while the group was replacing its child.
+            self.loading = true;
+            self.pending_online = false;
+            self.imp().set_status(Status::Loading);
+            let s = gst::Structure::builder(LOADING_EVENT)
+                .field("pipeline", self.def.name.as_str())
+                .field("reason", "restart")
+                .field("show-picture", true)
+                .build();
+            gst::info!(CAT, obj = self.element, "restart started: sending {s:?}");
+            let _ = self
+                .imp()
+                .srcpad
+                .push_event(gst::event::CustomDownstream::new(s));
+        }
+        self.restarting = true;
+        Ok(())
+    }
+
+    /// A loss of the group's child, for this element: counted (an element error beyond
+    /// max-restarts) and posted as `aipipeline-restart`.
+    fn group_loss_counted(&mut self, reason: String) -> Result<(), gst::FlowError> {
         self.restarts += 1;
         let pid = {
             let mut st = lock(&self.shared.stats);
@@ -589,22 +613,6 @@ impl Worker {
         let _ = self
             .element
             .post_message(gst::message::Element::builder(s).src(&self.element).build());
-        if !self.loading {
-            self.loading = true;
-            self.pending_online = false;
-            self.imp().set_status(Status::Loading);
-            let s = gst::Structure::builder(LOADING_EVENT)
-                .field("pipeline", self.def.name.as_str())
-                .field("reason", "restart")
-                .field("show-picture", true)
-                .build();
-            gst::info!(CAT, obj = self.element, "restart started: sending {s:?}");
-            let _ = self
-                .imp()
-                .srcpad
-                .push_event(gst::event::CustomDownstream::new(s));
-        }
-        self.restarting = true;
         Ok(())
     }
 
@@ -897,6 +905,7 @@ impl Worker {
                 };
                 let mut outbuf = out.pool.acquire_buffer(None)?;
                 let params = &self.active;
+                let mut batch_size = 0;
                 let written = write_output(&inbuf, &mut outbuf, out, |o| {
                     match m.group.frame(
                         m.seen,
@@ -907,11 +916,13 @@ impl Worker {
                         (w, h),
                         params,
                         &mut |src| copy_rgb(src, o.data, o.stride, o.width, o.height, o.bpp),
+                        &mut batch_size,
                     ) {
                         GroupFrame::Done => Ok(()),
                         other => Err(other),
                     }
                 });
+                lock(&self.shared.stats).batch_size = batch_size as u32;
                 match written {
                     Ok(Ok(())) => Outcome::Done(outbuf),
                     Ok(Err(GroupFrame::Restarting { generation, reason })) => {

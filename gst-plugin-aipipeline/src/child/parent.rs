@@ -632,12 +632,13 @@ impl ChildProc {
         &mut self,
         mut items: Vec<BatchItem>,
         timeout: Duration,
+        cancelled: &dyn Fn() -> bool,
     ) -> Result<Vec<Result<(), String>>, ChildError> {
         let n = items.len();
         for it in &mut items {
             it.frame.shm_size = self.shm.len as u64;
         }
-        match self.call(&Request::Batch { items }, timeout)? {
+        match self.call_or_cancel(&Request::Batch { items }, timeout, cancelled)? {
             Reply::BatchDone { compute_us, errors } if errors.len() == n => {
                 self.last_compute = Duration::from_micros(compute_us);
                 if let Some(msg) = errors

@@ -179,8 +179,7 @@ fn batch_in_child(
     if stagings.len() < items.len() {
         stagings.resize_with(items.len(), Default::default);
     }
-    // (params, size) of each sub-batch, and its items with their frames.
-    let mut groups: Vec<(Params, (u32, u32), Vec<(usize, tch::Tensor)>)> = Vec::new();
+    let mut groups: Vec<SubBatch> = Vec::new();
     for (i, (it, staging)) in items.iter().zip(stagings.iter_mut()).enumerate() {
         let f = &it.frame;
         let converted = (|| -> Result<tch::Tensor, String> {
@@ -258,6 +257,9 @@ fn batch_in_child(
     }
     errors
 }
+
+/// Items that share one forward: their params, output size, and (item index, frame).
+type SubBatch = (Params, (u32, u32), Vec<(usize, tch::Tensor)>);
 
 fn in_format(layout: InputLayout) -> frame::InFormat {
     match layout {
