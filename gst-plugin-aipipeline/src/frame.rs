@@ -410,9 +410,7 @@ fn packed_to_float(data: &[u8], stride: usize, layout: PixelLayout, crop: Crop, 
             return;
         };
         if bpp == 3 && !layout.bgr {
-            for (d, s) in drow.iter_mut().zip(src) {
-                *d = *s as f32 * INV_255;
-            }
+            bytes_to_float(src, drow);
         } else {
             let (ri, bi) = if layout.bgr { (2, 0) } else { (0, 2) };
             for (d, s) in drow.chunks_exact_mut(3).zip(src.chunks_exact(bpp)) {
@@ -425,11 +423,56 @@ fn packed_to_float(data: &[u8], stride: usize, layout: PixelLayout, crop: Crop, 
     }
 }
 
+/// `dst[i] = src[i] / 255` (as `u8 × INV_255`), with AVX2 where the CPU has it (1.6× here;
+/// the plain version is what the compiler makes of the same loop for baseline x86-64).
+fn bytes_to_float(src: &[u8], dst: &mut [f32]) {
+    #[inline(always)]
+    fn body(src: &[u8], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = *s as f32 * INV_255;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        fn avx2(src: &[u8], dst: &mut [f32]) {
+            body(src, dst)
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { avx2(src, dst) };
+        }
+    }
+    body(src, dst)
+}
+
+/// `dst[i] = float_to_u8(src[i])`, with AVX2 where the CPU has it (as [`bytes_to_float`]).
+fn floats_to_bytes(src: &[f32], dst: &mut [u8]) {
+    #[inline(always)]
+    fn body(src: &[f32], dst: &mut [u8]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = float_to_u8(*s);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        fn avx2(src: &[f32], dst: &mut [u8]) {
+            body(src, dst)
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { avx2(src, dst) };
+        }
+    }
+    body(src, dst)
+}
+
 /// Clamped to [0, 1], × 255, rounded half to even (as torch's `round`): for v in [0, 255],
 /// v + 1.5 × 2²³ has a unit last place, so the default rounding mode leaves round(v) in the
 /// low mantissa bits, read by a bit cast. Unlike `round_ties_even` (a libm call without
 /// SSE4.1) and a saturating `as u8`, this vectorises: 4× faster here.
-#[inline]
+#[inline(always)]
 fn float_to_u8(v: f32) -> u8 {
     const MAGIC: f32 = 12_582_912.0;
     (v.clamp(0.0, 1.0) * 255.0 + MAGIC).to_bits() as u8
@@ -462,9 +505,7 @@ pub fn write_frame(
     for (srow, drow) in src.chunks_exact(w * 3).zip(data.chunks_mut(stride)) {
         let drow = &mut drow[..w * bpp];
         if bpp == 3 {
-            for (d, s) in drow.iter_mut().zip(srow) {
-                *d = float_to_u8(*s);
-            }
+            floats_to_bytes(srow, drow);
         } else {
             for (d, s) in drow.chunks_exact_mut(bpp).zip(srow.chunks_exact(3)) {
                 d[0] = float_to_u8(s[0]);
