@@ -899,7 +899,7 @@ impl ObjectImpl for AiPipeline {
                     .build(),
                 glib::ParamSpecUInt::builder("max-restarts")
                     .nick("Maximum restarts")
-                    .blurb("Inference child restarts allowed in one run; one more loss is an element error")
+                    .blurb("Inference child restarts (and in-process out-of-memory reloads) allowed in one run; one more is an element error")
                     .default_value(DEFAULT_MAX_RESTARTS)
                     .mutable_ready()
                     .build(),
