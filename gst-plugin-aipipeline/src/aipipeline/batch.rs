@@ -225,6 +225,11 @@ impl Group {
         }
         let St { child, open, .. } = &mut *st;
         let (Some(child), Some(open)) = (child.as_mut(), open.as_mut()) else {
+            // Not reached (online and not busy: the child is in place); no batch is left
+            // open without its leader.
+            if leader {
+                st.open = None;
+            }
             return GroupFrame::Failed("batch group: no child in service".into());
         };
         let slot = open.items.len();
@@ -315,11 +320,21 @@ impl Group {
         let Some(open) = st.open.take() else {
             return st;
         };
+        let n = open.items.len();
+        st.busy = true;
         let Some(mut child) = st.child.take() else {
+            // Not reached (see `frame`); the members waiting for this batch are answered.
+            st.done.insert(
+                open.id,
+                Done {
+                    results: Err("batch group: no child in service".into()),
+                    remaining: n,
+                    size: n,
+                },
+            );
+            self.cond.notify_all();
             return st;
         };
-        st.busy = true;
-        let n = open.items.len();
         drop(st);
         let cancel = &self.cancel;
         let res = child.run_batch(open.items, self.iso.hang_timeout, &|| {
