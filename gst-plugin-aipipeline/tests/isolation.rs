@@ -785,3 +785,28 @@ fn a_batch_group_needs_isolation_process() {
         "{err}"
     );
 }
+
+/// `restart-child` on one member replaces the shared child once, and both members see it.
+#[test]
+fn restart_child_on_one_batch_group_member_restarts_both() {
+    let a = grouped("restart", r#"{"gain": 0.5}"#);
+    let b = grouped("restart", r#"{"gain": 0.25}"#);
+    a.play();
+    b.play();
+    a.wait_pixel([0x10, 0x20, 0x40]);
+    b.wait_pixel([0x08, 0x10, 0x20]);
+    let pid = a.child_pid();
+    a.el.emit_by_name::<()>("restart-child", &[]);
+    for r in [&a, &b] {
+        let m = r.restart_message();
+        assert_eq!(m.get::<u32>("restart-count").unwrap(), 1);
+        assert!(field_str(&m, "reason").contains("restart-child"), "{m}");
+    }
+    assert!(wait_gone(pid, TIMEOUT));
+    a.wait_online();
+    b.wait_online();
+    a.wait_pixel([0x10, 0x20, 0x40]);
+    b.wait_pixel([0x08, 0x10, 0x20]);
+    assert_eq!(a.child_pid(), b.child_pid());
+    assert_ne!(a.child_pid(), pid);
+}
