@@ -12,7 +12,12 @@
 //! `rivulet-inference` helper found next to the plugin's shared object, next to the running
 //! program, then on `PATH`; see [`crate::child`]): frames cross through shared memory, and a
 //! child that dies or hangs is replaced while frames keep flowing (loading/online events, an
-//! `aipipeline-restart` message; beyond `max-restarts` an element error).
+//! `aipipeline-restart` message; beyond `max-restarts` an element error). A CUDA out-of-memory
+//! error on a frame restarts the engine the same way (in-process: the model is reloaded).
+//!
+//! With `batch-group` (and `isolation=process`), elements of this process with the same group
+//! name and pipeline selection share one inference child that runs their frames as batches
+//! (`max-batch`, `batch-timeout-ms`); see `batch.rs` and the crate README, "Batch groups".
 //!
 //! ```text
 //! gst-launch-1.0 videotestsrc ! videoconvert ! aipipeline pipeline=noop ! videoconvert ! autovideosink
