@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use common::{arg, caps, median, ms, render_frames, render_frames_as, testdata};
 use gst::prelude::*;
 use gst_video::prelude::*;
-use gstaipipeline::{device, frame};
+use gstaipipeline::{device, frame, model};
 use tch::{Device, Kind, Tensor};
 
 const SIZE: u32 = 512;
@@ -88,7 +88,9 @@ fn bare_forward(model: &str, frames: &[gst::Buffer], dev: Device) -> anyhow::Res
     Ok(median(times))
 }
 
-/// Upload + cover/crop (+ float conversion) + download, as the element does it.
+/// Upload + cover/crop (+ float conversion) + download, as the element does it
+/// (`FrameIn::to_frame` into the reused staging tensor, then `frame::write_frame`; the u8 path
+/// is `model::run_frame` with `noop`).
 fn conversion(
     frames: &[gst::Buffer],
     w: u32,
@@ -98,20 +100,50 @@ fn conversion(
 ) -> anyhow::Result<Duration> {
     let layout = frame::pixel_layout(gst_video::VideoFormat::Rgb)
         .ok_or_else(|| anyhow::anyhow!("layout"))?;
-    let crop = frame::cover_crop(w, h, SIZE, SIZE);
+    let format = frame::InFormat::Packed(layout);
+    convert_frames(frames, dev, float, |b, f| {
+        let map = b.map_readable()?;
+        f(&frame::FrameIn {
+            planes: &[map.as_slice()],
+            strides: &[(w * 3) as usize],
+            width: w,
+            height: h,
+            format,
+        })
+    })
+}
+
+/// The element's conversion of each frame (see [`conversion`]), the frame as `with_input`
+/// maps it: median time per frame.
+fn convert_frames(
+    frames: &[gst::Buffer],
+    dev: Device,
+    float: bool,
+    with_input: impl Fn(
+        &gst::Buffer,
+        &mut dyn FnMut(&frame::FrameIn<'_>) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()>,
+) -> anyhow::Result<Duration> {
     let mut out = vec![0u8; (SIZE * SIZE * 3) as usize];
+    let mut staging = frame::Staging::default();
     let _g = tch::no_grad_guard();
     let once = |b: &gst::Buffer| -> anyhow::Result<()> {
-        let map = b.map_readable()?;
-        let rgb = frame::upload_rgb(map.as_slice(), (w * 3) as usize, w, h, layout, crop, dev)?;
-        let u8_out = if float {
-            let f = frame::to_frame(&rgb, SIZE, SIZE)?;
-            frame::frame_to_u8(&f)?
-        } else {
-            frame::to_u8_frame(rgb, SIZE, SIZE)?
-        };
-        frame::download_rgb(&u8_out, &mut out, (SIZE * 3) as usize, SIZE, SIZE, 3)?;
-        Ok(())
+        with_input(b, &mut |input| {
+            if float {
+                let f = input.to_frame(&mut staging, SIZE, SIZE, dev)?;
+                frame::write_frame(&f, &mut out, (SIZE * 3) as usize, SIZE, SIZE, 3)?;
+            } else {
+                let o = model::FrameOut {
+                    data: &mut out,
+                    stride: (SIZE * 3) as usize,
+                    width: SIZE,
+                    height: SIZE,
+                    bpp: 3,
+                };
+                model::run_frame(&model::Runner::Noop, &mut staging, input, dev, o)?;
+            }
+            Ok(())
+        })
     };
     Ok(median(common::timed(frames, WARMUP, once)?))
 }
@@ -124,21 +156,22 @@ fn conversion_i420(
     dev: Device,
 ) -> anyhow::Result<Duration> {
     let info = gst_video::VideoInfo::builder(gst_video::VideoFormat::I420, w, h).build()?;
-    let crop = frame::cover_crop(w, h, SIZE, SIZE);
-    let mut out = vec![0u8; (SIZE * SIZE * 3) as usize];
-    let _g = tch::no_grad_guard();
-    let once = |b: &gst::Buffer| -> anyhow::Result<()> {
+    let matrix = frame::YuvMatrix::from_info(&info);
+    convert_frames(frames, dev, true, |b, f| {
         let vf = gst_video::VideoFrameRef::from_buffer_ref_readable(b.as_ref(), &info)?;
         let planes = [vf.plane_data(0)?, vf.plane_data(1)?, vf.plane_data(2)?];
         let strides: Vec<usize> = vf.plane_stride().iter().map(|s| *s as usize).collect();
-        let m = frame::YuvMatrix::from_info(&info);
-        let rgb = frame::upload_yuv420(&planes, &strides, w, h, false, m, crop, dev)?;
-        let f = frame::to_frame(&rgb, SIZE, SIZE)?;
-        let u8_out = frame::frame_to_u8(&f)?;
-        frame::download_rgb(&u8_out, &mut out, (SIZE * 3) as usize, SIZE, SIZE, 3)?;
-        Ok(())
-    };
-    Ok(median(common::timed(frames, WARMUP, once)?))
+        f(&frame::FrameIn {
+            planes: &planes,
+            strides: &strides,
+            width: w,
+            height: h,
+            format: frame::InFormat::Yuv420 {
+                nv12: false,
+                matrix,
+            },
+        })
+    })
 }
 
 /// Frame rate of the live source in the throughput rows.

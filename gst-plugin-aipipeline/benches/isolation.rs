@@ -14,8 +14,8 @@
 //! each is kept.
 //!
 //! Two measurements per case:
-//! - direct: the same conversion + pipeline code called in this process (`model::process`
-//!   between `frame::upload_rgb` and `frame::download_rgb`) against a `ChildProc::frame` round
+//! - direct: the same conversion + pipeline code called in this process (`model::run_frame`,
+//!   as the element and the child call it) against a `ChildProc::frame` round
 //!   trip to a child; the child reports its own processing time, so
 //!   transport = round trip − child processing (shared-memory copies, socket round trip,
 //!   wake-ups) even when the machine's load makes the processing itself noisy. Goal: < 0.5 ms
@@ -81,7 +81,6 @@ fn direct(
     let runner = model::Runner::load(&def, &params, dev, false)?;
     let layout = frame::pixel_layout(gst_video::VideoFormat::Rgb)
         .ok_or_else(|| anyhow::anyhow!("layout"))?;
-    let crop = frame::cover_crop(w, h, ow, oh);
     let stride = (w * 3) as usize;
     let mut out = vec![0u8; (ow * oh * 3) as usize];
     let spawner = Spawner::new().map_err(anyhow::Error::msg)?;
@@ -102,12 +101,25 @@ fn direct(
         &|| false,
     )?;
     let _g = tch::no_grad_guard();
+    let mut staging = frame::Staging::default();
     let mut local_once = |b: &gst::Buffer| -> anyhow::Result<Duration> {
         let map = b.map_readable()?;
         let t0 = Instant::now();
-        let rgb = frame::upload_rgb(map.as_slice(), stride, w, h, layout, crop, dev)?;
-        let y = model::process(&runner, rgb, ow, oh)?;
-        frame::download_rgb(&y, &mut out, (ow * 3) as usize, ow, oh, 3)?;
+        let input = frame::FrameIn {
+            planes: &[map.as_slice()],
+            strides: &[stride],
+            width: w,
+            height: h,
+            format: frame::InFormat::Packed(layout),
+        };
+        let o = model::FrameOut {
+            data: &mut out,
+            stride: (ow * 3) as usize,
+            width: ow,
+            height: oh,
+            bpp: 3,
+        };
+        model::run_frame(&runner, &mut staging, &input, dev, o)?;
         Ok(t0.elapsed())
     };
     let mut child_once = |b: &gst::Buffer| -> anyhow::Result<(Duration, Duration)> {

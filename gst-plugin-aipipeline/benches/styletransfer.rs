@@ -17,7 +17,7 @@
 //!   on the same frames, already on the device as (1, S, S, 3) float [0, 1] (so it excludes the
 //!   element's upload, conversions and download); same statistics;
 //! - **element path**: the element's own per-frame work called as library functions, outside
-//!   GStreamer (`frame::upload_rgb`, `model::process`, `frame::download_rgb`, on a
+//!   GStreamer (`model::run_frame`, as the element calls it, on a
 //!   `model::Runner` loaded from the manifest as the element loads it): what the element
 //!   computes for a frame, without its thread hand-off, buffer pool and caps;
 //! - **live**: `videotestsrc is-live=true framerate=100/1 ! aipipeline ! fakesink` for about
@@ -128,6 +128,7 @@ struct ElementPath {
     layout: frame::PixelLayout,
     s: u32,
     out: Vec<u8>,
+    staging: frame::Staging,
     dev: Device,
 }
 
@@ -146,6 +147,7 @@ impl ElementPath {
             layout,
             s,
             out: vec![0u8; (s * s * 3) as usize],
+            staging: frame::Staging::default(),
             dev,
         })
     }
@@ -157,10 +159,21 @@ impl ElementPath {
         let s = self.s;
         let stride = s as usize * 3;
         let t0 = Instant::now();
-        let crop = frame::cover_crop(s, s, s, s);
-        let rgb = frame::upload_rgb(map.as_slice(), stride, s, s, self.layout, crop, self.dev)?;
-        let y = model::process(&self.runner, rgb, s, s)?;
-        frame::download_rgb(&y, &mut self.out, stride, s, s, 3)?;
+        let input = frame::FrameIn {
+            planes: &[map.as_slice()],
+            strides: &[stride],
+            width: s,
+            height: s,
+            format: frame::InFormat::Packed(self.layout),
+        };
+        let out = model::FrameOut {
+            data: &mut self.out,
+            stride,
+            width: s,
+            height: s,
+            bpp: 3,
+        };
+        model::run_frame(&self.runner, &mut self.staging, &input, self.dev, out)?;
         Ok(t0.elapsed())
     }
 }

@@ -301,6 +301,223 @@ pub fn upload_rgb(
     if layout.bgr { dst.f_flip([2]) } else { Ok(dst) }
 }
 
+/// One input frame as mapped: its planes (1 for packed RGB, 2 for NV12, 3 for I420), their
+/// strides, its size and how its bytes are laid out.
+#[derive(Clone, Copy, Debug)]
+pub struct FrameIn<'a> {
+    pub planes: &'a [&'a [u8]],
+    pub strides: &'a [usize],
+    pub width: u32,
+    pub height: u32,
+    pub format: InFormat,
+}
+
+/// How an input frame's bytes are laid out.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum InFormat {
+    Packed(PixelLayout),
+    Yuv420 { nv12: bool, matrix: YuvMatrix },
+}
+
+impl FrameIn<'_> {
+    /// The `crop` region as u8 (h, w, 3) RGB on `device` (see [`upload_rgb`] and
+    /// [`upload_yuv420`]).
+    pub fn upload(&self, crop: Crop, device: Device) -> Result<Tensor, TchError> {
+        match self.format {
+            InFormat::Packed(layout) => match (self.planes.first(), self.strides.first()) {
+                (Some(data), Some(stride)) => {
+                    upload_rgb(data, *stride, self.width, self.height, layout, crop, device)
+                }
+                _ => Err(TchError::Convert("no plane".into())),
+            },
+            InFormat::Yuv420 { nv12, matrix } => upload_yuv420(
+                self.planes,
+                self.strides,
+                self.width,
+                self.height,
+                nv12,
+                matrix,
+                crop,
+                device,
+            ),
+        }
+    }
+
+    /// The pipeline frame (1, out_h, out_w, 3) float [0, 1] of the cover-crop of this frame.
+    /// A packed frame on the CPU that needs no scaling is converted in one pass into the
+    /// reused `staging` tensor (no upload copy, no allocation); anything else is uploaded and
+    /// converted on the device ([`to_frame`]). Both give the same values (u8 × (1/255) in f32).
+    pub fn to_frame(
+        &self,
+        staging: &mut Staging,
+        out_w: u32,
+        out_h: u32,
+        device: Device,
+    ) -> Result<Tensor, TchError> {
+        let crop = cover_crop(self.width, self.height, out_w, out_h);
+        if let (InFormat::Packed(layout), Device::Cpu, Some(data), Some(stride)) = (
+            self.format,
+            device,
+            self.planes.first(),
+            self.strides.first(),
+        ) && (crop.w, crop.h) == (out_w as i64, out_h as i64)
+        {
+            check_len(data.len(), *stride, self.width, self.height, layout.bpp)?;
+            let t = staging.input(out_w, out_h)?;
+            let n = out_w as usize * out_h as usize * 3;
+            // SAFETY: `t` is a contiguous (1, out_h, out_w, 3) float CPU tensor owned by
+            // `staging` (n elements); no other view of it is alive (the previous frame's uses
+            // ended before this call), and the slice is dropped before `t` is returned.
+            let dst = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n) };
+            packed_to_float(data, *stride, layout, crop, dst);
+            return Ok(t.shallow_clone());
+        }
+        to_frame(&self.upload(crop, device)?, out_w, out_h)
+    }
+}
+
+/// Buffers reused from frame to frame by one inference thread (or child): the CPU tensor a
+/// packed input is converted into.
+#[derive(Default)]
+pub struct Staging {
+    input: Option<Tensor>,
+}
+
+impl Staging {
+    /// The (1, h, w, 3) float CPU staging tensor, made when the size changes.
+    fn input(&mut self, w: u32, h: u32) -> Result<&Tensor, TchError> {
+        let shape = [1, h as i64, w as i64, 3];
+        if self.input.as_ref().is_none_or(|t| t.size() != shape) {
+            self.input = Some(Tensor::f_empty(shape, (Kind::Float, Device::Cpu))?);
+        }
+        self.input
+            .as_ref()
+            .ok_or_else(|| TchError::Convert("no staging tensor".into()))
+    }
+}
+
+/// 1/255 as torch's `mul_scalar(1.0 / 255.0)` uses it on f32 (the f64 scalar cast to f32).
+const INV_255: f32 = (1.0f64 / 255.0) as f32;
+
+/// Packed 8-bit pixels of `crop` (lengths checked by the caller) to tightly packed RGB floats
+/// in [0, 1].
+fn packed_to_float(data: &[u8], stride: usize, layout: PixelLayout, crop: Crop, dst: &mut [f32]) {
+    let (bpp, first) = (layout.bpp as usize, layout.first as usize);
+    let (x, y, w) = (crop.x as usize, crop.y as usize, crop.w as usize);
+    for (r, drow) in dst.chunks_exact_mut(w * 3).enumerate() {
+        let start = (y + r) * stride + x * bpp;
+        let Some(src) = data.get(start..start + w * bpp) else {
+            return;
+        };
+        if bpp == 3 && !layout.bgr {
+            bytes_to_float(src, drow);
+        } else {
+            let (ri, bi) = if layout.bgr { (2, 0) } else { (0, 2) };
+            for (d, s) in drow.chunks_exact_mut(3).zip(src.chunks_exact(bpp)) {
+                let s = &s[first..first + 3];
+                d[0] = s[ri] as f32 * INV_255;
+                d[1] = s[1] as f32 * INV_255;
+                d[2] = s[bi] as f32 * INV_255;
+            }
+        }
+    }
+}
+
+/// `dst[i] = src[i] / 255` (as `u8 × INV_255`), with AVX2 where the CPU has it (1.6× here;
+/// the plain version is what the compiler makes of the same loop for baseline x86-64).
+fn bytes_to_float(src: &[u8], dst: &mut [f32]) {
+    #[inline(always)]
+    fn body(src: &[u8], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = *s as f32 * INV_255;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        fn avx2(src: &[u8], dst: &mut [f32]) {
+            body(src, dst)
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { avx2(src, dst) };
+        }
+    }
+    body(src, dst)
+}
+
+/// `dst[i] = float_to_u8(src[i])`, with AVX2 where the CPU has it (as [`bytes_to_float`]).
+fn floats_to_bytes(src: &[f32], dst: &mut [u8]) {
+    #[inline(always)]
+    fn body(src: &[f32], dst: &mut [u8]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = float_to_u8(*s);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        fn avx2(src: &[f32], dst: &mut [u8]) {
+            body(src, dst)
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { avx2(src, dst) };
+        }
+    }
+    body(src, dst)
+}
+
+/// Clamped to [0, 1], × 255, rounded half to even (as torch's `round`): for v in [0, 255],
+/// v + 1.5 × 2²³ has a unit last place, so the default rounding mode leaves round(v) in the
+/// low mantissa bits, read by a bit cast. Unlike `round_ties_even` (a libm call without
+/// SSE4.1) and a saturating `as u8`, this vectorises: 4× faster here.
+#[inline(always)]
+fn float_to_u8(v: f32) -> u8 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v.clamp(0.0, 1.0) * 255.0 + MAGIC).to_bits() as u8
+}
+
+/// Writes a (1, H, W, 3) float [0, 1] frame (the model's output) into a packed
+/// RGB/RGBx/RGBA plane: clamped, rounded, the fourth byte 255. A contiguous float CPU frame
+/// is written in one pass; any other goes through [`frame_to_u8`] and [`download_rgb`].
+pub fn write_frame(
+    frame: &Tensor,
+    data: &mut [u8],
+    stride: usize,
+    width: u32,
+    height: u32,
+    bpp: i64,
+) -> Result<(), TchError> {
+    let (w, h) = (width as usize, height as usize);
+    if frame.device() != Device::Cpu
+        || frame.kind() != Kind::Float
+        || frame.size() != [1, h as i64, w as i64, 3]
+    {
+        return download_rgb(&frame_to_u8(frame)?, data, stride, width, height, bpp);
+    }
+    check_len(data.len(), stride, width, height, bpp)?;
+    let frame = frame.f_contiguous()?;
+    // SAFETY: a contiguous float CPU tensor of 1 * h * w * 3 elements (checked above), alive
+    // (`frame`) for the whole use of the slice.
+    let src = unsafe { std::slice::from_raw_parts(frame.data_ptr() as *const f32, w * h * 3) };
+    let bpp = bpp as usize;
+    for (srow, drow) in src.chunks_exact(w * 3).zip(data.chunks_mut(stride)) {
+        let drow = &mut drow[..w * bpp];
+        if bpp == 3 {
+            floats_to_bytes(srow, drow);
+        } else {
+            for (d, s) in drow.chunks_exact_mut(bpp).zip(srow.chunks_exact(3)) {
+                d[0] = float_to_u8(s[0]);
+                d[1] = float_to_u8(s[1]);
+                d[2] = float_to_u8(s[2]);
+                d[3] = 255;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Scales a u8 (h, w, 3) RGB tensor to (out_h, out_w, 3) u8: bilinear, antialiased when
 /// shrinking. On the CPU this runs torch's uint8 channels-last kernels (no float round trip);
 /// on CUDA (no uint8 kernels there) it goes through float and rounds.
@@ -338,7 +555,7 @@ pub fn to_frame(rgb: &Tensor, out_w: u32, out_h: u32) -> Result<Tensor, TchError
     // u8 / float scalar promotes to float: one pass.
     resize_u8(rgb, out_w, out_h)?
         .f_unsqueeze(0)?
-        .f_div_scalar(255.0)
+        .f_mul_scalar(1.0 / 255.0)
 }
 
 /// The cover+cropped input as u8 (H, W, 3), without a float round trip when no scaling is
@@ -474,6 +691,50 @@ mod tests {
         let mut out2 = vec![0u8; 2 * 2 * 4];
         download_rgb(&back, &mut out2, 8, 2, 2, 4).unwrap();
         assert_eq!(&out2[0..4], &[200, 0, 1, 255]);
+    }
+
+    /// The one-pass CPU conversions give exactly what the torch path gives.
+    #[test]
+    fn cpu_fast_paths_match_the_torch_path() {
+        let (w, h, stride) = (6u32, 4u32, 28usize);
+        let src: Vec<u8> = (0..stride * h as usize)
+            .map(|i| (i * 37 % 256) as u8)
+            .collect();
+        let mut staging = Staging::default();
+        for f in [VideoFormat::Bgrx, VideoFormat::Rgb, VideoFormat::Xrgb] {
+            let layout = pixel_layout(f).unwrap();
+            let input = FrameIn {
+                planes: &[&src],
+                strides: &[stride],
+                width: w,
+                height: h,
+                format: InFormat::Packed(layout),
+            };
+            let fast = input.to_frame(&mut staging, w, h, Device::Cpu).unwrap();
+            let crop = cover_crop(w, h, w, h);
+            let slow = to_frame(&input.upload(crop, Device::Cpu).unwrap(), w, h).unwrap();
+            assert!(fast.equal(&slow), "{f:?}");
+        }
+        // Out of range, NaN-free values, exact halves (ties go to even, as torch's round).
+        let vals: Vec<f32> = (0..(w * h * 3) as usize)
+            .map(|i| match i % 5 {
+                0 => -0.5,
+                1 => 1.7,
+                2 => (i as f32 + 0.5) / 255.0,
+                _ => (i as f32 * 0.013) % 1.0,
+            })
+            .chain([2.5 / 255.0, 3.5 / 255.0, 0.5])
+            .take((w * h * 3) as usize)
+            .collect();
+        let t = Tensor::from_slice(&vals).view([1, h as i64, w as i64, 3]);
+        for bpp in [3i64, 4] {
+            let ostride = w as usize * bpp as usize + 8;
+            let mut fast = vec![0u8; ostride * h as usize];
+            let mut slow = fast.clone();
+            write_frame(&t, &mut fast, ostride, w, h, bpp).unwrap();
+            download_rgb(&frame_to_u8(&t).unwrap(), &mut slow, ostride, w, h, bpp).unwrap();
+            assert_eq!(fast, slow, "bpp {bpp}");
+        }
     }
 
     #[test]

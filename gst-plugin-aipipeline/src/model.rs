@@ -43,6 +43,21 @@ pub enum FrameError {
     Dtype(Kind),
 }
 
+/// Whether a libtorch error text reports that the device ran out of memory (CUDA's caching
+/// allocator: "CUDA out of memory. Tried to allocate …", raised as `torch.OutOfMemoryError`).
+/// The element answers such an error by restarting the engine (a fresh child, or a fresh model
+/// in-process) instead of skipping frames that would all fail the same way.
+pub fn is_out_of_memory(msg: &str) -> bool {
+    msg.contains("CUDA out of memory") || msg.contains("OutOfMemoryError")
+}
+
+impl FrameError {
+    /// See [`is_out_of_memory`].
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, FrameError::Torch(e) if is_out_of_memory(&e.to_string()))
+    }
+}
+
 /// A TorchScript model ready to run.
 pub struct TorchModel {
     module: tch::CModule,
@@ -162,6 +177,12 @@ impl Runner {
 
 impl TorchModel {
     fn set_params(&mut self, params: &Params) -> Result<(), String> {
+        self.extra = self.extras_for(params)?;
+        Ok(())
+    }
+
+    /// The extra inputs (after the frame) for `params`, on the model's device.
+    pub fn extras_for(&self, params: &Params) -> Result<Vec<Tensor>, String> {
         let mut extra = Vec::with_capacity(self.inputs.len());
         let kind = if self.half { Kind::Half } else { Kind::Float };
         for (name, k) in &self.inputs {
@@ -181,8 +202,7 @@ impl TorchModel {
                     .map_err(|e| e.to_string())?,
             );
         }
-        self.extra = extra;
-        Ok(())
+        Ok(extra)
     }
 
     /// The model file.
@@ -192,8 +212,14 @@ impl TorchModel {
 
     /// Runs the model on a (1, H, W, 3) float [0, 1] frame; returns the same contract.
     pub fn forward(&self, frame: &Tensor) -> Result<Tensor, FrameError> {
+        self.forward_with(frame, &self.extra)
+    }
+
+    /// Runs the model on a (B, H, W, 3) float [0, 1] batch with these extra inputs (one set
+    /// for the whole batch, from [`TorchModel::extras_for`]); returns (B, H, W, 3).
+    pub fn forward_with(&self, frame: &Tensor, extra: &[Tensor]) -> Result<Tensor, FrameError> {
         let size = frame.size();
-        let (h, w) = (size[1], size[2]);
+        let (b, h, w) = (size[0], size[1], size[2]);
         let mut x = match self.range {
             Range::ZeroOne => frame.shallow_clone(),
             Range::MinusOneOne => frame.f_mul_scalar(2.0)?.f_sub_scalar_(1.0)?,
@@ -204,20 +230,20 @@ impl TorchModel {
         if self.half {
             x = x.f_to_kind(Kind::Half)?;
         }
-        let y = if self.extra.is_empty() {
+        let y = if extra.is_empty() {
             self.module.forward_ts(&[x])?
         } else {
-            let mut inputs = Vec::with_capacity(1 + self.extra.len());
+            let mut inputs = Vec::with_capacity(1 + extra.len());
             inputs.push(x);
-            inputs.extend(self.extra.iter().map(Tensor::shallow_clone));
+            inputs.extend(extra.iter().map(Tensor::shallow_clone));
             self.module.forward_ts(&inputs)?
         };
         if !y.is_floating_point() {
             return Err(FrameError::Dtype(y.kind()));
         }
         let expected = match self.layout {
-            Layout::Bhwc => vec![1, h, w, 3],
-            Layout::Nchw => vec![1, 3, h, w],
+            Layout::Bhwc => vec![b, h, w, 3],
+            Layout::Nchw => vec![b, 3, h, w],
         };
         let got = y.size();
         if got != expected {
@@ -242,19 +268,43 @@ impl TorchModel {
     }
 }
 
-/// Runs one frame through a runner: u8 RGB crop in, u8 (H, W, 3) RGB out, on the device.
-pub fn process(
+/// Where a frame's output goes: a packed RGB/RGBx/RGBA plane (the buffer pushed downstream,
+/// or the inference child's output slot in shared memory).
+pub struct FrameOut<'a> {
+    pub data: &'a mut [u8],
+    pub stride: usize,
+    pub width: u32,
+    pub height: u32,
+    pub bpp: i64,
+}
+
+/// Runs one frame through a runner, from the mapped input straight into the output plane:
+/// cover-crop to the output size, the pipeline, clamp and round back to 8 bits. The element
+/// (in-process, and for pass-through frames with [`Runner::Noop`]) and the inference child both
+/// call this, so their results are identical. `staging` holds the buffers reused from frame to
+/// frame.
+pub fn run_frame(
     runner: &Runner,
-    crop_rgb: Tensor,
-    width: u32,
-    height: u32,
-) -> Result<Tensor, FrameError> {
+    staging: &mut frame::Staging,
+    input: &frame::FrameIn<'_>,
+    device: Device,
+    out: FrameOut<'_>,
+) -> Result<(), FrameError> {
     match runner {
-        Runner::Noop => Ok(frame::to_u8_frame(crop_rgb, width, height)?),
+        Runner::Noop => {
+            let crop = frame::cover_crop(input.width, input.height, out.width, out.height);
+            let rgb = frame::to_u8_frame(input.upload(crop, device)?, out.width, out.height)?;
+            Ok(frame::download_rgb(
+                &rgb, out.data, out.stride, out.width, out.height, out.bpp,
+            )?)
+        }
         Runner::Torch(m) => {
-            let f = frame::to_frame(&crop_rgb, width, height)?;
+            let f = input.to_frame(staging, out.width, out.height, device)?;
             let y = m.forward(&f)?;
-            Ok(frame::frame_to_u8(&y)?)
+            drop(f);
+            Ok(frame::write_frame(
+                &y, out.data, out.stride, out.width, out.height, out.bpp,
+            )?)
         }
     }
 }

@@ -43,6 +43,11 @@ impl Drop for Rig {
 /// live videotestsrc (solid COLOUR, 384², 50 fps) ! aipipeline isolation=process (props) !
 /// fakesink, recording the first pixel of each buffer and our events.
 fn rig(props: &str) -> Rig {
+    rig_in(&testdata(), props)
+}
+
+/// [`rig`] with the manifests of `dir`.
+fn rig_in(dir: &std::path::Path, props: &str) -> Rig {
     init();
     let [r, g, b] = COLOUR;
     let desc = format!(
@@ -51,7 +56,7 @@ fn rig(props: &str) -> Rig {
          aipipeline name=ai isolation=process child-path={} pipelines-dir={} {props} ! \
          fakesink name=sink sync=false",
         child_bin(),
-        testdata().display()
+        dir.display()
     );
     let pipeline = common::launch(&desc);
     let el = pipeline.by_name("ai").unwrap();
@@ -563,4 +568,245 @@ fn killing_the_parent_leaves_no_child_behind() {
         "inference child {pid} survived its parent"
     );
     let _ = std::fs::remove_dir_all(&plugin_dir);
+}
+
+/// A folder with the `oominvert` pipeline: out = 1 - x, but while its scalar param `oom` is at
+/// least 0.5 the model raises an error whose text is libtorch's CUDA out-of-memory message
+/// (an assertion op with that message, traced with tch), on the CPU. Its warm-up frame fails
+/// too, so a restart with `oom` still 1 falls back to the default params `{}`.
+fn oom_pipelines() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "aipipeline-oom-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut f = |xs: &[tch::Tensor]| {
+        let ok = xs[1].lt(0.5);
+        let token = tch::Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu));
+        let t = ok.internal_functional_assert_async(
+            "CUDA out of memory. Tried to allocate 2.00 GiB (aipipeline test model)",
+            &token,
+        );
+        vec![xs[0].neg() + 1.0 + t * 0.0]
+    };
+    let x = tch::Tensor::zeros([1, 8, 8, 3], (tch::Kind::Float, tch::Device::Cpu));
+    let oom = tch::Tensor::from(0f32);
+    let m = tch::CModule::create_by_tracing("OomInvert", "forward", &[x, oom], &mut f).unwrap();
+    m.save(dir.join("oominvert.pt")).unwrap();
+    std::fs::write(
+        dir.join("oominvert.toml"),
+        "name = \"oominvert\"\nmodel = \"oominvert.pt\"\nwidth = 384\nheight = 384\n\
+         [params]\noom = 0.0\n[[inputs]]\nparam = \"oom\"\nkind = \"scalar\"\n",
+    )
+    .unwrap();
+    dir
+}
+
+/// The next restart loading event (skipping frames), failing on an online event first.
+fn wait_restart_loading(r: &Rig) {
+    loop {
+        match r.next() {
+            Rec::Loading(s) => {
+                assert_eq!(field_str(&s, "reason"), "restart");
+                assert!(s.get::<bool>("show-picture").unwrap());
+                return;
+            }
+            Rec::Buffer(..) => {}
+            Rec::Online => panic!("online before loading"),
+        }
+    }
+}
+
+/// A CUDA out-of-memory error on a frame (here raised by the test model on the CPU) replaces
+/// the child as a crash does: restart message, loading event, pass-through frames, a new
+/// child (its load with the failing params falls back to `{}`), online, real frames again.
+#[test]
+fn out_of_memory_in_the_child_restarts_it() {
+    let dir = oom_pipelines();
+    let r = rig_in(&dir, "pipeline=oominvert");
+    r.play();
+    r.wait_pixel(INVERTED);
+    let pid = r.child_pid();
+    assert!(pid > 0);
+    r.el.set_property("params", r#"{"oom": 1}"#);
+    wait_restart_loading(&r);
+    let m = r.restart_message();
+    assert_eq!(m.get::<u32>("restart-count").unwrap(), 1);
+    assert_eq!(m.get::<u32>("pid").unwrap(), pid);
+    let reason = field_str(&m, "reason");
+    assert!(
+        reason.contains("ran out of memory") && reason.contains("CUDA out of memory"),
+        "{reason}"
+    );
+    r.wait_pixel(COLOUR);
+    r.wait_online();
+    r.wait_pixel(INVERTED);
+    let w = r.warning_with("failed to load with params");
+    assert!(w.contains("default params {}"), "{w}");
+    assert!(wait_gone(pid, TIMEOUT), "the old child was not reaped");
+    let new_pid = r.child_pid();
+    assert!(new_pid > 0 && new_pid != pid);
+    assert_eq!(r.el.property::<String>("params"), "{}");
+    let stats = r.el.property::<gst::Structure>("stats");
+    assert_eq!(stats.get::<u32>("restart-count").unwrap(), 1);
+    drop(r);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// In-process, the same error reloads the model (counted and announced as a restart, pid 0).
+#[test]
+fn out_of_memory_in_process_reloads_the_model() {
+    let dir = oom_pipelines();
+    let r = rig_in(&dir, "pipeline=oominvert isolation=none");
+    r.play();
+    r.wait_pixel(INVERTED);
+    r.el.set_property("params", r#"{"oom": 1}"#);
+    wait_restart_loading(&r);
+    let m = r.restart_message();
+    assert_eq!(m.get::<u32>("restart-count").unwrap(), 1);
+    assert_eq!(m.get::<u32>("pid").unwrap(), 0);
+    assert!(
+        field_str(&m, "reason").contains("CUDA out of memory"),
+        "{m}"
+    );
+    r.wait_online();
+    r.wait_pixel(INVERTED);
+    assert_eq!(r.el.property::<String>("params"), "{}");
+    assert_eq!(
+        r.el.property::<gstaipipeline::Status>("status"),
+        gstaipipeline::Status::Ready
+    );
+    drop(r);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `gain` with these params in batch group `group` (the tests run in parallel: one group
+/// name per test).
+fn grouped(group: &str, params: &str) -> Rig {
+    let r = rig(&format!(
+        "pipeline=gain batch-group={group} batch-timeout-ms=20"
+    ));
+    r.el.set_property("params", params);
+    r
+}
+
+/// Two elements of one batch group share one child and each gets its own params' result;
+/// one leaving does not stop the other.
+#[test]
+fn a_batch_group_shares_one_child_with_per_element_params() {
+    let a = grouped("share", r#"{"gain": 0.5}"#);
+    let b = grouped("share", r#"{"gain": 0.25}"#);
+    a.play();
+    b.play();
+    a.wait_pixel([0x10, 0x20, 0x40]);
+    b.wait_pixel([0x08, 0x10, 0x20]);
+    let pid = a.child_pid();
+    assert!(pid > 0);
+    assert_eq!(b.child_pid(), pid, "one child for the group");
+    // The two live streams' frames (50 fps each, 20 ms batch timeout) meet in batches.
+    let batch = |r: &Rig| {
+        r.el.property::<gst::Structure>("stats")
+            .get::<u32>("batch-size")
+            .unwrap()
+    };
+    let mut paired = false;
+    for _ in 0..200 {
+        a.wait_pixel([0x10, 0x20, 0x40]);
+        if batch(&a) == 2 {
+            paired = true;
+            break;
+        }
+    }
+    assert!(paired, "no batch of two frames");
+    // A live params change applies to its element only.
+    b.el.set_property("params", r#"{"gain": 1.0, "bias": [0.5, 0.0, 0.0]}"#);
+    b.wait_pixel([0x20 + 0x80, 0x40, 0x80]);
+    a.wait_pixel([0x10, 0x20, 0x40]);
+    // An element of another group (or none) has a child of its own.
+    let c = grouped("share-other", r#"{"gain": 0.5}"#);
+    c.play();
+    c.wait_pixel([0x10, 0x20, 0x40]);
+    assert_ne!(c.child_pid(), pid);
+    // a leaves: b goes on with the same child.
+    a.pipeline.set_state(gst::State::Null).unwrap();
+    drop(a);
+    for _ in 0..10 {
+        b.wait_pixel([0xa0, 0x40, 0x80]);
+    }
+    assert_eq!(b.child_pid(), pid);
+    // The last member leaving ends the child.
+    b.pipeline.set_state(gst::State::Null).unwrap();
+    assert!(
+        wait_gone(pid, TIMEOUT),
+        "the group's child outlived its members"
+    );
+}
+
+/// A loss of the shared child restarts it once; every member announces the restart
+/// (its own restart message and loading/online events) and gets real frames again.
+#[test]
+fn a_batch_group_child_loss_restarts_every_member() {
+    let a = grouped("loss", r#"{"gain": 0.5}"#);
+    let b = grouped("loss", r#"{"gain": 0.25}"#);
+    a.play();
+    b.play();
+    a.wait_pixel([0x10, 0x20, 0x40]);
+    b.wait_pixel([0x08, 0x10, 0x20]);
+    let pid = a.child_pid();
+    assert_eq!(b.child_pid(), pid);
+    signal(pid, libc::SIGKILL);
+    for r in [&a, &b] {
+        wait_restart_loading(r);
+        let m = r.restart_message();
+        assert_eq!(m.get::<u32>("restart-count").unwrap(), 1);
+        assert_eq!(m.get::<u32>("pid").unwrap(), pid);
+        assert!(field_str(&m, "reason").contains("died"), "{m}");
+    }
+    a.wait_online();
+    b.wait_online();
+    a.wait_pixel([0x10, 0x20, 0x40]);
+    b.wait_pixel([0x08, 0x10, 0x20]);
+    let new_pid = a.child_pid();
+    assert!(new_pid > 0 && new_pid != pid);
+    assert_eq!(b.child_pid(), new_pid, "restarted once, still shared");
+    assert!(wait_gone(pid, TIMEOUT));
+}
+
+#[test]
+fn a_batch_group_needs_isolation_process() {
+    let r = rig("pipeline=gain batch-group=x isolation=none");
+    assert!(r.pipeline.set_state(gst::State::Playing).is_err());
+    let err = r.error_text();
+    assert!(
+        err.contains("batch-group 'x' needs isolation=process"),
+        "{err}"
+    );
+}
+
+/// `restart-child` on one member replaces the shared child once, and both members see it.
+#[test]
+fn restart_child_on_one_batch_group_member_restarts_both() {
+    let a = grouped("restart", r#"{"gain": 0.5}"#);
+    let b = grouped("restart", r#"{"gain": 0.25}"#);
+    a.play();
+    b.play();
+    a.wait_pixel([0x10, 0x20, 0x40]);
+    b.wait_pixel([0x08, 0x10, 0x20]);
+    let pid = a.child_pid();
+    a.el.emit_by_name::<()>("restart-child", &[]);
+    for r in [&a, &b] {
+        let m = r.restart_message();
+        assert_eq!(m.get::<u32>("restart-count").unwrap(), 1);
+        assert!(field_str(&m, "reason").contains("restart-child"), "{m}");
+    }
+    assert!(wait_gone(pid, TIMEOUT));
+    a.wait_online();
+    b.wait_online();
+    a.wait_pixel([0x10, 0x20, 0x40]);
+    b.wait_pixel([0x08, 0x10, 0x20]);
+    assert_eq!(a.child_pid(), b.child_pid());
+    assert_ne!(a.child_pid(), pid);
 }

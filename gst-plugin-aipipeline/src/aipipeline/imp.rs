@@ -15,7 +15,8 @@ use gst::glib;
 use gst::prelude::*;
 use gst::subclass::prelude::*;
 
-use super::loader::{Engine, Iso, LoadResult, loader, start_child};
+use super::batch::{Group, GroupKey};
+use super::loader::{Engine, Iso, LoadResult, Member, loader, start_child};
 use super::mailbox::{Item, MAX_QUEUED_EVENTS, Mailbox};
 use super::stats::Stats;
 use super::worker::Worker;
@@ -38,6 +39,8 @@ const DEFAULT_PIPELINE: &str = "noop";
 const DEFAULT_MAX_LATENCY_MS: u32 = 1000;
 const DEFAULT_STATS_INTERVAL_MS: u32 = 1000;
 const DEFAULT_MAX_RESTARTS: u32 = 3;
+const DEFAULT_BATCH_TIMEOUT_MS: u32 = 2;
+const DEFAULT_MAX_BATCH: u32 = 4;
 /// The runner's "output stalled more than 5 s".
 pub(super) const DEFAULT_HANG_TIMEOUT_MS: u32 = 5000;
 
@@ -57,6 +60,10 @@ pub(super) struct Settings {
     child_path: Option<String>,
     max_restarts: u32,
     hang_timeout_ms: u32,
+    /// Batch group name (empty: none).
+    batch_group: String,
+    batch_timeout_ms: u32,
+    max_batch: u32,
 }
 
 impl Default for Settings {
@@ -75,6 +82,9 @@ impl Default for Settings {
             child_path: None,
             max_restarts: DEFAULT_MAX_RESTARTS,
             hang_timeout_ms: DEFAULT_HANG_TIMEOUT_MS,
+            batch_group: String::new(),
+            batch_timeout_ms: DEFAULT_BATCH_TIMEOUT_MS,
+            max_batch: DEFAULT_MAX_BATCH,
         }
     }
 }
@@ -114,6 +124,8 @@ pub(super) struct Ctrl {
     pub(super) reload_restart: bool,
     /// A restart's `{}` fallback took effect: the params now in force.
     pub(super) fallback_json: Option<String>,
+    /// In a batch group: sizes change without a reload, the model cannot change.
+    pub(super) grouped: bool,
 }
 
 #[derive(Default)]
@@ -402,10 +414,28 @@ impl AiPipeline {
                 return;
             }
         };
-        let reload = ctrl
+        let mut reload = ctrl
             .model_params
             .as_ref()
             .is_none_or(|old| def.needs_reload(old, &p));
+        if reload && ctrl.grouped {
+            // The group's child runs any size (each frame says its own): only a new model
+            // would need a reload, and the child is shared.
+            if ctrl
+                .model_params
+                .as_ref()
+                .is_some_and(|old| old.model != p.model)
+            {
+                drop(ctrl);
+                self.post_warning(&format!(
+                    "Invalid params {json} for pipeline '{}': the model cannot change in batch group '{}' (its inference child is shared); the previous params stay in force",
+                    def.name,
+                    lock(&self.settings).batch_group
+                ));
+                return;
+            }
+            reload = false;
+        }
         ctrl.params_gen += 1;
         ctrl.params = Some(p.clone());
         ctrl.params_json = json.clone();
@@ -524,6 +554,16 @@ impl AiPipeline {
             params.height
         );
         let t0 = Instant::now();
+        let grouped = !settings.batch_group.is_empty();
+        if grouped && !isolated {
+            return Err(gst::error_msg!(
+                gst::ResourceError::Settings,
+                (
+                    "batch-group '{}' needs isolation=process (the group shares one inference child)",
+                    settings.batch_group
+                )
+            ));
+        }
         let (engine, estimate, device_name, iso) = if isolated {
             let cmd = ChildCommand::locate(settings.child_path.as_deref())
                 .map_err(|e| gst::error_msg!(gst::ResourceError::NotFound, ("{}", e)))?;
@@ -543,20 +583,64 @@ impl AiPipeline {
                 },
                 hang_timeout: Duration::from_millis(settings.hang_timeout_ms.max(1) as u64),
             });
-            let (c, warm, json) =
-                start_child(&iso, &settings.params, Some(&params), true, &|| false).map_err(
-                    |e| {
-                        gst::error_msg!(
-                            gst::ResourceError::OpenRead,
-                            (
-                                "Cannot load pipeline '{}' in the inference child {}: {}",
-                                def.name,
-                                iso.cmd.program.display(),
-                                e
-                            )
-                        )
-                    },
-                )?;
+            let load_error = |e: String| {
+                gst::error_msg!(
+                    gst::ResourceError::OpenRead,
+                    (
+                        "Cannot load pipeline '{}' in the inference child {}: {}",
+                        def.name,
+                        iso.cmd.program.display(),
+                        e
+                    )
+                )
+            };
+            let (engine, warm, json, name) = if grouped {
+                let key = GroupKey {
+                    name: settings.batch_group.clone(),
+                    pipeline: iso.spec.pipeline.clone(),
+                    model: iso.spec.model.clone(),
+                    pipelines_dir: iso.spec.pipelines_dir.clone(),
+                    device: iso.spec.device.clone(),
+                    fp16: iso.spec.fp16,
+                    program: iso.cmd.program.clone(),
+                };
+                let (group, name, json) = Group::join(
+                    key,
+                    iso.clone(),
+                    &settings.params,
+                    &params,
+                    Duration::from_millis(settings.batch_timeout_ms as u64),
+                    settings.max_batch,
+                )
+                .map_err(load_error)?;
+                let (pid, seen, _) = group.child();
+                gst::info!(
+                    CAT,
+                    imp = self,
+                    "batch group '{}': inference child {pid} runs pipeline '{}' on {name}",
+                    settings.batch_group,
+                    def.name
+                );
+                (
+                    Engine::Group(Member { group, seen }),
+                    Duration::ZERO,
+                    json,
+                    name,
+                )
+            } else {
+                let (c, warm, json) =
+                    start_child(&iso, &settings.params, Some(&params), true, &|| false)
+                        .map_err(load_error)?;
+                let name = c.device().to_string();
+                gst::info!(
+                    CAT,
+                    imp = self,
+                    "inference child {} runs pipeline '{}' on {name}",
+                    c.pid(),
+                    def.name
+                );
+                (Engine::Child(Box::new(c)), warm, json, name)
+            };
             if json != settings.params {
                 self.post_warning(&format!(
                     "Pipeline '{}' failed to load with params {}; running with the default params {{}}",
@@ -568,15 +652,7 @@ impl AiPipeline {
                 settings.params = json.clone();
                 lock(&self.settings).params = json;
             }
-            let name = c.device().to_string();
-            gst::info!(
-                CAT,
-                imp = self,
-                "inference child {} runs pipeline '{}' on {name}",
-                c.pid(),
-                def.name
-            );
-            (Engine::Child(Box::new(c)), warm, name, Some(iso))
+            (engine, warm, name, Some(iso))
         } else {
             let runner = Runner::load(&def, &params, device, half)
                 .map_err(|e| gst::error_msg!(gst::ResourceError::OpenRead, ("{}", e)))?;
@@ -592,6 +668,7 @@ impl AiPipeline {
         );
         let child_pid = match &engine {
             Engine::Child(c) => c.pid(),
+            Engine::Group(m) => m.group.child().0,
             Engine::Local(_) => 0,
         };
         let def = Arc::new(def);
@@ -611,6 +688,7 @@ impl AiPipeline {
                 good_json: settings.params.clone(),
                 initial: Some((engine, estimate)),
                 iso,
+                grouped,
                 ..Ctrl::default()
             };
         }
@@ -649,6 +727,7 @@ impl AiPipeline {
             child_checked: None,
             lost: None,
             fatal: false,
+            staging: Default::default(),
         };
         let handle = std::thread::Builder::new()
             .name("aipipeline-infer".into())
@@ -820,7 +899,7 @@ impl ObjectImpl for AiPipeline {
                     .build(),
                 glib::ParamSpecUInt::builder("max-restarts")
                     .nick("Maximum restarts")
-                    .blurb("Inference child restarts allowed in one run; one more loss is an element error")
+                    .blurb("Inference child restarts (and in-process out-of-memory reloads) allowed in one run; one more is an element error")
                     .default_value(DEFAULT_MAX_RESTARTS)
                     .mutable_ready()
                     .build(),
@@ -830,6 +909,26 @@ impl ObjectImpl for AiPipeline {
                     .minimum(1)
                     .maximum(600_000)
                     .default_value(DEFAULT_HANG_TIMEOUT_MS)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("batch-group")
+                    .nick("Batch group")
+                    .blurb("With isolation=process: elements of this process with the same batch-group and the same pipeline selection (pipeline, model, pipelines-dir, device, precision, child-path) share one inference child, which runs their frames as batches (empty: no sharing). Elements may join and leave at any time")
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecUInt::builder("batch-timeout-ms")
+                    .nick("Batch timeout (ms)")
+                    .blurb("In a batch group: how long the first frame of a batch waits for the other members' frames (the group's first element sets it)")
+                    .maximum(1000)
+                    .default_value(DEFAULT_BATCH_TIMEOUT_MS)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecUInt::builder("max-batch")
+                    .nick("Maximum batch")
+                    .blurb("In a batch group: most frames in one batch (the group's first element sets it)")
+                    .minimum(1)
+                    .maximum(crate::child::ChildProc::MAX_BATCH as u32)
+                    .default_value(DEFAULT_MAX_BATCH)
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecEnum::builder_with_default("status", Status::Loading)
@@ -889,6 +988,16 @@ impl ObjectImpl for AiPipeline {
                     "hang-timeout-ms" => {
                         s.hang_timeout_ms = value.get().unwrap_or(DEFAULT_HANG_TIMEOUT_MS)
                     }
+                    "batch-group" => {
+                        s.batch_group = value
+                            .get::<Option<String>>()
+                            .unwrap_or(None)
+                            .unwrap_or_default()
+                    }
+                    "batch-timeout-ms" => {
+                        s.batch_timeout_ms = value.get().unwrap_or(DEFAULT_BATCH_TIMEOUT_MS)
+                    }
+                    "max-batch" => s.max_batch = value.get().unwrap_or(DEFAULT_MAX_BATCH),
                     other => gst::warning!(CAT, imp = self, "unknown property {other}"),
                 }
             }
@@ -911,6 +1020,9 @@ impl ObjectImpl for AiPipeline {
             "child-path" => s.child_path.to_value(),
             "max-restarts" => s.max_restarts.to_value(),
             "hang-timeout-ms" => s.hang_timeout_ms.to_value(),
+            "batch-group" => s.batch_group.to_value(),
+            "batch-timeout-ms" => s.batch_timeout_ms.to_value(),
+            "max-batch" => s.max_batch.to_value(),
             "status" => lock(&self.shared.status).to_value(),
             "stats" => {
                 drop(s);

@@ -17,6 +17,15 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(180);
 pub(super) enum Engine {
     Local(Runner),
     Child(Box<ChildProc>),
+    /// The shared child of a batch group.
+    Group(Member),
+}
+
+/// An element's place in a batch group: the group, and the child generation (losses) the
+/// element is in step with.
+pub(super) struct Member {
+    pub(super) group: Arc<super::batch::Group>,
+    pub(super) seen: u64,
 }
 
 /// A finished load: the engine and its warm-up time, or why it failed.
@@ -136,15 +145,38 @@ pub(super) fn loader(
             params.width,
             params.height
         );
-        let res = Runner::load(&def, &params, device, half)
-            .map(|r| {
-                let w = r.warmup_time();
-                (Engine::Local(r), w)
-            })
-            .map_err(|e| e.to_string());
+        let mut used = None;
+        let mut res = Runner::load(&def, &params, device, half).map_err(|e| e.to_string());
+        if let Err(e) = &res
+            && restart
+            && !matches!(json.trim(), "" | "{}")
+        {
+            // A restart (out of memory) falls back to the default params, as a child does.
+            gst::warning!(CAT, "load with params {json} failed ({e}); trying {{}}");
+            let retry = def
+                .parse_params("{}")
+                .map_err(|e| e.to_string())
+                .and_then(|p| Runner::load(&def, &p, device, half).map_err(|e| e.to_string()));
+            res = match retry {
+                Ok(r) => {
+                    used = Some("{}".to_string());
+                    Ok(r)
+                }
+                Err(e2) => Err(format!(
+                    "{e}; the retry with default params {{}} failed too: {e2}"
+                )),
+            };
+        }
+        let res = res.map(|r| {
+            let w = r.warmup_time();
+            (Engine::Local(r), w)
+        });
         let mut ctrl = lock(&shared.ctrl);
         if !ctrl.running || ctrl.session != session {
             return;
+        }
+        if res.is_ok() && used.is_some() {
+            ctrl.fallback_json = used;
         }
         ctrl.loaded = Some((generation, res));
     }

@@ -12,7 +12,12 @@
 //! `rivulet-inference` helper found next to the plugin's shared object, next to the running
 //! program, then on `PATH`; see [`crate::child`]): frames cross through shared memory, and a
 //! child that dies or hangs is replaced while frames keep flowing (loading/online events, an
-//! `aipipeline-restart` message; beyond `max-restarts` an element error).
+//! `aipipeline-restart` message; beyond `max-restarts` an element error). A CUDA out-of-memory
+//! error on a frame restarts the engine the same way (in-process: the model is reloaded).
+//!
+//! With `batch-group` (and `isolation=process`), elements of this process with the same group
+//! name and pipeline selection share one inference child that runs their frames as batches
+//! (`max-batch`, `batch-timeout-ms`); see `batch.rs` and the crate README, "Batch groups".
 //!
 //! ```text
 //! gst-launch-1.0 videotestsrc ! videoconvert ! aipipeline pipeline=noop ! videoconvert ! autovideosink
@@ -22,6 +27,7 @@
 use gst::glib;
 use gst::prelude::*;
 
+mod batch;
 mod imp;
 mod loader;
 mod mailbox;
@@ -41,9 +47,11 @@ pub const ONLINE_EVENT: &str = "rivulet-online";
 pub const STATS_MESSAGE: &str = "aipipeline-stats";
 
 /// Structure name of the element message posted when the inference child (isolation=process)
-/// died or hung and is being restarted. Fields: `restart-count` (u32, restarts so far in this
-/// run), `reason` (string), `logs` (string: the child's last stderr lines, newline-joined),
-/// `pid` (u32: the lost child's pid).
+/// died, hung or ran out of device memory ("CUDA out of memory" in a frame's libtorch error),
+/// or when the in-process model (isolation=none) ran out of device memory, and it is being
+/// restarted (reloaded). Fields: `restart-count` (u32, restarts so far in this run), `reason`
+/// (string), `logs` (string: the child's last stderr lines, newline-joined; empty in-process),
+/// `pid` (u32: the lost child's pid; 0 in-process).
 pub const RESTART_MESSAGE: &str = "aipipeline-restart";
 
 /// Structure name of the details of the bus warning posted when accepted params hold keys the

@@ -30,6 +30,8 @@ pub(super) struct Stats {
     /// Inference child's pid (0: none).
     pub(super) child_pid: u32,
     pub(super) restarts: u32,
+    /// Batch group: frames in the batch of the last frame (0: none yet, or no group).
+    pub(super) batch_size: u32,
 }
 
 impl Stats {
@@ -59,6 +61,7 @@ impl Stats {
             .field("pipeline", self.pipeline.as_str())
             .field("child-pid", self.child_pid)
             .field("restart-count", self.restarts)
+            .field("batch-size", self.batch_size)
             .field(
                 "status",
                 match status {

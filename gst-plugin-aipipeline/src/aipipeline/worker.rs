@@ -11,12 +11,13 @@ use gst::prelude::*;
 use gst::subclass::prelude::*;
 use gst_video::prelude::*;
 
+use super::batch::GroupFrame;
 use super::imp::{AiPipeline, CAT, DEFAULT_HANG_TIMEOUT_MS, Shared, lock};
 use super::loader::{Engine, ensure_loader};
 use super::mailbox::Item;
 use super::stats::LATENCY_WINDOW;
 use super::{LOADING_EVENT, ONLINE_EVENT, RESTART_MESSAGE, Status};
-use crate::child::{ChildError, InputLayout};
+use crate::child::InputLayout;
 use crate::frame;
 use crate::model;
 use crate::pipeline::{self, Params, PipelineDef};
@@ -65,6 +66,8 @@ pub(super) struct Worker {
     pub(super) fatal: bool,
     /// Passthrough (`noop`): when the inference child last got a frame.
     pub(super) child_checked: Option<Instant>,
+    /// Buffers reused from frame to frame.
+    pub(super) staging: frame::Staging,
 }
 
 /// Passthrough (`noop` in its input's format) hands the inference child a frame at most this
@@ -109,12 +112,63 @@ fn copy_rgb(
     Ok(())
 }
 
-/// What the inference step produced.
-enum Produced {
-    /// Converted / processed in this process.
-    Tensor(Result<tch::Tensor, tch::TchError>),
-    /// Processed by the child: the output is in its shared memory.
-    Child(Result<(), ChildError>),
+/// What became of a frame.
+enum Outcome {
+    /// This output buffer goes downstream.
+    Done(gst::Buffer),
+    /// The input buffer goes downstream as it is (passthrough).
+    Input,
+    /// Skipped, with this warning.
+    Skip(String),
+    /// The engine is lost (child died or hung, or out of memory): restart it.
+    Lost(String),
+    /// The batch group's child of this generation is lost (the group replaces it).
+    GroupLost(u64, String),
+    /// The batch group could not replace its child.
+    Broken(String),
+}
+
+/// The output frame geometry [`write_output`] hands its writer.
+pub(super) type Out<'a> = model::FrameOut<'a>;
+
+/// Copies `inbuf`'s timestamps, offsets and DISCONT onto `out`.
+fn copy_timestamps(inbuf: &gst::Buffer, out: &mut gst::BufferRef) {
+    out.set_pts(inbuf.pts());
+    out.set_dts(inbuf.dts());
+    out.set_duration(inbuf.duration());
+    out.set_offset(inbuf.offset());
+    out.set_offset_end(inbuf.offset_end());
+    if inbuf.flags().contains(gst::BufferFlags::DISCONT) {
+        out.set_flags(gst::BufferFlags::DISCONT);
+    }
+}
+
+/// Copies `inbuf`'s timestamps and DISCONT onto `outbuf`, maps it as `out`'s video frame and
+/// lets `write` fill its first plane: `write`'s result, or why the buffer could not be mapped.
+fn write_output<E>(
+    inbuf: &gst::Buffer,
+    outbuf: &mut gst::Buffer,
+    out: &OutState,
+    write: impl FnOnce(Out<'_>) -> Result<(), E>,
+) -> Result<Result<(), E>, String> {
+    let bufref = outbuf
+        .get_mut()
+        .ok_or_else(|| "output buffer not writable".to_string())?;
+    copy_timestamps(inbuf, bufref);
+    let mut vframe = gst_video::VideoFrameRef::from_buffer_ref_writable(bufref, &out.info)
+        .map_err(|_| "cannot map the output buffer".to_string())?;
+    let stride = vframe.plane_stride()[0].max(0) as usize;
+    let (width, height) = (vframe.width(), vframe.height());
+    let data = vframe
+        .plane_data_mut(0)
+        .map_err(|_| "cannot map the output plane".to_string())?;
+    Ok(write(Out {
+        data,
+        stride,
+        width,
+        height,
+        bpp: out.bpp,
+    }))
 }
 
 enum Notice {
@@ -211,7 +265,8 @@ impl Worker {
                                 }
                             }
                             Some(Engine::Child(_)) => notices.push(Notice::ChildParams(p.clone())),
-                            None => {}
+                            // A batch group's frames carry their params.
+                            Some(Engine::Group(_)) | None => {}
                         }
                     }
                     self.active = p;
@@ -253,11 +308,13 @@ impl Worker {
                                     }
                                 }
                                 Engine::Child(_) => notices.push(Notice::ChildParams(p.clone())),
+                                Engine::Group(_) => {}
                             }
                         }
                         self.restarting = false;
                         lock(&self.shared.stats).child_pid = match &r {
                             Engine::Child(c) => c.pid(),
+                            Engine::Group(m) => m.group.child().0,
                             Engine::Local(_) => 0,
                         };
                         let old = std::mem::replace(&mut lock(&self.shared.stats).estimate, new);
@@ -294,7 +351,7 @@ impl Worker {
                                 Some(Engine::Child(_)) => {
                                     notices.push(Notice::ChildParams(g.clone()));
                                 }
-                                None => {}
+                                Some(Engine::Group(_)) | None => {}
                             }
                             self.active = g;
                         }
@@ -361,17 +418,25 @@ impl Worker {
             })
     }
 
-    /// Replaces a lost inference child: counts the restart (an element error beyond
-    /// max-restarts), posts `aipipeline-restart` with the child's last log lines, sends the
-    /// loading event and asks the loader for a new child with the current params (the `{}`
-    /// fallback applies). Frames pass through at the output size meanwhile.
+    /// Replaces a lost inference child, or (in-process) a model that ran out of device
+    /// memory: counts the restart (an element error beyond max-restarts), posts
+    /// `aipipeline-restart` with the child's last log lines, sends the loading event and asks
+    /// the loader for a new child (or model) with the current params (the `{}` fallback
+    /// applies). Frames pass through at the output size meanwhile.
     fn lose_child(&mut self, reason: String) -> Result<(), gst::FlowError> {
         let (pid, logs) = match self.runner.take() {
             Some(Engine::Child(c)) => (c.pid(), c.kill()),
-            other => {
-                self.runner = other;
+            // Dropped before the new one loads: its device memory is freed first.
+            Some(Engine::Local(r)) => {
+                drop(r);
                 (0, Vec::new())
             }
+            // A batch group replaces its child itself (see group_lost).
+            Some(g @ Engine::Group(_)) => {
+                self.runner = Some(g);
+                return Ok(());
+            }
+            None => (0, Vec::new()),
         };
         // A pending restart-child is served by this restart.
         self.shared.restart_req.store(false, Ordering::SeqCst);
@@ -453,6 +518,116 @@ impl Worker {
             return Err(gst::FlowError::Error);
         }
         Ok(())
+    }
+
+    /// Batch group, restarting: the group's child back (online at the next real frame),
+    /// lost again, or beyond repair.
+    fn poll_group(&mut self) -> Result<(), gst::FlowError> {
+        let Some(Engine::Group(m)) = &self.runner else {
+            return Ok(());
+        };
+        match m.group.status(m.seen) {
+            GroupFrame::Done => {
+                self.loading = false;
+                self.restarting = false;
+                self.pending_online = true;
+                lock(&self.shared.stats).child_pid = m.group.child().0;
+                Ok(())
+            }
+            GroupFrame::Restarting { generation, reason } if generation != m.seen => {
+                self.group_lost(generation, reason)
+            }
+            GroupFrame::Broken(e) => self.group_broken(e).map(|_| ()),
+            _ => Ok(()),
+        }
+    }
+
+    /// This element sees the loss of its batch group's child (generation `generation` now):
+    /// counted against max-restarts, announced (`aipipeline-restart`, loading event) as a
+    /// child loss; frames pass through until the group's new child is in service.
+    fn group_lost(&mut self, generation: u64, reason: String) -> Result<(), gst::FlowError> {
+        let Some(Engine::Group(m)) = self.runner.as_mut() else {
+            return Ok(());
+        };
+        let new_loss = m.seen != generation;
+        m.seen = generation;
+        if new_loss {
+            self.group_loss_counted(reason)?;
+        }
+        if !self.loading {
+            // Also for an element that joined while the group was replacing its child.
+            self.loading = true;
+            self.pending_online = false;
+            self.imp().set_status(Status::Loading);
+            let s = gst::Structure::builder(LOADING_EVENT)
+                .field("pipeline", self.def.name.as_str())
+                .field("reason", "restart")
+                .field("show-picture", true)
+                .build();
+            gst::info!(CAT, obj = self.element, "restart started: sending {s:?}");
+            let _ = self
+                .imp()
+                .srcpad
+                .push_event(gst::event::CustomDownstream::new(s));
+        }
+        self.restarting = true;
+        Ok(())
+    }
+
+    /// A loss of the group's child, for this element: counted (an element error beyond
+    /// max-restarts) and posted as `aipipeline-restart`.
+    fn group_loss_counted(&mut self, reason: String) -> Result<(), gst::FlowError> {
+        self.restarts += 1;
+        let pid = {
+            let mut st = lock(&self.shared.stats);
+            st.restarts = self.restarts;
+            std::mem::take(&mut st.child_pid)
+        };
+        gst::warning!(
+            CAT,
+            obj = self.element,
+            "batch group child {pid} lost ({reason}); restart {} of at most {}",
+            self.restarts,
+            self.max_restarts
+        );
+        if self.restarts > self.max_restarts {
+            self.fatal = true;
+            self.imp().set_status(Status::Error);
+            gst::element_error!(
+                self.element,
+                gst::ResourceError::Failed,
+                (
+                    "inference child crashed {} times: {}",
+                    self.restarts,
+                    reason
+                )
+            );
+            return Err(gst::FlowError::Error);
+        }
+        let s = gst::Structure::builder(RESTART_MESSAGE)
+            .field("restart-count", self.restarts)
+            .field("reason", reason.as_str())
+            .field("logs", "")
+            .field("pid", pid)
+            .build();
+        let _ = self
+            .element
+            .post_message(gst::message::Element::builder(s).src(&self.element).build());
+        Ok(())
+    }
+
+    fn group_broken(&mut self, e: String) -> Result<gst::FlowSuccess, gst::FlowError> {
+        self.fatal = true;
+        self.imp().set_status(Status::Error);
+        gst::element_error!(
+            self.element,
+            gst::ResourceError::Failed,
+            (
+                "The batch group's inference child could not be replaced: {}",
+                e
+            )
+        );
+        Err(gst::FlowError::Error)
     }
 
     fn frame_warning(&mut self, msg: String) {
@@ -625,8 +800,16 @@ impl Worker {
         if let Some(reason) = self.lost.take() {
             self.lose_child(reason)?;
         }
+        if self.loading && self.restarting {
+            self.poll_group()?;
+        }
         if self.shared.restart_req.swap(false, Ordering::SeqCst) {
-            if matches!(self.runner, Some(Engine::Child(_))) && !self.loading {
+            if let Some(Engine::Group(m)) = &self.runner
+                && !self.loading
+            {
+                // The shared child is replaced once; every member sees the loss.
+                m.group.replace(m.seen, "restart requested (restart-child)");
+            } else if matches!(self.runner, Some(Engine::Child(_))) && !self.loading {
                 self.lose_child("restart requested (restart-child)".into())?;
             } else {
                 gst::info!(
@@ -662,23 +845,18 @@ impl Worker {
         let hang_timeout = self.hang_timeout();
         let t0 = Instant::now();
 
-        let produced = {
-            let vframe = match gst_video::VideoFrameRef::from_buffer_ref_readable(
-                inbuf.as_ref(),
-                &in_info,
-            ) {
-                Ok(f) => f,
-                Err(_) => {
-                    self.frame_warning(format!(
-                        "Cannot map an input buffer as {}x{} {:?}; frame skipped",
-                        in_info.width(),
-                        in_info.height(),
-                        in_info.format()
-                    ));
-                    return Ok(gst::FlowSuccess::Ok);
-                }
+        let outcome = {
+            let Ok(vframe) =
+                gst_video::VideoFrameRef::from_buffer_ref_readable(inbuf.as_ref(), &in_info)
+            else {
+                self.frame_warning(format!(
+                    "Cannot map an input buffer as {}x{} {:?}; frame skipped",
+                    in_info.width(),
+                    in_info.height(),
+                    in_info.format()
+                ));
+                return Ok(gst::FlowSuccess::Ok);
             };
-            let crop = frame::cover_crop(vframe.width(), vframe.height(), w, h);
             let (vw, vh) = (vframe.width(), vframe.height());
             // At most 3 planes (I420); fixed arrays keep the hot path free of allocations.
             let mut planes: [&[u8]; 3] = [&[]; 3];
@@ -694,29 +872,75 @@ impl Worker {
                     .get(i)
                     .map_or(0, |s| (*s).max(0) as usize);
             }
-            let (planes, strides) = (&planes[..n], &strides[..n]);
-            if real && let Some(Engine::Child(c)) = self.runner.as_mut() {
-                let wire = match layout {
-                    Some(l) => InputLayout::Packed {
-                        bpp: l.bpp,
-                        first: l.first,
-                        bgr: l.bgr,
-                    },
-                    None => {
-                        let m = frame::YuvMatrix::from_info(&in_info);
-                        InputLayout::Yuv420 {
-                            nv12: in_info.format() == gst_video::VideoFormat::Nv12,
-                            kr: m.kr,
-                            kb: m.kb,
-                            full_range: m.full_range,
-                        }
-                    }
+            let format = match layout {
+                Some(l) => frame::InFormat::Packed(l),
+                None => frame::InFormat::Yuv420 {
+                    nv12: in_info.format() == gst_video::VideoFormat::Nv12,
+                    matrix: frame::YuvMatrix::from_info(&in_info),
+                },
+            };
+            let input = frame::FrameIn {
+                planes: &planes[..n],
+                strides: &strides[..n],
+                width: vw,
+                height: vh,
+                format,
+            };
+            let wire = match format {
+                frame::InFormat::Packed(l) => InputLayout::Packed {
+                    bpp: l.bpp,
+                    first: l.first,
+                    bgr: l.bgr,
+                },
+                frame::InFormat::Yuv420 { nv12, matrix: m } => InputLayout::Yuv420 {
+                    nv12,
+                    kr: m.kr,
+                    kb: m.kb,
+                    full_range: m.full_range,
+                },
+            };
+            if real && let Some(Engine::Group(m)) = self.runner.as_ref() {
+                let Some(out) = self.out.as_ref() else {
+                    return Err(gst::FlowError::NotNegotiated);
                 };
+                let mut outbuf = out.pool.acquire_buffer(None)?;
+                let params = &self.active;
+                let mut batch_size = 0;
+                let written = write_output(&inbuf, &mut outbuf, out, |o| {
+                    match m.group.frame(
+                        m.seen,
+                        input.planes,
+                        input.strides,
+                        (vw, vh),
+                        wire,
+                        (w, h),
+                        params,
+                        &mut |src| copy_rgb(src, o.data, o.stride, o.width, o.height, o.bpp),
+                        &mut batch_size,
+                    ) {
+                        GroupFrame::Done => Ok(()),
+                        other => Err(other),
+                    }
+                });
+                lock(&self.shared.stats).batch_size = batch_size as u32;
+                match written {
+                    Ok(Ok(())) => Outcome::Done(outbuf),
+                    Ok(Err(GroupFrame::Restarting { generation, reason })) => {
+                        Outcome::GroupLost(generation, reason)
+                    }
+                    Ok(Err(GroupFrame::Broken(e))) => Outcome::Broken(e),
+                    Ok(Err(GroupFrame::Failed(e))) => Outcome::Skip(e),
+                    Ok(Err(GroupFrame::Done)) => Outcome::Done(outbuf),
+                    Err(e) => {
+                        Outcome::Skip(format!("Cannot write an output frame: {e}; frame skipped"))
+                    }
+                }
+            } else if real && let Some(Engine::Child(c)) = self.runner.as_mut() {
                 // restart-child also ends the wait for a hung child (no hang timeout to sit out).
                 let restart_req = &self.shared.restart_req;
-                Produced::Child(c.frame_or_cancel(
-                    planes,
-                    strides,
+                match c.frame_or_cancel(
+                    input.planes,
+                    input.strides,
                     vw,
                     vh,
                     wire,
@@ -724,105 +948,91 @@ impl Worker {
                     h,
                     hang_timeout,
                     &|| restart_req.load(Ordering::SeqCst),
-                ))
+                ) {
+                    // Lost: start the restart, then this frame passes through like the ones
+                    // after.
+                    Err(e) if e.is_fatal() => Outcome::Lost(e.to_string()),
+                    Err(e) => Outcome::Skip(format!("{e}; frame skipped")),
+                    Ok(()) if passthrough => Outcome::Input,
+                    Ok(()) => match self.out.as_ref() {
+                        None => return Err(gst::FlowError::NotNegotiated),
+                        // Tightly packed RGB as the child writes it: its shared-memory slot
+                        // becomes the output buffer's memory (no copy).
+                        Some(out)
+                            if out.bpp == 3
+                                && out.info.stride().first().copied() == Some(w as i32 * 3)
+                                && let Some(mem) = c.lend_output() =>
+                        {
+                            let mut outbuf = gst::Buffer::new();
+                            if let Some(b) = outbuf.get_mut() {
+                                b.append_memory(mem);
+                                copy_timestamps(&inbuf, b);
+                            }
+                            Outcome::Done(outbuf)
+                        }
+                        Some(out) => {
+                            let mut outbuf = out.pool.acquire_buffer(None)?;
+                            let written = write_output(&inbuf, &mut outbuf, out, |o| {
+                                copy_rgb(c.output(), o.data, o.stride, o.width, o.height, o.bpp)
+                            });
+                            match written {
+                                Ok(Ok(())) => Outcome::Done(outbuf),
+                                Ok(Err(e)) | Err(e) => Outcome::Skip(format!(
+                                    "Cannot write an output frame: {e}; frame skipped"
+                                )),
+                            }
+                        }
+                    },
+                }
             } else {
-                Produced::Tensor(match (layout, planes.first()) {
-                    (Some(layout), Some(data)) => frame::upload_rgb(
-                        data,
-                        strides.first().copied().unwrap_or(0),
-                        vw,
-                        vh,
-                        layout,
-                        crop,
-                        device,
-                    ),
-                    (Some(_), None) => return Ok(gst::FlowSuccess::Ok),
-                    (None, _) => frame::upload_yuv420(
-                        planes,
-                        strides,
-                        vw,
-                        vh,
-                        in_info.format() == gst_video::VideoFormat::Nv12,
-                        frame::YuvMatrix::from_info(&in_info),
-                        crop,
-                        device,
-                    ),
-                })
-            }
-        };
-        let out_rgb = match produced {
-            Produced::Child(Ok(())) => None,
-            Produced::Child(Err(e)) if e.is_fatal() => {
-                // Lost: start the restart, then this frame passes through like the ones after.
-                self.lose_child(e.to_string())?;
-                return self.handle_buffer(inbuf, arrived);
-            }
-            Produced::Child(Err(e)) => {
-                self.frame_warning(format!("{e}; frame skipped"));
-                return Ok(gst::FlowSuccess::Ok);
-            }
-            Produced::Tensor(rgb) => {
-                let result = rgb.map_err(model::FrameError::from).and_then(|rgb| {
-                    match (&self.runner, real) {
-                        (Some(Engine::Local(r)), true) => model::process(r, rgb, w, h),
-                        _ => Ok(frame::to_u8_frame(rgb, w, h)?),
-                    }
+                let Some(out) = self.out.as_ref() else {
+                    return Err(gst::FlowError::NotNegotiated);
+                };
+                let noop = crate::model::Runner::Noop;
+                let runner = match (&self.runner, real) {
+                    (Some(Engine::Local(r)), true) => r,
+                    _ => &noop,
+                };
+                let staging = &mut self.staging;
+                let mut outbuf = out.pool.acquire_buffer(None)?;
+                let written = write_output(&inbuf, &mut outbuf, out, |o| {
+                    model::run_frame(runner, staging, &input, device, o)
                 });
-                match result {
-                    Ok(t) => Some(t),
+                match written {
+                    Ok(Ok(())) => Outcome::Done(outbuf),
+                    // Every frame would fail alike: reload the model (counted as a restart);
+                    // this frame passes through like the ones after it.
+                    Ok(Err(e)) if real && e.is_out_of_memory() => Outcome::Lost(format!(
+                        "pipeline '{}' ran out of device memory: {e}",
+                        self.def.name
+                    )),
+                    Ok(Err(e)) => Outcome::Skip(format!(
+                        "Pipeline '{}' failed on a frame: {e}; frame skipped",
+                        self.def.name
+                    )),
                     Err(e) => {
-                        self.frame_warning(format!(
-                            "Pipeline '{}' failed on a frame: {e}; frame skipped",
-                            self.def.name
-                        ));
-                        return Ok(gst::FlowSuccess::Ok);
+                        Outcome::Skip(format!("Cannot write an output frame: {e}; frame skipped"))
                     }
                 }
             }
         };
-        if passthrough {
-            return self.finish_frame(inbuf, real, late, t0);
-        }
-        let Some(out) = &self.out else {
-            return Err(gst::FlowError::NotNegotiated);
-        };
-        let mut outbuf = out.pool.acquire_buffer(None)?;
-        {
-            let Some(bufref) = outbuf.get_mut() else {
-                return Err(gst::FlowError::Error);
-            };
-            bufref.set_pts(inbuf.pts());
-            bufref.set_dts(inbuf.dts());
-            bufref.set_duration(inbuf.duration());
-            bufref.set_offset(inbuf.offset());
-            bufref.set_offset_end(inbuf.offset_end());
-            if inbuf.flags().contains(gst::BufferFlags::DISCONT) {
-                bufref.set_flags(gst::BufferFlags::DISCONT);
+        match outcome {
+            Outcome::Done(outbuf) => self.finish_frame(outbuf, real, late, t0),
+            Outcome::Input => self.finish_frame(inbuf, real, late, t0),
+            Outcome::Skip(msg) => {
+                self.frame_warning(msg);
+                Ok(gst::FlowSuccess::Ok)
             }
-            let mut vframe = gst_video::VideoFrameRef::from_buffer_ref_writable(bufref, &out.info)
-                .map_err(|_| gst::FlowError::Error)?;
-            let stride = vframe.plane_stride()[0].max(0) as usize;
-            let (ow, oh) = (vframe.width(), vframe.height());
-            let data = vframe
-                .plane_data_mut(0)
-                .map_err(|_| gst::FlowError::Error)?;
-            let written = match (&out_rgb, &self.runner) {
-                (Some(t), _) => {
-                    frame::download_rgb(t, data, stride, ow, oh, out.bpp).map_err(|e| e.to_string())
-                }
-                (None, Some(Engine::Child(c))) => {
-                    copy_rgb(c.output(), data, stride, ow, oh, out.bpp)
-                }
-                (None, _) => Err("no output".to_string()),
-            };
-            if let Err(e) = written {
-                drop(vframe);
-                self.frame_warning(format!("Cannot write an output frame: {e}; frame skipped"));
-                return Ok(gst::FlowSuccess::Ok);
+            Outcome::Lost(reason) => {
+                self.lose_child(reason)?;
+                self.handle_buffer(inbuf, arrived)
             }
+            Outcome::GroupLost(generation, reason) => {
+                self.group_lost(generation, reason)?;
+                self.handle_buffer(inbuf, arrived)
+            }
+            Outcome::Broken(e) => self.group_broken(e),
         }
-        drop(out_rgb);
-        self.finish_frame(outbuf, real, late, t0)
     }
 
     /// Counts an output frame, announces the pipeline online after its first real frame and

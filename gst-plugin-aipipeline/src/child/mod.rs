@@ -14,7 +14,7 @@
 //!   says so in each `frame` message (`shm-size`); the child remaps it then.
 //!
 //! The child runs the same conversion and model code as the in-process element
-//! ([`crate::frame`], [`crate::model::process`]), so results are identical. Its stderr goes to
+//! ([`crate::model::run_frame`]), so results are identical. Its stderr goes to
 //! a pipe the parent keeps the last [`LOG_LINES`] lines of (reported with a restart).
 //!
 //! Parent death: the child gets `PR_SET_PDEATHSIG(SIGKILL)` (set between fork and exec, on the
@@ -34,7 +34,7 @@ mod wire;
 
 pub use parent::{ChildCommand, ChildError, ChildProc, LOG_LINES, Spawner};
 pub use run::run;
-pub use wire::{InputLayout, LoadSpec, WireParams};
+pub use wire::{BatchItem, FrameReq, InputLayout, LoadSpec, WireParams};
 
 /// First argument of the child process (`rivulet-inference aipipeline-child`, or the daemon's
 /// `rivulet aipipeline-child`).

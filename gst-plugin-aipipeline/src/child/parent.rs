@@ -10,12 +10,15 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::shm::Shm;
-use super::wire::{FrameReq, InputLayout, LoadSpec, Recv, Reply, Request, recv_msg, send_msg};
+use super::shm::{INPUT_OFFSET, OUT_SLOTS, SLOT_LEN, Shm};
+use super::wire::{
+    BatchItem, FrameReq, InputLayout, LoadSpec, Recv, Reply, Request, recv_msg, send_msg,
+};
 use super::{BIN_NAME, CTRL_FD, ENV_PARENT, SHM_FD, SUBCOMMAND, errno};
 use crate::pipeline::Params;
 
@@ -43,6 +46,10 @@ pub enum ChildError {
     /// The wait was given up on request (the element's `restart-child`): replace the child.
     #[error("inference child replaced on request (restart-child)")]
     Cancelled,
+    /// The child's device ran out of memory on a frame ([`crate::model::is_out_of_memory`]):
+    /// it is alive, but every frame would fail the same way, so it is replaced.
+    #[error("inference child ran out of memory: {0}")]
+    OutOfMemory(String),
     /// The child reported an error for this request (it is still alive).
     #[error("{0}")]
     Failed(String),
@@ -186,6 +193,10 @@ pub struct ChildProc {
     last_out: std::ops::Range<usize>,
     /// The child's own time for the last frame.
     last_compute: Duration,
+    /// Output slots lent downstream (bit i: slot i), shared with the lent memories.
+    busy: Arc<AtomicU32>,
+    /// The slot reserved for the last frame's output, not lent (yet).
+    reserved: Option<usize>,
 }
 
 /// Longest log line kept (longer ones are cut).
@@ -333,6 +344,8 @@ impl ChildProc {
             device: String::new(),
             last_out: 0..0,
             last_compute: Duration::ZERO,
+            busy: Arc::new(AtomicU32::new(0)),
+            reserved: None,
         })
     }
 
@@ -502,27 +515,39 @@ impl ChildProc {
         cancelled: &dyn Fn() -> bool,
     ) -> Result<(), ChildError> {
         const ALIGN: usize = 64;
+        let out_len = out_w as usize * out_h as usize * 3;
+        if out_len > SLOT_LEN {
+            return Err(ChildError::Failed(format!(
+                "output {out_w}x{out_h} does not fit a shared-memory slot"
+            )));
+        }
         let mut descr = Vec::with_capacity(planes.len());
-        let mut off = 0usize;
+        let mut off = INPUT_OFFSET;
         for (p, s) in planes.iter().zip(strides) {
             descr.push((off as u64, p.len() as u64, *s as u64));
             off = (off + p.len()).next_multiple_of(ALIGN);
         }
-        let out_offset = off;
-        let out_len = out_w as usize * out_h as usize * 3;
-        let need = out_offset + out_len;
+        let need = off;
         if need > self.shm.len {
             let size = need.next_multiple_of(1 << 20);
             self.shm
                 .grow(size)
                 .map_err(|e| ChildError::Failed(format!("cannot grow shared memory: {e}")))?;
         }
-        {
-            let mem = self.shm.bytes_mut();
-            for (p, (o, l, _)) in planes.iter().zip(&descr) {
-                mem[*o as usize..(*o + *l) as usize].copy_from_slice(p);
-            }
+        for (p, (o, l, _)) in planes.iter().zip(&descr) {
+            // The input area, after every output slot.
+            self.shm
+                .region_mut(*o as usize..(*o + *l) as usize)
+                .copy_from_slice(p);
         }
+        // The slot for this frame's output: one that can be lent downstream if one is free
+        // (reserved until lent or the next frame), else the scratch slot.
+        self.release_reserved();
+        let slot = (0..OUT_SLOTS)
+            .find(|i| self.busy.fetch_or(1 << i, Ordering::AcqRel) & (1 << i) == 0)
+            .inspect(|i| self.reserved = Some(*i))
+            .unwrap_or(OUT_SLOTS);
+        let out_offset = slot * SLOT_LEN;
         let req = Request::Frame(FrameReq {
             shm_size: self.shm.len as u64,
             layout,
@@ -536,12 +561,133 @@ impl ChildProc {
         self.last_out = 0..0;
         match self.call_or_cancel(&req, timeout, cancelled)? {
             Reply::FrameDone { compute_us } => {
-                self.last_out = out_offset..need;
+                self.last_out = out_offset..out_offset + out_len;
                 self.last_compute = Duration::from_micros(compute_us);
                 Ok(())
             }
+            Reply::FrameError { msg } if crate::model::is_out_of_memory(&msg) => {
+                Err(ChildError::OutOfMemory(msg))
+            }
             Reply::FrameError { msg } => Err(ChildError::Failed(msg)),
             other => Err(ChildError::Failed(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Batches (a batch group): copies one frame's planes into the input area at `*cursor`
+    /// (advanced; start at [`ChildProc::BATCH_START`]), growing the area, and describes the
+    /// item whose output goes to slot `slot` (0..=[`ChildProc::MAX_BATCH`] - 1) with `params`.
+    #[allow(clippy::too_many_arguments)] // as frame
+    pub fn put_batch_item(
+        &mut self,
+        cursor: &mut usize,
+        planes: &[&[u8]],
+        strides: &[usize],
+        (width, height): (u32, u32),
+        layout: InputLayout,
+        (out_w, out_h): (u32, u32),
+        slot: usize,
+        params: &Params,
+    ) -> Result<BatchItem, ChildError> {
+        const ALIGN: usize = 64;
+        if out_w as usize * out_h as usize * 3 > SLOT_LEN || slot >= Self::MAX_BATCH {
+            return Err(ChildError::Failed(format!(
+                "output {out_w}x{out_h} (slot {slot}) does not fit shared memory"
+            )));
+        }
+        let mut descr = Vec::with_capacity(planes.len());
+        let mut off = (*cursor).max(INPUT_OFFSET);
+        for (p, s) in planes.iter().zip(strides) {
+            descr.push((off as u64, p.len() as u64, *s as u64));
+            off = (off + p.len()).next_multiple_of(ALIGN);
+        }
+        if off > self.shm.len {
+            self.shm
+                .grow(off.next_multiple_of(1 << 20))
+                .map_err(|e| ChildError::Failed(format!("cannot grow shared memory: {e}")))?;
+        }
+        for (p, (o, l, _)) in planes.iter().zip(&descr) {
+            self.shm
+                .region_mut(*o as usize..(*o + *l) as usize)
+                .copy_from_slice(p);
+        }
+        *cursor = off;
+        Ok(BatchItem {
+            frame: FrameReq {
+                shm_size: 0,
+                layout,
+                width,
+                height,
+                planes: descr,
+                out_w,
+                out_h,
+                out_offset: (slot * SLOT_LEN) as u64,
+            },
+            params: params.into(),
+        })
+    }
+
+    /// Runs a batch of items put with [`ChildProc::put_batch_item`]: one result per item
+    /// (its output then in [`ChildProc::batch_output`]), or why the whole batch failed.
+    pub fn run_batch(
+        &mut self,
+        mut items: Vec<BatchItem>,
+        timeout: Duration,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Vec<Result<(), String>>, ChildError> {
+        let n = items.len();
+        for it in &mut items {
+            it.frame.shm_size = self.shm.len as u64;
+        }
+        match self.call_or_cancel(&Request::Batch { items }, timeout, cancelled)? {
+            Reply::BatchDone { compute_us, errors } if errors.len() == n => {
+                self.last_compute = Duration::from_micros(compute_us);
+                if let Some(msg) = errors
+                    .iter()
+                    .flatten()
+                    .find(|m| crate::model::is_out_of_memory(m))
+                {
+                    return Err(ChildError::OutOfMemory(msg.clone()));
+                }
+                Ok(errors.into_iter().map(|e| e.map_or(Ok(()), Err)).collect())
+            }
+            Reply::FrameError { msg } => Err(ChildError::Failed(msg)),
+            other => Err(ChildError::Failed(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// The output (`len` bytes, tightly packed RGB) of batch slot `slot` after
+    /// [`ChildProc::run_batch`].
+    pub fn batch_output(&self, slot: usize, len: usize) -> &[u8] {
+        self.shm.region(slot * SLOT_LEN..slot * SLOT_LEN + len)
+    }
+
+    /// Where a batch's inputs start.
+    pub const BATCH_START: usize = INPUT_OFFSET;
+    /// Most items in a batch (one output slot each).
+    pub const MAX_BATCH: usize = OUT_SLOTS + 1;
+
+    /// Frees the slot reserved for the last frame if it was not lent.
+    fn release_reserved(&mut self) {
+        if let Some(i) = self.reserved.take() {
+            self.busy.fetch_and(!(1 << i), Ordering::AcqRel);
+        }
+    }
+
+    /// The output of the last successful frame as memory for the buffer pushed downstream:
+    /// the shared-memory slot the child wrote it into, lent until the memory is freed (no
+    /// copy). None when every lendable slot was lent already (then copy [`ChildProc::output`]).
+    pub fn lend_output(&mut self) -> Option<gst::Memory> {
+        let slot = self.reserved.take()?;
+        let len = self.last_out.len();
+        match self.shm.lend(slot, len, &self.busy) {
+            Some(lent) if self.last_out.start == slot * SLOT_LEN && len > 0 => {
+                Some(gst::Memory::from_mut_slice(lent))
+            }
+            other => {
+                drop(other);
+                self.busy.fetch_and(!(1 << slot), Ordering::AcqRel);
+                None
+            }
         }
     }
 
@@ -553,7 +699,7 @@ impl ChildProc {
 
     /// The output of the last successful frame.
     pub fn output(&self) -> &[u8] {
-        self.shm.bytes().get(self.last_out.clone()).unwrap_or(&[])
+        self.shm.region(self.last_out.clone())
     }
 
     /// Sends SIGKILL (if still running), reaps the child and returns its last log lines.

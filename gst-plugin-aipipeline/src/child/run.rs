@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::shm::Shm;
-use super::wire::{FrameReq, InputLayout, LoadSpec, Recv, Reply, Request, recv_msg, send_msg};
+use super::wire::{
+    BatchItem, FrameReq, InputLayout, LoadSpec, Recv, Reply, Request, recv_msg, send_msg,
+};
 use super::{BIN_NAME, CTRL_FD, ENV_PARENT, SHM_FD};
 use crate::device::{self, DeviceSpec};
 use crate::frame::{self, PixelLayout, YuvMatrix};
@@ -77,7 +79,12 @@ fn load(spec: &LoadSpec) -> Result<(Loaded, Duration), String> {
     ))
 }
 
-fn frame_in_child(loaded: &Loaded, shm: &mut Shm, req: &FrameReq) -> Result<(), String> {
+fn frame_in_child(
+    loaded: &Loaded,
+    staging: &mut frame::Staging,
+    shm: &mut Shm,
+    req: &FrameReq,
+) -> Result<(), String> {
     if req.shm_size as usize != shm.len {
         shm.map(req.shm_size as usize)
             .map_err(|e| format!("cannot map shared memory: {e}"))?;
@@ -91,57 +98,184 @@ fn frame_in_child(loaded: &Loaded, shm: &mut Shm, req: &FrameReq) -> Result<(), 
     if req.planes.len() > 3 || req.planes.is_empty() {
         return Err("1 to 3 planes expected".into());
     }
-    if req.planes.iter().any(|(o, l, _)| o + l > req.out_offset) {
-        return Err("input plane overlaps the output slot".into());
+    // The output slot and the planes must not overlap: the slots come first (see
+    // `shm`), so split after the slot (or before it, for a layout with the output last).
+    let out_start = req.out_offset as usize;
+    let plane_start = req
+        .planes
+        .iter()
+        .map(|(o, _, _)| *o as usize)
+        .min()
+        .unwrap_or(0);
+    let plane_end = (req.planes.iter())
+        .map(|(o, l, _)| o.saturating_add(*l) as usize)
+        .max()
+        .unwrap_or(0);
+    if plane_end > mem.len() {
+        return Err("input plane outside shared memory".into());
     }
-    let (input, output) = mem.split_at_mut(req.out_offset as usize);
-    let output = &mut output[..out_end - req.out_offset as usize];
+    let (output, input, base) = if out_end <= plane_start {
+        let (head, tail) = mem.split_at_mut(out_end);
+        (&mut head[out_start..], &*tail, out_end)
+    } else if plane_end <= out_start {
+        let (head, tail) = mem.split_at_mut(out_start);
+        (&mut tail[..out_end - out_start], &*head, 0)
+    } else {
+        return Err("input plane overlaps the output slot".into());
+    };
     let mut planes: [&[u8]; 3] = [&[]; 3];
     let mut strides = [0usize; 3];
     for (i, (o, l, s)) in req.planes.iter().enumerate() {
-        planes[i] = &input[*o as usize..(*o + *l) as usize];
+        let o = *o as usize - base;
+        planes[i] = &input[o..o + *l as usize];
         strides[i] = *s as usize;
     }
     let n = req.planes.len();
-    let crop = frame::cover_crop(req.width, req.height, req.out_w, req.out_h);
-    let rgb = match req.layout {
-        InputLayout::Packed { bpp, first, bgr } => frame::upload_rgb(
-            planes[0],
-            strides[0],
-            req.width,
-            req.height,
-            PixelLayout { bpp, first, bgr },
-            crop,
-            loaded.device,
-        ),
+    let format = in_format(req.layout);
+    let input = frame::FrameIn {
+        planes: &planes[..n],
+        strides: &strides[..n],
+        width: req.width,
+        height: req.height,
+        format,
+    };
+    let out = model::FrameOut {
+        data: output,
+        stride: req.out_w as usize * 3,
+        width: req.out_w,
+        height: req.out_h,
+        bpp: 3,
+    };
+    model::run_frame(&loaded.runner, staging, &input, loaded.device, out)
+        .map_err(|e| format!("Pipeline '{}' failed on a frame: {e}", loaded.def.name))
+}
+
+/// A batch ([`Request::Batch`]): every item's frame converted, items of equal params and
+/// size stacked into one (B, H, W, 3) forward with those params' extra inputs, each output
+/// written into its item's slot. One error per item (None: done).
+fn batch_in_child(
+    loaded: &Loaded,
+    stagings: &mut Vec<frame::Staging>,
+    shm: &mut Shm,
+    items: &[BatchItem],
+) -> Vec<Option<String>> {
+    let mut errors: Vec<Option<String>> = vec![None; items.len()];
+    let Runner::Torch(m) = &loaded.runner else {
+        // noop: nothing to stack.
+        let staging = stagings.first_mut();
+        let mut own = frame::Staging::default();
+        let staging = staging.unwrap_or(&mut own);
+        for (e, it) in errors.iter_mut().zip(items) {
+            *e = frame_in_child(loaded, staging, shm, &it.frame).err();
+        }
+        return errors;
+    };
+    if let Some(it) = items.first()
+        && it.frame.shm_size as usize != shm.len
+        && let Err(e) = shm.map(it.frame.shm_size as usize)
+    {
+        return vec![Some(format!("cannot map shared memory: {e}")); items.len()];
+    }
+    if stagings.len() < items.len() {
+        stagings.resize_with(items.len(), Default::default);
+    }
+    let mut groups: Vec<SubBatch> = Vec::new();
+    for (i, (it, staging)) in items.iter().zip(stagings.iter_mut()).enumerate() {
+        let f = &it.frame;
+        let converted = (|| -> Result<tch::Tensor, String> {
+            if f.planes.is_empty() || f.planes.len() > 3 {
+                return Err("1 to 3 planes expected".into());
+            }
+            let mut planes: [&[u8]; 3] = [&[]; 3];
+            let mut strides = [0usize; 3];
+            for (k, (o, l, st)) in f.planes.iter().enumerate() {
+                let (o, l) = (*o as usize, *l as usize);
+                planes[k] = shm.region(o..o.saturating_add(l));
+                if planes[k].len() != l {
+                    return Err("input plane outside shared memory".into());
+                }
+                strides[k] = *st as usize;
+            }
+            let n = f.planes.len();
+            let input = frame::FrameIn {
+                planes: &planes[..n],
+                strides: &strides[..n],
+                width: f.width,
+                height: f.height,
+                format: in_format(f.layout),
+            };
+            input
+                .to_frame(staging, f.out_w, f.out_h, loaded.device)
+                .map_err(|e| e.to_string())
+        })();
+        match converted {
+            Ok(t) => {
+                let p = Params::from(it.params.clone());
+                let size = (f.out_w, f.out_h);
+                match groups.iter_mut().find(|g| g.0 == p && g.1 == size) {
+                    Some(g) => g.2.push((i, t)),
+                    None => groups.push((p, size, vec![(i, t)])),
+                }
+            }
+            Err(e) => errors[i] = Some(e),
+        }
+    }
+    for (p, (w, h), members) in groups {
+        let run = || -> Result<tch::Tensor, String> {
+            let extra = m.extras_for(&p)?;
+            let frames: Vec<&tch::Tensor> = members.iter().map(|(_, t)| t).collect();
+            let x = tch::Tensor::f_cat(&frames, 0).map_err(|e| e.to_string())?;
+            m.forward_with(&x, &extra).map_err(|e| e.to_string())
+        };
+        match run() {
+            Ok(y) => {
+                for (k, (i, _)) in members.iter().enumerate() {
+                    let f = &items[*i].frame;
+                    let off = f.out_offset as usize;
+                    let len = w as usize * h as usize * 3;
+                    let written = y
+                        .f_narrow(0, k as i64, 1)
+                        .map_err(|e| e.to_string())
+                        .and_then(|yi| {
+                            let out = shm.region_mut(off..off + len);
+                            if out.len() != len {
+                                return Err("output slot outside shared memory".to_string());
+                            }
+                            frame::write_frame(&yi, out, w as usize * 3, w, h, 3)
+                                .map_err(|e| e.to_string())
+                        });
+                    errors[*i] = written.err();
+                }
+            }
+            Err(e) => {
+                let msg = format!("Pipeline '{}' failed on a batch: {e}", loaded.def.name);
+                for (i, _) in &members {
+                    errors[*i] = Some(msg.clone());
+                }
+            }
+        }
+    }
+    errors
+}
+
+/// Items that share one forward: their params, output size, and (item index, frame).
+type SubBatch = (Params, (u32, u32), Vec<(usize, tch::Tensor)>);
+
+fn in_format(layout: InputLayout) -> frame::InFormat {
+    match layout {
+        InputLayout::Packed { bpp, first, bgr } => {
+            frame::InFormat::Packed(PixelLayout { bpp, first, bgr })
+        }
         InputLayout::Yuv420 {
             nv12,
             kr,
             kb,
             full_range,
-        } => frame::upload_yuv420(
-            &planes[..n],
-            &strides[..n],
-            req.width,
-            req.height,
+        } => frame::InFormat::Yuv420 {
             nv12,
-            YuvMatrix { kr, kb, full_range },
-            crop,
-            loaded.device,
-        ),
+            matrix: YuvMatrix { kr, kb, full_range },
+        },
     }
-    .map_err(|e| e.to_string())?;
-    let out = model::process(&loaded.runner, rgb, req.out_w, req.out_h)
-        .map_err(|e| format!("Pipeline '{}' failed on a frame: {e}", loaded.def.name))?;
-    frame::download_rgb(
-        &out,
-        output,
-        req.out_w as usize * 3,
-        req.out_w,
-        req.out_h,
-        3,
-    )
-    .map_err(|e| format!("Cannot write an output frame: {e}"))
 }
 
 /// The child's main function: serves requests on fd 3 until `shutdown` or EOF. Returns the
@@ -189,15 +323,13 @@ pub fn run() -> i32 {
     // SAFETY: fds 3 and 4 were set up by the parent for us (checked open above) and nothing
     // else in this process owns them.
     let ctrl = unsafe { OwnedFd::from_raw_fd(CTRL_FD) };
-    let mut shm = Shm {
-        // SAFETY: as above.
-        fd: unsafe { OwnedFd::from_raw_fd(SHM_FD) },
-        ptr: std::ptr::null_mut(),
-        len: 0,
-    };
+    // SAFETY: as above.
+    let mut shm = Shm::from_fd(unsafe { OwnedFd::from_raw_fd(SHM_FD) });
     let _no_grad = tch::no_grad_guard();
     let fd = ctrl.as_raw_fd();
     let mut loaded: Option<Loaded> = None;
+    let mut staging = frame::Staging::default();
+    let mut stagings: Vec<frame::Staging> = Vec::new();
     loop {
         let req = match recv_msg::<Request>(fd, None) {
             Ok(Recv::Msg(r)) => r,
@@ -229,12 +361,24 @@ pub fn run() -> i32 {
                 None => Reply::FrameError {
                     msg: "no pipeline loaded".into(),
                 },
-                Some(l) => match frame_in_child(l, &mut shm, &f) {
+                Some(l) => match frame_in_child(l, &mut staging, &mut shm, &f) {
                     Ok(()) => Reply::FrameDone {
                         compute_us: started.elapsed().as_micros() as u64,
                     },
                     Err(msg) => Reply::FrameError { msg },
                 },
+            },
+            Request::Batch { items } => match &loaded {
+                None => Reply::FrameError {
+                    msg: "no pipeline loaded".into(),
+                },
+                Some(l) => {
+                    let errors = batch_in_child(l, &mut stagings, &mut shm, &items);
+                    Reply::BatchDone {
+                        compute_us: started.elapsed().as_micros() as u64,
+                        errors,
+                    }
+                }
             },
             Request::Params { params } => match loaded.as_mut() {
                 None => Reply::ParamsError {

@@ -114,7 +114,7 @@ pub enum InputLayout {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub(super) struct FrameReq {
+pub struct FrameReq {
     pub(super) shm_size: u64,
     pub(super) layout: InputLayout,
     pub(super) width: u32,
@@ -131,8 +131,22 @@ pub(super) struct FrameReq {
 pub(super) enum Request {
     Load(LoadSpec),
     Frame(FrameReq),
-    Params { params: WireParams },
+    Params {
+        params: WireParams,
+    },
+    /// Frames of several elements (a batch group) run as one batch: each item's output goes
+    /// to its own slot; items with the same params and size share one forward.
+    Batch {
+        items: Vec<BatchItem>,
+    },
     Shutdown,
+}
+
+/// One frame of a [`Request::Batch`] with the params of the element it came from.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BatchItem {
+    pub(super) frame: FrameReq,
+    pub(super) params: WireParams,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -151,6 +165,11 @@ pub(super) enum Reply {
     },
     FrameError {
         msg: String,
+    },
+    /// One entry per item: None when it succeeded, else its error.
+    BatchDone {
+        compute_us: u64,
+        errors: Vec<Option<String>>,
     },
     ParamsDone,
     ParamsError {
@@ -208,23 +227,28 @@ pub(super) fn recv_msg<T: for<'de> Deserialize<'de>>(
         if r == 0 {
             continue; // the deadline check above decides
         }
-        let mut buf = vec![0u8; MAX_MSG];
-        // SAFETY: buf is writable for its length.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            let e = errno();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
+        thread_local! {
+            /// One receive buffer per thread, reused for every message (no 64 KiB zeroed
+            /// allocation per frame).
+            static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; MAX_MSG]);
+        }
+        let got = BUF.with_borrow_mut(|buf| {
+            // SAFETY: buf is writable for its length.
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            match n {
+                n if n < 0 => Err(errno()),
+                0 => Ok(None),
+                n => serde_json::from_slice(&buf[..n as usize])
+                    .map(Some)
+                    .map_err(std::io::Error::other),
             }
-            return Err(e);
-        }
-        if n == 0 {
-            return Ok(Recv::Eof);
-        }
-        buf.truncate(n as usize);
-        return serde_json::from_slice(&buf)
-            .map(Recv::Msg)
-            .map_err(std::io::Error::other);
+        });
+        return match got {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => Err(e),
+            Ok(None) => Ok(Recv::Eof),
+            Ok(Some(m)) => Ok(Recv::Msg(m)),
+        };
     }
 }
 
