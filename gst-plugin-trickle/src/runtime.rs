@@ -6,7 +6,8 @@
 //! with an abort handle registered in the element's [`Canceller`], so that `unlock()` (flushing,
 //! state change to READY/NULL) cancels it at once instead of waiting for the network. Streaming
 //! threads are GStreamer threads, never tokio workers; callers that drive state changes from
-//! async code must do so from `spawn_blocking` or a dedicated thread (conventions §4).
+//! async code must do so from `spawn_blocking` or a dedicated thread, never on a tokio worker
+//! (tokio panics when a runtime's `block_on` is called from inside a runtime).
 
 use std::future::Future;
 use std::sync::{LazyLock, Mutex};

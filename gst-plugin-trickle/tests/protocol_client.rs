@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MPL-2.0
-//! Trickle client tests (spec §10-§11): the Publisher and Subscriber against a real server on
-//! 127.0.0.1:0, or against a raw TCP fake where exact server behaviour is needed.
+//! Trickle client tests (`docs/trickle.md`, publisher rules P1-P10, subscriber rules S1-S10): the
+//! Publisher and Subscriber against a real server on 127.0.0.1:0, or against a raw TCP fake where
+//! exact server behaviour is needed.
 
 mod protocol_common;
 
@@ -90,8 +91,9 @@ async fn publish_and_subscribe_stream_live_in_order() {
     }
     assert_eq!(publisher.next_seq(), 4);
     bounded("close", publisher.close()).await.unwrap();
-    // The close (empty segment, then DELETE) ends the subscriber: with EOS if its preconnect
-    // was waiting when the DELETE came, with 404 if it asked after (spec §9.1).
+    // The close (empty segment, then DELETE) ends the subscriber: with EOS if its preconnect was
+    // waiting when the DELETE came, with 404 if it asked after (`docs/trickle.md`, "Close, idle
+    // sweep, changefeed").
     let end = bounded("EOS", sub.next_segment()).await;
     assert!(
         matches!(end, Ok(None) | Err(ClientError::NotFound { .. })),
@@ -816,7 +818,7 @@ async fn next_segment_takes_over_a_seq_that_never_got_a_byte() {
         }
         other => panic!("expected RetriesExhausted, got {other:?}"),
     }
-    // Seq 0 never received a byte: the next segment is sent under it (P5).
+    // Seq 0 never received a byte: the next segment is sent under it (`docs/trickle.md`, P5).
     let w = bounded("begin again", publisher.begin_segment())
         .await
         .unwrap();

@@ -354,8 +354,10 @@ async fn publisher_disconnect_mid_body_ends_the_segment_cleanly() {
     let r = get(&h.url("cut/0")).await;
     assert_eq!(r.status(), 200);
     let reader = tokio::spawn(r.bytes());
-    drop(s); // abrupt disconnect: a body read error (500), the segment stays open (§7.7) ...
-    // ... until the idle-body timeout has passed with no other POST attached.
+    // Abrupt disconnect: a body read error (500), the segment stays open (`docs/trickle.md`,
+    // "Publishing a segment", step 6) until the idle-body timeout has passed with no other POST
+    // attached.
+    drop(s);
     let body = bounded("reader", reader)
         .await
         .unwrap()

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MPL-2.0
-//! Trickle server tests (spec §2-§9): a real server on 127.0.0.1:0, driven with reqwest or raw
-//! TCP where the exact bytes on the wire matter.
+//! Trickle server tests (`docs/trickle.md`, "Concepts" to "Server limits"): a real server on
+//! 127.0.0.1:0, driven with reqwest or raw TCP where the exact bytes on the wire matter.
 
 mod protocol_common;
 
@@ -10,7 +10,7 @@ use gsttrickle::protocol::server::{ServerConfig, ServerError, TrickleServer};
 use protocol_common::*;
 use tokio::io::AsyncWriteExt;
 
-// ---- §3 endpoints ---------------------------------------------------------------------------
+// ---- Endpoints (docs/trickle.md) ------------------------------------------------------------
 
 #[tokio::test]
 async fn create_endpoint_dev_and_orchestrator_mode() {
@@ -162,7 +162,7 @@ async fn delete_segment_releases_waiting_subscriber_and_publisher() {
     assert_eq!(head.header("connection"), Some("close"));
 }
 
-// ---- §5 status codes ------------------------------------------------------------------------
+// ---- Status codes (docs/trickle.md) ---------------------------------------------------------
 
 #[tokio::test]
 async fn status_codes_for_bad_requests() {
@@ -292,7 +292,7 @@ async fn channel_cap_gives_503() {
     assert_eq!(post(&h.url("c1/1"), b"y").await.status(), 200);
 }
 
-// ---- §6 size cap ----------------------------------------------------------------------------
+// ---- Size cap (docs/trickle.md, "Server limits") --------------------------------------------
 
 fn small_cap() -> ServerConfig {
     ServerConfig {
@@ -342,7 +342,7 @@ async fn oversize_chunked_body_is_cut_with_413_and_readers_see_the_end() {
     assert_eq!(post(&h.url("capc/1"), b"ok").await.status(), 200);
 }
 
-// ---- §7 publish semantics ------------------------------------------------------------------
+// ---- Publishing a segment (docs/trickle.md) ------------------------------------------------
 
 #[tokio::test]
 async fn headers_only_with_first_byte_and_live_relay() {
@@ -536,7 +536,7 @@ async fn subscriber_disconnect_affects_nobody_else() {
     );
 }
 
-// ---- §9 close, sweep, changefeed, switches --------------------------------------------------
+// ---- Close, idle sweep, changefeed, modes (docs/trickle.md) ---------------------------------
 
 #[tokio::test]
 async fn closing_a_channel_releases_subscribers_and_preconnected_publishers() {
@@ -761,7 +761,7 @@ async fn body_read_error_is_500_and_leaves_the_segment_open() {
     assert_eq!(head.status, 500);
     let rest = bounded("connection close", read_to_close(&mut s, head.rest)).await;
     assert!(String::from_utf8_lossy(&rest).contains("Server error"));
-    // §7.7: the segment is not closed on this path.
+    // The segment is not closed on this path (`docs/trickle.md`, "Publishing a segment", step 6).
     assert!(
         tokio::time::timeout(Duration::from_millis(200), &mut reader)
             .await

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MPL-2.0
-//! Trickle client over HTTPS (spec §10 P10, §11 S10): against a self-signed server, the client
-//! works with certificate verification off and refuses the server with it on.
+//! Trickle client over HTTPS (`docs/trickle.md`, publisher rule P10, subscriber rule S10): against
+//! a self-signed server, the client works with certificate verification off and refuses the server
+//! with it on.
 
 mod protocol_common;
 

@@ -354,10 +354,10 @@ async fn stream_end_to_end_like_an_orchestrator() {
         "every frame out of the pipeline is published"
     );
     // aipipeline's one-slot mailbox keeps only the newest frame when several arrive at once
-    // (design.md): that happens while the stream starts (the decoder releases its first frames
-    // together while x264 initialises downstream). Once frames flow, the 24 fps cap decides:
-    // between the first and the last output frame, at least 90% of the cap's frames come out
-    // (2 shared cores), and over the whole stream at least 75%.
+    // (ARCHITECTURE.md, "Threads and processes"): that happens while the stream starts (the decoder
+    // releases its first frames together while x264 initialises downstream). Once frames flow, the
+    // 24 fps cap decides: between the first and the last output frame, at least 90% of the cap's
+    // frames come out (2 shared cores), and over the whole stream at least 75%.
     let pts: Vec<u64> = frames.iter().map(|f| f.0 / 1_000_000).collect();
     let span_s = (frames.last().unwrap().0 - frames[0].0) as f64 / 1e9;
     let steady_expected = (span_s * 24.0).floor() as usize + 1;

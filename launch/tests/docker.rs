@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 
 const LIBTORCH: &str = "/opt/libtorch-2.11.0";
 const LIBTORCH_LIB: &str = "/opt/libtorch-2.11.0/torch/lib";
-/// conventions.md §1: the wheels and versions, verbatim.
+/// The wheels and versions of the libtorch pip line (README.md, "Build facts"), verbatim.
 const LIBTORCH_WHEELS: &str =
     "torch==2.11.0 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85";
 const IMAGES: [&str; 2] = ["Dockerfile.cpu", "Dockerfile.cuda"];
@@ -810,8 +810,9 @@ fn entrypoint_port_env_user_and_plugin_path() {
     }
 }
 
+/// libtorch as README.md's "Build facts" say: the pip line, the path, the rpath.
 #[test]
-fn libtorch_as_conventions_say() {
+fn libtorch_as_build_facts_say() {
     let config =
         std::fs::read_to_string(repo().join(".cargo/config.toml")).expect(".cargo/config.toml");
     assert!(
@@ -833,7 +834,7 @@ fn libtorch_as_conventions_say() {
             "{name}: {pip}"
         );
         assert!(pip.contains("--no-cache-dir"), "{name}: pip --no-cache-dir");
-        // CPU: exactly conventions.md's line; CUDA: the same WITH torch's NVIDIA dependencies.
+        // CPU: exactly README.md's line; CUDA: the same WITH torch's NVIDIA dependencies.
         assert_eq!(
             pip.contains("--no-deps"),
             !df.is_cuda(),

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MPL-2.0
-//! The trickle client (spec §10 publisher rules P1-P10, §11 subscriber rules S1-S10), on
-//! reqwest. Everything is async and runs on the caller's tokio runtime; background requests
-//! (preconnects) are spawned on the current runtime.
+//! The trickle client, on reqwest. It follows the publisher rules P1-P10 and the subscriber rules
+//! S1-S10 of `docs/trickle.md` ("Publisher (Rivulet's client)", "Subscriber (Rivulet's client)");
+//! the bare labels in this file (P5, S3, ...) are those rules. Everything is async and runs on the
+//! caller's tokio runtime; background requests (preconnects) are spawned on the current runtime.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), gsttrickle::protocol::client::ClientError> {
@@ -162,7 +163,7 @@ fn joined(
 // =============================================================================================
 // Subscriber
 
-/// Subscriber settings (spec §11, §18).
+/// Subscriber settings (`docs/trickle.md`, "Subscriber (Rivulet's client)"; defaults as there).
 #[derive(Debug, Clone)]
 pub struct SubscriberConfig {
     /// First seq to ask for: -2 (current, default), -1 (next) or any seq ≥ 0.
@@ -541,7 +542,7 @@ impl SubscribedSegment {
 // =============================================================================================
 // Publisher
 
-/// Publisher settings (spec §10, §18).
+/// Publisher settings (`docs/trickle.md`, "Publisher (Rivulet's client)"; defaults as there).
 #[derive(Debug, Clone)]
 pub struct PublisherConfig {
     /// `Content-Type` of every POST (the channel's MIME type).

@@ -13,19 +13,21 @@
 //! Deviations from the reference implementations (all documented where they apply):
 //! - the server does not send the `100 Continue` keepalive every 10 s on a POST waiting for its
 //!   first byte (hyper 1 has no API for unsolicited informational responses; see [`server`]);
-//! - the server refuses channel names outside `[A-Za-z0-9_-]{1,256}` with 400, caps segments
-//!   (413) and channels (503), and answers 400 to negative seqs other than -1/-2 (spec §2.5,
-//!   §3, §6: these are Rivulet's own rules);
+//! - the server refuses channel names outside `[A-Za-z0-9_-]{1,256}` with 400, caps segments (413)
+//!   and channels (503), and answers 400 to negative seqs other than -1/-2 (Rivulet's own rules:
+//!   `docs/trickle.md`, "URLs and channel names", "Seq rules" and "Server limits");
 //! - the server bounds connections (503 + close), request heads (408), idle POST bodies (408,
 //!   the segment closed), stuck response writes (dropped) and waiting subscribers (503), and
-//!   closes a segment whose POST body failed mid-way once it has been idle that long (§7.7
-//!   leaves it open); see "Limits" in [`server`];
+//!   closes a segment whose POST body failed mid-way once it has been idle that long (the
+//!   reference leaves it open: `docs/trickle.md`, "Publishing a segment", step 6); see
+//!   "Limits" in [`server`];
 //! - an empty write (an empty body, or a preconnect released by a close) moves `nextWrite` to
 //!   seq + 1 but never backwards, so a preconnect released late cannot pull the write head
 //!   back behind segments already written (`docs/trickle.md`, "Empty writes");
-//! - the publisher re-POSTs an untouched segment at most [`client::MAX_UNTOUCHED_RETRIES`]
-//!   times (the gateway retries "while the next segment has not started"); the writer then
-//!   fails, its unsent data is dropped and the next segment is sent under that seq (P5);
+//! - the publisher re-POSTs an untouched segment at most [`client::MAX_UNTOUCHED_RETRIES`] times
+//!   (the gateway retries "while the next segment has not started"); the writer then fails, its
+//!   unsent data is dropped and the next segment is sent under that seq (`docs/trickle.md`,
+//!   publisher rule P5);
 //! - the optional before-create / before-delete hooks of the reference server are not
 //!   implemented (nothing in Rivulet needs them).
 
@@ -53,7 +55,7 @@ pub const STATUS_SEGMENT_NOT_FOUND: u16 = 470;
 pub const MAX_CHANNEL_NAME_LEN: usize = 256;
 
 /// Whether `name` is an acceptable channel name: 1 to [`MAX_CHANNEL_NAME_LEN`] characters of
-/// `[A-Za-z0-9_-]` (spec §2.5; other characters are refused).
+/// `[A-Za-z0-9_-]` (`docs/trickle.md`, "URLs and channel names"; other characters are refused).
 pub fn is_valid_channel_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_CHANNEL_NAME_LEN

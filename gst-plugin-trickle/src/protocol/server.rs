@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MPL-2.0
-//! The trickle server (spec §2-§9): an axum [`Router`] serving the trickle endpoints under a
-//! base path, plus in-process channel management for hosts that run with auto-create off.
+//! The trickle server (`docs/trickle.md`, "Concepts" to "Server limits"): an axum [`Router`]
+//! serving the trickle endpoints under a base path, plus in-process channel management for hosts
+//! that run with auto-create off.
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
@@ -21,11 +22,12 @@
 //!
 //! # Deviation: no `100 Continue` keepalive
 //!
-//! The reference server sends an unsolicited `100 Continue` every 10 s on a preconnected POST
-//! whose body has not started (§7.3). hyper 1 offers no way for a handler to emit informational
-//! responses (it only answers `Expect: 100-continue` itself, when the body is first polled), so
-//! this server does not send the keepalive. The POST simply keeps waiting without limit; clients
-//! do not need the keepalive (it exists for intermediaries that cut silent connections).
+//! The reference server sends an unsolicited `100 Continue` every 10 s on a preconnected POST whose
+//! body has not started (`docs/trickle.md`, "Status codes", 1xx). hyper 1 offers no way for a
+//! handler to emit informational responses (it only answers `Expect: 100-continue` itself, when the
+//! body is first polled), so this server does not send the keepalive. The POST simply keeps waiting
+//! without limit; clients do not need the keepalive (it exists for intermediaries that cut silent
+//! connections).
 //!
 //! # Limits: the server holds under abuse
 //!
@@ -44,9 +46,9 @@
 //! | `max_waiting_subscribers_per_channel` | 128 | `503` with a text body |
 //! | `max_waiting_subscribers` (all channels) | 2048 | `503` with a text body |
 //!
-//! None of them is a whole-request timeout (§9.4): a request that is legitimately waiting (a
-//! preconnected POST before its first byte, a GET before its segment has data) is never timed.
-//! The exact rules:
+//! None of them is a whole-request timeout (`docs/trickle.md`, "Server limits"): a request that is
+//! legitimately waiting (a preconnected POST before its first byte, a GET before its segment has
+//! data) is never timed. The exact rules:
 //!
 //! - **Connections.** Over the cap a refused connection gets its 503 at once (one non-blocking
 //!   write), a FIN, and its request is drained for at most 0.5 s so that closing does not reset
@@ -69,30 +71,31 @@
 //!   408 there can cross a request the client is sending at that moment and be taken for its
 //!   answer. (Go's net/http and nginx close every such connection silently.)
 //! - **POST body** (`body_idle_timeout`): the wait for the first body byte is never timed (a
-//!   preconnected POST legitimately waits for the publisher's next keyframe, §7.3). From the
-//!   first non-empty chunk on, each next chunk (or the end of the body) must arrive within the
-//!   timeout; if not, the segment is closed (its subscribers get the bytes so far and a clean
-//!   end of their chunked body) and the POST is answered `408 Request Timeout` with
-//!   `Connection: close`.
-//! - **Abandoned segment** (`body_idle_timeout`; a deviation from §7.7): when a POST body fails
-//!   after the segment has bytes (the publisher disconnects mid-body, a bad chunk), the POST is
-//!   answered 500 and the segment stays open as in the reference, so that a re-POST can append
-//!   to it (§7.8) or a DELETE end it; but once no byte has arrived for the timeout while no POST
-//!   is attached, it is closed, so its subscribers get the bytes so far and a clean end instead
-//!   of hanging until the ring slot is reused.
+//!   preconnected POST legitimately waits for the publisher's next keyframe; `docs/trickle.md`,
+//!   "Publishing a segment", step 2). From the first non-empty chunk on, each next chunk (or the
+//!   end of the body) must arrive within the timeout; if not, the segment is closed (its
+//!   subscribers get the bytes so far and a clean end of their chunked body) and the POST is
+//!   answered `408 Request Timeout` with `Connection: close`.
+//! - **Abandoned segment** (`body_idle_timeout`; a deviation from the reference, `docs/trickle.md`,
+//!   "Publishing a segment", step 6): when a POST body fails after the segment has bytes (the
+//!   publisher disconnects mid-body, a bad chunk), the POST is answered 500 and the segment stays
+//!   open as in the reference, so that a re-POST can append to it (`docs/trickle.md`, "Seq rules",
+//!   re-POST appends) or a DELETE end it; but once no byte has arrived for the timeout while no
+//!   POST is attached, it is closed, so its subscribers get the bytes so far and a clean end
+//!   instead of hanging until the ring slot is reused.
 //! - **Response write** (`body_idle_timeout`, connection level): a socket write that cannot
 //!   make progress (the peer stopped reading and the socket buffers are full) for the timeout
 //!   drops the connection, and with it the response body: for a subscriber, its place in the
 //!   segment. Waiting for data to send (a GET waiting for its segment or its next chunk) is not
 //!   a stuck write and is never timed; a slow reader that takes some bytes at least once per
 //!   timeout is never dropped.
-//! - **Waiting subscribers** (`max_waiting_subscribers_per_channel`, `max_waiting_subscribers`):
-//!   a GET counts as waiting from the moment it finds its segment without data (a precreated
-//!   future segment, or one whose publisher has sent no byte yet) until the first byte arrives,
-//!   the segment closes or the client goes away: the time during which it has been sent no
-//!   response headers. One beyond either cap is answered `503 Service Unavailable` with a text
-//!   body naming the cap (clients retry, S3.5). A subscriber already streaming is not counted
-//!   (the connection cap bounds those).
+//! - **Waiting subscribers** (`max_waiting_subscribers_per_channel`, `max_waiting_subscribers`): a
+//!   GET counts as waiting from the moment it finds its segment without data (a precreated future
+//!   segment, or one whose publisher has sent no byte yet) until the first byte arrives, the
+//!   segment closes or the client goes away: the time during which it has been sent no response
+//!   headers. One beyond either cap is answered `503 Service Unavailable` with a text body naming
+//!   the cap (clients retry: `docs/trickle.md`, subscriber rule S3.5). A subscriber already
+//!   streaming is not counted (the connection cap bounds those).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -118,7 +121,7 @@ use super::{
 mod conn;
 pub use conn::{ConnectionLimits, ConnectionStats, REFUSAL_SLOTS, raise_fd_limit, serve_router};
 
-/// Name of the changefeed channel (§9.3).
+/// Name of the changefeed channel (`docs/trickle.md`, "Close, idle sweep, changefeed").
 pub const CHANGEFEED_CHANNEL: &str = "_changes";
 
 /// MIME type given to channels created without one.
@@ -151,13 +154,13 @@ pub struct ServerConfig {
     /// partial bytes do not extend it. A connection holding part of a head is answered 408, an
     /// idle one is closed silently. Zero: no timeout.
     pub header_read_timeout: Duration,
-    /// Idle-body timeout, both directions. POST: once the body has delivered its first byte,
-    /// no further byte for this long closes the segment (readers get the bytes so far and a
-    /// clean end) and answers 408; the wait for the first byte is never timed (preconnect).
-    /// A segment whose POST body failed after some bytes (§7.7) is closed once no byte has
-    /// arrived for this long and no other POST is attached. Responses (connection level): a
-    /// write that makes no progress for this long (the peer stopped reading) drops the
-    /// connection; waiting for data to send is never timed. Zero: no timeout.
+    /// Idle-body timeout, both directions. POST: once the body has delivered its first byte, no
+    /// further byte for this long closes the segment (readers get the bytes so far and a clean end)
+    /// and answers 408; the wait for the first byte is never timed (preconnect). A segment whose
+    /// POST body failed after some bytes (`docs/trickle.md`, "Publishing a segment", step 6) is
+    /// closed once no byte has arrived for this long and no other POST is attached. Responses
+    /// (connection level): a write that makes no progress for this long (the peer stopped reading)
+    /// drops the connection; waiting for data to send is never timed. Zero: no timeout.
     pub body_idle_timeout: Duration,
     /// Most GETs per channel waiting for the first byte of a segment (no response sent yet);
     /// one more is answered 503. 0: no limit.
@@ -497,7 +500,7 @@ impl Channel {
         (seq, seg)
     }
 
-    /// §8.1-8.2: resolve a GET's seq and apply the precreate rule.
+    /// Resolves a GET's seq and applies the precreation rule (`docs/trickle.md`, "Seq rules").
     fn segment_for_get(&self, seq: i64) -> (i64, GetTarget) {
         let mut st = self.state.lock().unwrap();
         let seq = match seq {
@@ -562,7 +565,7 @@ impl Channel {
         }
     }
 
-    /// §7.1 step 3: DELETE of one seq. `Err` when the slot holds another seq.
+    /// DELETE of one seq (`docs/trickle.md`, "Endpoints"). `Err` when the slot holds another seq.
     fn close_segment(&self, seq: i64) -> bool {
         let st = self.state.lock().unwrap();
         match &st.ring[slot_of(seq)] {
@@ -1160,7 +1163,7 @@ async fn get_segment(
         (st.next_write, st.closed)
     };
     let Some(first) = first else {
-        // §8.5: closed with zero bytes.
+        // Closed with zero bytes (`docs/trickle.md`, "Subscribing", step 4).
         let mut resp = with_header(
             with_header(StatusCode::OK.into_response(), H_SEQ, hv_i64(seq)),
             H_LATEST,
@@ -1190,7 +1193,7 @@ async fn get_segment(
     resp
 }
 
-/// `POST {base}{channel}/{seq}`: publish a segment (§7).
+/// `POST {base}{channel}/{seq}`: publish a segment (`docs/trickle.md`, "Publishing a segment").
 async fn post_segment(
     State(server): State<TrickleServer>,
     Path((channel, seq)): Path<(String, String)>,
@@ -1239,15 +1242,16 @@ async fn post_segment(
     }
     let _writer = WriterGuard::new(&seg);
     let mut changed = seg.changed.subscribe();
-    // A re-POST to an already closed segment appends (§7.8); only a close that happens while
-    // this POST waits releases it.
+    // A re-POST to an already closed segment appends (`docs/trickle.md`, "Seq rules"); only a close
+    // that happens while this POST waits releases it.
     let releasable = !seg.is_closed();
     let mut stream = body.into_data_stream();
     let mut written: u64 = 0;
     // The cap is per segment: a re-POST appends to what is already there.
     let already = seg.state.lock().unwrap().len;
 
-    // §7.3: wait for the first byte, or for the segment to be closed under us.
+    // Wait for the first byte (`docs/trickle.md`, "Publishing a segment", step 2), or for the
+    // segment to be closed under us.
     let first = loop {
         tokio::select! {
             biased;
@@ -1283,8 +1287,9 @@ async fn post_segment(
                 seg.append(chunk);
             }
             Some(Err(err)) => {
-                // §7.7: the segment stays open; a DELETE, overwrite, reset or close ends it,
-                // and (Rivulet) the idle-body timeout once no byte has come for that long.
+                // The segment stays open (`docs/trickle.md`, "Publishing a segment", step 6); a
+                // DELETE, overwrite, reset or close ends it, and (Rivulet) the idle-body timeout
+                // once no byte has come for that long.
                 tracing::debug!(channel, seq, %err, "publisher body read error");
                 if let Some(limit) = idle
                     && already + written > 0
@@ -1331,7 +1336,8 @@ async fn post_segment(
 }
 
 /// Closes `seg` once no byte has arrived for `limit` and no POST is attached to it, unless
-/// something else closes it first (its POST body failed after some bytes, §7.7).
+/// something else closes it first (its POST body failed after some bytes: `docs/trickle.md`,
+/// "Publishing a segment", step 6).
 fn close_when_abandoned(seg: &Arc<Segment>, limit: Duration) {
     let weak = Arc::downgrade(seg);
     tokio::spawn(async move {
@@ -1354,7 +1360,8 @@ fn close_when_abandoned(seg: &Arc<Segment>, limit: Duration) {
                 seg.close();
                 return;
             } else {
-                // A re-POST is attached (§7.8): its own rules apply; look again later.
+                // A re-POST is attached (`docs/trickle.md`, "Seq rules"): its own rules apply; look
+                // again later.
                 Instant::now() + limit
             };
             drop(seg);

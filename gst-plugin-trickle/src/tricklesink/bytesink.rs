@@ -492,8 +492,8 @@ mod imp {
             result.map(|()| gst::FlowSuccess::Ok)
         }
 
-        /// EOS or stop: finish the current segment, wait for the background finishes, then
-        /// end the preconnected POST with an empty body and DELETE the channel (P7).
+        /// EOS or stop: finish the current segment, wait for the background finishes, then end the
+        /// preconnected POST with an empty body and DELETE the channel (`docs/trickle.md`, P7).
         fn close(&self, running: &mut Running, canceller: &Canceller) {
             if let Err(err) = self.finish_segment(running) {
                 gst::debug!(CAT, imp = self, "final segment: {err:?}");
@@ -628,7 +628,7 @@ mod imp {
             let running = self.running.lock().unwrap().take();
             if let Some(mut running) = running {
                 if running.publisher.is_some() {
-                    // Stopped without EOS: abandon nothing silently (P7).
+                    // Stopped without EOS: abandon nothing silently (`docs/trickle.md`, P7).
                     self.close(&mut running, &Canceller::default());
                 }
                 if let Ok(rt) = runtime::runtime() {

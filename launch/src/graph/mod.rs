@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MPL-2.0
-//! Multi-stage pipeline graphs (design.md "Multi-stage graphs", issue #9).
+//! Multi-stage pipeline graphs (README.md, "Multi-stage pipelines (stage graphs)"; issue #9).
 //!
 //! A definition is one of:
 //! - a pipeline name: `"gain"` (one stage);

@@ -764,7 +764,7 @@ fn tee_with_preview(
     Ok(tee)
 }
 
-/// Builds the stream graph (design.md):
+/// Builds the stream graph (ARCHITECTURE.md, "Data flow of one stream"):
 /// tricklesrc → [24 fps cap] → videoconvert → aipipeline → loadingoverlay → tricklesink,
 /// audio → audioconvert → audioresample → tricklesink, and preview taps for the dashboard.
 /// The stream's graph: the request's `pipeline` (template or pipeline name, or an inline
