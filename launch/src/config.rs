@@ -19,6 +19,8 @@ pub struct Config {
     pub pipeline_kind: String,
     pub version: String,
     pub auth_token: Option<String>,
+    /// `RIVULET_API_TOKEN`: bearer token for every route but the open ones (`crate::auth`).
+    pub api_token: Option<String>,
     /// The pipeline's initial params (restored when a stream ends).
     pub initial_params: Value,
     /// Serve an embedded trickle server on the API port under `trickle_base`.
@@ -197,6 +199,7 @@ impl Config {
             pipeline_kind,
             version: env("VERSION").unwrap_or_else(|| "undefined".into()),
             auth_token: env("AUTH_TOKEN"),
+            api_token: env("RIVULET_API_TOKEN"),
             initial_params: Value::Object(Default::default()),
             embedded_trickle: env("RIVULET_EMBEDDED_TRICKLE").is_none_or(|v| v != "0"),
             trickle_base: "/trickle/".into(),

@@ -52,14 +52,7 @@ pub struct Counters {
     pub segments_in: u64,
     pub segments_out: u64,
     pub streams_started: u64,
-    /// Inference latency histogram: counts per bucket of `LATENCY_BUCKETS_MS` plus +Inf.
-    pub latency_buckets: Vec<u64>,
-    pub latency_sum_ms: f64,
-    pub latency_count: u64,
 }
-
-pub const LATENCY_BUCKETS_MS: [f64; 10] =
-    [1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 1000.0];
 
 pub(crate) struct Core {
     pub machine: Machine,
@@ -107,6 +100,8 @@ pub struct Daemon {
     pub feed: crate::feed::Feed,
     /// File jobs (`/v1/jobs`).
     pub jobs: crate::jobs::Jobs,
+    /// What `/metrics` records as it happens (`crate::metrics`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Daemon {
@@ -135,10 +130,7 @@ impl Daemon {
                 manifest_id: String::new(),
                 stream_id: String::new(),
                 events: None,
-                counters: Counters {
-                    latency_buckets: vec![0; LATENCY_BUCKETS_MS.len() + 1],
-                    ..Default::default()
-                },
+                counters: Counters::default(),
                 live_input_fps: FpsWindow::new(1.0),
                 live_output_fps: FpsWindow::new(1.0),
                 latency_p50_ms: None,
@@ -151,6 +143,7 @@ impl Daemon {
             templates: Arc::new(crate::templates::Templates::open(&config.data_dir)),
             feed: crate::feed::Feed::new(),
             jobs: crate::jobs::Jobs::default(),
+            metrics: crate::metrics::Metrics::default(),
             config: Arc::new(config),
             stream: tokio::sync::Mutex::new(None),
         })
@@ -231,17 +224,6 @@ impl Daemon {
         } else {
             c.counters.loading_frames_out += 1;
         }
-    }
-
-    pub fn on_inference_latency(&self, latency_ms: f64) {
-        let mut c = self.core.lock().unwrap();
-        let idx = LATENCY_BUCKETS_MS
-            .iter()
-            .position(|b| latency_ms <= *b)
-            .unwrap_or(LATENCY_BUCKETS_MS.len());
-        c.counters.latency_buckets[idx] += 1;
-        c.counters.latency_sum_ms += latency_ms;
-        c.counters.latency_count += 1;
     }
 
     pub fn set_latency_p50(&self, latency_ms: f64) {

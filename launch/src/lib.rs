@@ -4,6 +4,7 @@
 //! (`status`) and the params hash (`pyjson`). The `rivulet` binary wires them together.
 
 pub mod api;
+pub mod auth;
 pub mod check;
 pub mod config;
 pub mod daemon;
@@ -12,9 +13,12 @@ pub mod feed;
 pub mod graph;
 pub mod health;
 pub mod jobs;
+pub mod metrics;
 pub mod nvml;
+pub mod openapi;
 pub mod openmp;
 pub mod pyjson;
+pub mod routes;
 pub mod serve;
 pub mod status;
 pub mod stream;

@@ -258,6 +258,7 @@ impl StreamHandle {
             let config = PublisherConfig {
                 mime: "application/json".into(),
                 tls_verify: daemon.config.tls_verify,
+                bearer_token: crate::auth::token_for(&daemon.config, &req.events_url),
                 ..Default::default()
             };
             let publisher = Publisher::new(&req.events_url, config).map_err(|e| e.to_string())?;
@@ -704,6 +705,9 @@ fn build_graph(daemon: &Arc<Daemon>, req: &StartRequest) -> Result<Built, String
     let sink = make("tricklesink", Some("sink"))?;
     sink.set_property("url", &req.publish_url);
     sink.set_property("tls-verify", cfg.tls_verify);
+    if let Some(token) = crate::auth::token_for(cfg, &req.publish_url) {
+        sink.set_property("auth-token", token);
+    }
     pipeline
         .add_many([&src, &convert, &ai, &overlay, &sink])
         .map_err(|e| e.to_string())?;
@@ -830,8 +834,11 @@ pub(crate) fn isolate(ai: &gst::Element, cfg: &Config) -> Result<bool, String> {
 
 /// Frame accounting for the health rules: input after the fps cap, real output frames.
 fn install_probes(daemon: &Arc<Daemon>, ai: &gst::Element, fps_cap: Option<f64>) {
+    // Per-frame latency: a frame's time between the two pads, by PTS (`crate::metrics`).
+    let clock = Arc::new(crate::metrics::FrameClock::default());
     if let Some(sink) = ai.static_pad("sink") {
         let d = daemon.clone();
+        let clock = clock.clone();
         let cap = Mutex::new(fps_cap.map(FpsCap::new));
         sink.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
             let pts = info.buffer().and_then(|b| b.pts());
@@ -846,6 +853,9 @@ fn install_probes(daemon: &Arc<Daemon>, ai: &gst::Element, fps_cap: Option<f64>)
                 return gst::PadProbeReturn::Handled;
             }
             d.on_input_frame();
+            if let Some(pts) = pts {
+                clock.arrived(pts.nseconds());
+            }
             gst::PadProbeReturn::Ok
         });
     }
@@ -856,8 +866,15 @@ fn install_probes(daemon: &Arc<Daemon>, ai: &gst::Element, fps_cap: Option<f64>)
             gst::PadProbeType::BUFFER | gst::PadProbeType::EVENT_DOWNSTREAM,
             move |_, info| {
                 match &info.data {
-                    Some(gst::PadProbeData::Buffer(_)) => {
-                        d.on_output_frame(!loading.load(Ordering::Relaxed));
+                    Some(gst::PadProbeData::Buffer(b)) => {
+                        let real = !loading.load(Ordering::Relaxed);
+                        d.on_output_frame(real);
+                        if let (true, Some(pts)) = (real, b.pts())
+                            && let Some(dt) = clock.left(pts.nseconds())
+                        {
+                            let labels = crate::metrics::StreamLabels::default();
+                            d.metrics.observe_latency(&labels, dt);
+                        }
                     }
                     Some(gst::PadProbeData::Event(ev)) => {
                         if let Some(s) = ev.structure() {
@@ -903,6 +920,7 @@ fn spawn_bus_watch(
         let mut messages = bus.stream();
         let mut first_in = true;
         let mut first_out = true;
+        let mut queue_drops = crate::metrics::QueueDrops::default();
         while let Some(msg) = messages.next().await {
             if stopping.load(Ordering::SeqCst) {
                 return;
@@ -995,11 +1013,19 @@ fn spawn_bus_watch(
                         // A graph stage's child names its stage.
                         let stage = msg.src().and_then(graph::stage_of);
                         daemon.on_child_restart(&request_id, stage.as_deref(), &reason, &logs);
-                    } else if s.name() == gstaipipeline::STATS_MESSAGE
-                        && let Ok(p50) = s.get::<f64>("inference-latency-p50-ms")
-                    {
-                        daemon.set_latency_p50(p50);
-                        daemon.on_inference_latency(p50);
+                    } else if s.name() == gstaipipeline::STATS_MESSAGE {
+                        let stage = msg.src().and_then(graph::stage_of);
+                        let labels = crate::metrics::StreamLabels::default();
+                        daemon.metrics.on_aipipeline_stats(
+                            &mut queue_drops,
+                            &labels,
+                            &from,
+                            stage.as_deref(),
+                            s,
+                        );
+                        if let Ok(p50) = s.get::<f64>("inference-latency-p50-ms") {
+                            daemon.set_latency_p50(p50);
+                        }
                     }
                 }
                 _ => {}
