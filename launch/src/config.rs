@@ -3,6 +3,8 @@
 //! variables") and
 //! Rivulet's own settings.
 
+pub mod registration;
+
 use gstaipipeline::pipeline::SearchPath;
 use gsttrickle::protocol::server as trickle;
 use serde_json::Value;
@@ -84,7 +86,7 @@ pub struct Config {
     /// limit is refused (503).
     pub max_sessions: usize,
     /// Dynamic live-runner registration (`RIVULET_ORCHESTRATOR`, …; docs/live-runner.md).
-    pub registration: crate::registration::Settings,
+    pub registration: registration::Settings,
 }
 
 /// What an inference restart (a lost or replaced inference child) does to the running stream
@@ -308,7 +310,7 @@ impl Config {
                     }
                 },
             },
-            registration: crate::registration::Settings::from_env()?,
+            registration: registration::Settings::from_env()?,
         })
     }
 }
