@@ -16,6 +16,7 @@ test: setup
 	cargo clippy --workspace --all-targets -- -D warnings
 	bash scripts/lint-docker
 	cargo test --workspace
+	scripts/readme-commands
 
 demo: setup
 	cargo run -p rivulet-launch --bin rivulet -- demo

@@ -3,6 +3,8 @@
 //! variables") and
 //! Rivulet's own settings.
 
+pub mod registration;
+
 use gstaipipeline::pipeline::SearchPath;
 use gsttrickle::protocol::server as trickle;
 use serde_json::Value;
@@ -19,6 +21,8 @@ pub struct Config {
     pub pipeline_kind: String,
     pub version: String,
     pub auth_token: Option<String>,
+    /// `RIVULET_API_TOKEN`: bearer token for every route but the open ones (`crate::http::auth`).
+    pub api_token: Option<String>,
     /// The pipeline's initial params (restored when a stream ends).
     pub initial_params: Value,
     /// Serve an embedded trickle server on the API port under `trickle_base`.
@@ -82,7 +86,7 @@ pub struct Config {
     /// limit is refused (503).
     pub max_sessions: usize,
     /// Dynamic live-runner registration (`RIVULET_ORCHESTRATOR`, …; docs/live-runner.md).
-    pub registration: crate::registration::Settings,
+    pub registration: registration::Settings,
 }
 
 /// What an inference restart (a lost or replaced inference child) does to the running stream
@@ -162,6 +166,25 @@ fn env_count(name: &'static str, default: usize) -> Result<usize, ConfigError> {
 }
 
 impl Config {
+    /// The token the daemon's own trickle clients send to `url`: `RIVULET_API_TOKEN` when `url`
+    /// is on the daemon's embedded trickle server (a loopback host or the configured host, the
+    /// daemon's port, under the trickle base), else none (a token never leaves for another
+    /// server).
+    pub fn own_trickle_token(&self, url: &str) -> Option<String> {
+        let config = self;
+        let token = config.api_token.clone()?;
+        if !config.embedded_trickle {
+            return None;
+        }
+        let u = url::Url::parse(url).ok()?;
+        let host = u.host_str()?.trim_start_matches('[').trim_end_matches(']');
+        let local = matches!(host, "127.0.0.1" | "localhost" | "::1") || host == config.host;
+        (local
+            && u.port_or_known_default() == Some(config.port)
+            && u.path().starts_with(&config.trickle_base))
+        .then_some(token)
+    }
+
     /// Reads the environment. `HOST`/`PORT` default to 127.0.0.1:8000 for a plain
     /// `rivulet serve` (the images set `HOST=0.0.0.0`).
     pub fn from_env() -> Result<Config, ConfigError> {
@@ -204,6 +227,7 @@ impl Config {
             pipeline_kind,
             version: env("VERSION").unwrap_or_else(|| "undefined".into()),
             auth_token: env("AUTH_TOKEN"),
+            api_token: env("RIVULET_API_TOKEN"),
             initial_params: Value::Object(Default::default()),
             embedded_trickle: env("RIVULET_EMBEDDED_TRICKLE").is_none_or(|v| v != "0"),
             trickle_base: "/trickle/".into(),
@@ -286,7 +310,7 @@ impl Config {
                     }
                 },
             },
-            registration: crate::registration::Settings::from_env()?,
+            registration: registration::Settings::from_env()?,
         })
     }
 }

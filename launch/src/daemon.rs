@@ -30,6 +30,8 @@ pub struct Daemon {
     pub feed: crate::feed::Feed,
     /// File jobs (`/v1/jobs`).
     pub jobs: crate::jobs::Jobs,
+    /// What `/metrics` records as it happens, shared with the sessions.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// The runner session (see the module's documentation).
     runner: Arc<Session>,
     /// With `max_sessions > 1`: the running sessions, oldest first.
@@ -63,12 +65,14 @@ impl Daemon {
         let config = Arc::new(config);
         let templates = Arc::new(crate::templates::Templates::open(&config.data_dir));
         let feed = crate::feed::Feed::new();
+        let metrics = Arc::new(crate::metrics::Metrics::default());
         let (reports, rx) = mpsc::unbounded_channel();
         let runner = Session::new(
             String::new(),
             config.clone(),
             templates.clone(),
             feed.clone(),
+            metrics.clone(),
             reports.clone(),
             None,
         );
@@ -81,6 +85,7 @@ impl Daemon {
             starts: tokio::sync::Mutex::new(()),
             templates,
             feed,
+            metrics,
             jobs: crate::jobs::Jobs::default(),
             config,
         })
@@ -247,6 +252,7 @@ impl Daemon {
             self.config.clone(),
             self.templates.clone(),
             self.feed.clone(),
+            self.metrics.clone(),
             self.reports.clone(),
             Some(batch_group(&self.config)),
         );

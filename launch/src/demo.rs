@@ -74,6 +74,11 @@ fn changed_params(initial: &Value, pipeline: &str) -> Value {
 
 pub async fn run(mut config: Config, seconds: u32, output: &Path) -> anyhow::Result<()> {
     config.embedded_trickle = true;
+    if config.auth_token.is_some() || config.api_token.is_some() {
+        return Err(anyhow!(
+            "rivulet demo runs its own clients without tokens: unset AUTH_TOKEN and RIVULET_API_TOKEN"
+        ));
+    }
     if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }

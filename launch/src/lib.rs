@@ -13,6 +13,7 @@ pub mod health;
 pub mod http;
 pub mod jobs;
 pub mod media;
+pub mod metrics;
 pub mod nvml;
 pub mod openmp;
 pub mod pyjson;

@@ -44,11 +44,13 @@ impl Running {
 }
 
 /// Binds, starts the timers and the initial pipeline load, and serves in the background.
-pub async fn start(config: Config) -> anyhow::Result<Running> {
+pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", config.host, config.port))?;
     let addr = listener.local_addr()?;
+    // The port actually bound (`--port 0`): the daemon's own trickle URLs are recognised by it.
+    config.port = addr.port();
     let daemon = Daemon::new(config);
     let (mut app, registration) =
         crate::registration::attach(crate::http::router(daemon.clone()), &daemon, addr);
@@ -70,6 +72,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     } else {
         None
     };
+    let app = crate::http::protect(app, &daemon.config);
     if limits.max_connections > 0
         && let Err(err) = raise_fd_limit(limits.max_connections as u64 + 256)
     {
@@ -134,6 +137,7 @@ async fn crash_cleanup(daemon: &Daemon) {
         };
         let config = gsttrickle::protocol::client::PublisherConfig {
             tls_verify: daemon.config.tls_verify,
+            bearer_token: daemon.config.own_trickle_token(url),
             ..Default::default()
         };
         match gsttrickle::protocol::client::Publisher::new(url, config) {

@@ -22,17 +22,18 @@ pub fn ms_opt(secs: Option<f64>) -> Option<i64> {
     secs.map(ms)
 }
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct InputStatus {
     pub last_input_time: Option<i64>,
     pub fps: f64,
 }
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct InferenceStatus {
     pub last_output_time: Option<i64>,
     pub fps: f64,
     pub last_params_update_time: Option<i64>,
+    #[schema(value_type = Option<Object>)]
     pub last_params: Option<Value>,
     pub last_params_hash: Option<String>,
     pub last_error_time: Option<i64>,
@@ -48,12 +49,14 @@ pub struct InferenceStatus {
     pub last_warning_time: Option<i64>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Status {
     #[serde(rename = "type")]
+    #[schema(value_type = String)]
     pub kind: &'static str,
     pub pipeline: String,
     pub start_time: i64,
+    #[schema(value_type = String)]
     pub state: &'static str,
     pub last_state_update_time: Option<i64>,
     pub input_status: InputStatus,

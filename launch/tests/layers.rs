@@ -10,7 +10,7 @@ const LAYERS: &[&[&str]] = &[
     &["http"],
     &["daemon"],
     &["session", "jobs", "check"],
-    &["templates", "status", "feed"],
+    &["templates", "status", "feed", "metrics"],
     &["graph"],
     &["media"],
     &[

@@ -99,8 +99,22 @@ fn build_client(
     url: &str,
     connect_timeout: Duration,
     tls_verify: bool,
+    bearer_token: Option<&str>,
 ) -> Result<reqwest::Client, ClientError> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = bearer_token {
+        let mut v =
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                ClientError::Transport {
+                    url: url.to_owned(),
+                    message: "the bearer token is not a valid header value".into(),
+                }
+            })?;
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
     reqwest::Client::builder()
+        .default_headers(headers)
         // P9: every in-flight request gets its own connection (no HTTP/2 multiplexing).
         .http1_only()
         .connect_timeout(connect_timeout)
@@ -240,7 +254,7 @@ impl std::fmt::Debug for PendingGet {
 impl Subscriber {
     /// Validates the URL and builds an HTTP client; no I/O.
     pub fn new(url: &str, config: SubscriberConfig) -> Result<Self, ClientError> {
-        let client = build_client(url, config.connect_timeout, config.tls_verify)?;
+        let client = build_client(url, config.connect_timeout, config.tls_verify, None)?;
         Self::with_client(url, config, client)
     }
 
@@ -543,7 +557,7 @@ impl SubscribedSegment {
 // Publisher
 
 /// Publisher settings (`docs/trickle.md`, "Publisher (Rivulet's client)"; defaults as there).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PublisherConfig {
     /// `Content-Type` of every POST (the channel's MIME type).
     pub mime: String,
@@ -555,6 +569,23 @@ pub struct PublisherConfig {
     pub tls_verify: bool,
     /// TCP/TLS connect timeout.
     pub connect_timeout: Duration,
+    /// Sent as `Authorization: Bearer <token>` on every request (a server behind bearer auth,
+    /// such as the daemon's embedded one with `RIVULET_API_TOKEN`); never logged.
+    pub bearer_token: Option<String>,
+}
+
+impl std::fmt::Debug for PublisherConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublisherConfig")
+            .field("mime", &self.mime)
+            .field("retry_pause", &self.retry_pause)
+            .field("delete_on_close", &self.delete_on_close)
+            .field("tls_verify", &self.tls_verify)
+            .field("connect_timeout", &self.connect_timeout)
+            // Whether there is one, never the token.
+            .field("bearer_token", &self.bearer_token.as_ref().map(|_| "…"))
+            .finish()
+    }
 }
 
 impl Default for PublisherConfig {
@@ -565,6 +596,7 @@ impl Default for PublisherConfig {
             delete_on_close: true,
             tls_verify: true,
             connect_timeout: Duration::from_secs(10),
+            bearer_token: None,
         }
     }
 }
@@ -738,7 +770,12 @@ impl Publisher {
     /// Validates the URL (no I/O) and preconnects seq 0 (spawned on the current tokio runtime;
     /// outside a runtime the preconnect is opened by the first `begin_segment`).
     pub fn new(url: &str, config: PublisherConfig) -> Result<Self, ClientError> {
-        let client = build_client(url, config.connect_timeout, config.tls_verify)?;
+        let client = build_client(
+            url,
+            config.connect_timeout,
+            config.tls_verify,
+            config.bearer_token.as_deref(),
+        )?;
         Self::with_client(url, config, client)
     }
 
@@ -787,7 +824,12 @@ impl Publisher {
     /// Continues a channel that may already have data: asks `GET U/next` (a 400, from servers
     /// without it, means start at 0) and sends `Lp-Trickle-Reset` on the first POST (P1).
     pub async fn reattach(url: &str, config: PublisherConfig) -> Result<Self, ClientError> {
-        let client = build_client(url, config.connect_timeout, config.tls_verify)?;
+        let client = build_client(
+            url,
+            config.connect_timeout,
+            config.tls_verify,
+            config.bearer_token.as_deref(),
+        )?;
         let url = channel_url(url)?;
         let next_url = format!("{url}/next");
         let resp = client

@@ -551,6 +551,7 @@ mod imp {
                 delete_on_close: settings.delete_on_close,
                 tls_verify: settings.tls_verify,
                 connect_timeout: settings.connect_timeout,
+                bearer_token: settings.auth_token.clone(),
             };
             // Continue a channel that already has data (a restarted publisher) from the
             // server's next seq, with Lp-Trickle-Reset; servers without /next start at 0. A

@@ -49,6 +49,8 @@ pub(crate) struct Settings {
     pub connect_timeout: Duration,
     pub tls_verify: bool,
     pub delete_on_close: bool,
+    /// `auth-token`: sent as `Authorization: Bearer …` (write-only property).
+    pub auth_token: Option<String>,
 }
 
 impl Default for Settings {
@@ -64,6 +66,7 @@ impl Default for Settings {
             connect_timeout: Duration::from_millis(DEFAULT_CONNECT_TIMEOUT_MS.into()),
             tls_verify: DEFAULT_TLS_VERIFY,
             delete_on_close: DEFAULT_DELETE_ON_CLOSE,
+            auth_token: None,
         }
     }
 }
@@ -202,6 +205,12 @@ impl ObjectImpl for TrickleSink {
                     .default_value(DEFAULT_DELETE_ON_CLOSE)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecString::builder("auth-token")
+                    .nick("Auth token")
+                    .blurb("Bearer token sent on every request (a server behind bearer auth); write-only")
+                    .write_only()
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
                     .blurb("segments, bytes, last-seq, last-publish-time, failed-segments, dropped-buffers, forced-idrs (notified per segment)")
@@ -235,6 +244,12 @@ impl ObjectImpl for TrickleSink {
             }
             "tls-verify" => settings.tls_verify = value.get().unwrap(),
             "delete-on-close" => settings.delete_on_close = value.get().unwrap(),
+            "auth-token" => {
+                settings.auth_token = value
+                    .get::<Option<String>>()
+                    .unwrap()
+                    .filter(|t| !t.is_empty())
+            }
             other => gst::warning!(CAT, imp = self, "unknown property {other}"),
         }
     }

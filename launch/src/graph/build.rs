@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 /// One stage's state and figures, as in `/api/status` and `stage_stats` events.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct StageStats {
     pub id: String,
     /// `starting`, `running`, `bypassed`, `failed`.

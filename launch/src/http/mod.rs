@@ -6,13 +6,18 @@
 //! Layer: the top. Handlers call the supervisor (`crate::daemon`); nothing imports them but
 //! `serve`, which serves the router.
 
+mod auth;
 mod byoc;
 mod feed;
 mod jobs;
+mod metrics;
+pub mod openapi;
+pub mod routes;
 mod runner;
 mod sessions;
 mod templates;
 
+pub use auth::protect;
 pub use runner::metrics_text;
 
 use crate::daemon::Daemon;
@@ -110,37 +115,6 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .merge(jobs::routes())
         .merge(feed::routes())
         .with_state(daemon)
-}
-
-/// Whether `headers` carry the daemon's bearer token (`AUTH_TOKEN`; none set: every request).
-fn authorized(daemon: &Daemon, headers: &HeaderMap) -> bool {
-    let Some(token) = daemon.config.auth_token.as_deref() else {
-        return true;
-    };
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| t == token)
-}
-
-/// [`authorized`], as the container API's 401.
-pub(crate) fn check_auth(daemon: &Daemon, headers: &HeaderMap) -> Result<(), ApiError> {
-    match daemon.config.auth_token.as_deref() {
-        None => Ok(()),
-        Some(token) => {
-            let ok = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .is_some_and(|t| t == token);
-            if ok {
-                Ok(())
-            } else {
-                Err(ApiError::Unauthorized)
-            }
-        }
-    }
 }
 
 /// A JSON body, or YAML when the content type says so (`application/yaml`, `text/yaml`).

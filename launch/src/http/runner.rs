@@ -4,8 +4,8 @@
 
 use super::{ApiError, read_body};
 use crate::daemon::Daemon;
+use crate::session::StartError;
 use crate::session::stream::StartRequest;
-use crate::session::{LATENCY_BUCKETS_MS, StartError};
 use crate::status::now_secs;
 use axum::Router;
 use axum::body::Body;
@@ -14,7 +14,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
-use std::fmt::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +33,7 @@ pub(super) fn routes() -> Router<Arc<Daemon>> {
         .route("/api/preview/input.jpg", get(preview_input))
         .route("/api/preview/output.jpg", get(preview_output))
         .route("/", get(dashboard))
+        .route("/openapi.json", get(super::openapi::serve))
 }
 
 /// Parses a start body, reporting every problem in FastAPI's shape.
@@ -50,13 +50,9 @@ fn parse_start(body: &[u8]) -> Result<StartRequest, Vec<(String, String, &'stati
 
 async fn container_start(
     State(daemon): State<Arc<Daemon>>,
-    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let received_at = now_secs();
-    if !super::authorized(&daemon, &headers) {
-        return Err(ApiError::Unauthorized);
-    }
     let body = read_body(body)
         .await
         .map_err(|m| ApiError::Detail(StatusCode::PAYLOAD_TOO_LARGE, m))?;
@@ -126,12 +122,6 @@ async fn internal_start(
             format!("Error starting stream: {m}"),
         )
     };
-    if !super::authorized(&daemon, &headers) {
-        return Err(ApiError::Text(
-            StatusCode::UNAUTHORIZED,
-            "Invalid bearer token.".into(),
-        ));
-    }
     if !is_json(&headers) {
         return Err(fail("Content-Type must be application/json".into()));
     }
@@ -156,7 +146,6 @@ async fn internal_start(
 
 async fn internal_params(
     State(daemon): State<Arc<Daemon>>,
-    headers: HeaderMap,
     body: Body,
 ) -> Result<&'static str, ApiError> {
     let fail = |m: String| {
@@ -165,12 +154,6 @@ async fn internal_params(
             format!("Error updating params: {m}"),
         )
     };
-    if !super::authorized(&daemon, &headers) {
-        return Err(ApiError::Text(
-            StatusCode::UNAUTHORIZED,
-            "Invalid bearer token.".into(),
-        ));
-    }
     let body = read_body(body).await.map_err(fail)?;
     let params: Value =
         serde_json::from_slice(&body).map_err(|e| fail(format!("invalid JSON: {e}")))?;
@@ -210,118 +193,14 @@ async fn hardware_stats(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse 
     axum::Json(json!({"pipeline": c.pipeline_kind, "model_id": c.pipeline, "gpu_stats": gpus}))
 }
 
-/// Prometheus text format (docs/runner.md, "Metrics").
+/// Prometheus text format (docs/runner.md, "Metrics"; `super::metrics`).
 pub fn metrics_text(daemon: &Daemon) -> String {
-    let status = daemon.status();
-    let k = daemon.counters();
-    let mut s = String::new();
-    let _ = writeln!(s, "# HELP version Runner version.\n# TYPE version gauge");
-    let _ = writeln!(
-        s,
-        "version{{app=\"ai-runner\",version=\"{}\"}} 1",
-        daemon.config.version
-    );
-    let _ = writeln!(
-        s,
-        "# HELP rivulet_state Current state (1 for the current one).\n# TYPE rivulet_state gauge"
-    );
-    for st in [
-        "LOADING",
-        "ONLINE",
-        "DEGRADED_INPUT",
-        "DEGRADED_INFERENCE",
-        "ERROR",
-        "OFFLINE",
-    ] {
-        let _ = writeln!(
-            s,
-            "rivulet_state{{state=\"{st}\"}} {}",
-            u8::from(status.state == st)
-        );
-    }
-    let gauges = [
-        (
-            "rivulet_input_fps",
-            "Input frames per second (10 s window).",
-            status.input_status.fps,
-        ),
-        (
-            "rivulet_output_fps",
-            "Real output frames per second (10 s window).",
-            status.inference_status.fps,
-        ),
-        (
-            "rivulet_restarts",
-            "Inference restarts.",
-            f64::from(status.inference_status.restart_count),
-        ),
-    ];
-    for (name, help, v) in gauges {
-        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-    }
-    let counters = [
-        (
-            "rivulet_frames_in_total",
-            "Frames handed to the pipeline.",
-            k.frames_in,
-        ),
-        (
-            "rivulet_frames_out_total",
-            "Real frames out of the pipeline.",
-            k.frames_out,
-        ),
-        (
-            "rivulet_loading_frames_out_total",
-            "Loading frames out.",
-            k.loading_frames_out,
-        ),
-        (
-            "rivulet_frames_dropped_total",
-            "Input frames dropped by the frame-rate cap.",
-            k.dropped_by_cap,
-        ),
-        (
-            "rivulet_segments_in_total",
-            "Input trickle segments.",
-            k.segments_in,
-        ),
-        (
-            "rivulet_segments_out_total",
-            "Output trickle segments.",
-            k.segments_out,
-        ),
-        (
-            "rivulet_streams_started_total",
-            "Streams started.",
-            k.streams_started,
-        ),
-    ];
-    for (name, help, v) in counters {
-        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-    }
-    let name = "rivulet_inference_latency_ms";
-    let _ = writeln!(
-        s,
-        "# HELP {name} Inference latency: the p50 of each aipipeline stats period (1 s).\n# TYPE {name} histogram"
-    );
-    let mut cumulative = 0;
-    for (i, b) in LATENCY_BUCKETS_MS.iter().enumerate() {
-        cumulative += k.latency_buckets.get(i).copied().unwrap_or(0);
-        let _ = writeln!(s, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
-    }
-    cumulative += k.latency_buckets.last().copied().unwrap_or(0);
-    let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-    let _ = writeln!(
-        s,
-        "{name}_sum {}\n{name}_count {}",
-        k.latency_sum_ms, k.latency_count
-    );
-    s
+    super::metrics::render(daemon)
 }
 
 async fn metrics(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)],
         metrics_text(&daemon),
     )
 }

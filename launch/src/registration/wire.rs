@@ -21,14 +21,7 @@ fn is_zero(v: &u64) -> bool {
     *v == 0
 }
 
-/// `price_info`: a positive decimal in USD per `unit` (`hour`, `720p` or `fixed`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PriceInfo {
-    /// A JSON number, written as given (`3.5`).
-    pub price: serde_json::Number,
-    pub currency: String,
-    pub unit: String,
-}
+pub use crate::config::registration::PriceInfo;
 
 /// The body of `POST /runners/heartbeat` (bootstrap and follow-up heartbeats alike).
 #[derive(Debug, Clone, Serialize)]

@@ -37,6 +37,7 @@ pub(super) fn spawn_bus_watch(
         let mut messages = bus.stream();
         let mut first_in = true;
         let mut first_out = true;
+        let mut queue_drops = crate::metrics::QueueDrops::default();
         while let Some(msg) = messages.next().await {
             if stopping.load(Ordering::SeqCst) {
                 return;
@@ -138,11 +139,18 @@ pub(super) fn spawn_bus_watch(
                         // A graph stage's child names its stage.
                         let stage = msg.src().and_then(graph::stage_of);
                         session.on_child_restart(&request_id, stage.as_deref(), &reason, &logs);
-                    } else if s.name() == gstaipipeline::STATS_MESSAGE
-                        && let Ok(p50) = s.get::<f64>("inference-latency-p50-ms")
-                    {
-                        session.set_latency_p50(p50);
-                        session.on_inference_latency(p50);
+                    } else if s.name() == gstaipipeline::STATS_MESSAGE {
+                        let stage = msg.src().and_then(graph::stage_of);
+                        session.metrics.on_aipipeline_stats(
+                            &mut queue_drops,
+                            &session.labels(),
+                            &from,
+                            stage.as_deref(),
+                            s,
+                        );
+                        if let Ok(p50) = s.get::<f64>("inference-latency-p50-ms") {
+                            session.set_latency_p50(p50);
+                        }
                     }
                 }
                 _ => {}

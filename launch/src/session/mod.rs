@@ -65,10 +65,6 @@ pub struct Counters {
     pub segments_in: u64,
     pub segments_out: u64,
     pub streams_started: u64,
-    /// Inference latency histogram: counts per bucket of `LATENCY_BUCKETS_MS` plus +Inf.
-    pub latency_buckets: Vec<u64>,
-    pub latency_sum_ms: f64,
-    pub latency_count: u64,
 }
 
 impl Counters {
@@ -81,19 +77,8 @@ impl Counters {
         self.segments_in += other.segments_in;
         self.segments_out += other.segments_out;
         self.streams_started += other.streams_started;
-        if self.latency_buckets.len() < other.latency_buckets.len() {
-            self.latency_buckets.resize(other.latency_buckets.len(), 0);
-        }
-        for (a, b) in self.latency_buckets.iter_mut().zip(&other.latency_buckets) {
-            *a += b;
-        }
-        self.latency_sum_ms += other.latency_sum_ms;
-        self.latency_count += other.latency_count;
     }
 }
-
-pub const LATENCY_BUCKETS_MS: [f64; 10] =
-    [1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 1000.0];
 
 /// A session's state, under one lock, in four groups.
 pub(crate) struct Core {
@@ -179,6 +164,8 @@ pub struct Session {
     pub templates: Arc<crate::templates::Templates>,
     /// The realtime feed (`/v1/events`): stage events.
     pub feed: crate::feed::Feed,
+    /// What `/metrics` records as it happens (shared with the daemon and its other sessions).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Session {
@@ -188,6 +175,7 @@ impl Session {
         config: Arc<Config>,
         templates: Arc<crate::templates::Templates>,
         feed: crate::feed::Feed,
+        metrics: Arc<crate::metrics::Metrics>,
         reports: mpsc::UnboundedSender<Report>,
         batch_group: Option<String>,
     ) -> Arc<Session> {
@@ -231,13 +219,11 @@ impl Session {
                     latency_p50_ms: None,
                 },
                 preview: Previews::default(),
-                counters: Counters {
-                    latency_buckets: vec![0; LATENCY_BUCKETS_MS.len() + 1],
-                    ..Default::default()
-                },
+                counters: Counters::default(),
             }),
             templates,
             feed,
+            metrics,
             config,
             stream: tokio::sync::Mutex::new(None),
         })
@@ -362,17 +348,6 @@ impl Session {
         } else {
             c.counters.loading_frames_out += 1;
         }
-    }
-
-    pub fn on_inference_latency(&self, latency_ms: f64) {
-        let mut c = self.core.lock().unwrap();
-        let idx = LATENCY_BUCKETS_MS
-            .iter()
-            .position(|b| latency_ms <= *b)
-            .unwrap_or(LATENCY_BUCKETS_MS.len());
-        c.counters.latency_buckets[idx] += 1;
-        c.counters.latency_sum_ms += latency_ms;
-        c.counters.latency_count += 1;
     }
 
     pub fn set_latency_p50(&self, latency_ms: f64) {
@@ -902,9 +877,18 @@ impl Session {
         }
     }
 
+    /// The labels of this session's figures in `/metrics`.
+    pub fn labels(&self) -> crate::metrics::StreamLabels {
+        crate::metrics::StreamLabels {
+            session: self.id.clone(),
+        }
+    }
+
     /// A real output frame's time through the processing element (input probe to output
-    /// probe): the built-in producer of the data channel, one `frame` item per frame.
+    /// probe): the per-frame latency histogram of `/metrics`, and the built-in producer of the
+    /// data channel (one `frame` item per frame).
     pub fn on_frame_timed(&self, pts: gst::ClockTime, took: Duration) {
+        self.metrics.observe_latency(&self.labels(), took);
         if self.core.lock().unwrap().st.data.is_none() {
             return;
         }

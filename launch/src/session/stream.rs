@@ -324,6 +324,7 @@ impl StreamHandle {
             let config = PublisherConfig {
                 mime: "application/json".into(),
                 tls_verify: session.config.tls_verify,
+                bearer_token: session.config.own_trickle_token(&req.events_url),
                 ..Default::default()
             };
             let publisher = Publisher::new(&req.events_url, config).map_err(|e| e.to_string())?;
@@ -340,6 +341,7 @@ impl StreamHandle {
             let config = PublisherConfig {
                 mime: "application/jsonl".into(),
                 tls_verify: session.config.tls_verify,
+                bearer_token: session.config.own_trickle_token(&req.data_url),
                 ..Default::default()
             };
             let publisher = Publisher::new(&req.data_url, config).map_err(|e| e.to_string())?;
@@ -825,6 +827,9 @@ fn build_graph(session: &Arc<Session>, req: &StartRequest) -> Result<Built, Stri
     let sink = media::make("tricklesink", Some("sink"))?;
     sink.set_property("url", &req.publish_url);
     sink.set_property("tls-verify", cfg.tls_verify);
+    if let Some(token) = cfg.own_trickle_token(&req.publish_url) {
+        sink.set_property("auth-token", token);
+    }
     pipeline
         .add_many([&src, &convert, &ai, &overlay, &sink])
         .map_err(|e| e.to_string())?;
@@ -878,17 +883,13 @@ fn build_graph(session: &Arc<Session>, req: &StartRequest) -> Result<Built, Stri
     Ok((pipeline, ai, graph, fps_cap))
 }
 
-/// Frame accounting for the health rules: input after the fps cap, real output frames.
-/// Input frames whose way through the processing element is being timed (by PTS), at most.
-const TIMED_FRAMES: usize = 64;
-
 /// Frame accounting for the health rules (input after the fps cap, real output frames), and
 /// each real output frame's time through the processing element, matched by PTS.
 fn install_probes(session: &Arc<Session>, ai: &gst::Element, cap: FpsCapHandle) {
-    let timed: Arc<Mutex<std::collections::VecDeque<(u64, std::time::Instant)>>> = Arc::default();
+    let clock = Arc::new(crate::metrics::FrameClock::default());
     if let Some(sink) = ai.static_pad("sink") {
         let d = session.clone();
-        let timed = timed.clone();
+        let clock = clock.clone();
         sink.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
             let pts = info.buffer().and_then(|b| b.pts());
             let mut cap = cap.lock().unwrap();
@@ -902,11 +903,7 @@ fn install_probes(session: &Arc<Session>, ai: &gst::Element, cap: FpsCapHandle) 
                 return gst::PadProbeReturn::Handled;
             }
             if let Some(pts) = pts {
-                let mut t = timed.lock().unwrap();
-                if t.len() == TIMED_FRAMES {
-                    t.pop_front();
-                }
-                t.push_back((pts.nseconds(), std::time::Instant::now()));
+                clock.arrived(pts.nseconds());
             }
             d.on_input_frame();
             gst::PadProbeReturn::Ok
@@ -922,18 +919,11 @@ fn install_probes(session: &Arc<Session>, ai: &gst::Element, cap: FpsCapHandle) 
                     Some(gst::PadProbeData::Buffer(b)) => {
                         let real = !loading.load(Ordering::Relaxed);
                         d.on_output_frame(real);
-                        if real && let Some(pts) = b.pts() {
-                            let mut t = timed.lock().unwrap();
-                            // Frames before this one that never came out were dropped.
-                            while t.front().is_some_and(|(p, _)| *p < pts.nseconds()) {
-                                t.pop_front();
-                            }
-                            if t.front().is_some_and(|(p, _)| *p == pts.nseconds())
-                                && let Some((_, at)) = t.pop_front()
-                            {
-                                drop(t);
-                                d.on_frame_timed(pts, at.elapsed());
-                            }
+                        if real
+                            && let Some(pts) = b.pts()
+                            && let Some(took) = clock.left(pts.nseconds())
+                        {
+                            d.on_frame_timed(pts, took);
                         }
                     }
                     Some(gst::PadProbeData::Event(ev)) => {
