@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: MPL-2.0
-//! The rivulet daemon as a library: the runner-compatible HTTP API (`api`), the stream
-//! supervisor (`daemon`, `stream`), the health state machine (`health`), the status object
-//! (`status`) and the params hash (`pyjson`). The `rivulet` binary wires them together.
+//! The rivulet daemon as a library, in layers (ARCHITECTURE.md, "Layers of `launch/src`"): the
+//! HTTP handlers (`http`), the supervisor of sessions (`daemon`), one live session (`session`),
+//! file jobs and `check-pipeline`, media assembly (`media`, `graph`), and the records and rules
+//! below them (`status`, `health`, `metrics`, `config`, ...). The `rivulet` binary wires them
+//! together (`serve`, `registration`).
 
 pub mod check;
 pub mod config;

@@ -51,7 +51,7 @@ pub struct AiSpec {
     /// With `max_latency_ms`: late frames pass unprocessed instead of being dropped.
     pub pass_late_frames: bool,
     /// `batch-group`: elements of one group running the same model share one inference child
-    /// (`None`: the element's own child). Set only where the element has the property.
+    /// (`None`: the element's own child). Applied only to isolated inference.
     pub batch_group: Option<String>,
     pub inference: Inference,
 }
@@ -141,16 +141,18 @@ pub fn aipipeline(spec: &AiSpec, cfg: Option<&Config>) -> Result<gst::Element, S
             ai.set_property("pass-late-frames", true);
         }
     }
-    if let Some(group) = &spec.batch_group
-        && ai.find_property("batch-group").is_some()
-    {
+    let isolated = match (spec.inference, cfg) {
+        (Inference::Configured { max_restarts }, Some(cfg)) if isolate(&ai, cfg)? => {
+            if let Some(n) = max_restarts {
+                ai.set_property("max-restarts", n);
+            }
+            true
+        }
+        _ => false,
+    };
+    // A batch group shares an inference child: only for isolated inference.
+    if isolated && let Some(group) = &spec.batch_group {
         ai.set_property("batch-group", group);
-    }
-    if let (Inference::Configured { max_restarts }, Some(cfg)) = (spec.inference, cfg)
-        && isolate(&ai, cfg)?
-        && let Some(n) = max_restarts
-    {
-        ai.set_property("max-restarts", n);
     }
     if let Some(params) = spec
         .params

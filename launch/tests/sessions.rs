@@ -227,3 +227,69 @@ async fn two_sessions_at_once_each_with_its_own_params_and_output() {
         p.stop().await;
     }
 }
+
+/// Restart counts of the running sessions, by id.
+async fn restart_counts(http: &reqwest::Client, base: &str) -> Vec<(String, u64)> {
+    let list = get_json(http, &format!("{base}/v1/sessions")).await;
+    list["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap().to_string(),
+                s["restart_count"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_share_one_inference_child_and_a_loss_restarts_both() {
+    let d = daemon("sessions-shared", "process");
+    let http = reqwest::Client::new();
+    let base = d.base.clone();
+    wait_health(&http, &base, "IDLE", Duration::from_secs(60)).await;
+    let black = json!({"gain": 0.0, "bias": [0.0, 0.0, 0.0]});
+    let white = json!({"gain": 0.0, "bias": [1.0, 1.0, 1.0]});
+    let a = start_peer(&http, &base, "xa", black).await;
+    let b = start_peer(&http, &base, "xb", white).await;
+    a.wait_output("black output", 10, DARK).await;
+    b.wait_output("white output", 10, BRIGHT).await;
+
+    // Both sessions run the same model on one device: one inference child serves them, each
+    // with its own params.
+    let t = Instant::now();
+    let child = loop {
+        let children = common::inference_children(d.child.id());
+        if children.len() == 1 {
+            break children[0];
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "want one shared inference child, have {children:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    // Its loss is one restart of each session it served; both outputs come back, each its own.
+    common::signal(child, libc::SIGKILL);
+    let t = Instant::now();
+    loop {
+        let counts = restart_counts(&http, &base).await;
+        if counts.len() == 2 && counts.iter().all(|(_, n)| *n == 1) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{counts:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    a.wait_output("black again after the restart", 10, DARK)
+        .await;
+    b.wait_output("white again after the restart", 10, BRIGHT)
+        .await;
+    let children = common::inference_children(d.child.id());
+    assert_eq!(children.len(), 1, "one new shared child: {children:?}");
+    assert_ne!(children[0], child, "the lost child was replaced");
+    a.stop().await;
+    b.stop().await;
+}
