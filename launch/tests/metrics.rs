@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MPL-2.0
-//! `/metrics` (`launch/src/metrics.rs`, prometheus-client) against a real `rivulet serve`
+//! `/metrics` (`launch/src/metrics.rs`, `http/metrics.rs`, prometheus-client) against a real
+//! `rivulet serve` (one session: its `session` label is empty)
 //! running real streams: the per-frame inference latency histogram, `aipipeline`'s mailbox
 //! drops apart from the frame-rate cap's, segments, and a graph's per-stage figures.
 
@@ -89,12 +90,15 @@ async fn latency_per_frame_and_mailbox_drops_apart_from_the_cap() {
     wait_health(&http, &base, "IDLE", Duration::from_secs(120)).await;
     let before = metrics(&http, &base).await;
     assert_eq!(
-        sample(&before, "rivulet_inference_latency_ms_count"),
+        sample(&before, "rivulet_inference_latency_ms_count{session=\"\"}"),
         Some(0.0),
         "{before}"
     );
     assert_eq!(
-        sample(&before, "rivulet_mailbox_drops_total{stage=\"\"}"),
+        sample(
+            &before,
+            "rivulet_mailbox_drops_total{session=\"\",stage=\"\"}"
+        ),
         Some(0.0)
     );
     assert!(before.contains("# TYPE rivulet_inference_latency_ms histogram"));
@@ -113,8 +117,9 @@ async fn latency_per_frame_and_mailbox_drops_apart_from_the_cap() {
     .unwrap();
     set_state(&input, gst::State::Playing).await;
     let m = wait_metrics(&http, &base, "frames out and mailbox drops", |m| {
-        sample(m, "rivulet_inference_latency_ms_count").unwrap_or(0.0) >= 1.0
-            && sample(m, "rivulet_mailbox_drops_total{stage=\"\"}").unwrap_or(0.0) > 0.0
+        sample(m, "rivulet_inference_latency_ms_count{session=\"\"}").unwrap_or(0.0) >= 1.0
+            && sample(m, "rivulet_mailbox_drops_total{session=\"\",stage=\"\"}").unwrap_or(0.0)
+                > 0.0
     })
     .await;
     set_state(&input, gst::State::Null).await;
@@ -124,10 +129,14 @@ async fn latency_per_frame_and_mailbox_drops_apart_from_the_cap() {
         Some(0.0),
         "no cap: {m}"
     );
-    let count = sample(&m, "rivulet_inference_latency_ms_count").unwrap();
-    let sum = sample(&m, "rivulet_inference_latency_ms_sum").unwrap();
+    let count = sample(&m, "rivulet_inference_latency_ms_count{session=\"\"}").unwrap();
+    let sum = sample(&m, "rivulet_inference_latency_ms_sum{session=\"\"}").unwrap();
     let out = sample(&m, "rivulet_frames_out_total").unwrap();
-    let inf = sample(&m, "rivulet_inference_latency_ms_bucket{le=\"+Inf\"}").unwrap();
+    let inf = sample(
+        &m,
+        "rivulet_inference_latency_ms_bucket{session=\"\",le=\"+Inf\"}",
+    )
+    .unwrap();
     assert_eq!(inf, count, "{m}");
     // One observation per real frame out whose arrival was seen (a few may still be
     // between the scrape's two reads).
@@ -183,16 +192,21 @@ async fn cap_drops_and_stage_figures_of_a_graph() {
     let input = live_input(&format!("{base}/trickle/{mid}"));
     set_state(&input, gst::State::Playing).await;
     let m = wait_metrics(&http, &base, "stage figures and cap drops", |m| {
-        sample(m, "rivulet_stage_frames_out_total{stage=\"inv\"}").unwrap_or(0.0) > 0.0
+        sample(
+            m,
+            "rivulet_stage_frames_out_total{session=\"\",stage=\"inv\"}",
+        )
+        .unwrap_or(0.0)
+            > 0.0
             && sample(m, "rivulet_frames_dropped_total").unwrap_or(0.0) > 0.0
-            && sample(m, "rivulet_inference_latency_ms_count").unwrap_or(0.0) > 0.0
+            && sample(m, "rivulet_inference_latency_ms_count{session=\"\"}").unwrap_or(0.0) > 0.0
     })
     .await;
     set_state(&input, gst::State::Null).await;
     for stage in ["gain", "inv"] {
         assert!(
             m.contains(&format!(
-                "rivulet_stage_state{{stage=\"{stage}\",state=\"running\",provider="
+                "rivulet_stage_state{{session=\"\",stage=\"{stage}\",state=\"running\",provider="
             )),
             "{stage}:\n{m}"
         );
@@ -203,7 +217,7 @@ async fn cap_drops_and_stage_figures_of_a_graph() {
             "rivulet_stage_errors_total",
         ] {
             assert!(
-                sample(&m, &format!("{name}{{stage=\"{stage}\"}}")).is_some(),
+                sample(&m, &format!("{name}{{session=\"\",stage=\"{stage}\"}}")).is_some(),
                 "{name} of {stage}:\n{m}"
             );
         }
