@@ -98,7 +98,10 @@ impl Daemon {
         };
         while let Some(report) = rx.recv().await {
             match report {
-                Report::Stopped { session } => self.drop_session(&session),
+                Report::Stopped {
+                    session,
+                    generation,
+                } => self.drop_session(&session, Some(generation)),
             }
         }
     }
@@ -260,7 +263,7 @@ impl Daemon {
         self.sessions.lock().unwrap().push(session.clone());
         let result = session.start_stream(req, received_at).await;
         if result.is_err() {
-            self.drop_session(&session.id);
+            self.drop_session(&session.id, None);
         }
         result
     }
@@ -298,12 +301,16 @@ impl Daemon {
     }
 
     /// Drops a session whose stream stopped (multi-session only; the runner session stays).
-    fn drop_session(&self, id: &str) {
+    /// `generation`: the session's start count the report was sent at; a session started
+    /// again since is kept.
+    fn drop_session(&self, id: &str, generation: Option<u64>) {
         if !self.multi() || id.is_empty() {
             return;
         }
         let mut sessions = self.sessions.lock().unwrap();
-        if let Some(i) = sessions.iter().position(|s| s.id == id && !s.is_running()) {
+        if let Some(i) = sessions.iter().position(|s| {
+            s.id == id && !s.is_running() && generation.is_none_or(|g| g == s.generation())
+        }) {
             let s = sessions.remove(i);
             self.retired.lock().unwrap().add(&s.counters());
             tracing::info!(session = %id, "session ended");

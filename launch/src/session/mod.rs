@@ -144,8 +144,10 @@ pub(crate) struct Previews {
 /// What a session tells its supervisor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Report {
-    /// The session's stream stopped (any reason: a stop, the input's end, an error, idle).
-    Stopped { session: String },
+    /// The session's stream stopped (any reason: a stop, the input's end, an error, idle), and
+    /// no new one replaces it. `generation`: the session's start count then (a report older
+    /// than the session's last start is stale).
+    Stopped { session: String, generation: u64 },
 }
 
 pub struct Session {
@@ -158,6 +160,8 @@ pub struct Session {
     /// `aipipeline`'s `batch-group` for this session's pipeline: sessions with the same group
     /// share one inference child (`None`: its own).
     pub batch_group: Option<String>,
+    /// Starts so far (see [`Report::Stopped`]).
+    generation: std::sync::atomic::AtomicU64,
     pub(crate) core: Mutex<Core>,
     stream: tokio::sync::Mutex<Option<StreamHandle>>,
     /// Pipeline templates (`/v1/pipelines`), to resolve a start request's `pipeline`.
@@ -185,6 +189,7 @@ impl Session {
             id,
             reports,
             batch_group,
+            generation: std::sync::atomic::AtomicU64::new(0),
             core: Mutex::new(Core {
                 machine: Machine::with_idle_stop(config.input_idle_stop.as_secs_f64()),
                 inf: InferenceSide {
@@ -246,6 +251,11 @@ impl Session {
         c.inf.pipeline_ready_time = ready_time;
         c.inf.inference_alive = alive;
         c.inf.process_start_time = start;
+    }
+
+    /// Starts so far (see [`Report::Stopped`]).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether the pipeline is loaded (the warm-up, or the element's online event).
@@ -539,11 +549,14 @@ impl Session {
         Self::validate_params(&req.params).map_err(|e| StartError::Invalid(e.to_string()))?;
         stream::check_pipeline(self, &req).map_err(StartError::Invalid)?;
         let mut slot = self.stream.lock().await;
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if let Some(old) = slot.take() {
             if tokio::time::timeout(STOP_WAIT, old.stop()).await.is_err() {
                 return Err(StartError::PreviousStillRunning);
             }
-            self.on_stream_stopped();
+            // Replaced, not ended: nothing to report.
+            self.on_stream_stopped(false);
         }
         if let Ok(text) = serde_json::to_vec(&req.to_json())
             && let Err(e) = std::fs::write(&self.config.state_file, text)
@@ -586,7 +599,7 @@ impl Session {
                 Ok(())
             }
             Err(e) => {
-                self.on_stream_stopped();
+                self.on_stream_stopped(true);
                 Err(StartError::Pipeline(e))
             }
         }
@@ -600,7 +613,7 @@ impl Session {
             if tokio::time::timeout(STOP_WAIT, old.stop()).await.is_err() {
                 tracing::error!("stream did not stop within 10 s");
             }
-            self.on_stream_stopped();
+            self.on_stream_stopped(true);
         }
     }
 
@@ -617,7 +630,8 @@ impl Session {
         }
     }
 
-    fn on_stream_stopped(&self) {
+    /// The stream stopped; `report`: tell the supervisor (not when a new stream replaces it).
+    fn on_stream_stopped(&self, report: bool) {
         {
             let mut c = self.core.lock().unwrap();
             c.st.stream_running = false;
@@ -626,9 +640,12 @@ impl Session {
             c.st.graph = None;
         }
         // The supervisor may be gone already (shutdown): nobody to tell.
-        let _ = self.reports.send(Report::Stopped {
-            session: self.id.clone(),
-        });
+        if report {
+            let _ = self.reports.send(Report::Stopped {
+                session: self.id.clone(),
+                generation: self.generation(),
+            });
+        }
     }
 
     /// One health evaluation and its side effects.
