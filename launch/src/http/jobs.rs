@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MPL-2.0
 //! `/v1/jobs`: file jobs.
 
-use super::{ApiError, read_document};
+use super::{ApiError, detail, read_document};
 use crate::daemon::Daemon;
 use crate::jobs::{CancelError, JobSpec, JobState, JobStatus, SubmitError, prepare};
 use axum::Router;
@@ -18,10 +18,6 @@ pub fn routes() -> Router<Arc<Daemon>> {
     Router::new()
         .route("/v1/jobs", get(list).post(create))
         .route("/v1/jobs/{id}", get(show).delete(remove))
-}
-
-fn detail(code: StatusCode, msg: impl Into<String>) -> ApiError {
-    ApiError::Detail(code, msg.into())
 }
 
 /// `POST /v1/jobs` with `{"input": PATH, "output": PATH, "pipeline": NAME|TEMPLATE,

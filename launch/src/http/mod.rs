@@ -117,6 +117,11 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .with_state(daemon)
 }
 
+/// The `{"detail":{"msg":…}}` error of Rivulet's own `/v1` endpoints.
+pub(crate) fn detail(code: StatusCode, msg: impl Into<String>) -> ApiError {
+    ApiError::Detail(code, msg.into())
+}
+
 /// A JSON body, or YAML when the content type says so (`application/yaml`, `text/yaml`).
 pub(crate) async fn read_document(headers: &HeaderMap, body: Body) -> Result<Value, ApiError> {
     let bytes = read_body(body)

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MPL-2.0
 //! `/v1/pipelines`: pipeline templates.
 
-use super::{ApiError, read_document};
+use super::{ApiError, detail, read_document};
 use crate::daemon::Daemon;
 use crate::templates::{Template, TemplateError};
 use axum::Router;
@@ -17,10 +17,6 @@ pub fn routes() -> Router<Arc<Daemon>> {
     Router::new()
         .route("/v1/pipelines", get(list).post(create))
         .route("/v1/pipelines/{id}", get(show).delete(remove))
-}
-
-fn detail(code: StatusCode, msg: impl Into<String>) -> ApiError {
-    ApiError::Detail(code, msg.into())
 }
 
 /// `POST /v1/pipelines` with `{"id": "…", "pipeline": <definition>, "description": "…"}`:
