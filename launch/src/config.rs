@@ -166,6 +166,44 @@ fn env_count(name: &'static str, default: usize) -> Result<usize, ConfigError> {
 }
 
 impl Config {
+    /// Where a start request is kept for crash cleanup (docs/runner.md, "Crash cleanup"):
+    /// `state_file` for the one session of `--max-sessions 1` (empty `session`), else
+    /// `<state_file>.session-<key in hex>`, one file per running session.
+    pub fn state_file_for(&self, session: &str) -> PathBuf {
+        if session.is_empty() {
+            return self.state_file.clone();
+        }
+        let hex: String = session.bytes().map(|b| format!("{b:02x}")).collect();
+        let mut name = self.state_file.as_os_str().to_owned();
+        name.push(format!(".session-{hex}"));
+        PathBuf::from(name)
+    }
+
+    /// Every state file a crashed run may have left: `state_file` and the per-session files.
+    pub fn state_files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.state_file.clone()];
+        let (Some(dir), Some(base)) = (self.state_file.parent(), self.state_file.file_name())
+        else {
+            return files;
+        };
+        let prefix = format!("{}.session-", base.to_string_lossy());
+        let dir = if dir.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            dir
+        };
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            let mut more: Vec<PathBuf> = entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .map(|e| e.path())
+                .collect();
+            more.sort();
+            files.extend(more);
+        }
+        files
+    }
+
     /// The token the daemon's own trickle clients send to `url`: `RIVULET_API_TOKEN` when `url`
     /// is on the daemon's embedded trickle server (a loopback host or the configured host, the
     /// daemon's port, under the trickle base), else none (a token never leaves for another

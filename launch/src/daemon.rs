@@ -312,6 +312,7 @@ impl Daemon {
             s.id == id && !s.is_running() && generation.is_none_or(|g| g == s.generation())
         }) {
             let s = sessions.remove(i);
+            s.forget_state();
             self.retired.lock().unwrap().add(&s.counters());
             tracing::info!(session = %id, "session ended");
         }

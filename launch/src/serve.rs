@@ -116,36 +116,48 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     })
 }
 
-/// Opens and closes publishers on the output and events channels of a start request left
-/// behind by a crashed run (docs/runner.md, "Crash cleanup").
+/// Opens and closes publishers on the output, events and data channels of the start requests
+/// left behind by a crashed run, one state file per session (docs/runner.md, "Crash cleanup").
+/// All at once, each at most 5 s.
 async fn crash_cleanup(daemon: &Daemon) {
-    let path = &daemon.config.state_file;
-    let Ok(text) = std::fs::read(path) else {
-        return;
-    };
-    let _ = std::fs::remove_file(path);
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&text) else {
-        return;
-    };
-    for key in ["publish_url", "events_url", "data_url"] {
-        let Some(url) = v
-            .get(key)
-            .and_then(|u| u.as_str())
-            .filter(|u| !u.is_empty())
-        else {
+    let mut urls = Vec::new();
+    for path in daemon.config.state_files() {
+        let Ok(text) = std::fs::read(&path) else {
             continue;
         };
-        let config = gsttrickle::protocol::client::PublisherConfig {
-            tls_verify: daemon.config.tls_verify,
-            bearer_token: daemon.config.own_trickle_token(url),
-            ..Default::default()
-        };
-        match gsttrickle::protocol::client::Publisher::new(url, config) {
-            Ok(p) => {
-                let r = tokio::time::timeout(std::time::Duration::from_secs(5), p.close()).await;
-                tracing::info!(%url, ok = matches!(r, Ok(Ok(()))), "crash cleanup of a stale channel");
+        let _ = std::fs::remove_file(&path);
+        let v = match serde_json::from_slice::<serde_json::Value>(&text) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!("crash cleanup: {path:?} is not JSON ({e}); removed");
+                continue;
             }
-            Err(e) => tracing::debug!("crash cleanup skipped for {url}: {e}"),
+        };
+        for key in ["publish_url", "events_url", "data_url"] {
+            if let Some(url) = v
+                .get(key)
+                .and_then(|u| u.as_str())
+                .filter(|u| !u.is_empty())
+            {
+                urls.push(url.to_owned());
+            }
         }
+    }
+    futures::future::join_all(urls.iter().map(|url| close_stale_channel(daemon, url))).await;
+}
+
+/// Closes one stale channel: an empty segment, then a DELETE.
+async fn close_stale_channel(daemon: &Daemon, url: &str) {
+    let config = gsttrickle::protocol::client::PublisherConfig {
+        tls_verify: daemon.config.tls_verify,
+        bearer_token: daemon.config.own_trickle_token(url),
+        ..Default::default()
+    };
+    match gsttrickle::protocol::client::Publisher::new(url, config) {
+        Ok(p) => {
+            let r = tokio::time::timeout(std::time::Duration::from_secs(5), p.close()).await;
+            tracing::info!(%url, ok = matches!(r, Ok(Ok(()))), "crash cleanup of a stale channel");
+        }
+        Err(e) => tracing::debug!("crash cleanup skipped for {url}: {e}"),
     }
 }

@@ -2,7 +2,7 @@
 //! Many live sessions in one `rivulet serve --max-sessions N` (docs/runner.md, "Many
 //! sessions"): two sessions at once with their own params and outputs (content checked), the
 //! capacity refusal, `/v1/sessions`, stopping one session while the other goes on, and a
-//! session's own params.
+//! session's own params; crash cleanup of every session's channels.
 
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -74,14 +74,26 @@ fn start_body(base: &str, mid: &str, params: Value) -> Value {
 /// Creates `mid`'s channels, starts its input, starts the session with `params` and reads its
 /// output.
 async fn start_peer(http: &reqwest::Client, base: &str, mid: &str, params: Value) -> Peer {
-    common::create_stream_channels(http, base, mid).await;
-    let input = common::live_input(&format!("{base}/trickle/{mid}"));
+    start_peer_on(http, base, base, mid, params).await
+}
+
+/// [`start_peer`] with the channels on the trickle server at `trickle` (its routes under
+/// `/trickle/`) instead of the daemon's own.
+async fn start_peer_on(
+    http: &reqwest::Client,
+    base: &str,
+    trickle: &str,
+    mid: &str,
+    params: Value,
+) -> Peer {
+    common::create_stream_channels(http, trickle, mid).await;
+    let input = common::live_input(&format!("{trickle}/trickle/{mid}"));
     set_state(&input, gst::State::Playing).await;
-    common::start_stream(http, base, &start_body(base, mid, params)).await;
+    common::start_stream(http, base, &start_body(trickle, mid, params)).await;
     let frames = Arc::new(AtomicU64::new(0));
     let luma = Arc::new(Mutex::new(-1.0));
     let (f, l) = (frames.clone(), luma.clone());
-    let reader = common::output_reader(&format!("{base}/trickle/{mid}-out"), move |s| {
+    let reader = common::output_reader(&format!("{trickle}/trickle/{mid}-out"), move |s| {
         if let Some(y) = common::mean_luma(s) {
             *l.lock().unwrap() = y;
             f.fetch_add(1, Ordering::SeqCst);
@@ -292,4 +304,100 @@ async fn sessions_share_one_inference_child_and_a_loss_restarts_both() {
     assert_ne!(children[0], child, "the lost child was replaced");
     a.stop().await;
     b.stop().await;
+}
+
+/// The state file of session `id` in `dir` (`Config::state_file_for`).
+fn session_state_file(dir: &std::path::Path, id: &str) -> std::path::PathBuf {
+    let hex: String = id.bytes().map(|b| format!("{b:02x}")).collect();
+    dir.join(format!("last.json.session-{hex}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_cleanup_closes_the_channels_of_every_session() {
+    common::init_trickle();
+    // The channels live on a trickle server of the test's own, which outlives the daemons.
+    let trickle = gsttrickle::protocol::server::TrickleServer::new(
+        gsttrickle::protocol::server::ServerConfig {
+            base_path: "/trickle/".into(),
+            ..gsttrickle::protocol::server::ServerConfig::development()
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tbase = format!("http://{}", listener.local_addr().unwrap());
+    let handle = gsttrickle::protocol::server::serve(listener, trickle.clone())
+        .await
+        .unwrap();
+    let has = |name: &str| trickle.channel_names().iter().any(|c| c == name);
+
+    let state = common::TempDir::new("sessions-crash");
+    let state_file = state.0.join("last.json");
+    let state_env = state_file.to_str().unwrap().to_owned();
+    let mut a = common::spawn_daemon(
+        "sessions-crash-a",
+        &[
+            ("RIVULET_MAX_SESSIONS", "2"),
+            ("RIVULET_ISOLATION", "none"),
+            ("MODEL_ID", "gain"),
+            ("RIVULET_PIPELINES", &gain_dir()),
+            ("RIVULET_STATE_FILE", &state_env),
+        ],
+    );
+    let http = reqwest::Client::new();
+    wait_health(&http, &a.base, "IDLE", Duration::from_secs(60)).await;
+    let black = json!({"gain": 0.0, "bias": [0.0, 0.0, 0.0]});
+    let pa = start_peer_on(&http, &a.base, &tbase, "ca", black.clone()).await;
+    let pb = start_peer_on(&http, &a.base, &tbase, "cb", black).await;
+    pa.wait_output("ca's output", 5, DARK).await;
+    pb.wait_output("cb's output", 5, DARK).await;
+    // One file per running session; the one session of `--max-sessions 1` uses the plain file.
+    assert!(session_state_file(&state.0, "s-ca").exists());
+    assert!(session_state_file(&state.0, "s-cb").exists());
+    assert!(!state_file.exists());
+
+    // A session that ends cleanly closes its own channels and forgets its file.
+    let r = http
+        .delete(format!("{}/v1/sessions/s-cb", a.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let t = Instant::now();
+    while session_state_file(&state.0, "s-cb").exists() || has("cb-out") {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "cb's file or output channel stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A crash leaves ca's channels open; the next daemon's start-up closes them.
+    a.child.kill().unwrap();
+    let _ = a.child.wait();
+    assert!(
+        has("ca-out") && has("ca-events"),
+        "{:?}",
+        trickle.channel_names()
+    );
+    assert!(session_state_file(&state.0, "s-ca").exists());
+    let b = common::spawn_daemon(
+        "sessions-crash-b",
+        &[
+            ("RIVULET_MAX_SESSIONS", "2"),
+            ("RIVULET_ISOLATION", "none"),
+            ("MODEL_ID", "gain"),
+            ("RIVULET_PIPELINES", &gain_dir()),
+            ("RIVULET_STATE_FILE", &state_env),
+        ],
+    );
+    // The clean-up runs before the port answers.
+    assert!(
+        !has("ca-out") && !has("ca-events"),
+        "{:?}",
+        trickle.channel_names()
+    );
+    assert!(!session_state_file(&state.0, "s-ca").exists());
+    wait_health(&http, &b.base, "IDLE", Duration::from_secs(60)).await;
+    pa.stop().await;
+    pb.stop().await;
+    handle.shutdown().await;
 }

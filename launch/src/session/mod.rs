@@ -254,6 +254,14 @@ impl Session {
     }
 
     /// Starts so far (see [`Report::Stopped`]).
+    /// Removes the crash-cleanup file of a session that ended (one of many sessions; the one
+    /// session of `--max-sessions 1` keeps its file, as the runner does).
+    pub fn forget_state(&self) {
+        if !self.id.is_empty() {
+            let _ = std::fs::remove_file(self.config.state_file_for(&self.id));
+        }
+    }
+
     pub fn generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -558,13 +566,11 @@ impl Session {
             // Replaced, not ended: nothing to report.
             self.on_stream_stopped(false);
         }
+        let state_file = self.config.state_file_for(&self.id);
         if let Ok(text) = serde_json::to_vec(&req.to_json())
-            && let Err(e) = std::fs::write(&self.config.state_file, text)
+            && let Err(e) = std::fs::write(&state_file, text)
         {
-            tracing::warn!(
-                "cannot persist the start request to {:?}: {e}",
-                self.config.state_file
-            );
+            tracing::warn!("cannot persist the start request to {state_file:?}: {e}");
         }
         let now = now_secs();
         {
