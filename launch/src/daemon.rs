@@ -40,8 +40,6 @@ pub struct Daemon {
     retired: Mutex<Counters>,
     reports: mpsc::UnboundedSender<Report>,
     reports_rx: Mutex<Option<mpsc::UnboundedReceiver<Report>>>,
-    /// Serialises starts: the capacity check and the insertion are one step.
-    starts: tokio::sync::Mutex<()>,
 }
 
 /// One session as `GET /v1/sessions` lists it.
@@ -82,7 +80,6 @@ impl Daemon {
             retired: Mutex::new(Counters::default()),
             reports,
             reports_rx: Mutex::new(Some(rx)),
-            starts: tokio::sync::Mutex::new(()),
             templates,
             feed,
             metrics,
@@ -236,34 +233,41 @@ impl Daemon {
             return self.runner.start_stream(req, received_at).await;
         }
         let key = request_key(&req);
-        let _one_at_a_time = self.starts.lock().await;
-        if let Some(s) = self.session(&key) {
-            return s.start_stream(req, received_at).await;
-        }
-        {
-            let n = self.sessions.lock().unwrap().len();
-            if n >= self.capacity() {
-                return Err(StartError::Full(format!(
-                    "all {n} sessions of this runner are in use (--max-sessions {})",
-                    self.capacity()
-                )));
-            }
-        }
         Session::validate_params(&req.params).map_err(|e| StartError::Invalid(e.to_string()))?;
-        let session = Session::new(
-            key,
-            self.config.clone(),
-            self.templates.clone(),
-            self.feed.clone(),
-            self.metrics.clone(),
-            self.reports.clone(),
-            Some(batch_group(&self.config)),
-        );
-        session.inherit(&self.runner);
-        self.sessions.lock().unwrap().push(session.clone());
+        // The lookup, the capacity check and the insertion are one step under the list's lock;
+        // the start itself (the model load) runs outside it, so sessions start side by side.
+        let session = {
+            let mut sessions = self.sessions.lock().unwrap();
+            match sessions.iter().find(|s| s.id == key) {
+                Some(s) => s.clone(),
+                None => {
+                    let n = sessions.len();
+                    if n >= self.capacity() {
+                        return Err(StartError::Full(format!(
+                            "all {n} sessions of this runner are in use (--max-sessions {})",
+                            self.capacity()
+                        )));
+                    }
+                    let session = Session::new(
+                        key,
+                        self.config.clone(),
+                        self.templates.clone(),
+                        self.feed.clone(),
+                        self.metrics.clone(),
+                        self.reports.clone(),
+                        Some(batch_group(&self.config)),
+                    );
+                    session.inherit(&self.runner);
+                    sessions.push(session.clone());
+                    session
+                }
+            }
+        };
         let result = session.start_stream(req, received_at).await;
         if result.is_err() {
-            self.drop_session(&session.id, None);
+            // Not streaming after a failed (re)start: the session ends, unless a later start
+            // of the same key has begun meanwhile (its generation).
+            self.drop_session(&session.id, Some(session.generation()));
         }
         result
     }

@@ -401,3 +401,56 @@ async fn crash_cleanup_closes_the_channels_of_every_session() {
     pb.stop().await;
     handle.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_starts_fill_the_capacity_and_no_more() {
+    let d = daemon("sessions-concurrent", "none");
+    let http = reqwest::Client::new();
+    let base = d.base.clone();
+    wait_health(&http, &base, "IDLE", Duration::from_secs(60)).await;
+    let mut inputs = Vec::new();
+    for mid in ["ka", "kb", "kc"] {
+        common::create_stream_channels(&http, &base, mid).await;
+        let input = common::live_input(&format!("{base}/trickle/{mid}"));
+        set_state(&input, gst::State::Playing).await;
+        inputs.push(input);
+    }
+    // Three starts at once into room for two: two start, one gets the 503.
+    let post = |mid: &'static str| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            let body = start_body(&base, mid, json!({"gain": 1.0}));
+            let r = http
+                .post(format!("{base}/live-video-to-video"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (mid, r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (a, b, c) = tokio::join!(post("ka"), post("kb"), post("kc"));
+    let mut codes: Vec<u16> = [&a, &b, &c].iter().map(|r| r.1).collect();
+    codes.sort();
+    assert_eq!(codes, [200, 200, 503], "{a:?} {b:?} {c:?}");
+    let refused = [&a, &b, &c].into_iter().find(|r| r.1 == 503).unwrap();
+    assert!(refused.2.contains("--max-sessions 2"), "{refused:?}");
+    let list = get_json(&http, &format!("{base}/v1/sessions")).await;
+    let mut ids: Vec<String> = list["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    let mut want: Vec<String> = [&a, &b, &c]
+        .into_iter()
+        .filter(|r| r.1 == 200)
+        .map(|r| format!("s-{}", r.0))
+        .collect();
+    want.sort();
+    assert_eq!(ids, want, "{list}");
+    for input in inputs {
+        set_state(&input, gst::State::Null).await;
+    }
+}

@@ -253,7 +253,6 @@ impl Session {
         c.inf.process_start_time = start;
     }
 
-    /// Starts so far (see [`Report::Stopped`]).
     /// Removes the crash-cleanup file of a session that ended (one of many sessions; the one
     /// session of `--max-sessions 1` keeps its file, as the runner does).
     pub fn forget_state(&self) {
@@ -262,6 +261,7 @@ impl Session {
         }
     }
 
+    /// Starts so far (see [`Report::Stopped`]).
     pub fn generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
