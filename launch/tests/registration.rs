@@ -736,3 +736,74 @@ async fn misconfiguration_is_logged_and_the_daemon_serves_on() {
     assert_eq!(wrong.with(|r| r.registrations.len()), 0);
     assert!(wrong.with(|r| r.heartbeats.iter().all(|h| h.status == 401)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_of_capacity_two_holds_two_proxied_sessions() {
+    let o = Orchestrator::start(Options::default()).await;
+    let d = spawn_with(
+        "reg-capacity",
+        &registered(&o, &[("RIVULET_MAX_SESSIONS", "2".into())]),
+    );
+    let http = reqwest::Client::new();
+    wait_health(&http, &d.base, "IDLE", Duration::from_secs(60)).await;
+    o.wait(Duration::from_secs(30), "never ready", |r| {
+        r.runners.values().any(|x| x.request["status"] == "ready")
+    })
+    .await;
+    let id = o.only_runner();
+    assert_eq!(last_accepted(&o, &id).unwrap()["capacity"], 2);
+    let (s1, _) = proxied_start(&http, &o, &id).await;
+    let (s2, _) = proxied_start(&http, &o, &id).await;
+    assert_ne!(s1, s2);
+    let reported = |want: Vec<String>| {
+        move |r: &orchestrator::Registry| {
+            r.heartbeats
+                .iter()
+                .rev()
+                .find(|h| h.status == 200)
+                .is_some_and(|h| {
+                    let mut ids: Vec<String> = h.body["session_ids"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|v| v.as_str().map(String::from))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    ids.sort();
+                    ids == want
+                })
+        }
+    };
+    let mut both = vec![s1.clone(), s2.clone()];
+    both.sort();
+    o.wait(
+        Duration::from_secs(10),
+        "both sessions not reported",
+        reported(both),
+    )
+    .await;
+    let list = get_json(&http, &format!("{}/v1/sessions", d.base)).await;
+    assert_eq!(list["sessions"].as_array().unwrap().len(), 2, "{list}");
+    // The orchestrator drops one: only that one stops here.
+    o.forget_session(&id, &s1);
+    d.wait_log(
+        &["the orchestrator no longer has this session", s1.as_str()],
+        Duration::from_secs(10),
+    )
+    .await;
+    o.wait(
+        Duration::from_secs(20),
+        "the other session not reported alone",
+        reported(vec![s2.clone()]),
+    )
+    .await;
+    let list = get_json(&http, &format!("{}/v1/sessions", d.base)).await;
+    let ids: Vec<&str> = list["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [s2.as_str()], "{list}");
+}
