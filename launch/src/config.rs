@@ -54,6 +54,9 @@ pub struct Config {
     pub input_idle_stop: Duration,
     /// Length of the FPS window (10 s in the runner).
     pub fps_window: Duration,
+    /// `RIVULET_DATA_KEEPALIVE_MS`: with nothing to send for this long, the data channel sends
+    /// an empty batch `[]` (25 s by default).
+    pub data_keepalive: Duration,
     /// The input frame-rate cap (24 fps); `None` disables it.
     pub fps_cap: Option<f64>,
     /// Where model manifests are looked for: the pipeline registry's default search path
@@ -293,6 +296,7 @@ impl Config {
             health_period: env_ms("RIVULET_HEALTH_PERIOD_MS", Duration::from_secs(1))?,
             input_idle_stop: env_ms("RIVULET_INPUT_IDLE_STOP_MS", Duration::from_secs(60))?,
             fps_window: env_ms("RIVULET_FPS_WINDOW_MS", Duration::from_secs(10))?,
+            data_keepalive: env_ms("RIVULET_DATA_KEEPALIVE_MS", Duration::from_secs(25))?,
             fps_cap,
             pipelines: SearchPath::from_env(),
             device: env("RIVULET_DEVICE").unwrap_or_else(|| "auto".into()),

@@ -186,3 +186,42 @@ async fn data_channel_heartbeat_and_max_framerate() {
     set_state(&input, gst::State::Null).await;
     set_state(&reader, gst::State::Null).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_channel_sends_empty_batches_while_nothing_comes() {
+    let mid = "sk";
+    let (_d, http, base) = common::idle_daemon_with_channels(
+        "stream-data-keepalive",
+        "none",
+        &[("RIVULET_DATA_KEEPALIVE_MS", "1000")],
+        mid,
+    )
+    .await;
+    common::create_channel(&http, &base, &format!("{mid}-data"), "application/jsonl").await;
+    let url = |s: &str| format!("{base}/trickle/{mid}{s}");
+    let mut data = common::subscribe_events(&url("-data"));
+    // No input is published: no frames, so nothing to send but the keepalive.
+    let start = json!({
+        "subscribe_url": url(""), "publish_url": url("-out"), "data_url": url("-data"),
+        "model_id": "noop", "params": {"width": 384, "height": 384},
+        "stream_id": "s-sk"
+    });
+    common::start_stream(&http, &base, &start).await;
+    let mut at = Vec::new();
+    while at.len() < 3 {
+        let batch = tokio::time::timeout(Duration::from_secs(10), data.recv())
+            .await
+            .expect("a keepalive within 10 s")
+            .expect("the data channel ended");
+        assert_eq!(batch, json!([]), "only empty batches without frames");
+        at.push(Instant::now());
+    }
+    // One a keepalive period apart (not one per 333 ms batch tick).
+    for w in at.windows(2) {
+        let gap = w[1] - w[0];
+        assert!(
+            gap >= Duration::from_millis(800) && gap <= Duration::from_secs(5),
+            "keepalives {gap:?} apart"
+        );
+    }
+}

@@ -25,8 +25,6 @@ pub const MAX_CONTROL_MESSAGE: usize = 16 * 1024 * 1024;
 /// How often the data channel sends what its producers gave (one JSON array per line, one
 /// line per segment).
 pub const DATA_BATCH: Duration = Duration::from_millis(333);
-/// With nothing to send for this long, the data channel sends an empty batch (`[]`).
-pub const DATA_KEEPALIVE: Duration = Duration::from_secs(25);
 /// Items the data channel holds between two batches; more are dropped (logged).
 pub const DATA_QUEUE: usize = 1024;
 /// The element message a pipeline or stage posts to publish on the stream's data channel:
@@ -347,7 +345,12 @@ impl StreamHandle {
             let publisher = Publisher::new(&req.data_url, config).map_err(|e| e.to_string())?;
             let (tx, rx) = mpsc::channel::<Value>(DATA_QUEUE);
             (
-                Some(tokio::spawn(data_loop(publisher, rx, stop_rx.clone()))),
+                Some(tokio::spawn(data_loop(
+                    publisher,
+                    rx,
+                    stop_rx.clone(),
+                    session.config.data_keepalive,
+                ))),
                 Some(tx),
             )
         };
@@ -634,11 +637,12 @@ fn heartbeat(
 
 /// Sends the data channel's items in batches (docs/runner.md, "Data channel"): every
 /// [`DATA_BATCH`] what came, as one JSON array on one line in one segment; `[]` after
-/// [`DATA_KEEPALIVE`] without any. On stop, sends what is queued, then closes the channel.
+/// `keepalive` without any. On stop, sends what is queued, then closes the channel.
 async fn data_loop(
     mut publisher: Publisher,
     mut rx: mpsc::Receiver<Value>,
     mut stop: watch::Receiver<bool>,
+    keepalive: Duration,
 ) {
     let mut tick = tokio::time::interval(DATA_BATCH);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -653,7 +657,7 @@ async fn data_loop(
         while let Ok(v) = rx.try_recv() {
             items.push(v);
         }
-        if items.is_empty() && last_sent.elapsed() < DATA_KEEPALIVE {
+        if items.is_empty() && last_sent.elapsed() < keepalive {
             continue;
         }
         let mut line = Value::Array(items).to_string();
