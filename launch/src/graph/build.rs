@@ -161,7 +161,10 @@ fn side_by_side(bin: &gst::Bin, inputs: Vec<gst::Pad>) -> Result<gst::Pad, Strin
     );
     bin.add_many([&comp, &caps]).map_err(|e| e.to_string())?;
     comp.link(&caps).map_err(|e| e.to_string())?;
-    let pads: Arc<Mutex<Vec<gst::Pad>>> = Arc::new(Mutex::new(Vec::new()));
+    // Each input's pad and the width its caps gave (0 until they come). Widths are recorded
+    // here, in the probe, under the lock: reading the other pads' current caps instead raced
+    // with their own caps events (two inputs' caps at once could both be placed at x = 0).
+    let pads: Arc<Mutex<Vec<(gst::Pad, i32)>>> = Arc::new(Mutex::new(Vec::new()));
     for src in inputs {
         let q = queue()?;
         bin.add(&q).map_err(|e| e.to_string())?;
@@ -174,23 +177,23 @@ fn side_by_side(bin: &gst::Bin, inputs: Vec<gst::Pad>) -> Result<gst::Pad, Strin
             .ok_or("queue without src pad")?
             .link(&pad)
             .map_err(|e| format!("{e:?}"))?;
-        pads.lock().unwrap().push(pad.clone());
+        pads.lock().unwrap().push((pad.clone(), 0));
         let all = pads.clone();
         pad.add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, move |this, info| {
             if let Some(gst::PadProbeData::Event(ev)) = &info.data
                 && let gst::EventView::Caps(c) = ev.view()
             {
                 // Left to right in input order; inputs whose caps are not known yet count 0
-                // and move the others when their caps arrive.
-                let this_width = width_of(c.caps());
+                // and move the others when their caps arrive. The caps event passes after
+                // this, so the compositor renegotiates its size with these places.
+                let mut all = all.lock().unwrap();
                 let mut x = 0i32;
-                for p in all.lock().unwrap().iter() {
+                for (p, width) in all.iter_mut() {
+                    if p == this {
+                        *width = width_of(c.caps());
+                    }
                     p.set_property("xpos", x);
-                    x += if p == this {
-                        this_width
-                    } else {
-                        p.current_caps().as_deref().map(width_of).unwrap_or(0)
-                    };
+                    x += *width;
                 }
             }
             gst::PadProbeReturn::Ok
