@@ -13,8 +13,11 @@
 //!
 //! Throughput: frames out of all streams per second of wall time; latency: per frame, push to
 //! output, p50/p95 over all streams. The modes alternate `--rounds` times (default 2); the
-//! figures are over all rounds. With `--styles different` every stream has its own style, so
-//! the child runs one forward per style (styletransfer takes one style mix per forward).
+//! figures are over all rounds. With `--styles different` every stream has its own style;
+//! styletransfer takes `mix` and `strength` per sample (`per_sample` in its manifest), so the
+//! child still runs a batch of four styles as one forward. For the batched mode the bench also
+//! reports the mean batch size and forwards per batch, from the element's `stats`
+//! (`batch-size`, `batch-forwards`) after each timed frame (one sample per frame).
 
 mod common;
 
@@ -37,6 +40,8 @@ struct Run {
     frames: usize,
     wall: Duration,
     latencies: Vec<Duration>,
+    /// Per timed frame: (batch size, forwards) of the batch that carried it (0, 0 alone).
+    batches: Vec<(u32, u32)>,
 }
 
 /// One round: four streams at once, `n` timed frames each, in batch group `group` (or none).
@@ -68,16 +73,24 @@ fn round(
         }
         rigs.push(common::Rig::start(ai, &common::caps(SIZE, SIZE))?);
     }
-    let drive = |rig: &common::Rig, timed: bool| -> anyhow::Result<Vec<Duration>> {
+    type Timed = Vec<(Duration, (u32, u32))>;
+    let drive = |rig: &common::Rig, timed: bool| -> anyhow::Result<Timed> {
         let count = if timed { n } else { WARMUP };
         let base = if timed { WARMUP } else { 0 };
         let mut t = Vec::with_capacity(count);
         for k in 0..count {
-            t.push(rig.push_pull((base + k) as u64, &frames[k % frames.len()])?);
+            let d = rig.push_pull((base + k) as u64, &frames[k % frames.len()])?;
+            // One frame in flight: the stats are this frame's batch.
+            let s = rig.stats();
+            let shape = (
+                s.get::<u32>("batch-size").unwrap_or(0),
+                s.get::<u32>("batch-forwards").unwrap_or(0),
+            );
+            t.push((d, shape));
         }
         Ok(t)
     };
-    let all = |timed: bool| -> anyhow::Result<Vec<Vec<Duration>>> {
+    let all = |timed: bool| -> anyhow::Result<Vec<Timed>> {
         std::thread::scope(|sc| {
             let handles: Vec<_> = rigs
                 .iter()
@@ -109,11 +122,13 @@ fn round(
     for r in rigs {
         r.stop()?;
     }
-    let latencies: Vec<Duration> = per_stream.into_iter().flatten().collect();
+    let (latencies, batches): (Vec<Duration>, Vec<(u32, u32)>) =
+        per_stream.into_iter().flatten().unzip();
     Ok(Run {
         frames: latencies.len(),
         wall,
         latencies,
+        batches,
     })
 }
 
@@ -152,6 +167,7 @@ fn main() -> anyhow::Result<()> {
     );
     let (mut alone, mut batched) = (Vec::new(), Vec::new());
     let (mut alone_fps, mut batched_fps) = (Vec::new(), Vec::new());
+    let mut shapes: Vec<(u32, u32)> = Vec::new();
     for r in 0..rounds {
         let a = round(&dev_prop, &frames, n, None, &styles)?;
         alone_fps.push(a.frames as f64 / a.wall.as_secs_f64());
@@ -159,6 +175,7 @@ fn main() -> anyhow::Result<()> {
         let b = round(&dev_prop, &frames, n, Some(&format!("bench-{r}")), &styles)?;
         batched_fps.push(b.frames as f64 / b.wall.as_secs_f64());
         batched.extend(b.latencies);
+        shapes.extend(b.batches);
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let (fa, fb) = (mean(&alone_fps), mean(&batched_fps));
@@ -186,6 +203,20 @@ fn main() -> anyhow::Result<()> {
         "batched / alone: throughput {:.2}, p95 latency {:.2}",
         fb / fa.max(1e-9),
         ms(b95) / ms(a95).max(1e-9)
+    );
+    let per_frame = |f: fn(&(u32, u32)) -> u32| {
+        shapes.iter().map(|x| f(x) as f64).sum::<f64>() / shapes.len().max(1) as f64
+    };
+    let full = shapes
+        .iter()
+        .filter(|(size, _)| *size as usize == STREAMS)
+        .count();
+    println!(
+        "batched: mean batch size {:.2}, mean forwards per batch {:.2} (per frame, {} frames; {:.0}% in batches of {STREAMS})",
+        per_frame(|x| x.0),
+        per_frame(|x| x.1),
+        shapes.len(),
+        100.0 * full as f64 / shapes.len().max(1) as f64
     );
     Ok(())
 }

@@ -97,5 +97,16 @@ fn main() -> anyhow::Result<()> {
         let idx = (xs[0].max() * 10.0).to_kind(Kind::Int64).reshape([1]);
         &xs[0] + table.index_select(0, &idx)
     })?;
+    // persample (last: it draws random numbers, which must not shift the models above):
+    // out = x * gain + bias with gain per sample (manifest `per_sample`): one frame takes a
+    // 0-dim gain, a batch of B frames a (B,) gain, one per frame; bias a 3-vector shared by
+    // the batch. Traced on a batch of 2 (the reshape to (-1, 1, 1, 1) is recorded
+    // with -1, so any batch size and the 0-dim gain work).
+    let frames = Tensor::rand([2, 8, 8, 3], (Kind::Float, Device::Cpu));
+    let gains = Tensor::from_slice(&[1.5f32, 0.5]);
+    let bias = Tensor::from_slice(&[0.1f32, 0.0, -0.1]);
+    trace(&dir, "persample.pt", &[frames, gains, bias], &mut |xs| {
+        &xs[0] * xs[1].reshape([-1, 1, 1, 1]) + &xs[2]
+    })?;
     Ok(())
 }

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 use crate::frame;
-use crate::pipeline::{InputKind, Kind as PipelineKind, Layout, Params, PipelineDef, Range, Value};
+use crate::pipeline::{
+    InputKind, InputSpec, Kind as PipelineKind, Layout, Params, PipelineDef, Range, Value,
+};
 
 /// Why a model could not be loaded (an element error at start, a warning on reload).
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +66,7 @@ pub struct TorchModel {
     path: PathBuf,
     layout: Layout,
     range: Range,
-    inputs: Vec<(String, InputKind)>,
+    inputs: Vec<InputSpec>,
     extra: Vec<Tensor>,
     device: Device,
     half: bool,
@@ -123,11 +125,7 @@ impl Runner {
             path: path.clone(),
             layout: def.layout,
             range: def.range,
-            inputs: def
-                .inputs
-                .iter()
-                .map(|i| (i.param.clone(), i.kind))
-                .collect(),
+            inputs: def.inputs.clone(),
             extra: Vec::new(),
             device,
             half,
@@ -181,21 +179,67 @@ impl TorchModel {
         Ok(())
     }
 
-    /// The extra inputs (after the frame) for `params`, on the model's device.
+    /// The extra inputs (after the frame) for one frame with `params`, on the model's device:
+    /// a scalar 0-dim, a vector (len,), per-sample inputs too.
     pub fn extras_for(&self, params: &Params) -> Result<Vec<Tensor>, String> {
+        self.extras(&[params], false)
+    }
+
+    /// The extra inputs for one forward of a batch whose samples have `samples` (in sample
+    /// order; params [`PipelineDef::batchable`] with each other): a per-sample input stacked,
+    /// (B, len) for a vector and (B,) for a scalar (also for B = 1), the others as for one
+    /// frame.
+    pub fn extras_for_batch(&self, samples: &[&Params]) -> Result<Vec<Tensor>, String> {
+        self.extras(samples, true)
+    }
+
+    fn extras(&self, samples: &[&Params], batch: bool) -> Result<Vec<Tensor>, String> {
+        let Some(first) = samples.first() else {
+            return Err("a batch without samples".into());
+        };
         let mut extra = Vec::with_capacity(self.inputs.len());
         let kind = if self.half { Kind::Half } else { Kind::Float };
-        for (name, k) in &self.inputs {
-            let t = match (k, params.values.get(name)) {
-                (InputKind::Scalar, Some(Value::Number(v))) => Tensor::from(*v as f32),
-                (InputKind::Vector, Some(Value::Vector(v))) => {
-                    let v: Vec<f32> = v.iter().map(|x| *x as f32).collect();
-                    Tensor::f_from_slice(&v).map_err(|e| e.to_string())?
+        for input in &self.inputs {
+            let name = &input.param;
+            let stacked = batch && input.per_sample;
+            if batch
+                && !stacked
+                && samples
+                    .iter()
+                    .any(|p| p.values.get(name) != first.values.get(name))
+            {
+                // Not reached: the child stacks only batchable params.
+                return Err(format!(
+                    "param '{name}' differs between the samples of one forward but is not per_sample"
+                ));
+            }
+            let take = if stacked { samples } else { &samples[..1] };
+            let mut flat: Vec<f32> = Vec::with_capacity(take.len());
+            let mut len = None;
+            for p in take {
+                match (input.kind, p.values.get(name)) {
+                    (InputKind::Scalar, Some(Value::Number(v))) => flat.push(*v as f32),
+                    (InputKind::Vector, Some(Value::Vector(v)))
+                        if len.is_none_or(|l| l == v.len()) =>
+                    {
+                        len = Some(v.len());
+                        flat.extend(v.iter().map(|x| *x as f32));
+                    }
+                    (_, other) => {
+                        return Err(format!("param '{name}' has no usable value ({other:?})"));
+                    }
                 }
-                (_, other) => {
-                    return Err(format!("param '{name}' has no usable value ({other:?})"));
+            }
+            let t = Tensor::f_from_slice(&flat).map_err(|e| e.to_string())?;
+            let t = match (input.kind, stacked) {
+                (InputKind::Scalar, false) => t.f_reshape([0i64; 0]), // 0-dim
+                (InputKind::Vector, true) => {
+                    t.f_reshape([take.len() as i64, len.unwrap_or(0) as i64])
                 }
-            };
+                // A scalar per sample is (B,), one vector (len,): as built.
+                _ => Ok(t),
+            }
+            .map_err(|e| e.to_string())?;
             extra.push(
                 t.f_to_device(self.device)
                     .and_then(|t| t.f_to_kind(kind))
@@ -215,8 +259,9 @@ impl TorchModel {
         self.forward_with(frame, &self.extra)
     }
 
-    /// Runs the model on a (B, H, W, 3) float [0, 1] batch with these extra inputs (one set
-    /// for the whole batch, from [`TorchModel::extras_for`]); returns (B, H, W, 3).
+    /// Runs the model on a (B, H, W, 3) float [0, 1] batch with these extra inputs (from
+    /// [`TorchModel::extras_for`] or, per sample, [`TorchModel::extras_for_batch`]); returns
+    /// (B, H, W, 3).
     pub fn forward_with(&self, frame: &Tensor, extra: &[Tensor]) -> Result<Tensor, FrameError> {
         let size = frame.size();
         let (b, h, w) = (size[0], size[1], size[2]);

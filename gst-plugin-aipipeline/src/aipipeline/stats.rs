@@ -32,6 +32,9 @@ pub(super) struct Stats {
     pub(super) restarts: u32,
     /// Batch group: frames in the batch of the last frame (0: none yet, or no group).
     pub(super) batch_size: u32,
+    /// Batch group: model forwards the child ran for that batch (0: none yet, no group, or
+    /// `noop`).
+    pub(super) batch_forwards: u32,
 }
 
 impl Stats {
@@ -62,6 +65,7 @@ impl Stats {
             .field("child-pid", self.child_pid)
             .field("restart-count", self.restarts)
             .field("batch-size", self.batch_size)
+            .field("batch-forwards", self.batch_forwards)
             .field(
                 "status",
                 match status {

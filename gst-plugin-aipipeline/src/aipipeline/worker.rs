@@ -11,7 +11,7 @@ use gst::prelude::*;
 use gst::subclass::prelude::*;
 use gst_video::prelude::*;
 
-use super::batch::GroupFrame;
+use super::batch::{BatchShape, GroupFrame};
 use super::imp::{AiPipeline, CAT, DEFAULT_HANG_TIMEOUT_MS, Shared, lock};
 use super::loader::{Engine, ensure_loader};
 use super::mailbox::Item;
@@ -905,7 +905,7 @@ impl Worker {
                 };
                 let mut outbuf = out.pool.acquire_buffer(None)?;
                 let params = &self.active;
-                let mut batch_size = 0;
+                let mut batch = BatchShape::default();
                 let written = write_output(&inbuf, &mut outbuf, out, |o| {
                     match m.group.frame(
                         m.seen,
@@ -916,13 +916,17 @@ impl Worker {
                         (w, h),
                         params,
                         &mut |src| copy_rgb(src, o.data, o.stride, o.width, o.height, o.bpp),
-                        &mut batch_size,
+                        &mut batch,
                     ) {
                         GroupFrame::Done => Ok(()),
                         other => Err(other),
                     }
                 });
-                lock(&self.shared.stats).batch_size = batch_size as u32;
+                {
+                    let mut stats = lock(&self.shared.stats);
+                    stats.batch_size = batch.size as u32;
+                    stats.batch_forwards = batch.forwards;
+                }
                 match written {
                     Ok(Ok(())) => Outcome::Done(outbuf),
                     Ok(Err(GroupFrame::Restarting { generation, reason })) => {

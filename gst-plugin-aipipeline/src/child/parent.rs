@@ -627,19 +627,24 @@ impl ChildProc {
     }
 
     /// Runs a batch of items put with [`ChildProc::put_batch_item`]: one result per item
-    /// (its output then in [`ChildProc::batch_output`]), or why the whole batch failed.
+    /// (its output then in [`ChildProc::batch_output`]) and the number of model forwards the
+    /// child ran for the batch, or why the whole batch failed.
     pub fn run_batch(
         &mut self,
         mut items: Vec<BatchItem>,
         timeout: Duration,
         cancelled: &dyn Fn() -> bool,
-    ) -> Result<Vec<Result<(), String>>, ChildError> {
+    ) -> Result<(Vec<Result<(), String>>, u32), ChildError> {
         let n = items.len();
         for it in &mut items {
             it.frame.shm_size = self.shm.len as u64;
         }
         match self.call_or_cancel(&Request::Batch { items }, timeout, cancelled)? {
-            Reply::BatchDone { compute_us, errors } if errors.len() == n => {
+            Reply::BatchDone {
+                compute_us,
+                errors,
+                forwards,
+            } if errors.len() == n => {
                 self.last_compute = Duration::from_micros(compute_us);
                 if let Some(msg) = errors
                     .iter()
@@ -648,7 +653,10 @@ impl ChildProc {
                 {
                     return Err(ChildError::OutOfMemory(msg.clone()));
                 }
-                Ok(errors.into_iter().map(|e| e.map_or(Ok(()), Err)).collect())
+                Ok((
+                    errors.into_iter().map(|e| e.map_or(Ok(()), Err)).collect(),
+                    forwards,
+                ))
             }
             Reply::FrameError { msg } => Err(ChildError::Failed(msg)),
             other => Err(ChildError::Failed(format!("unexpected reply {other:?}"))),

@@ -150,31 +150,36 @@ fn frame_in_child(
         .map_err(|e| format!("Pipeline '{}' failed on a frame: {e}", loaded.def.name))
 }
 
-/// A batch ([`Request::Batch`]): every item's frame converted, items of equal params and
-/// size stacked into one (B, H, W, 3) forward with those params' extra inputs, each output
-/// written into its item's slot. One error per item (None: done).
+/// A batch ([`Request::Batch`]): every item's frame converted; items of equal size whose
+/// params are equal apart from per-sample inputs ([`PipelineDef::batchable`]) stacked into one
+/// (B, H, W, 3) forward, their per-sample inputs stacked in the same order and the other extra
+/// inputs shared; each output written into its item's slot. Returns one error per item (None:
+/// done) and the number of forwards run.
 fn batch_in_child(
     loaded: &Loaded,
     stagings: &mut Vec<frame::Staging>,
     shm: &mut Shm,
     items: &[BatchItem],
-) -> Vec<Option<String>> {
+) -> (Vec<Option<String>>, u32) {
     let mut errors: Vec<Option<String>> = vec![None; items.len()];
     let Runner::Torch(m) = &loaded.runner else {
-        // noop: nothing to stack.
+        // noop: nothing to stack, no forward.
         let staging = stagings.first_mut();
         let mut own = frame::Staging::default();
         let staging = staging.unwrap_or(&mut own);
         for (e, it) in errors.iter_mut().zip(items) {
             *e = frame_in_child(loaded, staging, shm, &it.frame).err();
         }
-        return errors;
+        return (errors, 0);
     };
     if let Some(it) = items.first()
         && it.frame.shm_size as usize != shm.len
         && let Err(e) = shm.map(it.frame.shm_size as usize)
     {
-        return vec![Some(format!("cannot map shared memory: {e}")); items.len()];
+        return (
+            vec![Some(format!("cannot map shared memory: {e}")); items.len()],
+            0,
+        );
     }
     if stagings.len() < items.len() {
         stagings.resize_with(items.len(), Default::default);
@@ -212,17 +217,34 @@ fn batch_in_child(
             Ok(t) => {
                 let p = Params::from(it.params.clone());
                 let size = (f.out_w, f.out_h);
-                match groups.iter_mut().find(|g| g.0 == p && g.1 == size) {
-                    Some(g) => g.2.push((i, t)),
-                    None => groups.push((p, size, vec![(i, t)])),
+                match groups
+                    .iter_mut()
+                    .find(|g| g.size == size && loaded.def.batchable(&g.params[0], &p))
+                {
+                    Some(g) => {
+                        g.members.push((i, t));
+                        g.params.push(p);
+                    }
+                    None => groups.push(SubBatch {
+                        size,
+                        members: vec![(i, t)],
+                        params: vec![p],
+                    }),
                 }
             }
             Err(e) => errors[i] = Some(e),
         }
     }
-    for (p, (w, h), members) in groups {
+    let forwards = groups.len() as u32;
+    for SubBatch {
+        size: (w, h),
+        members,
+        params,
+    } in groups
+    {
         let run = || -> Result<tch::Tensor, String> {
-            let extra = m.extras_for(&p)?;
+            let samples: Vec<&Params> = params.iter().collect();
+            let extra = m.extras_for_batch(&samples)?;
             let frames: Vec<&tch::Tensor> = members.iter().map(|(_, t)| t).collect();
             let x = tch::Tensor::f_cat(&frames, 0).map_err(|e| e.to_string())?;
             m.forward_with(&x, &extra).map_err(|e| e.to_string())
@@ -255,11 +277,16 @@ fn batch_in_child(
             }
         }
     }
-    errors
+    (errors, forwards)
 }
 
-/// Items that share one forward: their params, output size, and (item index, frame).
-type SubBatch = (Params, (u32, u32), Vec<(usize, tch::Tensor)>);
+/// Items that share one forward: their output size, (item index, frame) and params, in
+/// sample order.
+struct SubBatch {
+    size: (u32, u32),
+    members: Vec<(usize, tch::Tensor)>,
+    params: Vec<Params>,
+}
 
 fn in_format(layout: InputLayout) -> frame::InFormat {
     match layout {
@@ -373,10 +400,11 @@ pub fn run() -> i32 {
                     msg: "no pipeline loaded".into(),
                 },
                 Some(l) => {
-                    let errors = batch_in_child(l, &mut stagings, &mut shm, &items);
+                    let (errors, forwards) = batch_in_child(l, &mut stagings, &mut shm, &items);
                     Reply::BatchDone {
                         compute_us: started.elapsed().as_micros() as u64,
                         errors,
+                        forwards,
                     }
                 }
             },

@@ -135,7 +135,8 @@ pub(super) enum Request {
         params: WireParams,
     },
     /// Frames of several elements (a batch group) run as one batch: each item's output goes
-    /// to its own slot; items with the same params and size share one forward.
+    /// to its own slot; items of the same size whose params differ at most in per-sample
+    /// inputs share one forward.
     Batch {
         items: Vec<BatchItem>,
     },
@@ -166,10 +167,12 @@ pub(super) enum Reply {
     FrameError {
         msg: String,
     },
-    /// One entry per item: None when it succeeded, else its error.
+    /// One entry per item: None when it succeeded, else its error; `forwards`: the model
+    /// forwards the batch took (0 for `noop`).
     BatchDone {
         compute_us: u64,
         errors: Vec<Option<String>>,
+        forwards: u32,
     },
     ParamsDone,
     ParamsError {
