@@ -1067,6 +1067,20 @@ mod tests {
         assert!(!d.needs_reload(&a, &b));
     }
 
+    /// `text` is refused as an invalid manifest, with a message containing `want`.
+    fn assert_rejected(text: &str, want: &str) {
+        match manifest(text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("invalid manifest") && msg.contains(want),
+                    "{msg}\nwanted: {want}"
+                );
+            }
+        }
+    }
+
     /// Writes a manifest into a fresh temporary folder and parses it.
     fn manifest(text: &str) -> Result<PipelineDef, ManifestError> {
         use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1235,17 +1249,7 @@ names = ["ink", "oil", "pastel"]
             ),
         ];
         for (sel, want) in cases {
-            let text = format!("{head}{sel}");
-            match manifest(&text) {
-                Ok(_) => panic!("accepted:\n{text}"),
-                Err(e) => {
-                    let msg = e.to_string();
-                    assert!(
-                        msg.contains("invalid manifest") && msg.contains(want),
-                        "{msg}\nwanted: {want}"
-                    );
-                }
-            }
+            assert_rejected(&format!("{head}{sel}"), want);
         }
         // The same head with a valid selector is accepted.
         let ok = format!(
@@ -1328,17 +1332,7 @@ len = 3
             ),
         ];
         for (inputs, want) in cases {
-            let text = format!("{head}{inputs}");
-            match manifest(&text) {
-                Ok(_) => panic!("accepted:\n{text}"),
-                Err(e) => {
-                    let msg = e.to_string();
-                    assert!(
-                        msg.contains("invalid manifest") && msg.contains(want),
-                        "{msg}\nwanted: {want}"
-                    );
-                }
-            }
+            assert_rejected(&format!("{head}{inputs}"), want);
         }
         let ok = format!(
             "{head}[[inputs]]\nparam = \"bias\"\nkind = \"vector\"\nlen = 2\nper_sample = true\n"

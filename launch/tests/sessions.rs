@@ -205,17 +205,11 @@ async fn two_sessions_at_once_each_with_its_own_params_and_output() {
     assert_eq!(r.status(), 200);
     let t = Instant::now();
     loop {
-        let list = get_json(&http, &format!("{base}/v1/sessions")).await;
-        let ids: Vec<String> = list["sessions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["id"].as_str().unwrap().to_string())
-            .collect();
+        let ids = common::session_ids(&http, &base).await;
         if ids == ["s-sb"] {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(15), "{list}");
+        assert!(t.elapsed() < Duration::from_secs(15), "{ids:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let gone = http
@@ -331,17 +325,16 @@ async fn crash_cleanup_closes_the_channels_of_every_session() {
 
     let state = common::TempDir::new("sessions-crash");
     let state_file = state.0.join("last.json");
-    let state_env = state_file.to_str().unwrap().to_owned();
-    let mut a = common::spawn_daemon(
-        "sessions-crash-a",
-        &[
-            ("RIVULET_MAX_SESSIONS", "2"),
-            ("RIVULET_ISOLATION", "none"),
-            ("MODEL_ID", "gain"),
-            ("RIVULET_PIPELINES", &gain_dir()),
-            ("RIVULET_STATE_FILE", &state_env),
-        ],
-    );
+    let (state_env, gain) = (state_file.to_str().unwrap().to_owned(), gain_dir());
+    // Both daemons: two sessions, the same state file.
+    let envs = [
+        ("RIVULET_MAX_SESSIONS", "2"),
+        ("RIVULET_ISOLATION", "none"),
+        ("MODEL_ID", "gain"),
+        ("RIVULET_PIPELINES", gain.as_str()),
+        ("RIVULET_STATE_FILE", state_env.as_str()),
+    ];
+    let mut a = common::spawn_daemon("sessions-crash-a", &envs);
     let http = reqwest::Client::new();
     wait_health(&http, &a.base, "IDLE", Duration::from_secs(60)).await;
     let black = json!({"gain": 0.0, "bias": [0.0, 0.0, 0.0]});
@@ -379,16 +372,7 @@ async fn crash_cleanup_closes_the_channels_of_every_session() {
         trickle.channel_names()
     );
     assert!(session_state_file(&state.0, "s-ca").exists());
-    let b = common::spawn_daemon(
-        "sessions-crash-b",
-        &[
-            ("RIVULET_MAX_SESSIONS", "2"),
-            ("RIVULET_ISOLATION", "none"),
-            ("MODEL_ID", "gain"),
-            ("RIVULET_PIPELINES", &gain_dir()),
-            ("RIVULET_STATE_FILE", &state_env),
-        ],
-    );
+    let b = common::spawn_daemon("sessions-crash-b", &envs);
     // The clean-up runs before the port answers.
     assert!(
         !has("ca-out") && !has("ca-events"),
@@ -435,13 +419,7 @@ async fn concurrent_starts_fill_the_capacity_and_no_more() {
     assert_eq!(codes, [200, 200, 503], "{a:?} {b:?} {c:?}");
     let refused = [&a, &b, &c].into_iter().find(|r| r.1 == 503).unwrap();
     assert!(refused.2.contains("--max-sessions 2"), "{refused:?}");
-    let list = get_json(&http, &format!("{base}/v1/sessions")).await;
-    let mut ids: Vec<String> = list["sessions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap().to_string())
-        .collect();
+    let mut ids = common::session_ids(&http, &base).await;
     ids.sort();
     let mut want: Vec<String> = [&a, &b, &c]
         .into_iter()
@@ -449,7 +427,7 @@ async fn concurrent_starts_fill_the_capacity_and_no_more() {
         .map(|r| format!("s-{}", r.0))
         .collect();
     want.sort();
-    assert_eq!(ids, want, "{list}");
+    assert_eq!(ids, want);
     for input in inputs {
         set_state(&input, gst::State::Null).await;
     }

@@ -757,6 +757,18 @@ pub struct Publisher {
     pending: Option<PendingPost>,
 }
 
+impl PublisherConfig {
+    /// The HTTP client for a publisher of `url` with these settings (timeout, TLS, token).
+    fn client_for(&self, url: &str) -> Result<reqwest::Client, ClientError> {
+        build_client(
+            url,
+            self.connect_timeout,
+            self.tls_verify,
+            self.bearer_token.as_deref(),
+        )
+    }
+}
+
 impl std::fmt::Debug for Publisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Publisher")
@@ -770,12 +782,7 @@ impl Publisher {
     /// Validates the URL (no I/O) and preconnects seq 0 (spawned on the current tokio runtime;
     /// outside a runtime the preconnect is opened by the first `begin_segment`).
     pub fn new(url: &str, config: PublisherConfig) -> Result<Self, ClientError> {
-        let client = build_client(
-            url,
-            config.connect_timeout,
-            config.tls_verify,
-            config.bearer_token.as_deref(),
-        )?;
+        let client = config.client_for(url)?;
         Self::with_client(url, config, client)
     }
 
@@ -824,12 +831,7 @@ impl Publisher {
     /// Continues a channel that may already have data: asks `GET U/next` (a 400, from servers
     /// without it, means start at 0) and sends `Lp-Trickle-Reset` on the first POST (P1).
     pub async fn reattach(url: &str, config: PublisherConfig) -> Result<Self, ClientError> {
-        let client = build_client(
-            url,
-            config.connect_timeout,
-            config.tls_verify,
-            config.bearer_token.as_deref(),
-        )?;
+        let client = config.client_for(url)?;
         let url = channel_url(url)?;
         let next_url = format!("{url}/next");
         let resp = client

@@ -129,6 +129,17 @@ pub async fn get_json(http: &reqwest::Client, url: &str) -> Value {
 }
 
 /// Polls /health every 100 ms until its status is `want`; `within` is the failure bound.
+/// The ids `GET /v1/sessions` lists, oldest first.
+pub async fn session_ids(http: &reqwest::Client, base: &str) -> Vec<String> {
+    let list = get_json(http, &format!("{base}/v1/sessions")).await;
+    list["sessions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no sessions array: {list}"))
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
 pub async fn wait_health(http: &reqwest::Client, base: &str, want: &str, within: Duration) {
     let t = Instant::now();
     loop {
