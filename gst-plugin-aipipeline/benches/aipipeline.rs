@@ -7,9 +7,11 @@
 //! RIVULET_BENCH_DEVICE=cuda cargo bench -p gst-plugin-aipipeline --bench aipipeline
 //! ```
 //!
-//! Frames come from videotestsrc (rendered once, then replayed through appsrc so the source's
-//! own cost is not counted); each frame is pushed and its output awaited before the next one
-//! (no mailbox drops, so the time is the element's full per-frame cost). Figures are medians
+//! Frames come from videotestsrc, rendered once and then pushed into the element's sink pad
+//! from the bench thread (`common::Rig`: no source element, so neither the source's cost nor a
+//! source thread's hand-over is counted); each frame is pushed and its output awaited before
+//! the next one (no mailbox drops, so the time is the element's full per-frame cost: its
+//! conversions, the hand-over to its inference thread and the forward). Figures are medians
 //! over the frames after 10 untimed warm-up frames; element and bare forward are measured in 3
 //! alternating rounds and the best median of each is shown. A last row runs the
 //! plain `videotestsrc ! aipipeline ! fakesink` pipeline for throughput.
@@ -21,7 +23,7 @@ use std::time::{Duration, Instant};
 use common::{arg, caps, median, ms, render_frames, render_frames_as, testdata};
 use gst::prelude::*;
 use gst_video::prelude::*;
-use gstaipipeline::{device, frame, model};
+use gstaipipeline::{device, frame, model, par};
 use tch::{Device, Kind, Tensor};
 
 const SIZE: u32 = 512;
@@ -35,7 +37,7 @@ struct ElementRun {
     p50_ms: f64,
 }
 
-/// appsrc ! aipipeline ! appsink, one frame in flight at a time.
+/// aipipeline ! appsink fed from this thread, one frame in flight at a time.
 fn run_element(
     pipeline_name: &str,
     device: &str,
@@ -258,6 +260,9 @@ fn main() -> anyhow::Result<()> {
     let yuv = render_frames_as(n.min(30), SIZE, SIZE, "I420")?;
     let c_u8 = best_of(|| conversion(&frames, SIZE, SIZE, dev, false))?;
     let c_f = best_of(|| conversion(&frames, SIZE, SIZE, dev, true))?;
+    par::set_enabled(false);
+    let c_f1 = best_of(|| conversion(&frames, SIZE, SIZE, dev, true))?;
+    par::set_enabled(true);
     let c_wide = best_of(|| conversion(&wide, 640, 480, dev, true))?;
     let c_i420 = best_of(|| conversion_i420(&yuv, SIZE, SIZE, dev))?;
     println!(
@@ -272,6 +277,11 @@ fn main() -> anyhow::Result<()> {
     );
     println!(
         "{:<44} {:>10.3}",
+        "  the same on the calling thread only",
+        ms(c_f1)
+    );
+    println!(
+        "{:<44} {:>10.3}",
         "640x480 -> 512x512 (scale+crop), float",
         ms(c_wide)
     );
@@ -283,8 +293,14 @@ fn main() -> anyhow::Result<()> {
     println!();
     println!("element vs bare forward (same frames, same run):");
     println!(
-        "{:<10} {:>14} {:>14} {:>14} {:>14} {:>8}",
-        "pipeline", "element ms", "worker p50 ms", "forward ms", "overhead ms", "ratio"
+        "{:<10} {:>14} {:>14} {:>14} {:>14} {:>14} {:>8}",
+        "pipeline",
+        "element ms",
+        "1-thread conv",
+        "worker p50 ms",
+        "forward ms",
+        "overhead ms",
+        "ratio"
     );
     for (name, model) in [
         ("noop", None),
@@ -294,12 +310,17 @@ fn main() -> anyhow::Result<()> {
         // ROUNDS alternating rounds of (element, bare forward); the best median of each, so
         // that load from other processes on the machine disturbs the ratio less.
         let mut run: Option<ElementRun> = None;
+        let mut serial: Option<ElementRun> = None;
         let mut fwd: Option<Duration> = None;
         for _ in 0..ROUNDS {
-            let r = run_element(name, &dev_prop, &frames, SIZE, SIZE)?;
-            if run.as_ref().is_none_or(|b| r.per_frame < b.per_frame) {
-                run = Some(r);
+            for (on, best) in [(true, &mut run), (false, &mut serial)] {
+                par::set_enabled(on);
+                let r = run_element(name, &dev_prop, &frames, SIZE, SIZE)?;
+                if best.as_ref().is_none_or(|b| r.per_frame < b.per_frame) {
+                    *best = Some(r);
+                }
             }
+            par::set_enabled(true);
             if let Some(m) = model {
                 // On its own thread, as the element's inference thread is (torch ops on the
                 // process's main thread were measured slower here).
@@ -308,22 +329,25 @@ fn main() -> anyhow::Result<()> {
             }
         }
         let run = run.ok_or_else(|| anyhow::anyhow!("no element run"))?;
+        let serial = serial.ok_or_else(|| anyhow::anyhow!("no element run"))?;
         let el = ms(run.per_frame);
-        match fwd {
-            Some(f) => println!(
-                "{:<10} {:>14.3} {:>14.3} {:>14.3} {:>14.3} {:>8.2}",
-                name,
-                el,
-                run.p50_ms,
-                ms(f),
-                el - ms(f),
-                el / ms(f).max(1e-9)
+        let (f, ratio) = match fwd {
+            Some(f) => (
+                format!("{:.3}", ms(f)),
+                format!("{:.2}", el / ms(f).max(1e-9)),
             ),
-            None => println!(
-                "{:<10} {:>14.3} {:>14.3} {:>14} {:>14.3} {:>8}",
-                name, el, run.p50_ms, "-", el, "-"
-            ),
-        }
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "{:<10} {:>14.3} {:>14.3} {:>14.3} {:>14} {:>14.3} {:>8}",
+            name,
+            el,
+            ms(serial.per_frame),
+            run.p50_ms,
+            f,
+            el - fwd.map_or(0.0, ms),
+            ratio
+        );
     }
     println!();
     println!(

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MPL-2.0
 //! Benchmark: batch groups. Four streams of the shipped `styletransfer` model at 256², all at
-//! once, each `appsrc ! aipipeline isolation=process ! appsink` driven by its own thread (one
+//! once, each `aipipeline isolation=process ! appsink` fed by its own thread (one
 //! frame in flight per stream: push, wait for its output), in two modes in the same run:
 //!
 //! - **alone**: each element has its own inference child (no `batch-group`);

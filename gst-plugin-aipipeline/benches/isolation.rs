@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Cases: 512×512 RGB in → 512×512 out, and 1920×1080 RGB in → 1024×576 out. Frames come from
-//! videotestsrc (rendered once, replayed through appsrc); each is pushed and its output awaited
+//! videotestsrc (rendered once, pushed into the element from the bench thread); each is pushed and its output awaited
 //! before the next (no mailbox drops), so the time is the element's full per-frame cost. Medians
 //! after 10 untimed warm-up frames; the two modes alternate over 3 rounds and the best median of
 //! each is kept.
@@ -20,7 +20,7 @@
 //!   transport = round trip − child processing (shared-memory copies, socket round trip,
 //!   wake-ups) even when the machine's load makes the processing itself noisy. Goal: < 0.5 ms
 //!   per 512² frame.
-//! - element: appsrc ! aipipeline isolation=none|process ! appsink.
+//! - element: aipipeline isolation=none|process ! appsink, fed from the bench thread.
 
 mod common;
 
@@ -34,7 +34,7 @@ use gstaipipeline::{device, frame, model};
 const WARMUP: usize = 10;
 const ROUNDS: usize = 3;
 
-/// appsrc ! aipipeline ! appsink, one frame in flight; returns the median per-frame time and
+/// aipipeline ! appsink fed from this thread, one frame in flight; returns the median per-frame time and
 /// the device the model ran on.
 fn run_element(
     isolation: &str,

@@ -10,7 +10,7 @@
 //! Frames come from videotestsrc (`smpte` with a moving ball), rendered once at each size and
 //! replayed. Per size:
 //!
-//! - **element**: `appsrc ! aipipeline pipeline=styletransfer ! appsink` with params
+//! - **element**: `aipipeline pipeline=styletransfer ! appsink` fed from the bench thread with params
 //!   `{"width": S, "height": S, "style": 7}`, one frame in flight (push, wait for its output):
 //!   per-frame latency p50/p95 from push to output, fps = frames / their summed latency;
 //! - **bare forward**: `forward(frame, mix, strength)` of the same file through `tch::CModule`
@@ -85,7 +85,7 @@ fn render_frames(n: usize, s: u32) -> anyhow::Result<Vec<gst::Buffer>> {
     Ok(frames)
 }
 
-/// appsrc ! aipipeline ! appsink, one frame in flight at a time.
+/// aipipeline ! appsink fed from this thread, one frame in flight at a time.
 struct ElementRun {
     rig: common::Rig,
     pushed: u64,
@@ -370,7 +370,7 @@ fn main() -> anyhow::Result<()> {
         tch::get_num_threads()
     );
     println!(
-        "element = appsrc ! aipipeline pipeline=styletransfer ! appsink, one frame in flight; \
+        "element = aipipeline pipeline=styletransfer ! appsink fed from the bench thread, one frame in flight; \
          path = the element's per-frame functions (upload, model, download) outside GStreamer; \
          forward = bare tch forward on frames already on the device; live = free-running {LIVE_FPS} fps source"
     );

@@ -5,6 +5,8 @@
 use gst_video::VideoFormat;
 use tch::{Device, Kind, TchError, Tensor};
 
+use crate::par;
+
 /// Packed 8-bit RGB-family input formats.
 pub const PACKED_FORMATS: &[VideoFormat] = &[
     VideoFormat::Rgb,
@@ -400,8 +402,26 @@ impl Staging {
 const INV_255: f32 = (1.0f64 / 255.0) as f32;
 
 /// Packed 8-bit pixels of `crop` (lengths checked by the caller) to tightly packed RGB floats
-/// in [0, 1].
+/// in [0, 1], in row chunks on torch's threads ([`par`]).
 fn packed_to_float(data: &[u8], stride: usize, layout: PixelLayout, crop: Crop, dst: &mut [f32]) {
+    // Each element: one byte read, four written.
+    par::for_row_chunks(dst, crop.w as usize * 3, dst.len() * 5, |first, rows| {
+        let crop = Crop {
+            y: crop.y + first as i64,
+            ..crop
+        };
+        packed_rows_to_float(data, stride, layout, crop, rows)
+    });
+}
+
+/// [`packed_to_float`] on the calling thread, for as many rows of `crop` as `dst` holds.
+fn packed_rows_to_float(
+    data: &[u8],
+    stride: usize,
+    layout: PixelLayout,
+    crop: Crop,
+    dst: &mut [f32],
+) {
     let (bpp, first) = (layout.bpp as usize, layout.first as usize);
     let (x, y, w) = (crop.x as usize, crop.y as usize, crop.w as usize);
     for (r, drow) in dst.chunks_exact_mut(w * 3).enumerate() {
@@ -502,19 +522,25 @@ pub fn write_frame(
     // (`frame`) for the whole use of the slice.
     let src = unsafe { std::slice::from_raw_parts(frame.data_ptr() as *const f32, w * h * 3) };
     let bpp = bpp as usize;
-    for (srow, drow) in src.chunks_exact(w * 3).zip(data.chunks_mut(stride)) {
-        let drow = &mut drow[..w * bpp];
-        if bpp == 3 {
-            floats_to_bytes(srow, drow);
-        } else {
-            for (d, s) in drow.chunks_exact_mut(bpp).zip(srow.chunks_exact(3)) {
-                d[0] = float_to_u8(s[0]);
-                d[1] = float_to_u8(s[1]);
-                d[2] = float_to_u8(s[2]);
-                d[3] = 255;
+    let len = (h * stride).min(data.len());
+    let data = &mut data[..len];
+    // Each element: four bytes read, one written; in row chunks on torch's threads.
+    par::for_row_chunks(data, stride, w * h * 3 * 5, |first, rows| {
+        let src = src.get(first * w * 3..).unwrap_or_default();
+        for (srow, drow) in src.chunks_exact(w * 3).zip(rows.chunks_mut(stride)) {
+            let drow = &mut drow[..w * bpp];
+            if bpp == 3 {
+                floats_to_bytes(srow, drow);
+            } else {
+                for (d, s) in drow.chunks_exact_mut(bpp).zip(srow.chunks_exact(3)) {
+                    d[0] = float_to_u8(s[0]);
+                    d[1] = float_to_u8(s[1]);
+                    d[2] = float_to_u8(s[2]);
+                    d[3] = 255;
+                }
             }
         }
-    }
+    });
     Ok(())
 }
 
@@ -734,6 +760,47 @@ mod tests {
             write_frame(&t, &mut fast, ostride, w, h, bpp).unwrap();
             download_rgb(&frame_to_u8(&t).unwrap(), &mut slow, ostride, w, h, bpp).unwrap();
             assert_eq!(fast, slow, "bpp {bpp}");
+        }
+    }
+
+    /// Frames large enough to be converted in row chunks on torch's threads ([`par`]) give
+    /// exactly what the torch path gives, with the loops on and off.
+    #[test]
+    fn large_frames_convert_the_same_in_chunks() {
+        let (w, h) = (520u32, 300u32);
+        assert!(par::threads_for((w * h * 15) as usize) >= 1);
+        for f in [VideoFormat::Rgb, VideoFormat::Bgrx] {
+            let layout = pixel_layout(f).unwrap();
+            let stride = w as usize * layout.bpp as usize + 12;
+            let src: Vec<u8> = (0..stride * h as usize)
+                .map(|i| (i * 131 % 256) as u8)
+                .collect();
+            let input = FrameIn {
+                planes: &[&src],
+                strides: &[stride],
+                width: w,
+                height: h,
+                format: InFormat::Packed(layout),
+            };
+            let crop = cover_crop(w, h, w, h);
+            let slow = to_frame(&input.upload(crop, Device::Cpu).unwrap(), w, h).unwrap();
+            let mut staging = Staging::default();
+            let fast = input.to_frame(&mut staging, w, h, Device::Cpu).unwrap();
+            assert!(fast.equal(&slow), "{f:?}");
+            // Output: values all over [−0.2, 1.2] from the frame itself.
+            let y = (fast * 1.4 - 0.2).contiguous();
+            for bpp in [3i64, 4] {
+                let ostride = w as usize * bpp as usize + 4;
+                let mut want = vec![0u8; ostride * h as usize];
+                download_rgb(&frame_to_u8(&y).unwrap(), &mut want, ostride, w, h, bpp).unwrap();
+                for on in [true, false] {
+                    par::set_enabled(on);
+                    let mut got = vec![0u8; ostride * h as usize];
+                    write_frame(&y, &mut got, ostride, w, h, bpp).unwrap();
+                    par::set_enabled(true);
+                    assert!(got == want, "{f:?} bpp {bpp} parallel {on}");
+                }
+            }
         }
     }
 

@@ -13,6 +13,7 @@ pub mod child;
 pub mod device;
 pub mod frame;
 pub mod model;
+pub mod par;
 pub mod pipeline;
 
 pub use aipipeline::{

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MPL-2.0
-//! Code shared by the aipipeline benches: frame rendering, the `appsrc ! aipipeline ! appsink`
+//! Code shared by the aipipeline benches: frame rendering, the `aipipeline ! appsink`
 //! push/pull rig, the live-pipeline output clock and median statistics.
 #![allow(dead_code)] // each bench uses a different subset
 
@@ -101,27 +101,42 @@ pub fn render_frames_as(
     Ok(frames)
 }
 
-/// `appsrc ! ai ! appsink`, playing, one frame in flight at a time. Set to NULL when dropped.
+/// `ai ! appsink`, playing, fed by a pad of the bench's own that is linked to the element's
+/// sink pad: a push runs the element's chain function on the calling thread, as an upstream
+/// element's streaming thread would (no source thread of the rig's own to hand frames over).
+/// One frame in flight at a time. Set to NULL when dropped.
 pub struct Rig {
     pub pipeline: gst::Pipeline,
     pub ai: gst::Element,
-    src: gst_app::AppSrc,
+    src: gst::Pad,
     sink: gst_app::AppSink,
 }
 
 impl Rig {
-    /// Links `ai` (an `aipipeline` built by the caller) between an appsrc with `caps` and an
-    /// appsink, and sets the pipeline to PLAYING.
+    /// Links the bench's pad with `caps` into `ai` (an `aipipeline` built by the caller),
+    /// `ai` to an appsink, and sets the pipeline to PLAYING.
     pub fn start(ai: gst::Element, caps: &gst::Caps) -> anyhow::Result<Rig> {
         let pipeline = gst::Pipeline::new();
-        let src = gst_app::AppSrc::builder()
-            .caps(caps)
-            .format(gst::Format::Time)
-            .build();
         let sink = gst_app::AppSink::builder().sync(false).build();
-        pipeline.add_many([src.upcast_ref(), &ai, sink.upcast_ref()])?;
-        gst::Element::link_many([src.upcast_ref(), &ai, sink.upcast_ref()])?;
+        pipeline.add_many([&ai, sink.upcast_ref()])?;
+        ai.link(&sink)?;
+        let src = gst::Pad::builder(gst::PadDirection::Src)
+            .name("bench-src")
+            .build();
+        let ai_sink = ai
+            .static_pad("sink")
+            .ok_or_else(|| anyhow::anyhow!("no sink pad"))?;
+        src.link(&ai_sink)?;
         pipeline.set_state(gst::State::Playing)?;
+        src.set_active(true)?;
+        let segment = gst::FormattedSegment::<gst::ClockTime>::new();
+        for event in [
+            gst::event::StreamStart::new("bench"),
+            gst::event::Caps::new(caps),
+            gst::event::Segment::new(&segment),
+        ] {
+            anyhow::ensure!(src.push_event(event), "the element refused a start event");
+        }
         Ok(Rig {
             pipeline,
             ai,
@@ -138,7 +153,7 @@ impl Rig {
             .ok_or_else(|| anyhow::anyhow!("buffer not writable"))?
             .set_pts(gst::ClockTime::from_mseconds(i * 41));
         let t0 = Instant::now();
-        self.src.push_buffer(b)?;
+        self.src.push(b)?;
         self.sink
             .try_pull_sample(gst::ClockTime::from_seconds(60))
             .ok_or_else(|| anyhow::anyhow!("no output frame"))?;
@@ -180,6 +195,7 @@ impl Rig {
 impl Drop for Rig {
     fn drop(&mut self) {
         let _ = self.pipeline.set_state(gst::State::Null);
+        let _ = self.src.set_active(false);
     }
 }
 
