@@ -802,6 +802,41 @@ fn a_bad_per_sample_input_is_a_clear_manifest_error() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A model that takes one frame at a time (traced with a fixed batch of 1: out = 1 - x[0:1])
+/// in a batch group fails at load, with an error that says so, not on its first batch; the
+/// same model outside a group runs.
+#[test]
+fn a_model_that_cannot_batch_fails_at_load_in_a_batch_group() {
+    init();
+    let dir = std::env::temp_dir().join(format!("aipipeline-onebatch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut f = |xs: &[tch::Tensor]| vec![xs[0].narrow(0, 0, 1).neg() + 1.0];
+    let x = tch::Tensor::zeros([1, 384, 384, 3], (tch::Kind::Float, tch::Device::Cpu));
+    let m = tch::CModule::create_by_tracing("OneAtATime", "forward", &[x], &mut f).unwrap();
+    m.save(dir.join("onebatch.pt")).unwrap();
+    std::fs::write(
+        dir.join("onebatch.toml"),
+        "name = \"onebatch\"\nmodel = \"onebatch.pt\"\nwidth = 384\nheight = 384\n",
+    )
+    .unwrap();
+    let g = rig_in(
+        &dir,
+        "pipeline=onebatch batch-group=one-at-a-time batch-timeout-ms=20",
+    );
+    assert!(g.pipeline.set_state(gst::State::Playing).is_err());
+    let err = g.error_text();
+    assert!(
+        err.contains("cannot run a batch of 2 frames") && err.contains("onebatch.pt"),
+        "{err}"
+    );
+    drop(g);
+    let alone = rig_in(&dir, "pipeline=onebatch");
+    alone.play();
+    alone.wait_pixel(INVERTED);
+    drop(alone);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Two elements of one batch group share one child and each gets its own params' result;
 /// one leaving does not stop the other.
 #[test]

@@ -63,6 +63,9 @@ fn load(spec: &LoadSpec) -> Result<(Loaded, Duration), String> {
     ));
     let t0 = Instant::now();
     let runner = Runner::load(&def, &params, device, half).map_err(|e| e.to_string())?;
+    if spec.max_batch > 1 {
+        runner.check_batch(&params).map_err(|e| e.to_string())?;
+    }
     say(&format!(
         "pipeline '{}' loaded in {:?}",
         def.name,
