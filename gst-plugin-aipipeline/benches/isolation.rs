@@ -96,7 +96,6 @@ fn direct(
             fp16: false,
             params: json.clone(),
             resolved: None,
-            max_batch: 1,
         },
         Duration::from_secs(180),
         &|| false,

@@ -24,10 +24,6 @@ pub enum LoadError {
     Load { path: PathBuf, err: String },
     #[error("model {path} failed its warm-up run: {err}")]
     Warmup { path: PathBuf, err: FrameError },
-    #[error(
-        "model {path} cannot run a batch of 2 frames, as its batch group would ask of it: {err} (leave batch-group empty for a model that takes one frame at a time)"
-    )]
-    Batch { path: PathBuf, err: FrameError },
     #[error("pipeline '{pipeline}': {msg}")]
     Params { pipeline: String, msg: String },
     #[error("cannot start the model loader thread: {0}")]
@@ -158,30 +154,6 @@ impl Runner {
             m.warmup = t0.elapsed();
         }
         Ok(Runner::Torch(Box::new(m)))
-    }
-
-    /// For a batch group's child: runs one batch of two frames of the params' size (per-sample
-    /// inputs stacked, as [`TorchModel::extras_for_batch`] makes them), so that a model that
-    /// takes one frame at a time fails at load with a clear error rather than on its first
-    /// batch.
-    pub fn check_batch(&self, params: &Params) -> Result<(), LoadError> {
-        let Runner::Torch(m) = self else {
-            return Ok(());
-        };
-        let _guard = tch::no_grad_guard();
-        let err = |err: FrameError| LoadError::Batch {
-            path: m.path.clone(),
-            err,
-        };
-        let zeros = Tensor::f_zeros(
-            [2, params.height as i64, params.width as i64, 3],
-            (Kind::Float, m.device),
-        )
-        .map_err(|e| err(e.into()))?;
-        let extra = m
-            .extras_for_batch(&[params, params])
-            .map_err(|msg| err(FrameError::Torch(tch::TchError::Convert(msg))))?;
-        m.forward_with(&zeros, &extra).map(drop).map_err(err)
     }
 
     /// Duration of the warm-up forward (an upper estimate of the per-frame latency).

@@ -580,7 +580,6 @@ impl AiPipeline {
                     fp16: settings.precision == Precision::Fp16,
                     params: String::new(),
                     resolved: None,
-                    max_batch: if grouped { settings.max_batch } else { 1 },
                 },
                 hang_timeout: Duration::from_millis(settings.hang_timeout_ms.max(1) as u64),
             });

@@ -27,6 +27,9 @@ struct Loaded {
     def: PipelineDef,
     runner: Runner,
     device: tch::Device,
+    /// The model failed a batched forward that it then ran frame by frame: it takes one
+    /// frame at a time, and this child no longer stacks frames for it.
+    one_at_a_time: std::cell::Cell<bool>,
 }
 
 fn load(spec: &LoadSpec) -> Result<(Loaded, Duration), String> {
@@ -63,9 +66,6 @@ fn load(spec: &LoadSpec) -> Result<(Loaded, Duration), String> {
     ));
     let t0 = Instant::now();
     let runner = Runner::load(&def, &params, device, half).map_err(|e| e.to_string())?;
-    if spec.max_batch > 1 {
-        runner.check_batch(&params).map_err(|e| e.to_string())?;
-    }
     say(&format!(
         "pipeline '{}' loaded in {:?}",
         def.name,
@@ -77,6 +77,7 @@ fn load(spec: &LoadSpec) -> Result<(Loaded, Duration), String> {
             def,
             runner,
             device,
+            one_at_a_time: std::cell::Cell::new(false),
         },
         warm,
     ))
@@ -158,6 +159,11 @@ fn frame_in_child(
 /// (B, H, W, 3) forward, their per-sample inputs stacked in the same order and the other extra
 /// inputs shared; each output written into its item's slot. Returns one error per item (None:
 /// done) and the number of forwards run.
+///
+/// A model that takes one frame at a time fails its first stacked forward: those frames are
+/// then run one by one (with the unbatched inputs a frame alone gets), and when that works
+/// the child stops stacking frames for this model (logged once), so the group keeps every
+/// frame rather than failing each batch.
 fn batch_in_child(
     loaded: &Loaded,
     stagings: &mut Vec<frame::Staging>,
@@ -220,9 +226,10 @@ fn batch_in_child(
             Ok(t) => {
                 let p = Params::from(it.params.clone());
                 let size = (f.out_w, f.out_h);
+                let stack = !loaded.one_at_a_time.get();
                 match groups
                     .iter_mut()
-                    .find(|g| g.size == size && loaded.def.batchable(&g.params[0], &p))
+                    .find(|g| stack && g.size == size && loaded.def.batchable(&g.params[0], &p))
                 {
                     Some(g) => {
                         g.members.push((i, t));
@@ -238,46 +245,79 @@ fn batch_in_child(
             Err(e) => errors[i] = Some(e),
         }
     }
-    let forwards = groups.len() as u32;
+    let mut forwards = 0u32;
+    let len_of = |(w, h): (u32, u32)| w as usize * h as usize * 3;
+    // Writes sample `k` of `y` into item `i`'s output slot.
+    let mut write = |i: usize, y: &tch::Tensor, k: i64, (w, h): (u32, u32)| {
+        let off = items[i].frame.out_offset as usize;
+        let len = len_of((w, h));
+        y.f_narrow(0, k, 1)
+            .map_err(|e| e.to_string())
+            .and_then(|yi| {
+                let out = shm.region_mut(off..off + len);
+                if out.len() != len {
+                    return Err("output slot outside shared memory".to_string());
+                }
+                frame::write_frame(&yi, out, w as usize * 3, w, h, 3).map_err(|e| e.to_string())
+            })
+            .err()
+    };
     for SubBatch {
-        size: (w, h),
+        size,
         members,
         params,
     } in groups
     {
-        let run = || -> Result<tch::Tensor, String> {
+        forwards += 1;
+        let stacked = || -> Result<tch::Tensor, String> {
             let samples: Vec<&Params> = params.iter().collect();
             let extra = m.extras_for_batch(&samples)?;
             let frames: Vec<&tch::Tensor> = members.iter().map(|(_, t)| t).collect();
             let x = tch::Tensor::f_cat(&frames, 0).map_err(|e| e.to_string())?;
             m.forward_with(&x, &extra).map_err(|e| e.to_string())
         };
-        match run() {
+        let batch_error = match stacked() {
             Ok(y) => {
                 for (k, (i, _)) in members.iter().enumerate() {
-                    let f = &items[*i].frame;
-                    let off = f.out_offset as usize;
-                    let len = w as usize * h as usize * 3;
-                    let written = y
-                        .f_narrow(0, k as i64, 1)
-                        .map_err(|e| e.to_string())
-                        .and_then(|yi| {
-                            let out = shm.region_mut(off..off + len);
-                            if out.len() != len {
-                                return Err("output slot outside shared memory".to_string());
-                            }
-                            frame::write_frame(&yi, out, w as usize * 3, w, h, 3)
-                                .map_err(|e| e.to_string())
-                        });
-                    errors[*i] = written.err();
+                    errors[*i] = write(*i, &y, k as i64, size);
                 }
+                continue;
             }
-            Err(e) => {
-                let msg = format!("Pipeline '{}' failed on a batch: {e}", loaded.def.name);
-                for (i, _) in &members {
-                    errors[*i] = Some(msg.clone());
+            Err(e) => e,
+        };
+        if members.len() == 1 {
+            let msg = format!(
+                "Pipeline '{}' failed on a batch: {batch_error}",
+                loaded.def.name
+            );
+            errors[members[0].0] = Some(msg);
+            continue;
+        }
+        // Frame by frame, as each would run alone.
+        let mut all_ok = true;
+        forwards += members.len() as u32;
+        for (k, (i, t)) in members.iter().enumerate() {
+            let alone = m
+                .extras_for(&params[k])
+                .and_then(|extra| m.forward_with(t, &extra).map_err(|e| e.to_string()));
+            errors[*i] = match alone {
+                Ok(y) => write(*i, &y, 0, size),
+                Err(e) => {
+                    all_ok = false;
+                    Some(format!(
+                        "Pipeline '{}' failed on a frame: {e}",
+                        loaded.def.name
+                    ))
                 }
-            }
+            };
+        }
+        if all_ok {
+            loaded.one_at_a_time.set(true);
+            say(&format!(
+                "pipeline '{}' cannot run a batch of {} frames ({batch_error}); its batch group now runs frames one at a time",
+                loaded.def.name,
+                members.len()
+            ));
         }
     }
     (errors, forwards)

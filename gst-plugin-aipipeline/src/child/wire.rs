@@ -27,12 +27,6 @@ pub struct LoadSpec {
     pub params: String,
     /// Params as the parent resolved them (exactly what the in-process element would use).
     pub resolved: Option<WireParams>,
-    /// The largest batch the child will be asked to run (a batch group's `max-batch`; 1
-    /// outside a group). Above 1 the load also runs a batch of two ([`Runner::check_batch`]).
-    ///
-    /// [`Runner::check_batch`]: crate::model::Runner::check_batch
-    #[serde(default)]
-    pub max_batch: u32,
 }
 
 /// [`Params`] on the wire.
