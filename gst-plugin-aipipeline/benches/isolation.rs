@@ -21,6 +21,12 @@
 //!   wake-ups) even when the machine's load makes the processing itself noisy. Goal: < 0.5 ms
 //!   per 512² frame.
 //! - element: aipipeline isolation=none|process ! appsink, fed from the bench thread.
+//!
+//! Then, at 512×512, the input copy: aipipeline isolation=process fed with frames the bench
+//! writes, as a decoder would, either into buffers of its own pool (a plain video pool: the
+//! element copies each frame into the child's shared memory) or into buffers of the pool the
+//! element proposes in the ALLOCATION query (input slots the child reads: no input copy).
+//! Both times include the bench's write; same rounds and best medians as above.
 
 mod common;
 
@@ -34,14 +40,37 @@ use gstaipipeline::{device, frame, model};
 const WARMUP: usize = 10;
 const ROUNDS: usize = 3;
 
+/// How the bench hands frames to the element.
+#[derive(Clone, Copy, PartialEq)]
+enum Feed {
+    /// A (shallow) copy of the rendered buffer.
+    Rendered,
+    /// Written into a buffer of a pool of the bench's own.
+    OwnPool,
+    /// Written into a buffer of the pool the element proposed.
+    ProposedPool,
+}
+
 /// aipipeline ! appsink fed from this thread, one frame in flight; returns the median per-frame time and
 /// the device the model ran on.
 fn run_element(
     isolation: &str,
     frames: &[gst::Buffer],
+    input: (u32, u32),
+    output: (u32, u32),
+) -> anyhow::Result<(Duration, String)> {
+    run_element_fed(isolation, Feed::Rendered, frames, input, output).map(|(t, d, _)| (t, d))
+}
+
+/// [`run_element`] with frames handed over as `feed` says; also returns the element's
+/// `input-zero-copy` count.
+fn run_element_fed(
+    isolation: &str,
+    feed: Feed,
+    frames: &[gst::Buffer],
     (w, h): (u32, u32),
     (ow, oh): (u32, u32),
-) -> anyhow::Result<(Duration, String)> {
+) -> anyhow::Result<(Duration, String, u64)> {
     let ai = gst::ElementFactory::make("aipipeline")
         .property("pipeline", "identity")
         .property("pipelines-dir", testdata().to_string_lossy().as_ref())
@@ -51,11 +80,23 @@ fn run_element(
         .property_from_str("isolation", isolation)
         .property("child-path", env!("CARGO_BIN_EXE_rivulet-inference"))
         .build()?;
-    let rig = common::Rig::start(ai, &caps(w, h))?;
-    let times = rig.timed_frames(frames, WARMUP)?;
-    let device = rig.stats().get::<String>("device").unwrap_or_default();
+    let caps = caps(w, h);
+    let rig = common::Rig::start(ai, &caps)?;
+    let times = match feed {
+        Feed::Rendered => rig.timed_frames(frames, WARMUP)?,
+        Feed::OwnPool => rig.timed_frames_via(&common::own_pool(&caps)?, frames, WARMUP)?,
+        Feed::ProposedPool => {
+            let pool = rig
+                .proposed_pool(&caps)?
+                .ok_or_else(|| anyhow::anyhow!("the element proposed no pool"))?;
+            rig.timed_frames_via(&pool, frames, WARMUP)?
+        }
+    };
+    let stats = rig.stats();
+    let device = stats.get::<String>("device").unwrap_or_default();
+    let zero_copy = stats.get::<u64>("input-zero-copy").unwrap_or_default();
     rig.stop()?;
-    Ok((median(times), device))
+    Ok((median(times), device, zero_copy))
 }
 
 struct Direct {
@@ -212,11 +253,51 @@ fn main() -> anyhow::Result<()> {
             child.as_secs_f64() / local.as_secs_f64().max(1e-9)
         );
     }
+    // The input copy at 512x512: the bench writes each frame into its own pool's buffers
+    // (copied into shared memory by the element) or into the proposed pool's (not copied).
+    let frames = render_frames(n, 512, 512)?;
+    let (mut own, mut proposed, mut zc_own, mut zc_proposed) = (Duration::MAX, Duration::MAX, 0, 0);
+    for _ in 0..ROUNDS {
+        let (t, _, z) = run_element_fed("process", Feed::OwnPool, &frames, (512, 512), (512, 512))?;
+        own = own.min(t);
+        zc_own = z;
+        let (t, _, z) = run_element_fed(
+            "process",
+            Feed::ProposedPool,
+            &frames,
+            (512, 512),
+            (512, 512),
+        )?;
+        proposed = proposed.min(t);
+        zc_proposed = z;
+    }
+    println!();
+    println!(
+        "512x512 -> 512x512, isolation=process, frames written into (median per frame, ms; input-zero-copy of the last run):"
+    );
+    println!(
+        "{:<22} {:>10} {:>10} {:>10} {:>6}",
+        "", "own pool", "proposed", "saved", "ratio"
+    );
+    println!(
+        "{:<22} {:>10.3} {:>10.3} {:>10.3} {:>6.2}",
+        "element ch",
+        ms(own),
+        ms(proposed),
+        ms(own) - ms(proposed),
+        proposed.as_secs_f64() / own.as_secs_f64().max(1e-9)
+    );
+    println!(
+        "input-zero-copy: own pool {zc_own}, proposed pool {zc_proposed} (of {} frames)",
+        n + WARMUP
+    );
     println!("device: {device}");
     println!(
         "direct in: conversion + pipeline in this process; child rt: the same in the child as a \
          round trip; transport: round trip minus the child's own time (median per frame); \
-         element in / ch: the element with isolation none / process; ratio: element ch / in"
+         element in / ch: the element with isolation none / process; ratio: element ch / in; \
+         own pool / proposed: the bench writes each frame into a buffer of its own pool / of the \
+         pool the element proposed (no input copy), the write included; saved: own - proposed"
     );
     Ok(())
 }

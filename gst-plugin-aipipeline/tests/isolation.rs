@@ -970,14 +970,13 @@ fn feed(isolation: &str, frames: &[gst::Buffer], from_pool: bool) -> Fed {
     let video_meta = q.find_allocation_meta::<gst_video::VideoMeta>().is_some();
     let pool = q.allocation_pools().next().and_then(|(p, ..)| p);
     let pool_proposed = pool.is_some();
-    let pool = pool.filter(|_| from_pool).map(|pool| {
+    let pool = pool.filter(|_| from_pool).inspect(|pool| {
         let mut config = pool.config();
         let info = gst_video::VideoInfo::from_caps(&caps).unwrap();
         config.set_params(Some(&caps), info.size() as u32, 2, 0);
         config.add_option(gst_video::BUFFER_POOL_OPTION_VIDEO_META);
         pool.set_config(config).unwrap();
         pool.set_active(true).unwrap();
-        pool
     });
     assert_eq!(pool.is_some(), from_pool, "no pool proposed to write into");
     let mut out = Vec::new();
