@@ -48,7 +48,7 @@ mod wire;
 pub use parent::{ChildCommand, ChildError, ChildProc, LOG_LINES, Spawner};
 pub use pool::ShmInputPool;
 pub use run::run;
-pub use shm::InputArea;
+pub use shm::{InputArea, InputSlot};
 pub use wire::{BatchItem, FrameReq, InputLayout, LoadSpec, WireParams};
 
 /// First argument of the child process (`rivulet-inference aipipeline-child`, or the daemon's
