@@ -1074,3 +1074,69 @@ fn videotestsrc_uses_the_pool_and_restart_child_keeps_frames_correct() {
         "no zero-copy frame after the restart ({before} before, {after} after)"
     );
 }
+
+/// At the child's own API: a frame in an input slot of the child's input area goes without
+/// the copy, a heap frame and a slot of another area (an earlier run's) are copied, all with
+/// identical output; a second child of the same area (a restart) reads a slot allocated
+/// before it started.
+#[test]
+fn only_slots_of_the_childs_own_input_area_skip_the_copy() {
+    use gstaipipeline::child::{
+        ChildCommand, ChildProc, InputArea, InputLayout, LoadSpec, Spawner,
+    };
+    init();
+    let frames = common::render(
+        "videotestsrc num-buffers=1 pattern=smpte ! \
+         video/x-raw,format=RGB,width=320,height=240,framerate=24/1 ! appsink name=sink sync=false",
+    );
+    let frame = frames[0].map_readable().unwrap();
+    let (w, h, stride) = (320u32, 240u32, 320usize * 3);
+    let area = InputArea::create().unwrap();
+    let other = InputArea::create().unwrap();
+    let mut own = area.alloc(frame.len()).unwrap();
+    own.as_mut().copy_from_slice(&frame);
+    let mut foreign = other.alloc(frame.len()).unwrap();
+    foreign.as_mut().copy_from_slice(&frame);
+    let spawner = Spawner::new().unwrap();
+    let start = || -> ChildProc {
+        let mut c = spawner
+            .spawn(&ChildCommand::new(child_bin()).with_input(area.clone()))
+            .unwrap();
+        c.load(
+            &LoadSpec {
+                pipeline: "convnet".into(),
+                model: None,
+                pipelines_dir: Some(testdata().to_string_lossy().into_owned()),
+                device: "cpu".into(),
+                fp16: false,
+                params: r#"{"width": 256, "height": 256}"#.into(),
+                resolved: None,
+            },
+            TIMEOUT,
+            &|| false,
+        )
+        .unwrap();
+        c
+    };
+    let run = |c: &mut ChildProc, plane: &[u8]| -> (Vec<u8>, bool) {
+        let layout = InputLayout::Packed {
+            bpp: 3,
+            first: 0,
+            bgr: false,
+        };
+        c.frame(&[plane], &[stride], w, h, layout, 256, 256, TIMEOUT)
+            .unwrap();
+        (c.output().to_vec(), c.last_input_zero_copy())
+    };
+    let mut child = start();
+    let (copied, zc_heap) = run(&mut child, &frame);
+    let (direct, zc_own) = run(&mut child, own.as_ref());
+    let (via_foreign, zc_foreign) = run(&mut child, foreign.as_ref());
+    assert_eq!(copied.len(), 256 * 256 * 3);
+    assert!(!zc_heap && zc_own && !zc_foreign);
+    assert!(direct == copied && via_foreign == copied);
+    drop(child.kill());
+    let mut restarted = start();
+    let (again, zc_again) = run(&mut restarted, own.as_ref());
+    assert!(zc_again && again == copied);
+}
