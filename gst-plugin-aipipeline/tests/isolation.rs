@@ -963,3 +963,224 @@ fn restart_child_on_one_batch_group_member_restarts_both() {
     assert_eq!(a.child_pid(), b.child_pid());
     assert_ne!(a.child_pid(), pid);
 }
+
+// ---- input from the proposed shared-memory pool (no input copy) ----
+
+fn zero_copy_frames(el: &gst::Element) -> u64 {
+    el.property::<gst::Structure>("stats")
+        .get::<u64>("input-zero-copy")
+        .unwrap()
+}
+
+/// What [`feed`] saw: the output frames, the element's stats after them, and whether the
+/// element proposed a pool (and VideoMeta) in the ALLOCATION query.
+struct Fed {
+    out: Vec<Vec<u8>>,
+    stats: gst::Structure,
+    pool_proposed: bool,
+    video_meta: bool,
+}
+
+/// Feeds `frames` (RGB 640×480) one at a time into `aipipeline isolation=… pipeline=convnet !
+/// appsink` from a pad of our own, after an ALLOCATION query on it. `from_pool`: each frame
+/// is written into a buffer acquired from the pool the element proposed (as a decoder
+/// writes into its downstream's buffers), else the rendered buffer is pushed as it is.
+fn feed(isolation: &str, frames: &[gst::Buffer], from_pool: bool) -> Fed {
+    let caps = common::caps("RGB", 640, 480);
+    let desc = format!(
+        "aipipeline name=ai isolation={isolation} child-path={} pipelines-dir={} pipeline=convnet ! \
+         appsink name=sink sync=false",
+        child_bin(),
+        testdata().display()
+    );
+    let p = common::launch(&desc);
+    let el = p.by_name("ai").unwrap();
+    let sink = common::app_sink(&p, "sink");
+    let src = gst::Pad::builder(gst::PadDirection::Src)
+        .name("feed")
+        .build();
+    src.link(&el.static_pad("sink").unwrap()).unwrap();
+    src.set_active(true).unwrap();
+    p.set_state(gst::State::Playing).unwrap();
+    assert!(src.push_event(gst::event::StreamStart::new("zero-copy")));
+    assert!(src.push_event(gst::event::Caps::new(&caps)));
+    assert!(
+        src.push_event(gst::event::Segment::new(&gst::FormattedSegment::<
+            gst::ClockTime,
+        >::new()))
+    );
+    let mut q = gst::query::Allocation::new(Some(&caps), true);
+    assert!(src.peer_query(&mut q));
+    let video_meta = q.find_allocation_meta::<gst_video::VideoMeta>().is_some();
+    let pool = q.allocation_pools().next().and_then(|(p, ..)| p);
+    let pool_proposed = pool.is_some();
+    let pool = pool.filter(|_| from_pool).inspect(|pool| {
+        let mut config = pool.config();
+        let info = gst_video::VideoInfo::from_caps(&caps).unwrap();
+        config.set_params(Some(&caps), info.size() as u32, 2, 0);
+        config.add_option(gst_video::BUFFER_POOL_OPTION_VIDEO_META);
+        pool.set_config(config).unwrap();
+        pool.set_active(true).unwrap();
+    });
+    assert_eq!(pool.is_some(), from_pool, "no pool proposed to write into");
+    let mut out = Vec::new();
+    for (i, f) in frames.iter().enumerate() {
+        let buf = match &pool {
+            Some(pool) => {
+                let mut b = pool.acquire_buffer(None).unwrap();
+                {
+                    let b = b.get_mut().unwrap();
+                    b.map_writable()
+                        .unwrap()
+                        .copy_from_slice(&f.map_readable().unwrap());
+                    b.set_pts(gst::ClockTime::from_mseconds(i as u64 * 40));
+                }
+                b
+            }
+            None => f.clone(),
+        };
+        assert_eq!(src.push(buf), Ok(gst::FlowSuccess::Ok));
+        let s = sink
+            .try_pull_sample(gst::ClockTime::from_seconds(30))
+            .expect("no output frame");
+        out.push(s.buffer().unwrap().map_readable().unwrap().to_vec());
+    }
+    let stats = el.property::<gst::Structure>("stats");
+    p.set_state(gst::State::Null).unwrap();
+    if let Some(pool) = pool {
+        // Every buffer went back to the pool (the element holds none after stop).
+        pool.set_active(false).unwrap();
+    }
+    Fed {
+        out,
+        stats,
+        pool_proposed,
+        video_meta,
+    }
+}
+
+/// Frames written into the proposed pool's buffers reach the child without the input copy
+/// and give byte-identical output to the copy path; the in-process element proposes no pool.
+#[test]
+fn input_from_the_proposed_pool_skips_the_copy_with_identical_results() {
+    init();
+    let frames = common::render(
+        "videotestsrc num-buffers=4 pattern=smpte horizontal-speed=7 ! \
+         video/x-raw,format=RGB,width=640,height=480,framerate=24/1 ! appsink name=sink sync=false",
+    );
+    assert_eq!(frames.len(), 4);
+    let copied = feed("process", &frames, false);
+    let direct = feed("process", &frames, true);
+    let local = feed("none", &frames, false);
+    assert!(copied.pool_proposed && copied.video_meta);
+    assert_eq!(copied.stats.get::<u64>("input-zero-copy").unwrap(), 0);
+    assert_eq!(direct.stats.get::<u64>("input-zero-copy").unwrap(), 4);
+    assert_eq!(direct.out.len(), 4);
+    assert!(
+        direct.out == copied.out,
+        "zero-copy output differs from the copy path"
+    );
+    assert!(
+        direct.out == local.out,
+        "zero-copy output differs from in-process"
+    );
+    // In-process: VideoMeta, no pool (nothing to share memory with).
+    assert!(!local.pool_proposed, "isolation=none proposed a pool");
+    assert!(local.video_meta);
+    assert_eq!(local.stats.get::<u64>("input-zero-copy").unwrap(), 0);
+}
+
+/// videotestsrc writes into the proposed pool's buffers; after `restart-child` the new child
+/// inherits the same input area, so frames keep flowing, correct, still without the copy.
+#[test]
+fn videotestsrc_uses_the_pool_and_restart_child_keeps_frames_correct() {
+    let r = rig("pipeline=invert");
+    r.play();
+    r.wait_pixel(INVERTED);
+    r.wait_pixel(INVERTED);
+    let before = zero_copy_frames(&r.el);
+    assert!(
+        before > 0,
+        "videotestsrc did not write into the proposed pool"
+    );
+    let pid = r.child_pid();
+    r.el.emit_by_name::<()>("restart-child", &[]);
+    let m = r.restart_message();
+    assert!(field_str(&m, "reason").contains("restart requested"));
+    assert!(wait_gone(pid, TIMEOUT));
+    r.wait_online();
+    r.wait_pixel(INVERTED);
+    r.wait_pixel(INVERTED);
+    assert_ne!(r.child_pid(), pid);
+    let after = zero_copy_frames(&r.el);
+    assert!(
+        after > before,
+        "no zero-copy frame after the restart ({before} before, {after} after)"
+    );
+}
+
+/// At the child's own API: a frame in an input slot of the child's input area goes without
+/// the copy, a heap frame and a slot of another area (an earlier run's) are copied, all with
+/// identical output; a second child of the same area (a restart) reads a slot allocated
+/// before it started.
+#[test]
+fn only_slots_of_the_childs_own_input_area_skip_the_copy() {
+    use gstaipipeline::child::{
+        ChildCommand, ChildProc, InputArea, InputLayout, LoadSpec, Spawner,
+    };
+    init();
+    let frames = common::render(
+        "videotestsrc num-buffers=1 pattern=smpte ! \
+         video/x-raw,format=RGB,width=320,height=240,framerate=24/1 ! appsink name=sink sync=false",
+    );
+    let frame = frames[0].map_readable().unwrap();
+    let (w, h, stride) = (320u32, 240u32, 320usize * 3);
+    let area = InputArea::create().unwrap();
+    let other = InputArea::create().unwrap();
+    let mut own = area.alloc(frame.len()).unwrap();
+    own.as_mut().copy_from_slice(&frame);
+    let mut foreign = other.alloc(frame.len()).unwrap();
+    foreign.as_mut().copy_from_slice(&frame);
+    let spawner = Spawner::new().unwrap();
+    let start = || -> ChildProc {
+        let mut c = spawner
+            .spawn(&ChildCommand::new(child_bin()).with_input(area.clone()))
+            .unwrap();
+        c.load(
+            &LoadSpec {
+                pipeline: "convnet".into(),
+                model: None,
+                pipelines_dir: Some(testdata().to_string_lossy().into_owned()),
+                device: "cpu".into(),
+                fp16: false,
+                params: r#"{"width": 256, "height": 256}"#.into(),
+                resolved: None,
+            },
+            TIMEOUT,
+            &|| false,
+        )
+        .unwrap();
+        c
+    };
+    let run = |c: &mut ChildProc, plane: &[u8]| -> (Vec<u8>, bool) {
+        let layout = InputLayout::Packed {
+            bpp: 3,
+            first: 0,
+            bgr: false,
+        };
+        c.frame(&[plane], &[stride], w, h, layout, 256, 256, TIMEOUT)
+            .unwrap();
+        (c.output().to_vec(), c.last_input_zero_copy())
+    };
+    let mut child = start();
+    let (copied, zc_heap) = run(&mut child, &frame);
+    let (direct, zc_own) = run(&mut child, own.as_ref());
+    let (via_foreign, zc_foreign) = run(&mut child, foreign.as_ref());
+    assert_eq!(copied.len(), 256 * 256 * 3);
+    assert!(!zc_heap && zc_own && !zc_foreign);
+    assert!(direct == copied && via_foreign == copied);
+    drop(child.kill());
+    let mut restarted = start();
+    let (again, zc_again) = run(&mut restarted, own.as_ref());
+    assert!(zc_again && again == copied);
+}

@@ -180,6 +180,66 @@ impl Rig {
         Ok(times)
     }
 
+    /// Runs the ALLOCATION query for `caps` on the bench's pad, as an upstream element does:
+    /// the pool the element proposed, configured and active (None: it proposed none).
+    pub fn proposed_pool(&self, caps: &gst::Caps) -> anyhow::Result<Option<gst::BufferPool>> {
+        let mut q = gst::query::Allocation::new(Some(caps), true);
+        if !self.src.peer_query(&mut q) {
+            return Ok(None);
+        }
+        match q.allocation_pools().next() {
+            Some((Some(pool), size, min, max)) => Ok(Some(activate(pool, caps, size, min, max)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Writes `b` into a buffer of `pool` (as a decoder writes its output into a buffer of
+    /// its downstream's pool, or of its own), with PTS `i` × 41 ms, pushes it and waits (60 s
+    /// at most) for one output frame: the time from the write to output.
+    pub fn write_push_pull(
+        &self,
+        pool: &gst::BufferPool,
+        i: u64,
+        b: &gst::Buffer,
+    ) -> anyhow::Result<Duration> {
+        let t0 = Instant::now();
+        let mut out = pool.acquire_buffer(None)?;
+        {
+            let out = out
+                .get_mut()
+                .ok_or_else(|| anyhow::anyhow!("pool buffer not writable"))?;
+            let src = b.map_readable()?;
+            let mut dst = out.map_writable()?;
+            anyhow::ensure!(dst.len() >= src.len(), "pool buffer too small");
+            dst[..src.len()].copy_from_slice(&src);
+            drop(dst);
+            out.set_pts(gst::ClockTime::from_mseconds(i * 41));
+        }
+        self.src.push(out)?;
+        self.sink
+            .try_pull_sample(gst::ClockTime::from_seconds(60))
+            .ok_or_else(|| anyhow::anyhow!("no output frame"))?;
+        Ok(t0.elapsed())
+    }
+
+    /// As [`Rig::timed_frames`], every frame written into a buffer of `pool` first
+    /// ([`Rig::write_push_pull`]).
+    pub fn timed_frames_via(
+        &self,
+        pool: &gst::BufferPool,
+        frames: &[gst::Buffer],
+        warmup: usize,
+    ) -> anyhow::Result<Vec<Duration>> {
+        for (i, b) in frames.iter().take(warmup).enumerate() {
+            self.write_push_pull(pool, i as u64, b)?;
+        }
+        let mut times = Vec::with_capacity(frames.len());
+        for (i, b) in frames.iter().enumerate() {
+            times.push(self.write_push_pull(pool, (i + warmup) as u64, b)?);
+        }
+        Ok(times)
+    }
+
     /// The element's `stats` structure.
     pub fn stats(&self) -> gst::Structure {
         self.ai.property::<gst::Structure>("stats")
@@ -197,6 +257,29 @@ impl Drop for Rig {
         let _ = self.pipeline.set_state(gst::State::Null);
         let _ = self.src.set_active(false);
     }
+}
+
+/// `pool` configured for `caps` (buffers of at least the caps' frame size) and active.
+fn activate(
+    pool: gst::BufferPool,
+    caps: &gst::Caps,
+    size: u32,
+    min: u32,
+    max: u32,
+) -> anyhow::Result<gst::BufferPool> {
+    let info = gst_video::VideoInfo::from_caps(caps)?;
+    let mut config = pool.config();
+    config.set_params(Some(caps), size.max(info.size() as u32), min.max(2), max);
+    config.add_option(gst_video::BUFFER_POOL_OPTION_VIDEO_META);
+    pool.set_config(config)?;
+    pool.set_active(true)?;
+    Ok(pool)
+}
+
+/// A plain video buffer pool for `caps`, active: an upstream element's own buffers, as when
+/// downstream proposes no pool.
+pub fn own_pool(caps: &gst::Caps) -> anyhow::Result<gst::BufferPool> {
+    activate(gst_video::VideoBufferPool::new().upcast(), caps, 0, 2, 0)
 }
 
 /// Times at which buffers reach the sink pad of the element `sink` in `pipeline`.

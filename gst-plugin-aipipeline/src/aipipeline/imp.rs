@@ -21,7 +21,7 @@ use super::mailbox::{Item, MAX_QUEUED_EVENTS, Mailbox};
 use super::stats::Stats;
 use super::worker::Worker;
 use super::{Isolation, Precision, Status};
-use crate::child::{ChildCommand, LoadSpec, Spawner};
+use crate::child::{ChildCommand, InputArea, LoadSpec, ShmInputPool, Spawner};
 use crate::device::{self, DeviceSpec};
 use crate::frame;
 use crate::model::{LoadError, Runner};
@@ -41,6 +41,9 @@ const DEFAULT_STATS_INTERVAL_MS: u32 = 1000;
 const DEFAULT_MAX_RESTARTS: u32 = 3;
 const DEFAULT_BATCH_TIMEOUT_MS: u32 = 2;
 const DEFAULT_MAX_BATCH: u32 = 4;
+/// Buffers the proposed shared-memory input pool keeps at least (no upper bound: a slot per
+/// buffer upstream holds).
+const INPUT_POOL_MIN: u32 = 2;
 /// The runner's "output stalled more than 5 s".
 pub(super) const DEFAULT_HANG_TIMEOUT_MS: u32 = 5000;
 
@@ -137,6 +140,9 @@ pub(super) struct Shared {
     pub(super) status: Mutex<Status>,
     /// `restart-child` was emitted: the inference thread replaces the child at the next frame.
     pub(super) restart_req: AtomicBool,
+    /// With its own inference child (isolation=process, no batch group), while started: the
+    /// input area its children map, whose slots back the pool proposed upstream.
+    pub(super) input_area: Mutex<Option<Arc<InputArea>>>,
 }
 
 pub struct AiPipeline {
@@ -297,6 +303,33 @@ impl AiPipeline {
             QueryViewMut::Allocation(q) => {
                 // We map through VideoFrame, so any strides/offsets described by VideoMeta work.
                 q.add_allocation_meta::<gst_video::VideoMeta>(None);
+                // With its own inference child: a pool of buffers in shared memory the child
+                // reads, so upstream writes each frame where the child reads it (no copy).
+                let area = lock(&self.shared.input_area).clone();
+                if let Some(area) = area
+                    && let (Some(caps), _) = q.get()
+                    && let caps = caps.to_owned()
+                    && let Ok(info) = gst_video::VideoInfo::from_caps(&caps)
+                    && let Ok(size) = u32::try_from(info.size())
+                {
+                    let pool = ShmInputPool::new(area);
+                    let mut config = pool.config();
+                    config.set_params(Some(&caps), size, INPUT_POOL_MIN, 0);
+                    config.add_option(gst_video::BUFFER_POOL_OPTION_VIDEO_META);
+                    match pool.set_config(config) {
+                        Ok(()) => {
+                            gst::debug!(
+                                CAT,
+                                imp = self,
+                                "proposing a shared-memory pool for {caps}"
+                            );
+                            q.add_allocation_pool(Some(&pool), size, INPUT_POOL_MIN, 0);
+                        }
+                        Err(e) => {
+                            gst::warning!(CAT, imp = self, "cannot configure the input pool: {e}")
+                        }
+                    }
+                }
                 true
             }
             QueryViewMut::Drain(_) => {
@@ -564,9 +597,23 @@ impl AiPipeline {
                 )
             ));
         }
+        let mut input_area = None;
         let (engine, estimate, device_name, iso) = if isolated {
-            let cmd = ChildCommand::locate(settings.child_path.as_deref())
+            let mut cmd = ChildCommand::locate(settings.child_path.as_deref())
                 .map_err(|e| gst::error_msg!(gst::ResourceError::NotFound, ("{}", e)))?;
+            // An own child (not a batch group's): its input area, inherited by every child
+            // of this run, backs the pool proposed upstream.
+            if !grouped {
+                match InputArea::create() {
+                    Ok(area) => {
+                        cmd = cmd.with_input(area.clone());
+                        input_area = Some(area);
+                    }
+                    Err(e) => self.post_warning(&format!(
+                        "Cannot create the shared-memory input area ({e}); every input frame is copied to the inference child"
+                    )),
+                }
+            }
             let spawner =
                 Spawner::new().map_err(|e| gst::error_msg!(gst::CoreError::Thread, ("{}", e)))?;
             let iso = Arc::new(Iso {
@@ -739,6 +786,7 @@ impl AiPipeline {
                 )
             })?;
         *lock(&self.worker) = Some(handle);
+        *lock(&self.shared.input_area) = input_area;
         self.set_status(Status::Ready);
         Ok(())
     }
@@ -769,6 +817,8 @@ impl AiPipeline {
         drop(ctrl);
         // The spawner thread ends once no loader holds it any more.
         drop(iso);
+        // Buffers upstream still holds keep their slots (and the area) alive until freed.
+        lock(&self.shared.input_area).take();
         lock(&self.shared.stats).child_pid = 0;
         gst::info!(CAT, imp = self, "stopped");
     }

@@ -14,6 +14,10 @@
 //! child that dies or hangs is replaced while frames keep flowing (loading/online events, an
 //! `aipipeline-restart` message; beyond `max-restarts` an element error). A CUDA out-of-memory
 //! error on a frame restarts the engine the same way (in-process: the model is reloaded).
+//! With its own child (not a batch group) the element answers the ALLOCATION query with a
+//! pool whose buffers live in shared memory the child maps: upstream writes frames where the
+//! child reads them, and they are not copied (`input-zero-copy` in `stats`); other buffers
+//! are copied, with identical results.
 //!
 //! With `batch-group` (and `isolation=process`), elements of this process with the same group
 //! name and pipeline selection share one inference child that runs their frames as batches

@@ -35,6 +35,9 @@ pub(super) struct Stats {
     /// Batch group: model forwards the child ran for that batch (0: none yet, no group, or
     /// `noop`).
     pub(super) batch_forwards: u32,
+    /// Frames the inference child read straight from their input slot (the proposed
+    /// shared-memory pool), not copied.
+    pub(super) input_zero_copy: u64,
 }
 
 impl Stats {
@@ -66,6 +69,7 @@ impl Stats {
             .field("restart-count", self.restarts)
             .field("batch-size", self.batch_size)
             .field("batch-forwards", self.batch_forwards)
+            .field("input-zero-copy", self.input_zero_copy)
             .field(
                 "status",
                 match status {

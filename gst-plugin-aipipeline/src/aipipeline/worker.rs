@@ -942,7 +942,7 @@ impl Worker {
             } else if real && let Some(Engine::Child(c)) = self.runner.as_mut() {
                 // restart-child also ends the wait for a hung child (no hang timeout to sit out).
                 let restart_req = &self.shared.restart_req;
-                match c.frame_or_cancel(
+                let done = c.frame_or_cancel(
                     input.planes,
                     input.strides,
                     vw,
@@ -952,7 +952,11 @@ impl Worker {
                     h,
                     hang_timeout,
                     &|| restart_req.load(Ordering::SeqCst),
-                ) {
+                );
+                if done.is_ok() && c.last_input_zero_copy() {
+                    lock(&self.shared.stats).input_zero_copy += 1;
+                }
+                match done {
                     // Lost: start the restart, then this frame passes through like the ones
                     // after.
                     Err(e) if e.is_fatal() => Outcome::Lost(e.to_string()),

@@ -15,11 +15,11 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::shm::{INPUT_OFFSET, OUT_SLOTS, SLOT_LEN, Shm};
+use super::shm::{INPUT_OFFSET, InputArea, OUT_SLOTS, SLOT_LEN, Shm};
 use super::wire::{
     BatchItem, FrameReq, InputLayout, LoadSpec, Recv, Reply, Request, recv_msg, send_msg,
 };
-use super::{BIN_NAME, CTRL_FD, ENV_PARENT, SHM_FD, SUBCOMMAND, errno};
+use super::{BIN_NAME, CTRL_FD, ENV_INPUT_FD, ENV_PARENT, INPUT_FD, SHM_FD, SUBCOMMAND, errno};
 use crate::pipeline::Params;
 
 /// libgomp's idle policy, read once when the child loads libtorch. Its default lets worker
@@ -67,6 +67,9 @@ impl ChildError {
 pub struct ChildCommand {
     pub program: PathBuf,
     pub args: Vec<OsString>,
+    /// The input area every child started with this command inherits (fd 5): frames whose
+    /// buffers are its slots go to the child without a copy. None: every frame is copied.
+    pub input: Option<Arc<InputArea>>,
 }
 
 impl ChildCommand {
@@ -75,6 +78,15 @@ impl ChildCommand {
         Self {
             program: program.into(),
             args: vec![SUBCOMMAND.into()],
+            input: None,
+        }
+    }
+
+    /// The same command, its children inheriting `area` (see [`ChildCommand::input`]).
+    pub fn with_input(self, area: Arc<InputArea>) -> Self {
+        Self {
+            input: Some(area),
+            ..self
         }
     }
 
@@ -197,6 +209,10 @@ pub struct ChildProc {
     busy: Arc<AtomicU32>,
     /// The slot reserved for the last frame's output, not lent (yet).
     reserved: Option<usize>,
+    /// The input area this child inherited (fd 5), if any.
+    input: Option<Arc<InputArea>>,
+    /// The last frame's planes were read from their input slot, not copied.
+    last_zero_copy: bool,
 }
 
 /// Longest log line kept (longer ones are cut).
@@ -290,8 +306,10 @@ impl ChildProc {
         };
         let ctrl_child = high(theirs.as_raw_fd())?;
         let shm_child = high(shm.fd.as_raw_fd())?;
+        let input_child = cmd.input.as_ref().map(|a| high(a.raw_fd())).transpose()?;
         drop(theirs);
         let (c, s) = (ctrl_child.as_raw_fd(), shm_child.as_raw_fd());
+        let i = input_child.as_ref().map(|f| f.as_raw_fd());
         let parent = std::process::id();
         let mut command = Command::new(&cmd.program);
         command
@@ -314,8 +332,18 @@ impl ChildProc {
                 if libc::dup2(c, CTRL_FD) < 0 || libc::dup2(s, SHM_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                if let Some(i) = i
+                    && libc::dup2(i, INPUT_FD) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
                 Ok(())
             });
+        }
+        if input_child.is_some() {
+            command.env(ENV_INPUT_FD, INPUT_FD.to_string());
+        } else {
+            command.env_remove(ENV_INPUT_FD);
         }
         if std::env::var_os(ENV_OMP_WAIT_POLICY).is_none_or(|v| v.is_empty()) {
             command.env(ENV_OMP_WAIT_POLICY, DEFAULT_OMP_WAIT_POLICY);
@@ -325,6 +353,7 @@ impl ChildProc {
             .map_err(|e| format!("cannot start {}: {e}", cmd.program.display()))?;
         drop(ctrl_child);
         drop(shm_child);
+        drop(input_child);
         let logs = Arc::new(Mutex::new(VecDeque::with_capacity(LOG_LINES)));
         let log_thread = child.stderr.take().and_then(|stderr| {
             let logs = logs.clone();
@@ -346,6 +375,8 @@ impl ChildProc {
             last_compute: Duration::ZERO,
             busy: Arc::new(AtomicU32::new(0)),
             reserved: None,
+            input: cmd.input.clone(),
+            last_zero_copy: false,
         })
     }
 
@@ -471,7 +502,8 @@ impl ChildProc {
         }
     }
 
-    /// Runs one frame: copies the planes into shared memory and waits for the child; the u8 RGB
+    /// Runs one frame: copies the planes into shared memory (unless they are in an input slot
+    /// of the child's input area, see [`ChildCommand::input`]) and waits for the child; the u8 RGB
     /// output (out_w×out_h×3, tightly packed) is then in [`ChildProc::output`].
     #[allow(clippy::too_many_arguments)] // the frame's geometry, as frame::upload_* take it
     pub fn frame(
@@ -514,31 +546,30 @@ impl ChildProc {
         timeout: Duration,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<(), ChildError> {
-        const ALIGN: usize = 64;
         let out_len = out_w as usize * out_h as usize * 3;
         if out_len > SLOT_LEN {
             return Err(ChildError::Failed(format!(
                 "output {out_w}x{out_h} does not fit a shared-memory slot"
             )));
         }
-        let mut descr = Vec::with_capacity(planes.len());
-        let mut off = INPUT_OFFSET;
-        for (p, s) in planes.iter().zip(strides) {
-            descr.push((off as u64, p.len() as u64, *s as u64));
-            off = (off + p.len()).next_multiple_of(ALIGN);
-        }
-        let need = off;
-        if need > self.shm.len {
-            let size = need.next_multiple_of(1 << 20);
+        // Planes in an input slot of this child's input area (upstream used the proposed
+        // pool) are read where they are; anything else is copied into the frame area.
+        let in_slot = self.input.as_ref().and_then(|a| a.locate(planes));
+        self.last_zero_copy = in_slot.is_some();
+        let (descr, input_size) = match in_slot {
+            Some((offsets, size)) => (
+                (offsets.iter().zip(planes).zip(strides))
+                    .map(|((o, p), s)| (*o, p.len() as u64, *s as u64))
+                    .collect(),
+                Some(size),
+            ),
+            None => (self.copy_input(planes, strides)?, None),
+        };
+        // The output slots (the copy path grows the area past them anyway).
+        if self.shm.len < INPUT_OFFSET {
             self.shm
-                .grow(size)
+                .grow(INPUT_OFFSET.next_multiple_of(1 << 20))
                 .map_err(|e| ChildError::Failed(format!("cannot grow shared memory: {e}")))?;
-        }
-        for (p, (o, l, _)) in planes.iter().zip(&descr) {
-            // The input area, after every output slot.
-            self.shm
-                .region_mut(*o as usize..(*o + *l) as usize)
-                .copy_from_slice(p);
         }
         // The slot for this frame's output: one that can be lent downstream if one is free
         // (reserved until lent or the next frame), else the scratch slot.
@@ -557,6 +588,7 @@ impl ChildProc {
             out_w,
             out_h,
             out_offset: out_offset as u64,
+            input_size,
         });
         self.last_out = 0..0;
         match self.call_or_cancel(&req, timeout, cancelled)? {
@@ -571,6 +603,41 @@ impl ChildProc {
             Reply::FrameError { msg } => Err(ChildError::Failed(msg)),
             other => Err(ChildError::Failed(format!("unexpected reply {other:?}"))),
         }
+    }
+
+    /// Copies a frame's planes into the frame area's input part (after every output slot),
+    /// growing it when needed; returns the planes' (offset, length, stride).
+    fn copy_input(
+        &mut self,
+        planes: &[&[u8]],
+        strides: &[usize],
+    ) -> Result<Vec<(u64, u64, u64)>, ChildError> {
+        const ALIGN: usize = 64;
+        let mut descr = Vec::with_capacity(planes.len());
+        let mut off = INPUT_OFFSET;
+        for (p, s) in planes.iter().zip(strides) {
+            descr.push((off as u64, p.len() as u64, *s as u64));
+            off = (off + p.len()).next_multiple_of(ALIGN);
+        }
+        let need = off;
+        if need > self.shm.len {
+            let size = need.next_multiple_of(1 << 20);
+            self.shm
+                .grow(size)
+                .map_err(|e| ChildError::Failed(format!("cannot grow shared memory: {e}")))?;
+        }
+        for (p, (o, l, _)) in planes.iter().zip(&descr) {
+            self.shm
+                .region_mut(*o as usize..(*o + *l) as usize)
+                .copy_from_slice(p);
+        }
+        Ok(descr)
+    }
+
+    /// Whether the last frame's planes went to the child without a copy (they were in an
+    /// input slot of this child's input area).
+    pub fn last_input_zero_copy(&self) -> bool {
+        self.last_zero_copy
     }
 
     /// Batches (a batch group): copies one frame's planes into the input area at `*cursor`
@@ -621,6 +688,7 @@ impl ChildProc {
                 out_w,
                 out_h,
                 out_offset: (slot * SLOT_LEN) as u64,
+                input_size: None,
             },
             params: params.into(),
         })
@@ -798,6 +866,7 @@ mod tests {
         let cmd = ChildCommand {
             program: PathBuf::from("/bin/sh"),
             args: vec!["-c".into(), "echo \"omp=$OMP_WAIT_POLICY\" >&2".into()],
+            input: None,
         };
         let mut child = ChildProc::spawn_here(&cmd).unwrap();
         // Let it print and exit by itself (kill would stop it at once), then collect its logs.

@@ -10,7 +10,7 @@ use super::shm::Shm;
 use super::wire::{
     BatchItem, FrameReq, InputLayout, LoadSpec, Recv, Reply, Request, recv_msg, send_msg,
 };
-use super::{BIN_NAME, CTRL_FD, ENV_PARENT, SHM_FD};
+use super::{BIN_NAME, CTRL_FD, ENV_INPUT_FD, ENV_PARENT, INPUT_FD, SHM_FD};
 use crate::device::{self, DeviceSpec};
 use crate::frame::{self, PixelLayout, YuvMatrix};
 use crate::model::{self, Runner};
@@ -87,21 +87,50 @@ fn frame_in_child(
     loaded: &Loaded,
     staging: &mut frame::Staging,
     shm: &mut Shm,
+    input_area: &mut Option<Shm>,
     req: &FrameReq,
 ) -> Result<(), String> {
     if req.shm_size as usize != shm.len {
         shm.map(req.shm_size as usize)
             .map_err(|e| format!("cannot map shared memory: {e}"))?;
     }
-    let mem = shm.bytes_mut();
+    if req.planes.len() > 3 || req.planes.is_empty() {
+        return Err("1 to 3 planes expected".into());
+    }
     let out_len = req.out_w as usize * req.out_h as usize * 3;
+    let mut planes: [&[u8]; 3] = [&[]; 3];
+    let mut strides = [0usize; 3];
+    if let Some(size) = req.input_size {
+        // The planes are where upstream wrote them: in the input area (fd 5).
+        let area = input_area
+            .as_mut()
+            .ok_or("the frame names the input area, but this child has none")?;
+        let size = usize::try_from(size).map_err(|e| e.to_string())?;
+        if size > area.len {
+            area.map_read_only(size)
+                .map_err(|e| format!("cannot map the input area: {e}"))?;
+        }
+        let area = &*area;
+        for (i, (o, l, s)) in req.planes.iter().enumerate() {
+            let (o, l) = (*o as usize, *l as usize);
+            planes[i] = area.region(o..o.saturating_add(l));
+            if planes[i].len() != l {
+                return Err("input plane outside the input area".into());
+            }
+            strides[i] = *s as usize;
+        }
+        let out_start = req.out_offset as usize;
+        let output = shm.region_mut(out_start..out_start.saturating_add(out_len));
+        if output.len() != out_len {
+            return Err("output slot outside shared memory".into());
+        }
+        return run_planes(loaded, staging, req, &planes, &strides, output);
+    }
+    let mem = shm.bytes_mut();
     let out_end = (req.out_offset as usize)
         .checked_add(out_len)
         .filter(|e| *e <= mem.len())
         .ok_or("output slot outside shared memory")?;
-    if req.planes.len() > 3 || req.planes.is_empty() {
-        return Err("1 to 3 planes expected".into());
-    }
     // The output slot and the planes must not overlap: the slots come first (see
     // `shm`), so split after the slot (or before it, for a layout with the output last).
     let out_start = req.out_offset as usize;
@@ -127,21 +156,31 @@ fn frame_in_child(
     } else {
         return Err("input plane overlaps the output slot".into());
     };
-    let mut planes: [&[u8]; 3] = [&[]; 3];
-    let mut strides = [0usize; 3];
     for (i, (o, l, s)) in req.planes.iter().enumerate() {
         let o = *o as usize - base;
         planes[i] = &input[o..o + *l as usize];
         strides[i] = *s as usize;
     }
-    let n = req.planes.len();
-    let format = in_format(req.layout);
+    run_planes(loaded, staging, req, &planes, &strides, output)
+}
+
+/// Converts the frame `req` describes (its planes at hand), runs the pipeline and writes the
+/// output into `output`.
+fn run_planes(
+    loaded: &Loaded,
+    staging: &mut frame::Staging,
+    req: &FrameReq,
+    planes: &[&[u8]; 3],
+    strides: &[usize; 3],
+    output: &mut [u8],
+) -> Result<(), String> {
+    let n = req.planes.len().min(3);
     let input = frame::FrameIn {
         planes: &planes[..n],
         strides: &strides[..n],
         width: req.width,
         height: req.height,
-        format,
+        format: in_format(req.layout),
     };
     let out = model::FrameOut {
         data: output,
@@ -177,7 +216,7 @@ fn batch_in_child(
         let mut own = frame::Staging::default();
         let staging = staging.unwrap_or(&mut own);
         for (e, it) in errors.iter_mut().zip(items) {
-            *e = frame_in_child(loaded, staging, shm, &it.frame).err();
+            *e = frame_in_child(loaded, staging, shm, &mut None, &it.frame).err();
         }
         return (errors, 0);
     };
@@ -395,6 +434,21 @@ pub fn run() -> i32 {
     let ctrl = unsafe { OwnedFd::from_raw_fd(CTRL_FD) };
     // SAFETY: as above.
     let mut shm = Shm::from_fd(unsafe { OwnedFd::from_raw_fd(SHM_FD) });
+    // The input area, when the parent handed one over (it says so in the environment).
+    let mut input_area = match std::env::var(ENV_INPUT_FD) {
+        Ok(v) if v == INPUT_FD.to_string() => {
+            // SAFETY: F_GETFD only queries the fd.
+            if unsafe { libc::fcntl(INPUT_FD, libc::F_GETFD) } < 0 {
+                say("the input area (fd 5) is not open: every frame needs a copy");
+                None
+            } else {
+                // SAFETY: the parent set fd 5 up for us (checked open above) and said so; nothing
+                // else in this process owns it.
+                Some(Shm::from_fd(unsafe { OwnedFd::from_raw_fd(INPUT_FD) }))
+            }
+        }
+        _ => None,
+    };
     let _no_grad = tch::no_grad_guard();
     let fd = ctrl.as_raw_fd();
     let mut loaded: Option<Loaded> = None;
@@ -431,7 +485,7 @@ pub fn run() -> i32 {
                 None => Reply::FrameError {
                     msg: "no pipeline loaded".into(),
                 },
-                Some(l) => match frame_in_child(l, &mut staging, &mut shm, &f) {
+                Some(l) => match frame_in_child(l, &mut staging, &mut shm, &mut input_area, &f) {
                     Ok(()) => Reply::FrameDone {
                         compute_us: started.elapsed().as_micros() as u64,
                     },

@@ -124,6 +124,10 @@ pub struct FrameReq {
     pub(super) out_w: u32,
     pub(super) out_h: u32,
     pub(super) out_offset: u64,
+    /// Set when the planes are in the input area (fd 5) rather than the frame area: its
+    /// length, which the child maps (at least). The plane offsets are then offsets there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) input_size: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
