@@ -217,12 +217,12 @@ pub fn sink_pad(element: &gst::Element, kind: &str) -> Option<gst::Pad> {
 }
 
 /// Links a decoded audio pad to `sink`'s audio pad through audioconvert, audioresample and a
-/// 1 s queue, in a running `pipeline`.
+/// 1 s queue, in a running `pipeline`; returns that audio pad of `sink`.
 pub fn link_audio(
     pipeline: &gst::Pipeline,
     pad: &gst::Pad,
     sink: &gst::Element,
-) -> Result<(), String> {
+) -> Result<gst::Pad, String> {
     let convert = make("audioconvert", None)?;
     let resample = make("audioresample", None)?;
     let queue = make("queue", None)?;
@@ -243,5 +243,5 @@ pub fn link_audio(
     }
     pad.link(&convert.static_pad("sink").ok_or("no sink pad")?)
         .map_err(|e| format!("{e:?}"))?;
-    Ok(())
+    Ok(sink_pad)
 }

@@ -132,8 +132,9 @@ async fn data_channel_heartbeat_and_max_framerate() {
         assert!(f["timestamp"].as_i64().is_some(), "{f}");
     }
 
-    // stream_heartbeat events: URLs, output size, frame rates (the first ones, from before any
-    // frame, have 0 fps: wait for one with frames).
+    // stream_heartbeat events: URLs, output size, video and audio frame rates (the first ones,
+    // from before any frame, have 0 fps: wait for one with frames of both; the input carries
+    // audio, which the daemon decodes and passes through).
     let t = Instant::now();
     let heartbeat = loop {
         assert!(t.elapsed() < Duration::from_secs(30), "no stream_heartbeat");
@@ -141,8 +142,11 @@ async fn data_channel_heartbeat_and_max_framerate() {
             .await
             .expect("an event within 10 s")
             .expect("events ended");
+        let fps = &e["event"]["fps"];
         if e["queue_event_type"] == "stream_heartbeat"
-            && e["event"]["fps"]["ingress_video_fps"].as_f64() > Some(0.0)
+            && fps["ingress_video_fps"].as_f64() > Some(0.0)
+            && fps["ingress_audio_fps"].as_f64() > Some(0.0)
+            && fps["egress_audio_fps"].as_f64() > Some(0.0)
         {
             break e["event"].clone();
         }
@@ -159,6 +163,11 @@ async fn data_channel_heartbeat_and_max_framerate() {
         heartbeat["fps"]["egress_video_fps"].as_f64() > Some(0.0),
         "{heartbeat}"
     );
+    // Audio frames per second: the decoder's frames (tens per second), all passed through.
+    for key in ["ingress_audio_fps", "egress_audio_fps"] {
+        let f = heartbeat["fps"][key].as_f64().unwrap_or(0.0);
+        assert!((5.0..200.0).contains(&f), "{key} {f}: {heartbeat}");
+    }
 
     // A stop closes the data channel as the other output channels.
     let r = http

@@ -129,6 +129,9 @@ pub(crate) struct Flow {
     pub output_fps: FpsWindow,
     pub live_input_fps: FpsWindow,
     pub live_output_fps: FpsWindow,
+    /// Audio frames from the decoder and into tricklesink (the heartbeat's audio fps).
+    pub audio_in_fps: FpsWindow,
+    pub audio_out_fps: FpsWindow,
     pub latency_p50_ms: Option<f64>,
 }
 
@@ -221,6 +224,8 @@ impl Session {
                     output_fps: FpsWindow::new(window),
                     live_input_fps: FpsWindow::new(1.0),
                     live_output_fps: FpsWindow::new(1.0),
+                    audio_in_fps: FpsWindow::new(window),
+                    audio_out_fps: FpsWindow::new(window),
                     latency_p50_ms: None,
                 },
                 preview: Previews::default(),
@@ -349,6 +354,28 @@ impl Session {
         c.flow.input_fps.frame(now);
         c.flow.live_input_fps.frame(now);
         c.counters.frames_in += 1;
+    }
+
+    /// An audio frame left the decoder (`egress` false) or reached tricklesink (true).
+    pub fn on_audio_frame(&self, egress: bool) {
+        let now = now_secs();
+        let mut c = self.core.lock().unwrap();
+        let w = if egress {
+            &mut c.flow.audio_out_fps
+        } else {
+            &mut c.flow.audio_in_fps
+        };
+        w.frame(now);
+    }
+
+    /// Audio frames per second in and out, over the same windows as the video fps (0 without
+    /// audio).
+    pub fn audio_fps(&self) -> (f64, f64) {
+        let now = now_secs();
+        let mut c = self.core.lock().unwrap();
+        c.flow.audio_in_fps.tick(now);
+        c.flow.audio_out_fps.tick(now);
+        (c.flow.audio_in_fps.fps(), c.flow.audio_out_fps.fps())
     }
 
     pub fn on_frame_dropped_by_cap(&self) {
@@ -582,6 +609,8 @@ impl Session {
             c.flow.last_input_time = None;
             c.flow.input_fps.reset();
             c.flow.output_fps.reset();
+            c.flow.audio_in_fps.reset();
+            c.flow.audio_out_fps.reset();
             c.st.last_params_update_time = Some(now);
             c.inf.inference.last_params_update_time = Some(ms(now));
             c.inf.inference.last_params_hash = Some(params_hash(&req.params));

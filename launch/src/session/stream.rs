@@ -606,7 +606,13 @@ async fn status_loop(session: Arc<Session>, req: StartRequest, mut stop: watch::
         last = now;
         session.emit(event, "ai_stream_events");
         session.emit(
-            heartbeat(&req, &session.current_params(), &status, now),
+            heartbeat(
+                &req,
+                &session.current_params(),
+                &status,
+                session.audio_fps(),
+                now,
+            ),
             "stream_heartbeat",
         );
     }
@@ -617,6 +623,7 @@ fn heartbeat(
     req: &StartRequest,
     params: &Value,
     status: &crate::status::Status,
+    audio_fps: (f64, f64),
     now: i64,
 ) -> Value {
     let (width, height) = Session::size_of(params);
@@ -631,6 +638,8 @@ fn heartbeat(
         "fps": {
             "ingress_video_fps": status.input_status.fps,
             "egress_video_fps": status.inference_status.fps,
+            "ingress_audio_fps": audio_fps.0,
+            "egress_audio_fps": audio_fps.1,
         },
     })
 }
@@ -864,6 +873,7 @@ fn build_graph(session: &Arc<Session>, req: &StartRequest) -> Result<Built, Stri
     let weak_pipeline = pipeline.downgrade();
     let in_tee_sink = in_tee.static_pad("sink").ok_or("tee has no sink pad")?;
     let sink_weak = sink.downgrade();
+    let session_weak = Arc::downgrade(session);
     src.connect_pad_added(move |_, pad| {
         let name = pad.name();
         if name.starts_with("video") {
@@ -879,12 +889,27 @@ fn build_graph(session: &Arc<Session>, req: &StartRequest) -> Result<Built, Stri
             else {
                 return;
             };
-            if let Err(e) = media::link_audio(&pipeline, pad, &sink) {
-                tracing::warn!("audio is dropped: {e}");
+            match media::link_audio(&pipeline, pad, &sink) {
+                Ok(out) => count_audio(&session_weak, pad, &out),
+                Err(e) => tracing::warn!("audio is dropped: {e}"),
             }
         }
     });
     Ok((pipeline, ai, graph, fps_cap))
+}
+
+/// Audio frames for the heartbeat's `ingress_audio_fps` (decoded, as they leave the decoder)
+/// and `egress_audio_fps` (as they reach tricklesink).
+fn count_audio(session: &std::sync::Weak<Session>, decoded: &gst::Pad, out: &gst::Pad) {
+    for (pad, egress) in [(decoded, false), (out, true)] {
+        let s = session.clone();
+        pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+            if let Some(s) = s.upgrade() {
+                s.on_audio_frame(egress);
+            }
+            gst::PadProbeReturn::Ok
+        });
+    }
 }
 
 /// Frame accounting for the health rules (input after the fps cap, real output frames), and
