@@ -177,36 +177,11 @@ fn direct(
         model::run_frame(&runner, &mut staging, &input, dev, o)?;
         Ok(t0.elapsed())
     };
-    let child_once =
-        |child: &mut ChildProc, b: &gst::Buffer| -> anyhow::Result<(Duration, Duration)> {
-            let map = b.map_readable()?;
-            let t0 = Instant::now();
-            child.frame(
-                &[map.as_slice()],
-                &[stride],
-                w,
-                h,
-                InputLayout::Packed {
-                    bpp: 3,
-                    first: 0,
-                    bgr: false,
-                },
-                ow,
-                oh,
-                Duration::from_secs(10),
-            )?;
-            let rt = t0.elapsed();
-            anyhow::ensure!(!child.last_input_zero_copy(), "a heap frame was not copied");
-            Ok((rt, rt.saturating_sub(child.last_compute())))
-        };
-    // The frame written into the next slot (untimed: upstream's decode), then the round trip.
-    let mut slot_once = |child: &mut ChildProc, b: &gst::Buffer| -> anyhow::Result<Duration> {
-        turn = (turn + 1) % slots.len();
-        let slot = &mut slots[turn];
-        slot.as_mut().copy_from_slice(&b.map_readable()?);
+    // One round trip of the RGB frame `plane`: its time, and whether the input went uncopied.
+    let round_trip = |child: &mut ChildProc, plane: &[u8]| -> anyhow::Result<(Duration, bool)> {
         let t0 = Instant::now();
         child.frame(
-            &[slot.as_ref()],
+            &[plane],
             &[stride],
             w,
             h,
@@ -219,8 +194,21 @@ fn direct(
             oh,
             Duration::from_secs(10),
         )?;
-        let rt = t0.elapsed();
-        anyhow::ensure!(child.last_input_zero_copy(), "a slot frame was copied");
+        Ok((t0.elapsed(), child.last_input_zero_copy()))
+    };
+    let child_once =
+        |child: &mut ChildProc, b: &gst::Buffer| -> anyhow::Result<(Duration, Duration)> {
+            let (rt, zero_copy) = round_trip(child, &b.map_readable()?)?;
+            anyhow::ensure!(!zero_copy, "a heap frame was not copied");
+            Ok((rt, rt.saturating_sub(child.last_compute())))
+        };
+    // The frame written into the next slot (untimed: upstream's decode), then the round trip.
+    let mut slot_once = |child: &mut ChildProc, b: &gst::Buffer| -> anyhow::Result<Duration> {
+        turn = (turn + 1) % slots.len();
+        let slot = &mut slots[turn];
+        slot.as_mut().copy_from_slice(&b.map_readable()?);
+        let (rt, zero_copy) = round_trip(child, slot.as_ref())?;
+        anyhow::ensure!(zero_copy, "a slot frame was copied");
         Ok(rt)
     };
     for b in frames.iter().take(WARMUP) {

@@ -719,6 +719,29 @@ mod tests {
         assert_eq!(&out2[0..4], &[200, 0, 1, 255]);
     }
 
+    /// A packed `format` frame converted by the one-pass CPU path and by the torch path
+    /// (upload, then `to_frame`), at its own size: (fast, torch). `staging` may be reused.
+    fn both_input_paths(
+        staging: &mut Staging,
+        src: &[u8],
+        stride: usize,
+        w: u32,
+        h: u32,
+        format: VideoFormat,
+    ) -> (Tensor, Tensor) {
+        let input = FrameIn {
+            planes: &[src],
+            strides: &[stride],
+            width: w,
+            height: h,
+            format: InFormat::Packed(pixel_layout(format).unwrap()),
+        };
+        let fast = input.to_frame(staging, w, h, Device::Cpu).unwrap();
+        let crop = cover_crop(w, h, w, h);
+        let slow = to_frame(&input.upload(crop, Device::Cpu).unwrap(), w, h).unwrap();
+        (fast, slow)
+    }
+
     /// The one-pass CPU conversions give exactly what the torch path gives.
     #[test]
     fn cpu_fast_paths_match_the_torch_path() {
@@ -728,17 +751,7 @@ mod tests {
             .collect();
         let mut staging = Staging::default();
         for f in [VideoFormat::Bgrx, VideoFormat::Rgb, VideoFormat::Xrgb] {
-            let layout = pixel_layout(f).unwrap();
-            let input = FrameIn {
-                planes: &[&src],
-                strides: &[stride],
-                width: w,
-                height: h,
-                format: InFormat::Packed(layout),
-            };
-            let fast = input.to_frame(&mut staging, w, h, Device::Cpu).unwrap();
-            let crop = cover_crop(w, h, w, h);
-            let slow = to_frame(&input.upload(crop, Device::Cpu).unwrap(), w, h).unwrap();
+            let (fast, slow) = both_input_paths(&mut staging, &src, stride, w, h, f);
             assert!(fast.equal(&slow), "{f:?}");
         }
         // Out of range, NaN-free values, exact halves (ties go to even, as torch's round).
@@ -775,17 +788,7 @@ mod tests {
             let src: Vec<u8> = (0..stride * h as usize)
                 .map(|i| (i * 131 % 256) as u8)
                 .collect();
-            let input = FrameIn {
-                planes: &[&src],
-                strides: &[stride],
-                width: w,
-                height: h,
-                format: InFormat::Packed(layout),
-            };
-            let crop = cover_crop(w, h, w, h);
-            let slow = to_frame(&input.upload(crop, Device::Cpu).unwrap(), w, h).unwrap();
-            let mut staging = Staging::default();
-            let fast = input.to_frame(&mut staging, w, h, Device::Cpu).unwrap();
+            let (fast, slow) = both_input_paths(&mut Staging::default(), &src, stride, w, h, f);
             assert!(fast.equal(&slow), "{f:?}");
             // Output: values all over [−0.2, 1.2] from the frame itself.
             let y = (fast * 1.4 - 0.2).contiguous();

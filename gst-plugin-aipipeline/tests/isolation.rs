@@ -411,16 +411,22 @@ fn a_reload_starts_a_new_child_and_the_old_one_exits() {
     assert!(wait_gone(pid, TIMEOUT), "the replaced child did not exit");
 }
 
+/// Four moving 640×480 videotestsrc frames in `format`.
+fn four_frames(format: &str) -> Vec<gst::Buffer> {
+    let frames = common::render(&format!(
+        "videotestsrc num-buffers=4 pattern=smpte horizontal-speed=7 ! \
+         video/x-raw,format={format},width=640,height=480,framerate=24/1 ! appsink name=sink sync=false"
+    ));
+    assert_eq!(frames.len(), 4);
+    frames
+}
+
 /// convnet on the same frames (I420 640×480, cropped and scaled to 512²) in and out of
 /// process: byte-identical output. Frames go one at a time (push, then pull the result).
 #[test]
 fn results_are_identical_to_in_process() {
     init();
-    let frames = common::render(
-        "videotestsrc num-buffers=4 pattern=smpte horizontal-speed=7 ! \
-         video/x-raw,format=I420,width=640,height=480,framerate=24/1 ! appsink name=sink sync=false",
-    );
-    assert_eq!(frames.len(), 4);
+    let frames = four_frames("I420");
     let run = |isolation: &str| -> Vec<Vec<u8>> {
         let desc = format!(
             "appsrc name=src format=time caps=video/x-raw,format=I420,width=640,height=480,framerate=24/1 ! \
@@ -1064,11 +1070,7 @@ fn feed(isolation: &str, frames: &[gst::Buffer], from_pool: bool) -> Fed {
 #[test]
 fn input_from_the_proposed_pool_skips_the_copy_with_identical_results() {
     init();
-    let frames = common::render(
-        "videotestsrc num-buffers=4 pattern=smpte horizontal-speed=7 ! \
-         video/x-raw,format=RGB,width=640,height=480,framerate=24/1 ! appsink name=sink sync=false",
-    );
-    assert_eq!(frames.len(), 4);
+    let frames = four_frames("RGB");
     let copied = feed("process", &frames, false);
     let direct = feed("process", &frames, true);
     let local = feed("none", &frames, false);

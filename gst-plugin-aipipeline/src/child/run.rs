@@ -98,8 +98,6 @@ fn frame_in_child(
         return Err("1 to 3 planes expected".into());
     }
     let out_len = req.out_w as usize * req.out_h as usize * 3;
-    let mut planes: [&[u8]; 3] = [&[]; 3];
-    let mut strides = [0usize; 3];
     if let Some(size) = req.input_size {
         // The planes are where upstream wrote them: in the input area (fd 5).
         let area = input_area
@@ -110,15 +108,7 @@ fn frame_in_child(
             area.map_read_only(size)
                 .map_err(|e| format!("cannot map the input area: {e}"))?;
         }
-        let area = &*area;
-        for (i, (o, l, s)) in req.planes.iter().enumerate() {
-            let (o, l) = (*o as usize, *l as usize);
-            planes[i] = area.region(o..o.saturating_add(l));
-            if planes[i].len() != l {
-                return Err("input plane outside the input area".into());
-            }
-            strides[i] = *s as usize;
-        }
+        let (planes, strides) = planes_in(area, &req.planes, "the input area")?;
         let out_start = req.out_offset as usize;
         let output = shm.region_mut(out_start..out_start.saturating_add(out_len));
         if output.len() != out_len {
@@ -156,12 +146,37 @@ fn frame_in_child(
     } else {
         return Err("input plane overlaps the output slot".into());
     };
+    let mut planes: [&[u8]; 3] = [&[]; 3];
+    let mut strides = [0usize; 3];
     for (i, (o, l, s)) in req.planes.iter().enumerate() {
         let o = *o as usize - base;
         planes[i] = &input[o..o + *l as usize];
         strides[i] = *s as usize;
     }
     run_planes(loaded, staging, req, &planes, &strides, output)
+}
+
+/// The planes a request describes as (offset, length, stride) in `mem` (1 to 3 of them), with
+/// their strides; `area` names `mem` in the error for a plane outside it.
+fn planes_in<'a>(
+    mem: &'a Shm,
+    descr: &[(u64, u64, u64)],
+    area: &str,
+) -> Result<([&'a [u8]; 3], [usize; 3]), String> {
+    if descr.is_empty() || descr.len() > 3 {
+        return Err("1 to 3 planes expected".into());
+    }
+    let mut planes: [&[u8]; 3] = [&[]; 3];
+    let mut strides = [0usize; 3];
+    for (i, (o, l, s)) in descr.iter().enumerate() {
+        let (o, l) = (*o as usize, *l as usize);
+        planes[i] = mem.region(o..o.saturating_add(l));
+        if planes[i].len() != l {
+            return Err(format!("input plane outside {area}"));
+        }
+        strides[i] = *s as usize;
+    }
+    Ok((planes, strides))
 }
 
 /// Converts the frame `req` describes (its planes at hand), runs the pipeline and writes the
@@ -236,19 +251,7 @@ fn batch_in_child(
     for (i, (it, staging)) in items.iter().zip(stagings.iter_mut()).enumerate() {
         let f = &it.frame;
         let converted = (|| -> Result<tch::Tensor, String> {
-            if f.planes.is_empty() || f.planes.len() > 3 {
-                return Err("1 to 3 planes expected".into());
-            }
-            let mut planes: [&[u8]; 3] = [&[]; 3];
-            let mut strides = [0usize; 3];
-            for (k, (o, l, st)) in f.planes.iter().enumerate() {
-                let (o, l) = (*o as usize, *l as usize);
-                planes[k] = shm.region(o..o.saturating_add(l));
-                if planes[k].len() != l {
-                    return Err("input plane outside shared memory".into());
-                }
-                strides[k] = *st as usize;
-            }
+            let (planes, strides) = planes_in(shm, &f.planes, "shared memory")?;
             let n = f.planes.len();
             let input = frame::FrameIn {
                 planes: &planes[..n],
